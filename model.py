@@ -1,0 +1,399 @@
+"""
+The models of LinguDistill, from scratch and in reading order:
+
+1. A Llama / SmolLM2-style decoder LM (RMSNorm, RoPE, grouped-query attention, SwiGLU).
+   Its forward pass can take and return per-layer (K, V) tensors: that is the interface
+   kvshare.py uses to hand the student's context KV to the frozen teacher.
+2. A ViT / SigLIP vision tower and a pixel-shuffle + linear projector (as nanoVLM).
+3. The VLM: image placeholder tokens in the prompt are replaced by projected image
+   features, then the decoder runs.
+
+Weight loading/saving for Hugging Face and nanoVLM layouts lives in weights.py.
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------
+# Configs
+
+@dataclass
+class LMConfig:
+    vocab_size: int = 1024
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2          # grouped-query attention when < n_heads
+    ffn_dim: int = 384
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+    max_positions: int = 1024
+    tie_embeddings: bool = True
+    qkv_bias: bool = False       # True for Qwen2
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    def __post_init__(self):
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"LMConfig: dim ({self.dim}) must divide by n_heads ({self.n_heads}) "
+                             f"and n_heads by n_kv_heads ({self.n_kv_heads})")
+
+
+LM_PRESETS = {
+    "tiny": dict(),
+    "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                         ffn_dim=1536, rope_theta=100000.0, max_positions=8192),
+    "smollm2-360m": dict(vocab_size=49152, dim=960, n_layers=32, n_heads=15, n_kv_heads=5,
+                         ffn_dim=2560, rope_theta=100000.0, max_positions=8192),
+}
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 32
+    patch_size: int = 4
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    mlp_dim: int = 256
+    ln_eps: float = 1e-6
+
+    @property
+    def n_patches(self):
+        return (self.image_size // self.patch_size) ** 2
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size or self.dim % self.n_heads:
+            raise ValueError(f"VisionConfig: image_size ({self.image_size}) must divide by patch_size "
+                             f"({self.patch_size}) and dim ({self.dim}) by n_heads ({self.n_heads})")
+
+
+VISION_PRESETS = {
+    "tiny": dict(),
+    "siglip2-base-16-512": dict(image_size=512, patch_size=16, dim=768, n_layers=12, n_heads=12,
+                                mlp_dim=3072, ln_eps=1e-6),
+}
+
+
+def make_config(cls, presets, name, **overrides):
+    """Build a config from a named preset; unknown names/fields are clear errors."""
+    if name not in presets:
+        raise ValueError(f"unknown {cls.__name__} preset {name!r}; expected one of {sorted(presets)}")
+    known = {f.name for f in fields(cls)}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise ValueError(f"unknown {cls.__name__} field(s) {bad}; expected some of {sorted(known)}")
+    return cls(**{**presets[name], **overrides})
+
+
+# ----------------------------------------------------------------------------------------
+# Decoder building blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(position_ids, head_dim, theta, dtype):
+    """cos/sin tables for rotary embeddings at the given positions: (B, 1, T, head_dim)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
+    freqs = position_ids.float()[..., None] * inv_freq           # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]              # (B, 1, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    return x * cos + rotate_half(x) * sin
+
+
+def positions_from_mask(attention_mask):
+    """Position of each token = number of real tokens before it, so padding never shifts
+    an example (METHOD.md, sequence layout). attention_mask: (B, T) 1 real / 0 pad."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def build_attention_mask(attention_mask, q_len, past_len):
+    """One explicit boolean mask (B, 1, Tq, Tk), True = may attend.
+
+    Keys are the past_len cached positions followed by the q_len new ones; a new query
+    sees every past key and the new keys up to itself (causal), minus padded keys.
+    Every query also sees itself, so a padding query never has an all-masked row (NaN)."""
+    k_len = past_len + q_len
+    q_idx = torch.arange(past_len, k_len, device=attention_mask.device)[:, None]
+    k_idx = torch.arange(k_len, device=attention_mask.device)[None, :]
+    causal = k_idx <= q_idx                                      # (Tq, Tk)
+    mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    return mask | (k_idx == q_idx)[None, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, past_kv=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past_kv is not None:
+            k = torch.cat([past_kv[0].to(k.dtype), k], dim=2)                         # (B, nkv, Tp+T, hd)
+            v = torch.cat([past_kv[1].to(v.dtype), v], dim=2)
+        groups = self.n_heads // self.n_kv_heads
+        y = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, dim=1),
+                                           v.repeat_interleave(groups, dim=1), attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, -1)                                          # (B, T, nh*hd)
+        return self.o_proj(y), (k, v)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.rms_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.rms_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, past_kv=None):
+        a, kv = self.attn(self.attn_norm(x), cos, sin, mask, past_kv)
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), kv
+
+
+class Decoder(nn.Module):
+    """Decoder-only LM. The teacher is one of these; the student VLM contains one."""
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.rms_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.apply(init_weights)
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
+                past_kv=None, use_cache=False, logits_start=0):
+        """Returns (logits, kv).
+
+        input_ids (B, T) or inputs_embeds (B, T, D): the new tokens.
+        attention_mask (B, Tp+T): 1 real / 0 pad over past AND new keys (default: all real).
+        position_ids (B, T): RoPE positions of the new tokens (default: from attention_mask).
+        past_kv: list of per-layer (K, V), each (B, n_kv_heads, Tp, head_dim), K after RoPE.
+        use_cache: also return per-layer (K, V) over past + new positions (else kv is None).
+        logits_start: compute logits only for new positions >= this (saves memory at 49k vocab).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Decoder.forward: pass exactly one of input_ids or inputs_embeds")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds            # (B, T, D)
+        B, T, _ = x.shape
+        past_len = 0 if past_kv is None else past_kv[0][0].shape[2]
+        if past_kv is not None and len(past_kv) != self.cfg.n_layers:
+            raise ValueError(f"past_kv has {len(past_kv)} layers, the decoder has {self.cfg.n_layers}")
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past_len + T, dtype=torch.long, device=x.device)
+        if attention_mask.shape != (B, past_len + T):
+            raise ValueError(f"attention_mask must be (B, past+new) = {(B, past_len + T)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)[:, past_len:]
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        mask = build_attention_mask(attention_mask, T, past_len)
+        new_kv = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, cos, sin, mask, None if past_kv is None else past_kv[i])
+            new_kv.append(kv)
+        logits = self.lm_head(self.norm(x[:, logits_start:]))                            # (B, T', V)
+        return logits, (new_kv if use_cache else None)
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, attention_mask=None, max_new_tokens=20, temperature=0.0,
+                 eos_id=None, pad_id=0, inputs_embeds=None, generator=None):
+        """Greedy (temperature 0) or sampled generation with a KV cache.
+
+        Prompts are LEFT-padded (attention_mask 0 on the left); positions come from the
+        mask, so each row generates as if alone. Returns new tokens (B, max_new_tokens);
+        rows that emitted eos_id are filled with pad_id afterwards."""
+        x = inputs_embeds if inputs_embeds is not None else input_ids
+        B, device = x.shape[0], x.device
+        if attention_mask is None:
+            attention_mask = torch.ones(B, x.shape[1], dtype=torch.long, device=device)
+        logits, kv = self(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                          attention_mask=attention_mask, use_cache=True, logits_start=-1)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        out = []
+        for _ in range(max_new_tokens):
+            last = logits[:, -1].float()
+            if temperature > 0:
+                probs = F.softmax(last / temperature, dim=-1)
+                tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            else:
+                tok = last.argmax(-1)
+            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+            out.append(tok)
+            if eos_id is not None:
+                done |= tok == eos_id
+                if done.all():
+                    break
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
+            logits, kv = self(input_ids=tok[:, None], attention_mask=attention_mask, past_kv=kv,
+                              use_cache=True)
+        out = torch.stack(out, 1)
+        return F.pad(out, (0, max_new_tokens - out.shape[1]), value=pad_id)
+
+
+def init_weights(m):
+    if isinstance(m, (nn.Linear, nn.Conv2d)):
+        nn.init.normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, std=0.02)
+
+
+# ----------------------------------------------------------------------------------------
+# Vision tower (ViT / SigLIP layout) and projector
+
+class VisionBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)); GELU(tanh)."""
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.ln1 = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.ln2 = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
+        self.fc1 = nn.Linear(cfg.dim, cfg.mlp_dim)
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.dim)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        h = self.ln1(x)
+        q, k, v = (p(h).view(B, N, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D)    # no mask: all patches
+        x = x + self.out_proj(a)
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x)), approximate="tanh"))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = nn.Conv2d(3, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.n_patches, cfg.dim))
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.n_layers))
+        self.post_ln = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
+        self.apply(init_weights)
+        nn.init.normal_(self.pos_embed, std=0.02)
+
+    def forward(self, images):
+        """images (N, 3, H, W) normalised to [-1, 1] -> patch features (N, n_patches, dim)."""
+        if images.shape[1:] != (3, self.cfg.image_size, self.cfg.image_size):
+            raise ValueError(f"images must be (N, 3, {self.cfg.image_size}, {self.cfg.image_size}), "
+                             f"got {tuple(images.shape)}")
+        x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed           # (N, P, D)
+        for block in self.blocks:
+            x = block(x)
+        return self.post_ln(x)
+
+
+def pixel_shuffle(x, factor):
+    """(B, h*w, D) -> (B, h/s * w/s, D*s*s): merge each s x s patch neighbourhood into one token."""
+    B, N, D = x.shape
+    h = w = math.isqrt(N)
+    s = factor
+    if h * w != N or h % s:
+        raise ValueError(f"pixel_shuffle: {N} patches is not a square grid divisible by factor {s}")
+    x = x.view(B, h // s, s, w // s, s, D).permute(0, 1, 3, 2, 4, 5)                       # (B, h/s, w/s, s, s, D)
+    return x.reshape(B, (h // s) * (w // s), D * s * s)
+
+
+class Projector(nn.Module):
+    """nanoVLM's modality projector: pixel shuffle then one linear layer (no bias)."""
+    def __init__(self, vision_dim, lm_dim, factor):
+        super().__init__()
+        self.factor = factor
+        self.proj = nn.Linear(vision_dim * factor * factor, lm_dim, bias=False)
+        init_weights(self.proj)
+
+    def forward(self, x):
+        return self.proj(pixel_shuffle(x, self.factor))
+
+
+# ----------------------------------------------------------------------------------------
+# The VLM
+
+class VLM(nn.Module):
+    """Vision tower + projector + decoder. Each image becomes n_image_tokens embeddings that
+    replace, in order, the positions of `image_token_id` in input_ids."""
+
+    def __init__(self, lm_cfg: LMConfig, vision_cfg: VisionConfig, image_token_id, shuffle_factor=2):
+        super().__init__()
+        if not 0 <= image_token_id < lm_cfg.vocab_size:
+            raise ValueError(f"image_token_id {image_token_id} outside the vocabulary [0, {lm_cfg.vocab_size})")
+        self.image_token_id = image_token_id
+        self.vision = VisionEncoder(vision_cfg)
+        self.projector = Projector(vision_cfg.dim, lm_cfg.dim, shuffle_factor)
+        self.decoder = Decoder(lm_cfg)
+        self.n_image_tokens = vision_cfg.n_patches // shuffle_factor ** 2
+
+    def embed(self, input_ids, images=None):
+        """Token embeddings with image features scattered into the placeholder positions."""
+        x = self.decoder.embed(input_ids)                                                 # (B, T, D)
+        slots = input_ids == self.image_token_id
+        n_slots = int(slots.sum())
+        n_feats = 0 if images is None else images.shape[0] * self.n_image_tokens
+        if n_slots != n_feats:
+            raise ValueError(f"{n_slots} image placeholder tokens in input_ids but {n_feats} image features "
+                             f"({0 if images is None else images.shape[0]} images x {self.n_image_tokens} tokens)")
+        if n_feats == 0:
+            return x
+        feats = self.projector(self.vision(images)).to(x.dtype)                           # (N, n_img_tok, D)
+        return x.masked_scatter(slots[..., None], feats.reshape(-1, x.shape[-1]))
+
+    def forward(self, input_ids, images=None, attention_mask=None, position_ids=None, use_cache=False,
+                logits_start=0):
+        return self.decoder(inputs_embeds=self.embed(input_ids, images), attention_mask=attention_mask,
+                            position_ids=position_ids, use_cache=use_cache, logits_start=logits_start)
+
+    @torch.no_grad()
+    def generate(self, input_ids, images=None, attention_mask=None, **kw):
+        return self.decoder.generate(inputs_embeds=self.embed(input_ids, images),
+                                     attention_mask=attention_mask, **kw)
+

@@ -1,0 +1,138 @@
+"""Decoder / vision / VLM invariants (METHOD.md: "Invariants that tests must pin down")."""
+import pytest
+import torch
+
+from model import (LMConfig, VisionConfig, Decoder, VLM, VisionEncoder, LM_PRESETS, make_config,
+                   pixel_shuffle, positions_from_mask, build_attention_mask)
+
+
+def tiny_lm(**kw):
+    cfg = dict(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
+    cfg.update(kw)
+    return Decoder(LMConfig(**cfg)).eval()
+
+
+def test_cached_prefill_plus_steps_equals_uncached_forward():
+    m = tiny_lm()
+    ids = torch.randint(0, 97, (2, 12))
+    full, _ = m(ids)
+    logits, kv = m(ids[:, :5], use_cache=True)
+    steps = [logits]
+    for t in range(5, 12):
+        mask = torch.ones(2, t + 1, dtype=torch.long)
+        logits, kv = m(ids[:, t:t + 1], attention_mask=mask, past_kv=kv, use_cache=True)
+        steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_returned_kv_covers_past_and_new_positions_with_rope_applied():
+    m = tiny_lm()
+    ids = torch.randint(0, 97, (1, 7))
+    _, kv = m(ids, use_cache=True)
+    assert len(kv) == 2 and kv[0][0].shape == (1, 2, 7, 16)
+    # K is post-RoPE: the same token at two positions gives different keys, V does not change.
+    same = torch.full((1, 2), 5)
+    _, kv = m(same, use_cache=True)
+    assert not torch.allclose(kv[0][0][:, :, 0], kv[0][0][:, :, 1])
+    torch.testing.assert_close(kv[0][1][:, :, 0], kv[0][1][:, :, 1])
+
+
+def test_left_padding_does_not_change_an_examples_logits():
+    m = tiny_lm()
+    ids = torch.randint(1, 97, (1, 6))
+    alone, _ = m(ids)
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 4), torch.ones(1, 6)], 1).long()
+    batched, _ = m(torch.cat([padded, torch.randint(1, 97, (1, 10))]), attention_mask=torch.cat([mask, torch.ones(1, 10).long()]))
+    torch.testing.assert_close(batched[0, 4:], alone[0], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(batched).all()
+
+
+def test_gqa_equals_full_attention_with_repeated_kv_heads():
+    gqa = tiny_lm(n_heads=4, n_kv_heads=2)
+    mha = tiny_lm(n_heads=4, n_kv_heads=4)
+    sd = gqa.state_dict()
+    for i in range(2):
+        for p in ("k_proj", "v_proj"):
+            w = sd[f"layers.{i}.attn.{p}.weight"].view(2, 16, 64)
+            sd[f"layers.{i}.attn.{p}.weight"] = w.repeat_interleave(2, dim=0).reshape(64, 64)
+    mha.load_state_dict(sd)
+    ids = torch.randint(0, 97, (2, 9))
+    torch.testing.assert_close(gqa(ids)[0], mha(ids)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_batched_generation_equals_generating_each_prompt_alone():
+    m = tiny_lm()
+    a, b = torch.randint(1, 97, (1, 3)), torch.randint(1, 97, (1, 7))
+    alone = [m.generate(x, max_new_tokens=6) for x in (a, b)]
+    ids = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), a], 1), b])
+    mask = (torch.arange(7)[None] >= torch.tensor([[4], [0]])).long()
+    batched = m.generate(ids, attention_mask=mask, max_new_tokens=6)
+    assert torch.equal(batched[0], alone[0][0]) and torch.equal(batched[1], alone[1][0])
+
+
+def test_generation_stops_at_eos_and_pads_after():
+    m = tiny_lm()
+    ids = torch.randint(1, 97, (1, 4))
+    free = m.generate(ids, max_new_tokens=5)
+    eos = int(free[0, 1])
+    out = m.generate(ids, max_new_tokens=5, eos_id=eos, pad_id=-1)
+    first = int((out[0] == eos).nonzero()[0])
+    assert first <= 1 and (out[0, first + 1:] == -1).all()
+
+
+def test_attention_mask_has_no_empty_rows_and_is_causal():
+    att = torch.tensor([[0, 0, 1, 1, 1]])
+    mask = build_attention_mask(att, q_len=3, past_len=2)
+    assert mask.shape == (1, 1, 3, 5)
+    assert mask.any(-1).all()
+    assert mask[0, 0].tolist() == [[False, False, True, False, False],
+                                   [False, False, True, True, False],
+                                   [False, False, True, True, True]]
+    assert positions_from_mask(att).tolist() == [[0, 0, 0, 1, 2]]
+
+
+def test_pixel_shuffle_groups_spatial_neighbours():
+    x = torch.arange(16.).view(1, 16, 1)                 # 4x4 grid, value = patch index
+    y = pixel_shuffle(x, 2)
+    assert y.shape == (1, 4, 4)
+    assert y[0, 0].tolist() == [0, 1, 4, 5] and y[0, 3].tolist() == [10, 11, 14, 15]
+
+
+def test_vlm_scatters_image_features_into_placeholders():
+    lm, vis = LMConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64), VisionConfig()
+    vlm = VLM(lm, vis, image_token_id=3).eval()
+    ids = torch.cat([torch.full((1, vlm.n_image_tokens), 3), torch.randint(4, 50, (1, 3))], 1)
+    images = torch.randn(1, 3, 32, 32)
+    emb = vlm.embed(ids, images)
+    feats = vlm.projector(vlm.vision(images))
+    torch.testing.assert_close(emb[0, :vlm.n_image_tokens], feats[0])
+    torch.testing.assert_close(emb[0, vlm.n_image_tokens:], vlm.decoder.embed(ids[:, vlm.n_image_tokens:])[0])
+    other = vlm.embed(ids, torch.randn(1, 3, 32, 32))
+    assert not torch.allclose(other[0, 0], emb[0, 0])
+
+
+def test_vlm_placeholder_feature_count_mismatch_is_a_clear_error():
+    vlm = VLM(LMConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64), VisionConfig(), 3)
+    ids = torch.full((1, 5), 3)
+    with pytest.raises(ValueError, match="5 image placeholder tokens .* 16 image features"):
+        vlm.embed(ids, torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"images must be \(N, 3, 32, 32\)"):
+        VisionEncoder(VisionConfig())(torch.randn(1, 3, 16, 16))
+
+
+def test_config_presets_and_errors():
+    c = make_config(LMConfig, LM_PRESETS, "smollm2-360m")
+    assert (c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size) == (32, 960, 15, 5, 64, 49152)
+    with pytest.raises(ValueError, match="unknown LMConfig preset"):
+        make_config(LMConfig, LM_PRESETS, "gpt5")
+    with pytest.raises(ValueError, match="unknown LMConfig field"):
+        make_config(LMConfig, LM_PRESETS, "tiny", n_layer=3)
+    with pytest.raises(ValueError, match="must divide"):
+        LMConfig(dim=100, n_heads=3)
+
+
+def test_tied_and_untied_heads():
+    tied, untied = tiny_lm(tie_embeddings=True), tiny_lm(tie_embeddings=False)
+    assert tied.lm_head.weight is tied.embed.weight
+    assert untied.lm_head.weight is not untied.embed.weight
