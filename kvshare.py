@@ -1,0 +1,123 @@
+r"""
+Layer-wise KV-cache handoff from the student VLM to the frozen text-only teacher
+(LinguDistill, METHOD.md "The idea", steps 1-3).
+
+Batch layout (data.collate), B examples, P context columns, R response columns:
+
+      column:  0 ........................ P-1 | P .................. P+R-1
+      row 0 :  pad pad [img img img] prompt   | answer answer <eos> pad
+      row 1 :  [img img img] prompt prompt    | answer <eos> pad   pad
+               \________ context ____________/ \_______ response ______/
+               left-padded, so every context    right-padded
+               ends at column P-1
+
+Positions come from the attention mask (number of real tokens before a column), so
+padding never shifts an example. Logits at column t predict the token at t+1: the R
+logits at columns P-1 .. P+R-2 predict the R response tokens.
+
+1. student_prefill: one student forward over all P+R columns -> response logits and every
+   layer's (K, V) (K after RoPE), shape (B, n_kv_heads, P+R, head_dim).
+2. teacher_continue, scope "full": the teacher takes the student's K/V of context columns
+   0..P-2 as its past_key_values and runs R tokens, the last context token and the
+   response without its final token, at the positions continuing each example's context.
+   It attends to the shared KV (minus pads) and causally to itself. (The last context
+   token is re-run by the teacher so that the first response token gets a KD target:
+   METHOD.md notes that a teacher running only the response has none for it.)
+   scope "image": only image-column K/V come from the student; the teacher computes its
+   own K/V for the prompt text (needs the image before the prompt text).
+   scope "none": the teacher reads the text alone, no image KV ("text-only teacher").
+The teacher is frozen (eval, no grad); its logits are detached.
+"""
+import torch
+
+from model import positions_from_mask
+
+SCOPES = ("full", "image", "none")
+
+
+def check_compatible(teacher_cfg, student_cfg):
+    """The teacher can only read the student's KV if its attention has the same shape and
+    the same RoPE. One error lists every difference."""
+    diffs = [f"{name}: teacher {getattr(teacher_cfg, name)} vs student {getattr(student_cfg, name)}"
+             for name in ("n_layers", "n_kv_heads", "head_dim", "rope_theta")
+             if getattr(teacher_cfg, name) != getattr(student_cfg, name)]
+    if diffs:
+        raise ValueError("teacher and student decoders are incompatible for KV sharing:\n  " + "\n  ".join(diffs))
+
+
+def check_shared_vocab(teacher_tokenizer, student_tokenizer):
+    """KD compares the first min(V_teacher, V_student) logits; both tokenizers must map those
+    ids to the same tokens (tokenizers.Tokenizer objects)."""
+    n = min(teacher_tokenizer.get_vocab_size(), student_tokenizer.get_vocab_size())
+    bad = [i for i in range(n) if teacher_tokenizer.id_to_token(i) != student_tokenizer.id_to_token(i)]
+    if bad:
+        examples = ", ".join(f"id {i}: teacher {teacher_tokenizer.id_to_token(i)!r} vs student "
+                             f"{student_tokenizer.id_to_token(i)!r}" for i in bad[:5])
+        raise ValueError(f"tokenizers disagree on {len(bad)} of the {n} shared ids ({examples})")
+    return n
+
+
+def freeze(teacher):
+    """Eval mode and no gradients: the teacher is never updated (METHOD.md step 5)."""
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def student_prefill(student, batch):
+    """Step 1. Returns response logits (B, R, V) and per-layer (K, V) over all P+R columns."""
+    P, R = batch["context_len"], batch["labels"].shape[1]
+    logits, kv = student(batch["input_ids"], images=batch["images"], attention_mask=batch["attention_mask"],
+                         use_cache=True, logits_start=P - 1)
+    return logits[:, :R], kv                                                  # (B, R, V)
+
+
+@torch.no_grad()
+def teacher_continue(teacher, student_kv, batch, image_token_id, scope="full"):
+    """Steps 2-3. Teacher logits (B, R, V_teacher) for the response tokens, detached."""
+    if scope not in SCOPES:
+        raise ValueError(f"share scope {scope!r}; expected one of {SCOPES}")
+    if teacher.training or any(p.requires_grad for p in teacher.parameters()):
+        raise ValueError("teacher_continue: the teacher must be frozen (call kvshare.freeze(teacher))")
+    ids, mask, P = batch["input_ids"], batch["attention_mask"], batch["context_len"]
+    T = ids.shape[1]                       # P + R; the teacher never needs the last column as input
+    is_image = ids == image_token_id
+    text_ids = ids.masked_fill(is_image, 0)        # placeholders may lie outside the teacher's vocab
+    if int(text_ids.max()) >= teacher.cfg.vocab_size:
+        raise ValueError(f"token id {int(text_ids.max())} is outside the teacher's vocabulary "
+                         f"({teacher.cfg.vocab_size}); text tokens must lie in the shared prefix")
+    positions = positions_from_mask(mask)
+
+    if scope == "full":
+        if is_image[:, P - 1].any():
+            raise ValueError("scope 'full': a context ends with an image token; the prompt after the image "
+                             "must have at least one text token")
+        past = [(k[:, :, :P - 1].detach(), v[:, :, :P - 1].detach()) for k, v in student_kv]
+        logits, _ = teacher(text_ids[:, P - 1:T - 1], attention_mask=mask[:, :T - 1],
+                            position_ids=positions[:, P - 1:T - 1], past_kv=past)
+        return logits.detach()
+
+    text_mask = mask * (~is_image)
+    if scope == "none":
+        logits, _ = teacher(text_ids[:, :T - 1], attention_mask=text_mask[:, :T - 1],
+                            position_ids=positions_from_mask(text_mask)[:, :T - 1], logits_start=P - 1)
+        return logits.detach()
+
+    # scope "image": past = the student's K/V at image columns only; the teacher re-runs every
+    # text column itself. A past key is visible to every new query, so images must come first.
+    seen_text = (text_mask[:, :P].cumsum(-1) > 0)
+    if (seen_text & is_image[:, :P]).any():
+        raise ValueError("scope 'image' needs the image tokens before the prompt text in every context")
+    past = [(k[:, :, :P].detach(), v[:, :, :P].detach()) for k, v in student_kv]
+    past_mask = mask[:, :P] * is_image[:, :P]
+    logits, _ = teacher(text_ids[:, :T - 1], attention_mask=torch.cat([past_mask, text_mask[:, :T - 1]], 1),
+                        position_ids=positions[:, :T - 1], past_kv=past, logits_start=P - 1)
+    return logits.detach()
+
+
+def distill_forward(student, teacher, batch, image_token_id, scope="full", need_teacher=True):
+    """Student prefill + teacher continuation: (student logits with grad, teacher logits or None)."""
+    student_logits, kv = student_prefill(student, batch)
+    teacher_logits = teacher_continue(teacher, kv, batch, image_token_id, scope) if need_teacher else None
+    return student_logits, teacher_logits
