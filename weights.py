@@ -282,3 +282,241 @@ def load_vlm(folder):
     except (KeyError, TypeError) as e:
         raise ValueError(f"{cfg_path}: bad VLM config ({e})") from None
     return load_mapped(vlm, read_safetensors_folder(folder), vlm_key_map(vlm), source=folder)
+
+
+# ----------------------------------------------------------------------------------------
+# nanoVLM checkpoints (github.com/huggingface/nanoVLM; the paper's student nanoVLM-460M-8k)
+#
+# A nanoVLM folder is config.json (a flat dict of VLMConfig fields: vit_*, lm_*, mp_*, ...)
+# plus model.safetensors written by safetensors.torch.save_model(VisionLanguageModel).
+# Layout facts (models/config.py, vision_transformer.py, language_model.py,
+# modality_projector.py, vision_language_model.py):
+# - ViT: attn.qkv_proj is one Linear(D, 3D) whose output rows are q, k, v in that order
+#   (forward does qkv.split(D)); patch_embedding.position_embedding is a (1, N, D) parameter.
+# - LM: same Llama math and the same RoPE convention as model.py (cos/sin of cat(freqs, freqs),
+#   rotate_half on the two halves, not interleaved); o_proj is called out_proj, the norms norm1/
+#   norm2, the head `head`. The rotary inv_freq is a persistent buffer, so it is in the file.
+# - Tied head: save_model keeps one name per shared tensor (the alphabetically first), so a
+#   tied checkpoint holds `decoder.head.weight` and no `decoder.token_embedding.weight`.
+# - Projector: MP.proj, Linear(D_vit * s^2, D_lm, bias=False) after a pixel shuffle with the
+#   same element order as model.pixel_shuffle.
+# - Vocabulary: lm_vocab_size = lm_base_vocab_size + extra_token_amount; the tokenizer appends
+#   vlm_extra_tokens in dict order after the base vocabulary, so <|image|> (the first) gets id
+#   lm_base_vocab_size (49152), <|global_image|> 49153, <row_1_col_1>..<row_8_col_8> 49154..49217.
+
+NANOVLM_EXTRA_TOKENS = {"image_token": "<|image|>", "global_image_token": "<|global_image|>",
+                        **{f"r{i}c{j}": f"<row_{i}_col_{j}>" for i in range(1, 9) for j in range(1, 9)}}
+NANOVLM_QKV_PARTS = ("q", "k", "v")
+# File keys that are present and not loaded: RoPE's inverse frequencies (recomputed from lm_re_base).
+NANOVLM_IGNORED = ("decoder.rotary_embd.inv_freq",)
+
+_NANOVLM_REQUIRED = ("vit_hidden_dim", "vit_inter_dim", "vit_patch_size", "vit_img_size", "vit_n_heads",
+                     "vit_n_blocks", "lm_hidden_dim", "lm_inter_dim", "lm_n_heads", "lm_n_kv_heads", "lm_n_blocks",
+                     "lm_re_base", "mp_pixel_shuffle_factor")
+
+
+def nanovlm_configs(cfg_dict, source="config.json"):
+    """(LMConfig, VisionConfig, shuffle_factor, image_token_id or None) from a nanoVLM config.json.
+
+    Structural fields are required (all missing ones are named in one error); lm_vocab_size may
+    instead come from lm_base_vocab_size + extra_token_amount. Optional fields take nanoVLM's
+    defaults: vit_ln_eps 1e-6, lm_rms_eps 1e-5, lm_max_position_embeddings 8192, lm_tie_weights
+    true. image_token_id = lm_base_vocab_size + index of "image_token" in vlm_extra_tokens (how
+    the tokenizer numbers the added tokens), or None when the config does not say.
+
+    Not representable (clear errors): vit_cls_flag true (a CLS token), lm_attn_scaling != 1.
+    Not modelled: nanoVLM rescales RoPE frequencies for positions beyond
+    lm_max_position_embeddings (we never do), and it numbers positions 0..T-1 regardless of
+    padding (we count real tokens, which agrees unless a prompt is left-padded)."""
+    c = cfg_dict
+    if not isinstance(c, dict):
+        raise ValueError(f"{source}: expected a JSON object of nanoVLM config fields")
+    missing = [k for k in _NANOVLM_REQUIRED if k not in c]
+    vocab = c.get("lm_vocab_size")
+    if vocab is None:
+        if "lm_base_vocab_size" in c and "extra_token_amount" in c:
+            vocab = c["lm_base_vocab_size"] + c["extra_token_amount"]
+        else:
+            missing.append("lm_vocab_size")
+    if missing:
+        raise ValueError(f"{source}: missing nanoVLM field(s) {missing}")
+    if c.get("vit_cls_flag", False):
+        raise ValueError(f"{source}: vit_cls_flag = true (a ViT CLS token) is not supported")
+    if float(c.get("lm_attn_scaling", 1.0)) != 1.0:
+        raise ValueError(f"{source}: lm_attn_scaling {c['lm_attn_scaling']} is not supported (only 1.0)")
+    try:
+        lm = LMConfig(vocab_size=int(vocab), dim=c["lm_hidden_dim"], n_layers=c["lm_n_blocks"],
+                      n_heads=c["lm_n_heads"], n_kv_heads=c["lm_n_kv_heads"], ffn_dim=c["lm_inter_dim"],
+                      rope_theta=float(c["lm_re_base"]), rms_eps=float(c.get("lm_rms_eps", 1e-5)),
+                      max_positions=int(c.get("lm_max_position_embeddings", 8192)),
+                      tie_embeddings=bool(c.get("lm_tie_weights", True)), qkv_bias=False)
+        vision = VisionConfig(image_size=c["vit_img_size"], patch_size=c["vit_patch_size"], dim=c["vit_hidden_dim"],
+                              n_layers=c["vit_n_blocks"], n_heads=c["vit_n_heads"], mlp_dim=c["vit_inter_dim"],
+                              ln_eps=float(c.get("vit_ln_eps", 1e-6)))
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    s = int(c["mp_pixel_shuffle_factor"])
+    grid = vision.image_size // vision.patch_size
+    if s < 1 or grid % s:
+        raise ValueError(f"{source}: mp_pixel_shuffle_factor {s} does not divide the {grid}x{grid} patch grid")
+    n_tokens = (grid // s) ** 2
+    if c.get("mp_image_token_length", n_tokens) != n_tokens:
+        raise ValueError(f"{source}: mp_image_token_length {c['mp_image_token_length']} != (vit_img_size / "
+                         f"vit_patch_size / mp_pixel_shuffle_factor)^2 = {n_tokens}")
+    extra, base = c.get("vlm_extra_tokens"), c.get("lm_base_vocab_size")
+    image_token_id = None
+    if isinstance(extra, dict) and "image_token" in extra and base is not None:
+        if base + len(extra) > lm.vocab_size:
+            raise ValueError(f"{source}: lm_base_vocab_size {base} + {len(extra)} vlm_extra_tokens exceeds "
+                             f"lm_vocab_size {lm.vocab_size}")
+        image_token_id = base + list(extra).index("image_token")
+    return lm, vision, s, image_token_id
+
+
+def nanovlm_key_map(vlm: VLM):
+    """Our VLM key -> nanoVLM key. A value ending in [q], [k] or [v] is that third of the rows of
+    the concatenated ViT `qkv_proj` tensor (q, k, v order). `vision.pos_embed` (N, D) maps to
+    `patch_embedding.position_embedding`, stored as (1, N, D). With tied embeddings the shared
+    matrix is `decoder.head.weight`, the name nanoVLM's save_model keeps."""
+    lm, vis = vlm.decoder.cfg, vlm.vision.cfg
+    if lm.qkv_bias:
+        raise ValueError("nanoVLM's language model has no q/k/v biases (qkv_bias must be False)")
+    v, d = "vision_encoder.", "decoder."
+    m = {"vision.patch_embed.weight": v + "patch_embedding.conv.weight",
+         "vision.patch_embed.bias": v + "patch_embedding.conv.bias",
+         "vision.pos_embed": v + "patch_embedding.position_embedding"}
+    for i in range(vis.n_layers):
+        o, h = f"vision.blocks.{i}.", f"{v}blocks.{i}."
+        for p in ("weight", "bias"):
+            for ours, theirs in (("ln1", "ln1"), ("ln2", "ln2"), ("out_proj", "attn.out_proj"),
+                                 ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2")):
+                m[f"{o}{ours}.{p}"] = f"{h}{theirs}.{p}"
+            for part in NANOVLM_QKV_PARTS:
+                m[f"{o}{part}_proj.{p}"] = f"{h}attn.qkv_proj.{p}[{part}]"
+    for p in ("weight", "bias"):
+        m[f"vision.post_ln.{p}"] = f"{v}layer_norm.{p}"
+    m["projector.proj.weight"] = "MP.proj.weight"
+    if lm.tie_embeddings:
+        m["decoder.embed.weight"] = d + "head.weight"
+    else:
+        m["decoder.embed.weight"] = d + "token_embedding.weight"
+        m["decoder.lm_head.weight"] = d + "head.weight"
+    m["decoder.norm.weight"] = d + "norm.weight"
+    for i in range(lm.n_layers):
+        o, h = f"decoder.layers.{i}.", f"{d}blocks.{i}."
+        m[o + "attn_norm.weight"] = h + "norm1.weight"
+        m[o + "mlp_norm.weight"] = h + "norm2.weight"
+        for ours, theirs in (("q_proj", "q_proj"), ("k_proj", "k_proj"), ("v_proj", "v_proj"),
+                             ("o_proj", "out_proj")):
+            m[f"{o}attn.{ours}.weight"] = f"{h}attn.{theirs}.weight"
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            m[f"{o}mlp.{p}.weight"] = f"{h}mlp.{p}.weight"
+    return m
+
+
+def _nanovlm_qkv_part(name):
+    """'x.qkv_proj.weight[k]' -> ('x.qkv_proj.weight', 1); other names -> (name, None)."""
+    if name.endswith("]") and "[" in name:
+        key, part = name[:-1].rsplit("[", 1)
+        return key, NANOVLM_QKV_PARTS.index(part)
+    return name, None
+
+
+def _nanovlm_tensors_for_map(tensors, key_map, tied):
+    """File tensors renamed/reshaped so each key_map value names one tensor: qkv tensors split
+    into their [q]/[k]/[v] thirds, the (1, N, D) position embedding squeezed (a plain (N, D)
+    table, as HF SigLIP stores it, is taken as is), a tied embedding
+    stored as token_embedding accepted as head. A tensor whose shape does not fit is passed on
+    unchanged, so load_mapped reports it (with the file's shape) among all other problems."""
+    out = dict(tensors)
+    split = set()
+    for name in key_map.values():
+        key, part = _nanovlm_qkv_part(name)
+        if part is not None and key in tensors:
+            t = tensors[key]
+            out[name] = t.chunk(3, dim=0)[part] if t.dim() >= 1 and t.shape[0] % 3 == 0 else t
+            split.add(key)
+    for key in split:
+        del out[key]
+    pos = "vision_encoder.patch_embedding.position_embedding"
+    if pos in out and out[pos].dim() == 3 and out[pos].shape[0] == 1:
+        out[pos] = out[pos][0]
+    head, emb = "decoder.head.weight", "decoder.token_embedding.weight"
+    if tied and emb in out:
+        if head not in out:
+            out[head] = out.pop(emb)
+        elif out[head].shape == out[emb].shape and torch.equal(out[head], out[emb]):
+            out.pop(emb)           # both copies stored and identical: fine; different ones stay "unexpected"
+    return out
+
+
+def load_nanovlm(folder, image_token_id=None):
+    """A VLM from a nanoVLM folder (config.json + model.safetensors or shards).
+
+    image_token_id: the <|image|> id; by default inferred from the config (nanovlm_configs),
+    which for nanoVLM-460M-8k gives 49152. Every file key must be used (apart from the RoPE
+    inv_freq buffer) and every shape must match; all problems are reported in one error.
+
+    Supported: one image view per <|image|> run, exactly as nanoVLM's model computes it:
+    features of images[i] replace, in order, the image-token positions. nanoVLM's image
+    splitting (a global 512-px view plus up to 8x8 tiles, each introduced by a <row_r_col_c>
+    token) is preprocessing we do not implement; we use one global view, i.e. the prompt
+    "<|global_image|>" followed by 64 "<|image|>" tokens, which is what nanoVLM builds for an
+    image that is not split."""
+    cfg_path = os.path.join(folder, "config.json")
+    lm, vision, s, inferred = nanovlm_configs(read_json(cfg_path), cfg_path)
+    image_token_id = inferred if image_token_id is None else image_token_id
+    if image_token_id is None:
+        raise ValueError(f"{cfg_path}: cannot infer the image token id (needs lm_base_vocab_size and "
+                         f"vlm_extra_tokens with 'image_token'); pass image_token_id=")
+    tensors = read_safetensors_folder(folder)
+    vlm = VLM(lm, vision, image_token_id, s)
+    key_map = nanovlm_key_map(vlm)
+    return load_mapped(vlm, _nanovlm_tensors_for_map(tensors, key_map, lm.tie_embeddings), key_map,
+                       NANOVLM_IGNORED, source=folder)
+
+
+def nanovlm_config_dict(vlm: VLM):
+    """The nanoVLM config.json fields for our VLM (names as in nanoVLM's VLMConfig)."""
+    lm, vis = vlm.decoder.cfg, vlm.vision.cfg
+    n_extra = lm.vocab_size - vlm.image_token_id
+    if n_extra > len(NANOVLM_EXTRA_TOKENS):
+        raise ValueError(f"nanoVLM numbers <|image|> lm_base_vocab_size (the first extra token); with "
+                         f"image_token_id {vlm.image_token_id} and vocab_size {lm.vocab_size} that needs "
+                         f"{n_extra} extra tokens, more than nanoVLM's {len(NANOVLM_EXTRA_TOKENS)}")
+    theta = int(lm.rope_theta) if float(lm.rope_theta).is_integer() else lm.rope_theta
+    return {"vit_hidden_dim": vis.dim, "vit_inter_dim": vis.mlp_dim, "vit_patch_size": vis.patch_size,
+            "vit_img_size": vis.image_size, "vit_n_heads": vis.n_heads, "vit_dropout": 0.0,
+            "vit_n_blocks": vis.n_layers, "vit_ln_eps": vis.ln_eps, "vit_cls_flag": False,
+            "lm_hidden_dim": lm.dim, "lm_inter_dim": lm.ffn_dim, "lm_rms_eps": lm.rms_eps, "lm_re_base": theta,
+            "lm_max_position_embeddings": lm.max_positions, "lm_base_vocab_size": vlm.image_token_id,
+            "extra_token_amount": n_extra, "lm_vocab_size": lm.vocab_size, "lm_n_heads": lm.n_heads,
+            "lm_n_kv_heads": lm.n_kv_heads, "lm_dropout": 0.0, "lm_n_blocks": lm.n_layers, "lm_attn_scaling": 1.0,
+            "lm_use_tokens": False, "lm_tie_weights": lm.tie_embeddings,
+            "mp_pixel_shuffle_factor": vlm.projector.factor, "mp_image_token_length": vlm.n_image_tokens,
+            "vlm_extra_tokens": dict(list(NANOVLM_EXTRA_TOKENS.items())[:n_extra])}
+
+
+def save_nanovlm(vlm: VLM, folder):
+    """Write our VLM as a nanoVLM folder (config.json + model.safetensors, both atomic), with the
+    keys nanoVLM's save_model writes: concatenated qkv_proj, (1, N, D) position embedding, the
+    RoPE inv_freq buffer, and for tied embeddings only decoder.head.weight. The image token
+    must be the first extra token (image_token_id = lm_base_vocab_size), as in nanoVLM."""
+    config = nanovlm_config_dict(vlm)
+    sd = vlm.state_dict()
+    tensors, qkv = {}, {}
+    for ours, name in nanovlm_key_map(vlm).items():
+        key, part = _nanovlm_qkv_part(name)
+        if part is not None:
+            qkv.setdefault(key, [None] * 3)[part] = sd[ours]
+        elif ours == "vision.pos_embed":
+            tensors[key] = sd[ours][None]
+        else:
+            tensors[key] = sd[ours]
+    for key, parts in qkv.items():
+        tensors[key] = torch.cat(parts, dim=0)
+    hd = vlm.decoder.cfg.head_dim
+    tensors["decoder.rotary_embd.inv_freq"] = 1.0 / (vlm.decoder.cfg.rope_theta ** (torch.arange(0, hd, 2).float() / hd))
+    os.makedirs(folder, exist_ok=True)
+    save_safetensors(os.path.join(folder, "model.safetensors"), tensors)
+    write_json(os.path.join(folder, "config.json"), config)
