@@ -1,0 +1,196 @@
+"""
+The source-selective KD objective of LinguDistill (METHOD.md step 4 and "Decisions").
+
+    loss = CE(student, labels)  +  alpha * KD(teacher || student)
+
+CE runs on every real response token. KD runs only on response tokens of examples whose
+`source` has a KD weight > 0 (policy "selective": language-intensive sources 1, vision-heavy
+0) and is averaged over the weighted number of KD tokens, exactly once.
+
+All inputs are already aligned (the caller does the next-token shift): position r of the
+(B, R, V) logits predicts response token r, and response_mask (B, R) marks answer + EOS.
+KD-library bugs this file avoids (STYLE.md): softmax in float32, one normalisation, a guarded
+all-masked batch, logits sliced to the shared vocabulary prefix.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+POLICIES = ("none", "uniform", "selective")
+DIVERGENCES = ("fkl", "rkl", "jsd")
+KIND_WEIGHTS = {"language": 1.0, "vision": 0.0}   # source kind -> KD weight (METHOD.md "Source gate")
+DEFAULT_SOURCE_TABLE = {}                         # build the real one: table_from_kinds(data.SOURCE_KINDS)
+_FLOOR = -1e30   # -inf logits (masked vocab entries) are raised to this: p = 0 exactly, no inf - inf
+
+
+def _log_probs(logits, temperature):
+    """log_softmax(logits / T) in at least float32 (bf16/fp16 are upcast; float64 stays)."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return F.log_softmax((logits.to(dtype) / temperature).clamp(min=_FLOOR), dim=-1)
+
+
+def _kl(log_p, log_q):
+    """KL(p || q) per row from log-probabilities (..., V) -> (...). Entries with p = 0 add 0."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _check_kd_args(kind, temperature, beta):
+    if kind not in DIVERGENCES:
+        raise ValueError(f"kind={kind!r}; expected one of {DIVERGENCES}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, found {temperature}")
+    if kind == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd needs 0 < beta < 1, found beta={beta}")
+
+
+def kd_divergence(student_logits, teacher_logits, kind="fkl", temperature=1.0, beta=0.5):
+    """Per-token divergence (N,) between student (N, Vs) and teacher (N, Vt) logits (METHOD.md step 4).
+
+    fkl: KL(teacher || student), the default (mode-covering, as in classic KD).
+    rkl: KL(student || teacher).
+    jsd: generalised JSD(beta) with mixture m = beta * p_t + (1 - beta) * p_s,
+         JSD = beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)  (TRL GKD's convention);
+         beta in (0, 1); 0.5 is the symmetric JSD; JSD / beta -> fkl as beta -> 0 and
+         JSD / (1 - beta) -> rkl as beta -> 1.
+    Both distributions are taken at temperature T in float32 and the result is multiplied by
+    T^2, so gradient magnitudes do not shrink as T grows (Hinton et al.). If the vocabularies
+    differ, only the shared prefix V = min(Vs, Vt) is compared (both sliced and renormalised);
+    kvshare.check_shared_vocab checks that the tokenizers agree on that prefix."""
+    _check_kd_args(kind, temperature, beta)
+    if student_logits.dim() != 2 or teacher_logits.dim() != 2 or student_logits.shape[0] != teacher_logits.shape[0]:
+        raise ValueError(f"kd_divergence expects student (N, Vs) and teacher (N, Vt), found "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    V = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    log_s = _log_probs(student_logits[:, :V], temperature)                  # (N, V) log p_student
+    log_t = _log_probs(teacher_logits[:, :V], temperature).to(log_s.dtype)  # (N, V) log p_teacher
+    if kind == "fkl":
+        d = _kl(log_t, log_s)
+    elif kind == "rkl":
+        d = _kl(log_s, log_t)
+    else:
+        log_m = torch.logaddexp(log_t + math.log(beta), log_s + math.log(1.0 - beta))   # (N, V) log m
+        d = beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)
+    return d * temperature ** 2                                              # (N,)
+
+
+def kd_token_sum(student_logits, teacher_logits, weights, kind="fkl", temperature=1.0, beta=0.5, chunk_size=None):
+    """sum over tokens of weight * divergence, for (B, R, Vs) / (B, R, Vt) logits and (B, R) weights.
+
+    Only tokens with weight > 0 are gathered (N of them), so pads and vision-source tokens
+    cost nothing. With `chunk_size`, the N tokens are processed chunk_size at a time: the
+    float32 (chunk, V) softmax temporaries of one chunk exist at a time, and each chunk runs
+    under activation checkpointing, so backward does not keep every chunk's float32 tensors
+    either (it recomputes them). What stays alive is the gathered (N, V) logits in their input
+    dtype. Chunked and unchunked give the same value and gradient."""
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int or None, found {chunk_size!r}")
+    keep = weights.reshape(-1) > 0                                           # (B*R,)
+    s = student_logits.reshape(-1, student_logits.shape[-1])[keep]           # (N, Vs)
+    t = teacher_logits.reshape(-1, teacher_logits.shape[-1])[keep]           # (N, Vt)
+    w = weights.reshape(-1)[keep]                                            # (N,)
+    if chunk_size is None or chunk_size >= s.shape[0]:
+        d = kd_divergence(s, t, kind, temperature, beta)                     # (N,)
+        return (w.to(d.dtype) * d).sum()
+    total = 0.0
+    for i in range(0, s.shape[0], chunk_size):
+        args = (s[i:i + chunk_size], t[i:i + chunk_size], kind, temperature, beta)
+        if torch.is_grad_enabled() and s.requires_grad:
+            d = checkpoint(kd_divergence, *args, use_reentrant=False)       # (chunk,)
+        else:
+            d = kd_divergence(*args)
+        total = total + (w[i:i + chunk_size].to(d.dtype) * d).sum()
+    return total
+
+
+def table_from_kinds(source_kinds, kind_weights=KIND_WEIGHTS):
+    """Source -> KD weight table from a source -> kind mapping (data.SOURCE_KINDS):
+    "language" -> 1.0, "vision" -> 0.0 by default; pass kind_weights to try others."""
+    bad = {s: k for s, k in source_kinds.items() if k not in kind_weights}
+    if bad:
+        raise ValueError(f"source kinds must be one of {sorted(kind_weights)}, found {bad}")
+    return {s: float(kind_weights[k]) for s, k in source_kinds.items()}
+
+
+def source_weights(policy, sources, table=None):
+    """(B,) float KD weight per example, the source gate (METHOD.md "Source gate"):
+    none -> 0 (CE only), uniform -> 1 (KD everywhere), selective -> table[source] (LinguDistill)."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy={policy!r}; expected one of {POLICIES}")
+    if policy != "selective":
+        return torch.full((len(sources),), 1.0 if policy == "uniform" else 0.0)
+    table = DEFAULT_SOURCE_TABLE if table is None else table
+    unknown = sorted({s for s in sources if s not in table})
+    if unknown:
+        raise ValueError(f"source(s) {unknown} not in the KD weight table; known sources: {sorted(table)} "
+                         f"(build the table with distill.table_from_kinds(data.SOURCE_KINDS))")
+    w = torch.tensor([float(table[s]) for s in sources], dtype=torch.float32)
+    if (w < 0).any():
+        raise ValueError(f"KD weights must be >= 0, found {dict(zip(sources, w.tolist()))}")
+    return w
+
+
+def _normalise(total, count, override, name):
+    """total / (override or count); a batch with no tokens gives exactly 0 (graph kept)."""
+    denom = count if override is None else float(override)
+    if count == 0:
+        return total          # an empty sum: 0 with a grad_fn, zero gradients
+    if not denom > 0:
+        raise ValueError(f"{name} must be > 0 when the batch has tokens ({count}), found {override}")
+    return total / denom
+
+
+def distill_loss(student_logits, labels, response_mask, teacher_logits=None, sources=None, policy="selective",
+                 table=None, alpha=1.0, kind="fkl", temperature=1.0, beta=0.5, chunk_size=None,
+                 ce_normalizer=None, kd_normalizer=None):
+    """Total = CE + alpha * KD (METHOD.md step 4). Returns {"loss", "ce", "kd", "n_ce_tokens", "n_kd_tokens"}.
+
+    student_logits (B, R, Vs); labels (B, R) long (pads arbitrary); response_mask (B, R),
+    1 for answer + EOS; teacher_logits (B, R, Vt) (detached here; may be None for policy
+    "none"); sources: B strings (may be None for policies "none" / "uniform").
+    CE  = sum of float32 cross-entropy over real response tokens / n_ce_tokens.
+    KD  = kd_token_sum with weight response_mask * source_weight / n_kd_tokens, where
+          n_kd_tokens is the weighted token count, computed once here.
+    ce_normalizer / kd_normalizer replace those counts: a training loop passes the global counts
+    over all grad-accumulation micro-batches and DDP ranks, so that summing the micro-batch
+    losses (and DDP's gradient mean times world size) gives the exact global token mean.
+    No KD-eligible token -> KD is exactly 0 and the loss still backpropagates (finite grads)."""
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be (B, R), found {tuple(labels.shape)}")
+    B, R = labels.shape
+    if student_logits.dim() != 3 or student_logits.shape[:2] != (B, R):
+        raise ValueError(f"student_logits must be (B, R, V) = ({B}, {R}, V) like labels, "
+                         f"found {tuple(student_logits.shape)}")
+    if response_mask.shape != (B, R):
+        raise ValueError(f"response_mask must be (B, R) = ({B}, {R}) like labels, found {tuple(response_mask.shape)}")
+    _check_kd_args(kind, temperature, beta)
+    if sources is None:
+        if policy == "selective":
+            raise ValueError("policy 'selective' needs sources (one string per example), found None")
+        sources = [""] * B
+    if len(sources) != B:
+        raise ValueError(f"len(sources) must equal B = {B}, found {len(sources)}")
+    if policy != "none":
+        if teacher_logits is None:
+            raise ValueError(f"policy {policy!r} needs teacher_logits (B, R, Vt); only 'none' runs without a teacher")
+        if teacher_logits.dim() != 3 or teacher_logits.shape[:2] != (B, R):
+            raise ValueError(f"teacher_logits must be (B, R, V) = ({B}, {R}, V) like labels, "
+                             f"found {tuple(teacher_logits.shape)}")
+
+    # CE: gather the real response tokens first, so pad logits and pad labels never enter.
+    real = response_mask.bool()                                              # (B, R)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    ce_sum = F.cross_entropy(student_logits[real].to(dtype), labels[real], reduction="sum")  # (n_ce, V) -> ()
+    n_ce = float(real.sum())
+    ce = _normalise(ce_sum, n_ce, ce_normalizer, "ce_normalizer")
+
+    # KD: per-token weight = response_mask * source weight of the example.
+    weights = real.float() * source_weights(policy, sources, table).to(real.device)[:, None]  # (B, R)
+    n_kd = float(weights.sum())
+    if n_kd > 0:
+        kd_sum = kd_token_sum(student_logits, teacher_logits.detach(), weights, kind, temperature, beta, chunk_size)
+    else:
+        kd_sum = student_logits.reshape(-1)[:0].to(dtype).sum()           # exactly 0, graph kept
+    kd = _normalise(kd_sum, n_kd, kd_normalizer, "kd_normalizer")
+    return {"loss": ce + alpha * kd, "ce": ce.detach(), "kd": kd.detach(), "n_ce_tokens": n_ce, "n_kd_tokens": n_kd}
