@@ -1,0 +1,175 @@
+"""
+Benchmarks (not tests): ratios measured side by side in one run, printed as a table.
+
+  python bench.py                      # all benchmarks at tiny / SmolLM2-135M-like sizes on this machine
+  python bench.py --only=handoff       # one of: handoff, kd_memory, step, hf_step, train
+  python bench.py --device=cuda        # on a GPU: adds MFU for the training-stage tokens/s
+
+- handoff:  teacher continuation over the shared context KV vs the teacher recomputing the
+            whole sequence, against the ideal ratio R/(P+R).
+- kd_memory: chunked vs naive KD at vocab 49,152: peak memory and equal loss.
+- step:     one full distill step (student prefill + teacher continuation + loss + backward).
+- hf_step:  the same step built from Hugging Face transformers modules (if installed).
+- train:    tokens/s of the three `python train.py` stages (smoke-sized steps of the tiny preset).
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+import distill
+import kvshare
+from model import LMConfig, VisionConfig, Decoder, VLM
+
+
+def timeit(fn, device, repeat=5, warmup=2):
+    """Median wall time of fn() in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _proc_status_kib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_memory(fn, device):
+    """Peak memory fn() adds, in bytes: the CUDA allocator's peak on a GPU; on CPU (Linux) the
+    process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over its resident
+    set before the call. Large tensors are mmapped and returned on free, so this tracks them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(device) - base
+    import gc
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                                                 # reset the peak RSS to the current RSS
+    base = _proc_status_kib("VmRSS")
+    fn()
+    return max(0, _proc_status_kib("VmHWM") - base) * 1024
+
+
+def make_batch(B, P, R, vocab, image_token_id, n_image_tokens, image_size, device, with_images=True):
+    ids = torch.randint(1, image_token_id, (B, P + R), device=device)
+    if with_images:
+        ids[:, :n_image_tokens] = image_token_id
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "context_len": P,
+            "images": torch.randn(B, 3, image_size, image_size, device=device) if with_images else None,
+            "labels": ids[:, P:], "response_mask": torch.ones(B, R, dtype=torch.bool, device=device),
+            "source": ["bench"] * B}
+
+
+def bench_handoff(device, lm, B=8, P=448, R=64):
+    """Teacher continuation (R tokens over shared KV) vs full teacher forward (P+R tokens)."""
+    teacher = kvshare.freeze(Decoder(lm).to(device))
+    batch = make_batch(B, P, R, lm.vocab_size, lm.vocab_size - 1, 0, 0, device, with_images=False)
+    with torch.no_grad():
+        _, kv = teacher(batch["input_ids"], use_cache=True)
+        t_cont = timeit(lambda: kvshare.teacher_continue(teacher, kv, batch, lm.vocab_size - 1, "full"), device)
+        t_full = timeit(lambda: teacher(batch["input_ids"], logits_start=P - 1), device)
+    return [("handoff", f"teacher continuation, B={B} P={P} R={R}, {lm.n_layers}x{lm.dim}",
+             f"{t_cont * 1e3:.1f} ms", f"full recompute {t_full * 1e3:.1f} ms",
+             f"ratio {t_cont / t_full:.3f} (ideal R/(P+R) = {R / (P + R):.3f})")]
+
+
+def bench_kd_memory(device, V=49152, N=2048, chunk=256):
+    """Chunked vs naive KD at a real vocabulary: same loss, bounded float32 temporaries."""
+    s = torch.randn(1, N, V, device=device, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randn(1, N, V, device=device, dtype=torch.bfloat16)
+    w = torch.ones(1, N, device=device)
+    results = {}
+    for name, c in (("naive", None), ("chunked", chunk)):
+        def step():
+            loss = distill.kd_token_sum(s, t, w, chunk_size=c) / N
+            loss.backward()
+            s.grad = None
+            return loss
+        results[name] = (float(distill.kd_token_sum(s, t, w, chunk_size=c).detach()) / N, peak_memory(step, device))
+    (l_n, m_n), (l_c, m_c) = results["naive"], results["chunked"]
+    return [("kd_memory", f"KD fwd+bwd, {N} tokens x vocab {V} (bf16 logits)", f"chunked({chunk}) {m_c / 2**20:.0f} MiB",
+             f"naive {m_n / 2**20:.0f} MiB", f"memory ratio {m_c / m_n:.2f}; loss {l_c:.5f} vs {l_n:.5f}")]
+
+
+def distill_step_ours(student, teacher, batch):
+    s_logits, t_logits = kvshare.distill_forward(student, teacher, batch, batch["image_token_id"], "full")
+    out = distill.distill_loss(s_logits, batch["labels"], batch["response_mask"], t_logits, batch["source"], "uniform")
+    out["loss"].backward()
+    return float(out["loss"].detach())
+
+
+class TextStudent(torch.nn.Module):
+    """A text-only 'VLM' (the decoder alone) so that ours and HF run the same computation."""
+    def __init__(self, decoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, input_ids, images=None, **kw):
+        return self.decoder(input_ids, **kw)
+
+
+def bench_step(device, lm, B=4, P=192, R=64, with_hf=True):
+    """One distill step: ours vs the same step from transformers modules (DynamicCache handoff)."""
+    torch.manual_seed(0)
+    student, teacher = TextStudent(Decoder(lm).to(device)), kvshare.freeze(Decoder(lm).to(device))
+    batch = make_batch(B, P, R, lm.vocab_size, lm.vocab_size - 1, 0, 0, device, with_images=False)
+    batch["image_token_id"] = lm.vocab_size - 1
+    t_ours = timeit(lambda: distill_step_ours(student, teacher, batch), device, repeat=3, warmup=1)
+    m_ours = peak_memory(lambda: distill_step_ours(student, teacher, batch), device)
+    rows = [("step", f"distill step (ours), B={B} P={P} R={R}, {lm.n_layers}x{lm.dim}, vocab {lm.vocab_size}",
+             f"{t_ours * 1e3:.0f} ms", f"peak {m_ours / 2**20:.0f} MiB", "")]
+    if not with_hf:
+        return rows
+    try:
+        import transformers
+    except ImportError:
+        return rows + [("hf_step", "skipped: transformers not installed", "", "", "")]
+    import tempfile
+    from weights import save_hf_lm
+    with tempfile.TemporaryDirectory() as d:
+        save_hf_lm(student.decoder, d + "/s")
+        save_hf_lm(teacher, d + "/t")
+        hf_s = transformers.LlamaForCausalLM.from_pretrained(d + "/s", attn_implementation="sdpa").to(device)
+        hf_t = transformers.LlamaForCausalLM.from_pretrained(d + "/t", attn_implementation="sdpa").to(device).eval()
+    hf_t.requires_grad_(False)
+
+    def hf_step():
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        out = hf_s(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=R + 1)
+        s_logits = out.logits[:, :R]
+        cache = out.past_key_values
+        cache.crop(-(R + 1))                                # keep the shared context KV (P-1 columns)
+        with torch.no_grad():
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
+            pos = torch.arange(P - 1, P + R - 1, device=device)[None].expand(B, -1)
+            t_logits = hf_t(input_ids=ids[:, P - 1:P + R - 1], attention_mask=mask[:, :P + R - 1],
+                            past_key_values=cache, position_ids=pos).logits
+        loss = distill.distill_loss(s_logits, batch["labels"], batch["response_mask"], t_logits, batch["source"],
+                                    "uniform")["loss"]
+        loss.backward()
+        return float(loss.detach())
+
+    l_ours, l_hf = distill_step_ours(student, teacher, batch), hf_step()
+    t_hf = timeit(hf_step, device, repeat=3, warmup=1)
+    m_hf = peak_memory(hf_step, device)
+    return rows + [("hf_step", "same step from transformers LlamaForCausalLM + DynamicCache",
+                    f"{t_hf * 1e3:.0f} ms", f"peak {m_hf / 2**20:.0f} MiB",
+                    f"ours/HF time {t_ours / t_hf:.2f}, memory {m_ours / max(m_hf, 1):.2f}; "
+                    f"loss {l_ours:.5f} vs {l_hf:.5f}")]
