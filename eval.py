@@ -142,7 +142,7 @@ def evaluate_models(models, world, tok, image_size, teacher=None):
 
 
 COLUMNS = [("acc", "language"), ("acc_seen", "lang seen"), ("acc_unseen", "lang unseen"), ("vision", "vision"),
-           ("knowledge_vqa", "knowledge VQA"), ("teacher_handoff", "teacher via handoff")]
+           ("knowledge_vqa", "knowledge VQA"), ("teacher_handoff", "teacher via handoff"), ("recovery", "recovery")]
 
 
 def format_table(rows, std=None):
@@ -160,3 +160,128 @@ def format_table(rows, std=None):
                 cells.append(f"{100 * r[k]:.1f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------
+# The experiment: seeds x {teacher, adapted, CE-only, uniform KD, text-only teacher, LinguDistill}
+
+VARIANTS = {                                   # name -> train.py overrides for stage 3
+    "CE-only": ["--policy=none", "--scope=full"],
+    "uniform KD": ["--policy=uniform", "--scope=full"],
+    "text-only teacher KD": ["--policy=selective", "--scope=none"],
+    "LinguDistill": ["--policy=selective", "--scope=full"],
+}
+
+
+def run_seed(seed, train_argv, out_dir):
+    """Pretrain + adapt once, then every distill variant from the same adapted model; eval all."""
+    import train
+    base = train_argv + [f"--seed={seed}", f"--out_dir={os.path.join(out_dir, f'seed{seed}')}", "--eval=false"]
+    models, world, tok = train.run(train.get_config(base + ["--stage=pretrain"]))
+    teacher = models["teacher"]
+    models, _, _ = train.run(train.get_config(base + ["--stage=adapt"]))
+    rows_models = {"teacher": teacher, "adapted": models["adapted"]}
+    for name, argv in VARIANTS.items():
+        slug = name.lower().replace(" ", "-")
+        models, _, _ = train.run(train.get_config(base + ["--stage=distill", f"--variant={slug}"] + argv))
+        rows_models[name] = models[f"distilled-{slug}"]
+    cfg = train.get_config(base)
+    rows = evaluate_models(rows_models, world, tok, cfg.image_size, teacher=teacher)
+    for name, row in rows.items():
+        drop = rows["teacher"]["acc"] - rows["adapted"]["acc"]
+        row["recovery"] = (row["acc"] - rows["adapted"]["acc"]) / drop if drop > 0 else float("nan")
+    return rows
+
+
+def _run_seed_to_file(args):
+    seed, train_argv, out_dir, jobs = args
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // jobs))       # share the cores between parallel seeds
+    rows = run_seed(seed, train_argv, out_dir)
+    with open(os.path.join(out_dir, f"seed{seed}.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    return rows
+
+
+def aggregate(per_seed):
+    """Mean and (population) std over seeds of every metric of every model."""
+    names = list(per_seed[0])
+    mean, std = {}, {}
+    for n in names:
+        keys = per_seed[0][n].keys()
+        vals = {k: [s[n][k] for s in per_seed] for k in keys}
+        mean[n] = {k: sum(v) / len(v) for k, v in vals.items()}
+        std[n] = {k: (sum((x - mean[n][k]) ** 2 for x in v) / len(v)) ** 0.5 for k, v in vals.items()}
+    return mean, std
+
+
+def experiment(seeds, train_argv, out_dir, jobs=1):
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.time()
+    args = [(s, train_argv, out_dir, jobs) for s in seeds]
+    if jobs > 1:
+        import multiprocessing as mp
+        with mp.get_context("spawn").Pool(jobs) as pool:
+            per_seed = pool.map(_run_seed_to_file, args)
+    else:
+        per_seed = [_run_seed_to_file(a) for a in args]
+    mean, std = aggregate(per_seed)
+    table = format_table(mean, std)
+    rec = " | ".join(f"{n}: {100 * mean[n]['recovery']:.0f} ± {100 * std[n]['recovery']:.0f}%"
+                     for n in VARIANTS)
+    text = (f"{table}\n\nRecovery of the language drop, (distilled - adapted) / (teacher - adapted): {rec}\n"
+            f"seeds {seeds}; train.py {' '.join(train_argv)}; {time.time() - t0:.0f}s\n")
+    with open(os.path.join(out_dir, "experiment.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out_dir, "experiment.json"), "w") as f:
+        json.dump({"seeds": seeds, "train_argv": train_argv, "per_seed": per_seed, "mean": mean, "std": std}, f,
+                  indent=2)
+    return text
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+
+def load_model_folder(folder):
+    """A model folder written by train.py: ours (VLM) or Hugging Face layout (decoder)."""
+    from weights import read_json, load_vlm, load_hf_lm
+    kind = read_json(os.path.join(folder, "config.json")).get("model_type")
+    return load_vlm(folder) if kind == "lingudistill_vlm" else load_hf_lm(folder)
+
+
+def evaluate_folder(folder, teacher_folder=None):
+    """Rebuild the tiny world the folder was trained on and evaluate the model in it."""
+    import train
+    from weights import read_json
+    cfg = train.replace(train.TrainConfig(), **read_json(os.path.join(folder, "train_config.json")))
+    world, _ = train.build_world_and_tokenizer(cfg)
+    tok = data.load_tokenizer(os.path.join(folder, "tokenizer.json"))
+    teacher_folder = teacher_folder or os.path.join(os.path.dirname(os.path.abspath(folder)), "teacher")
+    teacher = load_model_folder(teacher_folder) if os.path.isdir(teacher_folder) else None
+    rows = evaluate_models({os.path.basename(os.path.normpath(folder)): load_model_folder(folder)}, world, tok,
+                           cfg.image_size, teacher=teacher)
+    return format_table(rows)
+
+
+def main(argv):
+    opts = {"experiment": False, "seeds": "0,1,2", "jobs": "1", "out_dir": "out/experiment", "ckpt": None,
+            "teacher": None}
+    train_argv = []
+    for arg in argv:
+        key, eq, val = arg[2:].partition("=")
+        if arg.startswith("--") and key in opts:
+            opts[key] = val if eq else True
+        else:
+            train_argv.append(arg)                # passed to train.py (validated there)
+    if opts["experiment"]:
+        seeds = [int(s) for s in opts["seeds"].split(",")]
+        print(experiment(seeds, train_argv, opts["out_dir"], int(opts["jobs"])))
+    elif opts["ckpt"]:
+        if train_argv:
+            sys.exit(f"eval.py: unknown argument(s) {train_argv} with --ckpt")
+        print(evaluate_folder(opts["ckpt"], opts["teacher"]))
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -208,6 +208,14 @@ class Runtime:
         """Gradient accumulation under DDP: all-reduce gradients only on the last micro-batch."""
         return model.no_sync() if self.ddp and skip_sync else nullcontext()
 
+    def all_reduce_logs(self, logs):
+        if not self.ddp:
+            return logs
+        import torch.distributed as dist
+        t = torch.tensor(list(logs.values()), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return dict(zip(logs, t.tolist()))
+
     def all_reduce_counts(self, counts):
         """Token counts summed over micro-batches and ranks: the global loss normalisers."""
         total = torch.tensor([[c["ce"], c["kd"]] for c in counts], dtype=torch.float64).sum(0)
@@ -335,6 +343,7 @@ def train_loop(name, model, groups, make_batch, loss_fn, count_fn, steps, cfg, r
                 (out["loss"] * rt.world_size).backward()     # DDP averages grads over ranks
             for k, v in out.items():
                 logs[k] = logs.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+        logs = rt.all_reduce_logs(logs)                       # each rank's loss is its share of the global mean
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         if not (math.isfinite(logs["loss"]) and torch.isfinite(grad_norm)):
             bad += 1
