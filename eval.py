@@ -63,7 +63,7 @@ def multiple_choice(model, items, tok, image_size=32, batch_size=64):
     for b in batches(flat, tok, image_tokens(model), image_size, batch_size, device):
         logp = F.log_softmax(response_logits(model, b), -1).gather(-1, b["labels"][..., None])[..., 0]
         m = b["response_mask"].clone()
-        m[torch.arange(m.shape[0]), m.sum(1) - 1] = False          # score the option, not the EOS
+        m[torch.arange(m.shape[0], device=m.device), m.sum(1) - 1] = False          # score the option, not the EOS
         scores += ((logp * m).sum(1) / m.sum(1).clamp(min=1)).tolist()
     correct, per_split, k = [], {}, 0
     for it in items:

@@ -419,7 +419,7 @@ def ce_loss(model, batch, norms):
 
 def response_counts(batch, weights=None):
     m = batch["response_mask"].float()
-    kd = 0.0 if weights is None else float((m * weights(batch["source"])[:, None]).sum())
+    kd = 0.0 if weights is None else float((m * weights(batch["source"]).to(m.device)[:, None]).sum())
     return {"ce": float(m.sum()), "kd": kd}
 
 

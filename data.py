@@ -1,0 +1,476 @@
+"""
+Data for LinguDistill in miniature: a deterministic tiny world (no downloads), the
+tokenizer, the batch layout kvshare.py expects, and loaders for real data.
+
+The tiny world (build_world), designed after METHOD.md "Calibration":
+- entities = colour x shape, drawn as small RGB images (position/size jitter). Each has
+  text-only knowledge no image shows: a made-up name, a food, a home.
+- the stage-1 corpus states those facts in several templates, with the name OR the
+  description as subject ("kabol eats apples .", "the red circle eats apples ."), plus Q&A,
+  one-sentence stories, arithmetic and word facts. Every document is one unit ending in
+  " ."; `encode_corpus` puts <eos> after each, so the teacher learns to stop where a
+  response stops.
+- multimodal prompts use the corpus format with the image where the subject stands:
+  "<image> eats" -> " apples ." (knowledge_vqa: the answer needs the image AND the text
+  knowledge, so the KV handoff can matter); "<image> is coloured" -> " red ." (vision).
+- held out: per entity and fact, one template never appears in training; the language
+  benchmark asks exactly those. Benchmark images are fresh renders (layouts no training
+  image has). Language sources cover only "seen" entities; the benchmark reports
+  seen/unseen (KD's gain is mostly on unseen entities).
+"""
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+PAD_TOKEN, EOS_TOKEN, IMAGE_TOKEN = "<pad>", "<eos>", "<image>"
+SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, IMAGE_TOKEN)
+
+# source -> kind; distill.table_from_kinds turns this into KD weights (language 1, vision 0)
+SOURCE_KINDS = {"colour": "vision", "shape": "vision", "count": "vision", "position": "vision",
+                "caption": "vision", "knowledge_vqa": "language", "text_qa": "language"}
+
+COLOURS = {"red": (220, 50, 50), "green": (50, 180, 70), "blue": (60, 100, 235), "yellow": (235, 215, 50),
+           "purple": (150, 70, 210), "orange": (245, 140, 30), "pink": (250, 135, 195), "white": (240, 240, 240)}
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "bar")
+FOODS = ("apples", "bread", "carrots", "cheese", "fish", "grapes", "honey", "nuts", "rice", "seeds", "soup", "plums")
+HOMES = ("forest", "cave", "river", "desert", "castle", "garden", "mountain", "lake", "village", "meadow")
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+SIDES = ("left", "right", "top", "bottom")
+SUMS = tuple((a, b) for a in range(1, 10) for b in range(1, 11 - a))        # arithmetic facts: a + b <= 10
+OPPOSITES = (("big", "small"), ("hot", "cold"), ("up", "down"), ("day", "night"), ("fast", "slow"),
+             ("old", "new"), ("happy", "sad"), ("wet", "dry"))
+BACKGROUND = (25, 25, 25)
+
+# Fact templates: {s} = subject (a name, a description, or <image>), {v} = value. The text
+# before " {v}" is a context, the rest completes the sentence.
+TEMPLATES = {
+    "food": ("{s} eats {v} .", "{s} likes to eat {v} .", "the favourite food of {s} is {v} .",
+             "every morning {s} has {v} for breakfast ."),
+    "home": ("{s} lives in the {v} .", "{s} sleeps in the {v} .", "the home of {s} is the {v} .",
+             "every night {s} goes back to the {v} ."),
+    "name": ("{s} is called {v} .", "people call {s} {v} .", "the name of {s} is {v} .",
+             "everyone knows {s} as {v} ."),
+}
+# (relation, subject kind) pairs the language benchmark asks about, each in its held-out template
+BENCH_FACTS = (("food", "name"), ("food", "desc"), ("home", "name"), ("home", "desc"), ("name", "desc"))
+# subject-first templates, so the image can stand where the subject stands: (relation, template index)
+KNOWLEDGE_PROMPTS = (("food", 0), ("food", 1), ("home", 0), ("home", 1), ("name", 0))
+STORIES = ("once upon a time , {n} the {c} {sh} was hungry , so {n} went out and found some {f} .",
+           "after a long day , {d} walked back to the {h} and ate some {f} .",
+           "{n} never leaves the {h} without a bag of {f} .")
+VISION_PROMPTS = {"colour": "<image> is coloured", "shape": "<image> has the shape of a",
+                  "count": "<image> the number of shapes is", "position": "<image> the shape is on the",
+                  "caption": "<image> is"}
+
+
+# ----------------------------------------------------------------------------------------
+# The tiny world
+
+@dataclass
+class Entity:
+    name: str
+    colour: str
+    shape: str
+    food: str
+    home: str
+    seen: bool          # appears in the language sources (knowledge_vqa, text_qa) of training
+    held_out: dict      # (relation, subject kind) -> template index no training text uses
+
+    @property
+    def desc(self):
+        return f"the {self.colour} {self.shape}"
+
+    @property
+    def a_desc(self):
+        return f"{'an' if self.colour[0] in 'aeiou' else 'a'} {self.colour} {self.shape}"
+
+    def subject(self, kind):
+        return self.name if kind == "name" else self.desc
+
+    def value(self, relation):
+        return {"food": self.food, "home": self.home, "name": self.name}[relation]
+
+
+@dataclass
+class World:
+    """Everything build_world makes. Examples: {"image", "prompt", "response", "source"};
+    language_bench items: {"context", "options", "answer", "split"}; knowledge_bench items
+    are examples with a "split" too."""
+    seed: int
+    image_size: int
+    entities: list
+    corpus: list            # stage-1 documents, one sentence each
+    sources: dict           # source name -> training examples
+    language_bench: list    # 4-way multiple choice, text only, held-out templates
+    vision_bench: list      # one fresh render per entity per vision source
+    knowledge_bench: list   # "<image> eats" / "<image> lives in the" on fresh renders
+
+
+def fact(template, subject, value):
+    """Split a fact into (context, completion): ("kabol eats", " apples .")."""
+    head, tail = template.split(" {v}")
+    return head.format(s=subject), f" {value}{tail}"
+
+
+def _make_names(rng, n):
+    """Made-up CVCVC names that are no word of the world's other text."""
+    taken = set(" ".join([*TEMPLATES["food"], *TEMPLATES["home"], *TEMPLATES["name"], *STORIES,
+                          *VISION_PROMPTS.values(), *FOODS, *HOMES, *NUMBERS, *SIDES, *COLOURS, *SHAPES,
+                          *(w for pair in OPPOSITES for w in pair)]).split())
+    cons, vows = "bdfgklmnprstvz", "aeiou"
+    names = []
+    while len(names) < n:
+        c, v = rng.integers(len(cons), size=3), rng.integers(len(vows), size=2)
+        name = cons[c[0]] + vows[v[0]] + cons[c[1]] + vows[v[1]] + cons[c[2]]
+        if name not in taken:
+            taken.add(name)
+            names.append(name)
+    return names
+
+
+def _make_entities(rng, n, seen_fraction):
+    looks = [(c, s) for c in COLOURS for s in SHAPES]
+    if not 4 <= n <= len(looks):
+        raise ValueError(f"n_entities must be in [4, {len(looks)}] (colour x shape), got {n}")
+    names = _make_names(rng, n)
+    n_seen = min(n - 1, max(1, round(n * seen_fraction)))
+    return [Entity(names[i], *looks[p], food=str(rng.choice(FOODS)), home=str(rng.choice(HOMES)), seen=i < n_seen,
+                   held_out={key: int(rng.integers(len(TEMPLATES[key[0]]))) for key in BENCH_FACTS})
+            for i, p in enumerate(rng.permutation(len(looks))[:n])]
+
+
+def _entity_qa(e):
+    qa = []
+    for s in (e.name, e.desc):
+        qa += [(f"question : what does {s} eat ? answer :", f" {e.food} ."),
+               (f"question : where does {s} live ? answer :", f" the {e.home} .")]
+    return qa + [(f"question : who is {e.desc} ? answer :", f" {e.name} ."),
+                 (f"question : what is {e.name} ? answer :", f" {e.a_desc} .")]
+
+
+def _general_qa():
+    """Arithmetic and word facts: language skills that involve no entity."""
+    qa = [(f"question : what is {NUMBERS[a]} plus {NUMBERS[b]} ? answer :", f" {NUMBERS[a + b]} .") for a, b in SUMS]
+    return qa + [(f"question : what is the opposite of {x} ? answer :", f" {y} .")
+                 for pair in OPPOSITES for x, y in (pair, pair[::-1])]
+
+
+def _entity_docs(e):
+    docs = ["".join(fact(tpl, e.subject(kind), e.value(rel)))
+            for rel, kind in BENCH_FACTS for t, tpl in enumerate(TEMPLATES[rel]) if t != e.held_out[rel, kind]]
+    docs.append(f"{e.name} is {e.a_desc} .")
+    for s in (e.name, e.desc):
+        docs += [f"{s} is coloured {e.colour} .", f"{s} has the shape of a {e.shape} ."]
+    docs += [p + r for p, r in _entity_qa(e)]
+    return docs + [story.format(n=e.name, d=e.desc, c=e.colour, sh=e.shape, f=e.food, h=e.home) for story in STORIES]
+
+
+def _make_corpus(rng, entities):
+    docs = [d for e in entities for d in _entity_docs(e)]
+    docs += [f"{NUMBERS[a]} plus {NUMBERS[b]} is {NUMBERS[a + b]} ." for a, b in SUMS]
+    docs += [f"the opposite of {x} is {y} ." for pair in OPPOSITES for x, y in (pair, pair[::-1])]
+    docs += [p + r for p, r in _general_qa()]
+    return [docs[i] for i in rng.permutation(len(docs))]
+
+
+def _layout(rng, kind, S):
+    """(answer, objects) of a scene; objects = ((cx, cy, r), ...) in pixels of an S x S image.
+    single: one shape near the centre; position: one shape on a side; count: 1-4 in a 2x2 grid."""
+    j = max(1, S // 16)
+    if kind == "single":
+        cx, cy = (S // 2 + rng.integers(-(S // 8), S // 8 + 1, size=2)).tolist()
+        return None, ((cx, cy, int(rng.integers(S // 5, 3 * S // 10 + 1))),)
+    if kind == "position":
+        side = int(rng.integers(4))
+        cx, cy = ((S // 4, S // 2), (3 * S // 4, S // 2), (S // 2, S // 4), (S // 2, 3 * S // 4))[side]
+        dx, dy = rng.integers(-j, j + 1, size=2).tolist()
+        return SIDES[side], ((cx + dx, cy + dy, int(rng.integers(S // 8, S // 5 + 1))),)
+    k = int(rng.integers(1, 5))
+    cells = sorted(rng.choice(4, size=k, replace=False).tolist())
+    return NUMBERS[k], tuple((S // 4 + (c % 2) * (S // 2) + int(rng.integers(-j, j + 1)),
+                              S // 4 + (c // 2) * (S // 2) + int(rng.integers(-j, j + 1)),
+                              int(rng.integers(S // 8, S // 6 + 1))) for c in cells)
+
+
+def render(colour, shape, objects, size):
+    """Draw copies of one coloured shape on a dark background -> PIL RGB image."""
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw, fill = ImageDraw.Draw(img), COLOURS[colour]
+    for cx, cy, r in objects:
+        box, w = (cx - r, cy - r, cx + r, cy + r), max(1, r // 3)
+        if shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif shape in ("triangle", "diamond"):
+            corners = {"triangle": [(0, -r), (r, r), (-r, r)], "diamond": [(0, -r), (r, 0), (0, r), (-r, 0)]}[shape]
+            draw.polygon([(cx + x, cy + y) for x, y in corners], fill=fill)
+        else:   # rectangles: square, bar, or the two bars of a cross
+            rects = {"square": [box], "bar": [(cx - r, cy - r // 2, cx + r, cy + r // 2)],
+                     "cross": [(cx - r, cy - w, cx + r, cy + w), (cx - w, cy - r, cx + w, cy + r)]}[shape]
+            for rect in rects:
+                draw.rectangle(rect, fill=fill)
+    return img
+
+
+class _Scenes:
+    """Renders entity scenes and remembers every one drawn, so benchmark scenes can be fresh."""
+
+    def __init__(self, rng, size):
+        self.rng, self.size, self.used = rng, size, set()
+
+    def draw(self, e, kind, fresh=False):
+        for _ in range(1000):
+            answer, objects = _layout(self.rng, kind, self.size)
+            key = (e.colour, e.shape, kind, objects)
+            if not (fresh and key in self.used):
+                break
+        else:
+            raise RuntimeError(f"no fresh {kind} scene left for {e.desc} at image_size {self.size}")
+        self.used.add(key)
+        return answer, render(e.colour, e.shape, objects, self.size)
+
+
+def _vision_example(source, e, scenes, fresh=False):
+    answer, image = scenes.draw(e, source if source in ("count", "position") else "single", fresh)
+    answer = {"colour": e.colour, "shape": e.shape, "caption": e.a_desc}.get(source, answer)
+    return {"image": image, "prompt": VISION_PROMPTS[source], "response": f" {answer} .", "source": source}
+
+
+def _knowledge_example(e, relation, template, scenes, fresh=False):
+    prompt, response = fact(TEMPLATES[relation][template], IMAGE_TOKEN, e.value(relation))
+    return {"image": scenes.draw(e, "single", fresh)[1], "prompt": prompt, "response": response,
+            "source": "knowledge_vqa"}
+
+
+def _mc_item(e, relation, kind, entities, rng):
+    context, _ = fact(TEMPLATES[relation][e.held_out[relation, kind]], e.subject(kind), "")
+    pool = {"food": FOODS, "home": HOMES, "name": [x.name for x in entities]}[relation]
+    options = [f" {v}" for v in rng.choice([v for v in pool if v != e.value(relation)], 3, replace=False)]
+    answer = int(rng.integers(4))
+    options.insert(answer, f" {e.value(relation)}")
+    return {"context": context, "options": options, "answer": answer, "split": "seen" if e.seen else "unseen"}
+
+
+def build_world(seed=0, n_entities=40, image_size=32, examples_per_source=600, seen_fraction=0.5):
+    """The whole tiny world from one seed; same arguments -> byte-identical data."""
+    if image_size < 16:
+        raise ValueError(f"image_size must be >= 16 to draw the shapes, got {image_size}")
+    rng = lambda part: np.random.default_rng([seed, part])
+    entities = _make_entities(rng(0), n_entities, seen_fraction)
+    corpus, scenes, pick = _make_corpus(rng(1), entities), _Scenes(rng(2), image_size), rng(3)
+    seen = [e for e in entities if e.seen]
+    sources = {s: [_vision_example(s, entities[i], scenes) for i in pick.integers(n_entities, size=examples_per_source)]
+               for s in VISION_PROMPTS}
+    sources["knowledge_vqa"] = [
+        _knowledge_example(seen[i], *KNOWLEDGE_PROMPTS[k], scenes)
+        for i, k in zip(pick.integers(len(seen), size=examples_per_source),
+                        pick.integers(len(KNOWLEDGE_PROMPTS), size=examples_per_source))]
+    sources["text_qa"] = [{"image": None, "prompt": p, "response": r, "source": "text_qa"}
+                          for p, r in [qa for e in seen for qa in _entity_qa(e)] + _general_qa()]
+    # benchmarks last: their scenes must be fresh against every training scene
+    return World(
+        seed, image_size, entities, corpus, sources,
+        language_bench=[_mc_item(e, rel, kind, entities, pick) for e in entities for rel, kind in BENCH_FACTS],
+        vision_bench=[_vision_example(s, e, scenes, fresh=True) for s in VISION_PROMPTS for e in entities],
+        knowledge_bench=[{**_knowledge_example(e, rel, 0, scenes, fresh=True), "split": "seen" if e.seen else "unseen"}
+                         for e in entities for rel in ("food", "home")])
+
+
+# ----------------------------------------------------------------------------------------
+# Tokenizer
+
+def train_tokenizer(corpus, vocab_size=512, path=None):
+    """Byte-level BPE (GPT-2 style: a space belongs to the word after it) with <pad>, <eos>,
+    <image> as ids 0, 1, 2. Saved to `path` (tokenizer.json) if given."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (bytes + special tokens), got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if path:
+        tok.save(path)
+    return tok
+
+
+def load_tokenizer(path):
+    """A tokenizer.json (ours or any Hugging Face one). Special tokens it lacks are added at
+    the end of its vocabulary (the model's embedding must then cover them)."""
+    tok = Tokenizer.from_file(path)
+    missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
+    if missing:
+        tok.add_special_tokens(missing)
+    return tok
+
+
+def special_id(tokenizer, token):
+    i = tokenizer.token_to_id(token)
+    if i is None:
+        raise ValueError(f"tokenizer has no {token} token; expected all of {SPECIAL_TOKENS} (use load_tokenizer)")
+    return i
+
+
+# ----------------------------------------------------------------------------------------
+# Encoding and batching
+
+def encode_example(example, tokenizer, n_image_tokens):
+    """-> (context_ids, response_ids). Context: the prompt, with n_image_tokens <image> ids
+    where "<image>" stands in it (at the start if it names none); response: answer + <eos>.
+    Prompt and response are encoded separately; with byte-level BPE a leading space belongs
+    to the next word, so "<image> eats" + " apples ." tokenizes like "... eats apples ."."""
+    prompt, has_image = example["prompt"], example["image"] is not None
+    n_tags = prompt.count(IMAGE_TOKEN)
+    if n_tags > 1 or (n_tags and not has_image):
+        raise ValueError(f"prompt {prompt!r} has {n_tags} {IMAGE_TOKEN} tags for {int(has_image)} image(s)")
+    if has_image and not n_tags:
+        prompt = IMAGE_TOKEN + prompt
+    before, _, after = prompt.partition(IMAGE_TOKEN)
+    image_ids = [special_id(tokenizer, IMAGE_TOKEN)] * n_image_tokens if has_image else []
+    context = tokenizer.encode(before).ids + image_ids + tokenizer.encode(after).ids
+    if not context:
+        raise ValueError(f"example from source {example['source']!r} has an empty context; "
+                         "the first response token needs a context position to be predicted from")
+    return context, tokenizer.encode(example["response"]).ids + [special_id(tokenizer, EOS_TOKEN)]
+
+
+def image_to_tensor(image, image_size):
+    """PIL image -> (3, image_size, image_size) float in [-1, 1]; resized if needed."""
+    image = image.convert("RGB")
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float()
+    return (x / 255 - 0.5) / 0.5
+
+
+def collate(examples, tokenizer, n_image_tokens, image_size, max_len=None):
+    """Batch in the layout of kvshare.py: contexts LEFT-padded to P, responses RIGHT-padded to R.
+    max_len cuts each response (not the context) so that context + response <= max_len."""
+    pad = special_id(tokenizer, PAD_TOKEN)
+    pairs = [encode_example(ex, tokenizer, n_image_tokens) for ex in examples]
+    if max_len is not None:
+        if any(len(c) >= max_len for c, _ in pairs):
+            raise ValueError(f"a context is {max(len(c) for c, _ in pairs)} tokens; max_len {max_len} leaves "
+                             "no room for its response")
+        pairs = [(c, r[:max_len - len(c)]) for c, r in pairs]
+    P, R = max(len(c) for c, _ in pairs), max(len(r) for _, r in pairs)
+    ids = torch.full((len(pairs), P + R), pad, dtype=torch.long)
+    mask = torch.zeros((len(pairs), P + R), dtype=torch.long)
+    for i, (c, r) in enumerate(pairs):
+        ids[i, P - len(c):P + len(r)] = torch.tensor(c + r)
+        mask[i, P - len(c):P + len(r)] = 1
+    images = [image_to_tensor(ex["image"], image_size) for ex in examples if ex["image"] is not None]
+    return {"input_ids": ids, "attention_mask": mask, "context_len": P,
+            "images": torch.stack(images) if images else None,
+            "has_image": torch.tensor([ex["image"] is not None for ex in examples]),
+            "labels": ids[:, P:], "response_mask": mask[:, P:].bool(), "source": [ex["source"] for ex in examples]}
+
+
+def encode_corpus(corpus, tokenizer):
+    """Stage-1 token stream: every document followed by <eos>, as a 1-D LongTensor."""
+    eos = special_id(tokenizer, EOS_TOKEN)
+    return torch.tensor([i for enc in tokenizer.encode_batch(corpus) for i in enc.ids + [eos]], dtype=torch.long)
+
+
+def text_batches(stream, batch_size, seq_len, seed=0):
+    """Endless (x, y) LM batches, each (batch_size, seq_len): random windows of the stream, y = x shifted by one."""
+    if len(stream) <= seq_len:
+        raise ValueError(f"token stream of {len(stream)} tokens is too short for seq_len {seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        starts = torch.randint(0, len(stream) - seq_len, (batch_size,), generator=g).tolist()
+        block = torch.stack([stream[s:s + seq_len + 1] for s in starts])
+        yield block[:, :-1], block[:, 1:]
+
+
+def mixture_batches(sources, weights, batch_size, seed=0):
+    """Endless lists of examples: each draws a source with probability proportional to
+    weights[source] (sources not in weights, or weight 0, are never drawn), then an example uniformly."""
+    names = sorted(s for s, w in weights.items() if w > 0)
+    if not names or any(not sources.get(s) for s in names):
+        raise ValueError(f"weights {weights} must name at least one non-empty source of {sorted(sources)}")
+    p = np.array([weights[s] for s in names], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    while True:
+        picks = rng.choice(len(names), size=batch_size, p=p / p.sum())
+        yield [sources[names[i]][int(rng.integers(len(sources[names[i]])))] for i in picks]
+
+
+# ----------------------------------------------------------------------------------------
+# Real data
+
+def _parse_line(line, image_root):
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"bad JSON ({err.msg}); expected one JSON object per line") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, found {type(obj).__name__}")
+    if "conversations" in obj:
+        turns = obj["conversations"]
+        roles = [t.get("from") if isinstance(t, dict) else None for t in turns] if isinstance(turns, list) else []
+        if len(roles) < 2 or len(roles) % 2 or roles != ["human", "gpt"] * (len(roles) // 2) \
+                or not all(isinstance(t.get("value"), str) for t in turns):
+            raise ValueError("expected 'conversations' as alternating human/gpt turns with string 'value's")
+        prompt, response = "\n".join(t["value"] for t in turns[:-1]), turns[-1]["value"]   # history -> prompt
+    elif isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
+        prompt, response = obj["prompt"], obj["response"]
+    else:
+        raise ValueError(f"missing field: expected 'conversations' or string 'prompt' and 'response', "
+                         f"found keys {sorted(obj)}")
+    image = None
+    if obj.get("image") is not None:
+        if not isinstance(obj["image"], str) or not obj["image"]:
+            raise ValueError(f"expected 'image' to be a file path, found {obj['image']!r}")
+        path = os.path.join(image_root, obj["image"])        # an absolute path ignores image_root
+        if not os.path.isfile(path):
+            raise ValueError(f"image file not found: {path}")
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except OSError as err:
+            raise ValueError(f"cannot read image {path} ({err}); expected a valid image file") from None
+    elif IMAGE_TOKEN in prompt:
+        raise ValueError(f"the prompt has {IMAGE_TOKEN} but the line names no 'image'")
+    return {"image": image, "prompt": prompt, "response": response, "source": obj.get("source", "unknown")}
+
+
+def load_jsonl(path, image_root=None, skip_bad=False):
+    """LLaVA-style JSONL -> examples. Per line: {"image"?: path, "conversations": [{"from":
+    "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...}, ...]} (earlier turns
+    join the prompt, the last gpt turn is the response) or {"prompt", "response"}; optional
+    "source" (default "unknown"). Image paths are relative to image_root (default: the
+    file's folder); images are loaded eagerly. A bad line is a ValueError naming the file
+    and line; with skip_bad=True bad lines are skipped and summarised on stderr."""
+    root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
+    examples, bad = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                examples.append(_parse_line(line, root))
+            except ValueError as err:
+                if not skip_bad:
+                    raise ValueError(f"{path} line {n}: {err}") from None
+                bad.append(f"line {n}: {err}")
+    if bad:
+        print(f"load_jsonl: skipped {len(bad)} bad line(s) of {path}, kept {len(examples)} (first: {bad[0]})",
+              file=sys.stderr)
+    return examples
+
+
+def load_text(path):
+    """Plain text -> documents: one per blank-line-separated paragraph (inner newlines kept)."""
+    with open(path, encoding="utf-8") as f:
+        docs = [p.strip() for p in re.split(r"\n\s*\n", f.read()) if p.strip()]
+    if not docs:
+        raise ValueError(f"{path}: no text found; expected paragraphs separated by blank lines")
+    return docs
