@@ -20,7 +20,7 @@ import torch
 
 import distill
 import kvshare
-from model import LMConfig, VisionConfig, Decoder, VLM
+from model import LMConfig, Decoder, LM_PRESETS, make_config
 
 
 def timeit(fn, device, repeat=5, warmup=2):
@@ -173,3 +173,65 @@ def bench_step(device, lm, B=4, P=192, R=64, with_hf=True):
                     f"{t_hf * 1e3:.0f} ms", f"peak {m_hf / 2**20:.0f} MiB",
                     f"ours/HF time {t_ours / t_hf:.2f}, memory {m_ours / max(m_hf, 1):.2f}; "
                     f"loss {l_ours:.5f} vs {l_hf:.5f}")]
+
+
+def bench_train(device, steps=20, peak_tflops=None):
+    """Tokens/s of each `python train.py` stage (tiny preset, `steps` steps each); MFU on CUDA
+    from the 6N rule (6 x trainable-path params per token, + 2N for the teacher's forward)."""
+    import json
+    import tempfile
+    import train
+    with tempfile.TemporaryDirectory() as d:
+        argv = [f"--out_dir={d}", f"--device={device.type}", "--eval=false", "--ckpt_every=1000000"] + \
+               [f"--{s}_steps={steps}" for s in ("pretrain", "align", "adapt", "distill")]
+        models, _, _ = train.run(train.get_config(argv))
+        log = [json.loads(line) for line in open(f"{d}/log.jsonl")]
+    n = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    n_teacher, n_student = n["teacher"], n["distilled-selective-full"]
+    flops_per_token = {"pretrain": 6 * n_teacher, "align": 6 * n_student, "adapt": 6 * n_student,
+                       "distill-selective-full": 6 * n_student + 2 * n_teacher}
+    rows = []
+    for stage, fpt in flops_per_token.items():
+        recs = [r for r in log if r["stage"] == stage][3:]              # skip warm-up steps
+        tok_s = sum(r["tokens"] for r in recs[1:]) / (recs[-1]["time"] - recs[0]["time"])
+        mfu = f"MFU {100 * fpt * tok_s / (peak_tflops * 1e12):.3f}%" if peak_tflops else ""
+        rows.append(("train", f"stage {stage} (tiny preset, {len(recs)} timed steps)", f"{tok_s:,.0f} tokens/s",
+                     f"{fpt / 1e6:.1f} MFLOP/token", mfu))
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["handoff", "kd_memory", "step", "hf_step", "train"])
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--peak_tflops", type=float, default=None,
+                    help="accelerator peak for MFU (default on CUDA: 989, H100 SXM dense bf16)")
+    args = ap.parse_args()
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    cuda = device.type == "cuda"
+    peak = args.peak_tflops or (989.0 if cuda else None)
+    torch.manual_seed(0)
+    smol = make_config(LMConfig, LM_PRESETS, "smollm2-135m")
+    tiny = make_config(LMConfig, LM_PRESETS, "tiny", vocab_size=512)
+    rows = []
+    run = lambda name: args.only in (None, name)
+    if run("handoff"):
+        rows += bench_handoff(device, smol, **(dict(B=8, P=448, R=64) if cuda else dict(B=2, P=448, R=64)))
+        rows += bench_handoff(device, tiny, B=32, P=24, R=8)
+    if run("kd_memory"):
+        rows += bench_kd_memory(device, N=8192 if cuda else 1024)
+    if run("step") or run("hf_step"):
+        rows += bench_step(device, smol, **(dict(B=8, P=448, R=64) if cuda else dict(B=1, P=192, R=32)),
+                           with_hf=args.only != "step")
+    if run("train"):
+        rows += bench_train(device, steps=40 if cuda else 20, peak_tflops=peak)
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\nbench.py on {name}, torch {torch.__version__}\n")
+    print("| bench | setting | ours | reference | ratio / note |\n|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -15,7 +15,6 @@ Three things differ between GGUF and HF and are undone here:
   * q/k rows: llama.cpp's converter permutes the rows of q_proj and k_proj so that its RoPE
     rotates adjacent pairs (x0, x1) instead of HF's halves (x_i, x_{i+d/2}); see unpermute().
 """
-import json
 import logging
 import os
 import sys

@@ -332,7 +332,7 @@ def train_loop(name, model, groups, make_batch, loss_fn, count_fn, steps, cfg, r
     fwd = torch.compile(model) if cfg.compile else model
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     bar = tqdm(range(start, steps), desc=name, initial=start, total=steps, disable=not rt.is_main, leave=False)
-    history = []
+    history, t_start = [], time.time()
     for step in bar:
         batches = [rt.to(make_batch(step, micro)) for micro in range(cfg.grad_accum)]
         norms = rt.all_reduce_counts([count_fn(b) for b in batches])
@@ -343,6 +343,8 @@ def train_loop(name, model, groups, make_batch, loss_fn, count_fn, steps, cfg, r
                 (out["loss"] * rt.world_size).backward()     # DDP averages grads over ranks
             for k, v in out.items():
                 logs[k] = logs.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+        logs["tokens"] = float(sum(b["attention_mask"].sum() if "attention_mask" in b else b["tokens"][:, 1:].numel()
+                                   for b in batches))
         logs = rt.all_reduce_logs(logs)                       # each rank's loss is its share of the global mean
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         if not (math.isfinite(logs["loss"]) and torch.isfinite(grad_norm)):
@@ -355,14 +357,15 @@ def train_loop(name, model, groups, make_batch, loss_fn, count_fn, steps, cfg, r
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        record = {"stage": name, "step": step + 1, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
-                  "bad_steps": bad, **{k: round(v, 6) for k, v in logs.items()}}
+        record = {"stage": name, "step": step + 1, "time": round(time.time() - t_start, 4),
+                  "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
+                  "bad_steps": bad, **logs}
         history.append(record)
         if rt.is_main:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if (step + 1) % cfg.log_every == 0:
-                bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()})
+                bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k != "tokens"})
             if (step + 1) % cfg.ckpt_every == 0 or step + 1 == steps:
                 ckpts.save(step + 1, {"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
                                       "scheduler": sched.state_dict(), "step": step + 1, "bad_steps": bad,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file, load_file
 
-from model import LMConfig, VisionConfig, Decoder, VisionEncoder, VLM
+from model import LMConfig, VisionConfig, Decoder, VisionEncoder
 from weights import (load_hf_lm, save_hf_lm, load_hf_siglip, save_hf_siglip, build_student_vlm, save_vlm,
                      load_vlm, lm_config_to_hf)
 
