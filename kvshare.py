@@ -83,7 +83,11 @@ def teacher_continue(teacher, student_kv, batch, image_token_id, scope="full"):
     ids, mask, P = batch["input_ids"], batch["attention_mask"], batch["context_len"]
     T = ids.shape[1]                       # P + R; the teacher never needs the last column as input
     is_image = ids == image_token_id
-    text_ids = ids.masked_fill(is_image, 0)        # placeholders may lie outside the teacher's vocab
+    # Ids the teacher must not embed: image placeholders, pads, and each row's last real token
+    # (an EOS the teacher may not have; no prediction is made from it). Every other token must
+    # lie in the teacher's vocabulary.
+    last_real = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()
+    text_ids = ids.masked_fill(is_image | ~mask.bool() | last_real, 0)
     if int(text_ids.max()) >= teacher.cfg.vocab_size:
         raise ValueError(f"token id {int(text_ids.max())} is outside the teacher's vocabulary "
                          f"({teacher.cfg.vocab_size}); text tokens must lie in the shared prefix")

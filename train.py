@@ -82,6 +82,13 @@ class TrainConfig:
     jsd_beta: float = 0.5
     kd_chunk: int = 0             # tokens per KD chunk (0 = no chunking)
     variant: str = ""             # name of the distilled model folder (default: policy-scope)
+    # real checkpoints (README "Run on real weights"); empty = the tiny world trained from scratch
+    teacher_path: str = ""        # HF Llama/SmolLM2 folder: the frozen teacher (stage 1 is skipped)
+    student_path: str = ""        # nanoVLM or our VLM folder to start from (else teacher copy + vision tower)
+    vision_path: str = ""         # HF SigLIP folder for a fresh student's vision tower (else random init)
+    data_path: str = ""           # LLaVA-style JSONL for stages 2-3 (else the tiny world's sources)
+    image_root: str = ""          # folder image paths in data_path are relative to (default: its folder)
+    kd_sources: str = ""          # comma list of data_path sources that are language-intensive (get KD)
     # optimisation
     batch_size: int = 32
     grad_accum: int = 1
@@ -101,6 +108,11 @@ PRESETS = {
                   vision_dim=32, vision_layers=1, vision_heads=2, pretrain_steps=6, align_steps=3, adapt_steps=3,
                   distill_steps=3, batch_size=4, seq_len=32, log_every=1, ckpt_every=2),
 }
+# The paper's student (nanoVLM-460M): SigLIP2-B/16-512 + pixel shuffle 4 + SmolLM2-360M (from --teacher_path).
+PRESETS["paper"] = dict(image_size=512, patch_size=16, vision_dim=768, vision_layers=12, vision_heads=12,
+                        shuffle_factor=4, batch_size=8, grad_accum=4, align_steps=1000, align_lr=1e-3,
+                        adapt_steps=4000, adapt_lr=1e-4, adapt_vision_lr=1e-4, distill_steps=1000,
+                        distill_lr=5e-5, ckpt_every=500)
 STAGES = ("pretrain", "adapt", "distill", "all")
 
 
@@ -161,6 +173,14 @@ def check_config(cfg):
             raise ValueError(f"--{key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.temperature <= 0:
         raise ValueError(f"--temperature must be > 0, got {cfg.temperature}")
+    if cfg.preset == "paper" and not cfg.teacher_path:
+        raise ValueError("--preset=paper needs --teacher_path=FOLDER (a SmolLM2-360M-Instruct HF folder)")
+    if cfg.teacher_path and cfg.stage == "pretrain":
+        raise ValueError("--stage=pretrain trains a teacher; with --teacher_path the teacher is given")
+    for key in ("teacher_path", "student_path", "vision_path", "data_path", "image_root"):
+        path = getattr(cfg, key)
+        if path and not os.path.exists(path):
+            raise ValueError(f"--{key}={path}: no such file or folder")
 
 
 # ----------------------------------------------------------------------------------------
@@ -459,9 +479,7 @@ def stage_pretrain(cfg, rt, world, tok):
 def stage_adapt(cfg, rt, world, tok, teacher):
     """Stage 2: teacher copy + vision tower + projector. Align (decoder frozen), then full
     fine-tune with CE on vision-heavy data: the language ability erodes."""
-    vlm = VLM(teacher.cfg, vision_config(cfg), tok.token_to_id(data.IMAGE_TOKEN), cfg.shuffle_factor)
-    vlm.decoder.load_state_dict(teacher.state_dict())
-    vlm.to(rt.device)
+    vlm = initial_student(cfg, teacher, tok).to(rt.device)
     vision_params = list(vlm.vision.parameters()) + list(vlm.projector.parameters())
     vlm.decoder.requires_grad_(False)
     count = response_counts
@@ -487,7 +505,7 @@ def stage_distill(cfg, rt, world, tok, teacher, student):
     kvshare.check_compatible(teacher.cfg, student.decoder.cfg)
     teacher = kvshare.freeze(teacher.to(rt.device))
     student.to(rt.device).requires_grad_(True)
-    table = distill.table_from_kinds(data.SOURCE_KINDS)
+    table = distill.table_from_kinds(world.source_kinds)
     weights = lambda sources: distill.source_weights(cfg.policy, sources, table)
     def loss_fn(m, b, norms):
         s_logits, t_logits = kvshare.distill_forward(m, teacher, b, student.image_token_id, cfg.scope,
@@ -517,16 +535,78 @@ def mixtures(world):
     """Source weights per stage. align: every image source (decoder frozen, so image tokens
     land where the teacher reads names and descriptions); adapt: vision-heavy only (language
     erodes); distill: every source (vision CE keeps vision, language sources carry the KD)."""
-    image_sources = [s for s, ex in world.sources.items() if ex[0]["image"] is not None]
-    vision = [s for s in world.sources if data.SOURCE_KINDS[s] == "vision"]
+    image_sources = [s for s, ex in world.sources.items() if any(e["image"] is not None for e in ex)]
+    vision = [s for s in world.sources if world.source_kinds[s] == "vision"] or image_sources
     return ({s: 1.0 for s in image_sources}, {s: 1.0 for s in vision}, {s: 1.0 for s in world.sources})
 
 
+class JsonlWorld:
+    """Real data in place of the tiny world: sources grouped by each line's "source";
+    the ones named in --kd_sources are language-intensive. No built-in benchmarks."""
+    def __init__(self, cfg):
+        examples = data.load_jsonl(cfg.data_path, image_root=cfg.image_root or None)
+        if not examples:
+            raise ValueError(f"--data_path={cfg.data_path}: no examples")
+        self.sources = {}
+        for ex in examples:
+            self.sources.setdefault(ex["source"], []).append(ex)
+        kd = {s for s in cfg.kd_sources.split(",") if s}
+        unknown = sorted(kd - set(self.sources))
+        if unknown:
+            raise ValueError(f"--kd_sources {unknown} not found in {cfg.data_path} (sources: {sorted(self.sources)})")
+        self.source_kinds = {s: "language" if s in kd else "vision" for s in self.sources}
+        self.corpus, self.language_bench, self.vision_bench, self.knowledge_bench = [], [], [], []
+
+
 def build_world_and_tokenizer(cfg):
-    world = data.build_world(cfg.seed, n_entities=cfg.n_entities, image_size=cfg.image_size)
+    world = JsonlWorld(cfg) if cfg.data_path else data.build_world(cfg.seed, n_entities=cfg.n_entities,
+                                                                   image_size=cfg.image_size)
+    if not cfg.data_path:
+        world.source_kinds = data.SOURCE_KINDS
     world.align_mix, world.adapt_mix, world.distill_mix = mixtures(world)
-    tok = data.train_tokenizer(world.corpus, cfg.vocab_size)
+    if cfg.teacher_path:
+        tok = data.load_tokenizer(os.path.join(cfg.teacher_path, "tokenizer.json"))
+    else:
+        tok = data.train_tokenizer(world.corpus, cfg.vocab_size)
     return world, tok
+
+
+def expand_vocab(decoder, vocab_size):
+    """A copy of `decoder` whose vocabulary has rows added (for <image> and other new ids);
+    new rows start at the mean embedding. Existing ids keep their exact weights."""
+    if vocab_size <= decoder.cfg.vocab_size:
+        return decoder
+    bigger = Decoder(replace(decoder.cfg, vocab_size=vocab_size))
+    sd = decoder.state_dict()
+    with torch.no_grad():
+        for key in ("embed.weight", "lm_head.weight"):
+            old = sd[key]
+            sd[key] = torch.cat([old, old.mean(0, keepdim=True).expand(vocab_size - old.shape[0], -1)])
+    bigger.load_state_dict(sd)
+    return bigger
+
+
+def initial_student(cfg, teacher, tok):
+    """The VLM that stage 2 starts from: --student_path (nanoVLM or ours), or the teacher's
+    decoder (vocabulary grown for <image>) + a vision tower (--vision_path or fresh) + a
+    fresh projector."""
+    from weights import read_json, load_nanovlm, load_hf_siglip
+    image_id = tok.token_to_id(data.IMAGE_TOKEN)
+    if cfg.student_path:
+        c = read_json(os.path.join(cfg.student_path, "config.json"))
+        vlm = load_vlm(cfg.student_path) if c.get("model_type") == "lingudistill_vlm" else \
+            load_nanovlm(cfg.student_path, image_token_id=image_id)
+        if vlm.image_token_id != image_id:
+            raise ValueError(f"{cfg.student_path}: image token id {vlm.image_token_id} but the tokenizer's "
+                             f"{data.IMAGE_TOKEN} is {image_id}")
+        return vlm
+    decoder = expand_vocab(teacher, tok.get_vocab_size())
+    vision = load_hf_siglip(cfg.vision_path) if cfg.vision_path else None
+    vlm = VLM(decoder.cfg, vision.cfg if vision else vision_config(cfg), image_id, cfg.shuffle_factor)
+    vlm.decoder.load_state_dict(decoder.state_dict())
+    if vision:
+        vlm.vision.load_state_dict(vision.state_dict())
+    return vlm
 
 
 def run(cfg):
@@ -538,14 +618,19 @@ def run(cfg):
     t0 = time.time()
     models = {}
     teacher_dir, adapted_dir = os.path.join(cfg.out_dir, "teacher"), os.path.join(cfg.out_dir, "adapted")
-    if cfg.stage in ("pretrain", "all"):
+    if cfg.teacher_path:
+        models["teacher"] = load_hf_lm(cfg.teacher_path).to(rt.device)
+    elif cfg.stage in ("pretrain", "all"):
         models["teacher"] = stage_pretrain(cfg, rt, world, tok)
     else:
         models["teacher"] = load_hf_lm(teacher_dir).to(rt.device)
     if cfg.stage in ("adapt", "all"):
         models["adapted"] = stage_adapt(cfg, rt, world, tok, models["teacher"])
     elif cfg.stage == "distill":
-        models["adapted"] = load_vlm(adapted_dir).to(rt.device)
+        # distill from the adapted model of an earlier run, else (real checkpoints) the initial student
+        start = load_vlm(adapted_dir) if os.path.isdir(adapted_dir) or not cfg.teacher_path else \
+            initial_student(cfg, models["teacher"], tok)
+        models["adapted"] = start.to(rt.device)
     if cfg.stage in ("distill", "all"):
         student = copy.deepcopy(models["adapted"]) if cfg.stage == "all" else models.pop("adapted")
         models[f"distilled-{variant_name(cfg)}"] = stage_distill(cfg, rt, world, tok, models["teacher"], student)
@@ -560,7 +645,7 @@ def main(argv):
     except ValueError as e:
         sys.exit(f"train.py: {e}")
     models, world, tok = run(cfg)
-    if cfg.eval and int(os.environ.get("RANK", "0")) == 0:
+    if cfg.eval and int(os.environ.get("RANK", "0")) == 0 and world.language_bench:
         import eval as evaluation
         rows = evaluation.evaluate_models(models, world, tok, cfg.image_size)
         print(evaluation.format_table(rows))

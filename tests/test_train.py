@@ -208,3 +208,55 @@ def test_checkpoints_are_saved_from_the_unwrapped_module():
     compiled = torch.compile(m)                     # lazy: nothing is compiled until it is called
     assert train.unwrap(compiled) is m
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in train.unwrap(compiled).state_dict())
+
+
+# --------------------------------------------------------------------------- real-checkpoint path
+
+def test_teacher_folder_and_jsonl_data_run_adapt_and_distill(tmp_path):
+    """--teacher_path (an HF folder whose tokenizer has no <image>) + --data_path (LLaVA JSONL):
+    the same stage code runs; the student's vocabulary grows for the new ids, old ids keep
+    the teacher's embedding rows, and KD applies to --kd_sources only."""
+    import data
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from model import Decoder, LMConfig
+    from weights import save_hf_lm, load_hf_lm
+    world = data.build_world(0, n_entities=8, image_size=32, examples_per_source=20)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(world.corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    teacher_dir = tmp_path / "teacher"
+    teacher = Decoder(LMConfig(vocab_size=tok.get_vocab_size(), dim=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                               ffn_dim=64))
+    save_hf_lm(teacher, teacher_dir)
+    tok.save(str(teacher_dir / "tokenizer.json"))
+    lines = []
+    for source in ("colour", "knowledge_vqa", "text_qa"):
+        for i, ex in enumerate(world.sources[source][:6]):
+            line = {"prompt": ex["prompt"].replace("<image>", "<image>\n"), "response": ex["response"], "source": source}
+            if ex["image"] is not None:
+                ex["image"].save(tmp_path / f"{source}{i}.png")
+                line["image"] = f"{source}{i}.png"
+            lines.append(json.dumps(line))
+    (tmp_path / "train.jsonl").write_text("\n".join(lines))
+    out = tmp_path / "out"
+    models, _, tok2 = train.run(get_config([
+        "--preset=smoke", f"--teacher_path={teacher_dir}", f"--data_path={tmp_path / 'train.jsonl'}",
+        "--kd_sources=knowledge_vqa,text_qa", f"--out_dir={out}", "--eval=false"]))
+    student = models["distilled-selective-full"]
+    assert student.decoder.cfg.vocab_size == tok2.get_vocab_size() > teacher.cfg.vocab_size
+    assert tok2.token_to_id("<image>") >= teacher.cfg.vocab_size
+    reloaded = load_hf_lm(teacher_dir)
+    assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in models["teacher"].state_dict().items())
+    log = read_log(str(out), "distill-selective-full")
+    assert len(log) == 3 and all(math.isfinite(r["loss"]) for r in log)
+    assert {r["stage"] for r in map(json.loads, open(out / "log.jsonl"))} == {"align", "adapt", "distill-selective-full"}
+
+
+def test_real_checkpoint_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="--preset=paper needs --teacher_path"):
+        get_config(["--preset=paper"])
+    with pytest.raises(ValueError, match="--teacher_path=nowhere: no such file or folder"):
+        get_config(["--teacher_path=nowhere"])
+    with pytest.raises(ValueError, match="with --teacher_path the teacher is given"):
+        get_config([f"--teacher_path={tmp_path}", "--stage=pretrain"])
