@@ -380,6 +380,8 @@ def train_loop(name, model, groups, make_batch, loss_fn, count_fn, steps, cfg, r
         record = {"stage": name, "step": step + 1, "time": round(time.time() - t_start, 4),
                   "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
                   "bad_steps": bad, **logs}
+        if rt.cuda:
+            record["max_mem_gib"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
         history.append(record)
         if rt.is_main:
             with open(log_path, "a") as f:
