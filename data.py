@@ -301,18 +301,48 @@ def train_tokenizer(corpus, vocab_size=512, path=None):
     return tok
 
 
-def load_tokenizer(path):
-    """A tokenizer.json (ours or any Hugging Face one). Special tokens it lacks are added at
-    the end of its vocabulary (the model's embedding must then cover them)."""
+def load_tokenizer(path, roles=None):
+    """A tokenizer.json (ours or any Hugging Face one), ready for encode_example/collate.
+
+    The <pad> and <eos> roles are played by the tokenizer's OWN tokens where it has them, so
+    a real model's vocabulary (and embedding) is not extended for them:
+      1. `roles`, e.g. {EOS_TOKEN: "<|endoftext|>"} (plain-text documents for SmolLM2);
+      2. else eos_token / pad_token of the tokenizer_config.json next to tokenizer.json
+         (SmolLM2-Instruct: both "<|im_end|>", id 2: chat responses end with it); no
+         pad_token -> pad = the eos token (pad ids are never attended to nor scored);
+      3. else literal "<pad>"/"<eos>" tokens (ours: ids 0, 1).
+    Whatever is still missing, and "<image>" (always a literal token), is added as a new id
+    at the END of the vocabulary (SmolLM2: <image> = 49152); no existing id changes. The model's
+    embedding must cover added ids. The mapping is kept on the object (`tok.role_tokens`) and
+    read by special_id."""
     tok = Tokenizer.from_file(path)
-    missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
+    chosen = {}
+    cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json")
+    if os.path.isfile(cfg_path):
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        name = lambda v: v.get("content") if isinstance(v, dict) else v     # str or serialised AddedToken
+        eos, pad = name(cfg.get("eos_token")), name(cfg.get("pad_token"))
+        chosen = {EOS_TOKEN: eos, PAD_TOKEN: pad if pad is not None else eos}
+    chosen.update(roles or {})
+    role_tokens = {}
+    for role, token in chosen.items():
+        if role not in (PAD_TOKEN, EOS_TOKEN):
+            raise ValueError(f"roles: unknown role {role!r}; expected {PAD_TOKEN!r} or {EOS_TOKEN!r}")
+        if token is not None and tok.token_to_id(token) is not None:
+            role_tokens[role] = token
+        elif role in (roles or {}):
+            raise ValueError(f"roles: {path} has no token {token!r} for {role}")
+    missing = [t for t in SPECIAL_TOKENS if t not in role_tokens and tok.token_to_id(t) is None]
     if missing:
         tok.add_special_tokens(missing)
+    tok.role_tokens = role_tokens
     return tok
 
 
 def special_id(tokenizer, token):
-    i = tokenizer.token_to_id(token)
+    """Id of a special token; <pad>/<eos> follow the tokenizer's role mapping (load_tokenizer)."""
+    i = tokenizer.token_to_id(getattr(tokenizer, "role_tokens", {}).get(token, token))
     if i is None:
         raise ValueError(f"tokenizer has no {token} token; expected all of {SPECIAL_TOKENS} (use load_tokenizer)")
     return i
@@ -474,3 +504,63 @@ def load_text(path):
     if not docs:
         raise ValueError(f"{path}: no text found; expected paragraphs separated by blank lines")
     return docs
+
+
+# ----------------------------------------------------------------------------------------
+# Real tokenizers: saving the role mapping, chat prompts
+
+def save_tokenizer(tokenizer, folder):
+    """tokenizer.json + (if load_tokenizer mapped roles to the tokenizer's own tokens) a
+    tokenizer_config.json naming them, so load_tokenizer(folder/tokenizer.json) maps them again
+    instead of appending new <pad>/<eos> ids. Keys of an existing tokenizer_config.json (a chat
+    template, ...) are kept."""
+    os.makedirs(folder, exist_ok=True)
+    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    roles = getattr(tokenizer, "role_tokens", {})
+    if roles:
+        path = os.path.join(folder, "tokenizer_config.json")
+        cfg = {}
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                cfg = json.load(f)
+        cfg.update({key: roles[role] for role, key in ((EOS_TOKEN, "eos_token"), (PAD_TOKEN, "pad_token"))
+                    if role in roles})
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2, ensure_ascii=False)
+
+
+def load_chat_template(folder):
+    """The Hugging Face chat_template (a Jinja string) of a model folder's tokenizer_config.json, or None."""
+    path = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        template = json.load(f).get("chat_template")
+    if isinstance(template, list):          # [{"name": "default", "template": ...}, ...]
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
+
+
+def chat_prompt(user_text, template=None, system=None):
+    """One user turn formatted for an instruct model, ending where the assistant's answer
+    starts, so prompts for a real teacher are in its own format (the response then ends with
+    its <|im_end|>, the eos role load_tokenizer gives SmolLM2-Instruct).
+
+    template=None: ChatML as SmolLM2-Instruct / Qwen2 use it, written out:
+        [<|im_start|>system\\n{system}<|im_end|>\\n] <|im_start|>user\\n{user_text}<|im_end|>\\n<|im_start|>assistant\\n
+    template=a Jinja chat_template string (load_chat_template): rendered with jinja2 in the sandbox
+    transformers' apply_chat_template(add_generation_prompt=True) uses; SmolLM2's inserts its
+    default system prompt when system is None. "<image>" in user_text stays a tag that
+    encode_example replaces by the image tokens."""
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+               [{"role": "user", "content": user_text}]
+    if template is None:
+        return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + \
+            "<|im_start|>assistant\n"
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise ImportError("chat_prompt(template=...) needs jinja2 (pip install jinja2); "
+                          "template=None writes ChatML without it") from None
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True)

@@ -11,7 +11,7 @@ The models of LinguDistill, from scratch and in reading order:
 Weight loading/saving for Hugging Face and nanoVLM layouts lives in weights.py.
 """
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -397,3 +397,27 @@ class VLM(nn.Module):
         return self.decoder.generate(inputs_embeds=self.embed(input_ids, images),
                                      attention_mask=attention_mask, **kw)
 
+
+
+def grow_vocab(decoder, vocab_size):
+    """A copy of `decoder` whose vocabulary grows to vocab_size (e.g. for a new <image> id at
+    the end): existing rows are kept exactly; new embedding/head rows start at the mean row."""
+    old = decoder.cfg.vocab_size
+    if vocab_size < old:
+        raise ValueError(f"grow_vocab: vocab_size {vocab_size} < the decoder's {old}")
+    grown = Decoder(replace(decoder.cfg, vocab_size=vocab_size)).to(next(decoder.parameters()).device)
+    sd = dict(decoder.state_dict())
+    for key in ("embed.weight", "lm_head.weight"):
+        w = sd[key]
+        sd[key] = torch.cat([w, w.mean(0, keepdim=True).expand(vocab_size - old, -1)])
+    grown.load_state_dict(sd)
+    return grown
+
+
+def vlm_from_teacher(teacher, vision_cfg, image_token_id, shuffle_factor=2):
+    """The student before training (METHOD.md "The idea"): a copy of the teacher's decoder
+    (vocabulary grown if the image token is a new id), a vision tower and a fresh projector."""
+    decoder = grow_vocab(teacher, max(teacher.cfg.vocab_size, image_token_id + 1))
+    vlm = VLM(decoder.cfg, vision_cfg, image_token_id, shuffle_factor)
+    vlm.decoder.load_state_dict(decoder.state_dict())
+    return vlm.to(next(teacher.parameters()).device)

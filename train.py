@@ -31,7 +31,7 @@ from tqdm import tqdm
 import data
 import distill
 import kvshare
-from model import LMConfig, VisionConfig, Decoder, VLM
+from model import LMConfig, VisionConfig, Decoder, grow_vocab, vlm_from_teacher
 from weights import atomic_write, save_hf_lm, load_hf_lm, save_vlm, load_vlm
 
 
@@ -528,7 +528,7 @@ def stage_distill(cfg, rt, world, tok, teacher, student):
 def save_run(cfg, tok, folder, save_model):
     """A model folder: weights + config (HF layout or ours) + tokenizer.json + train_config.json."""
     save_model(folder)
-    tok.save(os.path.join(folder, "tokenizer.json"))
+    data.save_tokenizer(tok, folder)
     atomic_write(os.path.join(folder, "train_config.json"),
                  lambda tmp: open(tmp, "w").write(json.dumps(asdict(cfg), indent=2)))
 
@@ -573,21 +573,6 @@ def build_world_and_tokenizer(cfg):
     return world, tok
 
 
-def expand_vocab(decoder, vocab_size):
-    """A copy of `decoder` whose vocabulary has rows added (for <image> and other new ids);
-    new rows start at the mean embedding. Existing ids keep their exact weights."""
-    if vocab_size <= decoder.cfg.vocab_size:
-        return decoder
-    bigger = Decoder(replace(decoder.cfg, vocab_size=vocab_size))
-    sd = decoder.state_dict()
-    with torch.no_grad():
-        for key in ("embed.weight", "lm_head.weight"):
-            old = sd[key]
-            sd[key] = torch.cat([old, old.mean(0, keepdim=True).expand(vocab_size - old.shape[0], -1)])
-    bigger.load_state_dict(sd)
-    return bigger
-
-
 def initial_student(cfg, teacher, tok):
     """The VLM that stage 2 starts from: --student_path (nanoVLM or ours), or the teacher's
     decoder (vocabulary grown for <image>) + a vision tower (--vision_path or fresh) + a
@@ -602,10 +587,9 @@ def initial_student(cfg, teacher, tok):
             raise ValueError(f"{cfg.student_path}: image token id {vlm.image_token_id} but the tokenizer's "
                              f"{data.IMAGE_TOKEN} is {image_id}")
         return vlm
-    decoder = expand_vocab(teacher, tok.get_vocab_size())
     vision = load_hf_siglip(cfg.vision_path) if cfg.vision_path else None
-    vlm = VLM(decoder.cfg, vision.cfg if vision else vision_config(cfg), image_id, cfg.shuffle_factor)
-    vlm.decoder.load_state_dict(decoder.state_dict())
+    vlm = vlm_from_teacher(grow_vocab(teacher, tok.get_vocab_size()), vision.cfg if vision else vision_config(cfg),
+                           image_id, cfg.shuffle_factor)
     if vision:
         vlm.vision.load_state_dict(vision.state_dict())
     return vlm
