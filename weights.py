@@ -80,6 +80,14 @@ def save_safetensors(path, tensors):
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
+def save_mapped(module, folder, key_map, config):
+    """Write module's tensors under their file names (key_map: ours -> file) + config.json."""
+    os.makedirs(folder, exist_ok=True)
+    sd = module.state_dict()
+    save_safetensors(os.path.join(folder, "model.safetensors"), {fk: sd[ok] for ok, fk in key_map.items()})
+    write_json(os.path.join(folder, "config.json"), config)
+
+
 def load_mapped(module, tensors, key_map, ignore_prefixes=(), source="weights"):
     """Copy file tensors into module. key_map: our state-dict key -> file key.
     Fails with one error listing missing keys, unused keys and shape mismatches."""
@@ -176,11 +184,7 @@ def load_hf_lm(folder):
 
 def save_hf_lm(decoder: Decoder, folder):
     """Save a Decoder as a Hugging Face folder that transformers (and load_hf_lm) reloads."""
-    os.makedirs(folder, exist_ok=True)
-    sd = decoder.state_dict()
-    save_safetensors(os.path.join(folder, "model.safetensors"),
-                     {fk: sd[ok] for ok, fk in hf_lm_key_map(decoder.cfg).items()})
-    write_json(os.path.join(folder, "config.json"), lm_config_to_hf(decoder.cfg))
+    save_mapped(decoder, folder, hf_lm_key_map(decoder.cfg), lm_config_to_hf(decoder.cfg))
 
 
 # ----------------------------------------------------------------------------------------
@@ -237,11 +241,7 @@ def load_hf_siglip(folder):
 
 
 def save_hf_siglip(encoder: VisionEncoder, folder):
-    os.makedirs(folder, exist_ok=True)
-    sd = encoder.state_dict()
-    save_safetensors(os.path.join(folder, "model.safetensors"),
-                     {fk: sd[ok] for ok, fk in hf_vision_key_map(encoder.cfg).items()})
-    write_json(os.path.join(folder, "config.json"), vision_config_to_hf(encoder.cfg))
+    save_mapped(encoder, folder, hf_vision_key_map(encoder.cfg), vision_config_to_hf(encoder.cfg))
 
 
 def build_student_vlm(lm_folder, vision_folder, image_token_id, shuffle_factor=2):
@@ -264,12 +264,9 @@ def vlm_key_map(vlm: VLM):
 
 def save_vlm(vlm: VLM, folder):
     from dataclasses import asdict
-    os.makedirs(folder, exist_ok=True)
-    sd = vlm.state_dict()
-    save_safetensors(os.path.join(folder, "model.safetensors"), {k: sd[k] for k in vlm_key_map(vlm)})
-    write_json(os.path.join(folder, "config.json"),
-               {"model_type": "lingudistill_vlm", "lm": asdict(vlm.decoder.cfg), "vision": asdict(vlm.vision.cfg),
-                "image_token_id": vlm.image_token_id, "shuffle_factor": vlm.projector.factor})
+    save_mapped(vlm, folder, vlm_key_map(vlm),
+                {"model_type": "lingudistill_vlm", "lm": asdict(vlm.decoder.cfg), "vision": asdict(vlm.vision.cfg),
+                 "image_token_id": vlm.image_token_id, "shuffle_factor": vlm.projector.factor})
 
 
 def load_vlm(folder):
