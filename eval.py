@@ -218,6 +218,29 @@ def aggregate(per_seed):
     return mean, std
 
 
+def plot(mean, std, path):
+    """Language vs vision per model (mean ± std over seeds) as a PNG, if matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, m in mean.items():
+        if "vision" in m:
+            ax.errorbar(100 * m["vision"], 100 * m["acc"], xerr=100 * std[name]["vision"],
+                        yerr=100 * std[name]["acc"], fmt="o", capsize=3, label=name)
+    ax.axhline(100 * mean["teacher"]["acc"], color="grey", linestyle="--", label="teacher (language)")
+    ax.set_xlabel("vision VQA accuracy (%)")
+    ax.set_ylabel("language multiple-choice accuracy (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def experiment(seeds, train_argv, out_dir, jobs=1):
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
@@ -236,6 +259,7 @@ def experiment(seeds, train_argv, out_dir, jobs=1):
             f"seeds {seeds}; train.py {' '.join(train_argv)}; {time.time() - t0:.0f}s\n")
     with open(os.path.join(out_dir, "experiment.md"), "w") as f:
         f.write(text)
+    plot(mean, std, os.path.join(out_dir, "experiment.png"))
     with open(os.path.join(out_dir, "experiment.json"), "w") as f:
         json.dump({"seeds": seeds, "train_argv": train_argv, "per_seed": per_seed, "mean": mean, "std": std}, f,
                   indent=2)
@@ -261,9 +285,11 @@ def evaluate_folder(folder, teacher_folder=None):
     tok = data.load_tokenizer(os.path.join(folder, "tokenizer.json"))
     teacher_folder = teacher_folder or os.path.join(os.path.dirname(os.path.abspath(folder)), "teacher")
     teacher = load_model_folder(teacher_folder) if os.path.isdir(teacher_folder) else None
-    rows = evaluate_models({os.path.basename(os.path.normpath(folder)): load_model_folder(folder)}, world, tok,
-                           cfg.image_size, teacher=teacher)
-    return format_table(rows)
+    name, model = os.path.basename(os.path.normpath(folder)), load_model_folder(folder)
+    rows = evaluate_models({name: model}, world, tok, cfg.image_size, teacher=teacher)
+    held_out = [it["context"] + it["options"][it["answer"]] for it in world.language_bench]
+    return format_table(rows) + f"\nperplexity on the language benchmark's correct sentences: " \
+        f"{perplexity(model, held_out, tok):.3f}"
 
 
 def main(argv):

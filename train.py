@@ -89,6 +89,7 @@ class TrainConfig:
     data_path: str = ""           # LLaVA-style JSONL for stages 2-3 (else the tiny world's sources)
     image_root: str = ""          # folder image paths in data_path are relative to (default: its folder)
     kd_sources: str = ""          # comma list of data_path sources that are language-intensive (get KD)
+    skip_bad: bool = False        # skip (and count) bad lines of data_path instead of stopping
     # optimisation
     batch_size: int = 32
     grad_accum: int = 1
@@ -546,7 +547,7 @@ class JsonlWorld:
     """Real data in place of the tiny world: sources grouped by each line's "source";
     the ones named in --kd_sources are language-intensive. No built-in benchmarks."""
     def __init__(self, cfg):
-        examples = data.load_jsonl(cfg.data_path, image_root=cfg.image_root or None)
+        examples = data.load_jsonl(cfg.data_path, image_root=cfg.image_root or None, skip_bad=cfg.skip_bad)
         if not examples:
             raise ValueError(f"--data_path={cfg.data_path}: no examples")
         self.sources = {}
