@@ -409,30 +409,6 @@ def encode_corpus(corpus, tokenizer):
     return torch.tensor([i for enc in tokenizer.encode_batch(corpus) for i in enc.ids + [eos]], dtype=torch.long)
 
 
-def text_batches(stream, batch_size, seq_len, seed=0):
-    """Endless (x, y) LM batches, each (batch_size, seq_len): random windows of the stream, y = x shifted by one."""
-    if len(stream) <= seq_len:
-        raise ValueError(f"token stream of {len(stream)} tokens is too short for seq_len {seq_len}")
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        starts = torch.randint(0, len(stream) - seq_len, (batch_size,), generator=g).tolist()
-        block = torch.stack([stream[s:s + seq_len + 1] for s in starts])
-        yield block[:, :-1], block[:, 1:]
-
-
-def mixture_batches(sources, weights, batch_size, seed=0):
-    """Endless lists of examples: each draws a source with probability proportional to
-    weights[source] (sources not in weights, or weight 0, are never drawn), then an example uniformly."""
-    names = sorted(s for s, w in weights.items() if w > 0)
-    if not names or any(not sources.get(s) for s in names):
-        raise ValueError(f"weights {weights} must name at least one non-empty source of {sorted(sources)}")
-    p = np.array([weights[s] for s in names], dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    while True:
-        picks = rng.choice(len(names), size=batch_size, p=p / p.sum())
-        yield [sources[names[i]][int(rng.integers(len(sources[names[i]])))] for i in picks]
-
-
 # ----------------------------------------------------------------------------------------
 # Real data
 

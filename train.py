@@ -223,7 +223,9 @@ class Runtime:
         if not self.ddp:
             return model
         from torch.nn.parallel import DistributedDataParallel
-        return DistributedDataParallel(model, device_ids=[self.device.index] if self.cuda else None)
+        # text-only batches leave the vision tower without gradients: let DDP allow that
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.cuda else None,
+                                       find_unused_parameters=True)
 
     def no_sync(self, model, skip_sync):
         """Gradient accumulation under DDP: all-reduce gradients only on the last micro-batch."""

@@ -214,19 +214,6 @@ def test_collate_text_only_batch_and_max_len(world, tok):
         data.collate([text], tok, 4, 32, max_len=P)
 
 
-def test_text_batches_and_mixture_sampler_are_seeded(world, tok):
-    stream = data.encode_corpus(world.corpus, tok)
-    x, y = next(data.text_batches(stream, 3, 16, seed=1))
-    assert x.shape == y.shape == (3, 16) and torch.equal(x[:, 1:], y[:, :-1])
-    assert torch.equal(x, next(data.text_batches(stream, 3, 16, seed=1))[0])
-    weights = {"colour": 1.0, "text_qa": 3.0, "count": 0.0}
-    a, b = data.mixture_batches(world.sources, weights, 64, seed=5), data.mixture_batches(world.sources, weights, 64, seed=5)
-    batch = next(a)
-    assert batch == next(b) and {ex["source"] for ex in batch} == {"colour", "text_qa"}
-    with pytest.raises(ValueError, match="non-empty source"):
-        next(data.mixture_batches(world.sources, {"nope": 1.0}, 4))
-
-
 # --------------------------------------------------------------------------- real data
 
 @pytest.fixture
