@@ -176,6 +176,8 @@ def check_config(cfg):
         raise ValueError(f"--temperature must be > 0, got {cfg.temperature}")
     if cfg.preset == "paper" and not cfg.teacher_path:
         raise ValueError("--preset=paper needs --teacher_path=FOLDER (a SmolLM2-360M-Instruct HF folder)")
+    if cfg.data_path and not cfg.teacher_path:
+        raise ValueError("--data_path needs --teacher_path: stage 1 trains a teacher only on the tiny world's text")
     if cfg.teacher_path and cfg.stage == "pretrain":
         raise ValueError("--stage=pretrain trains a teacher; with --teacher_path the teacher is given")
     for key in ("teacher_path", "student_path", "vision_path", "data_path", "image_root"):
@@ -629,11 +631,12 @@ def run(cfg):
 
 
 def main(argv):
+    """Bad input (config, files, checkpoints) ends with its one-line message, not a traceback."""
     try:
         cfg = get_config(argv)
-    except ValueError as e:
+        models, world, tok = run(cfg)
+    except (ValueError, FileNotFoundError) as e:
         sys.exit(f"train.py: {e}")
-    models, world, tok = run(cfg)
     if cfg.eval and int(os.environ.get("RANK", "0")) == 0 and world.language_bench:
         import eval as evaluation
         rows = evaluation.evaluate_models(models, world, tok, cfg.image_size)

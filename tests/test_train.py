@@ -258,5 +258,19 @@ def test_real_checkpoint_config_errors(tmp_path):
         get_config(["--preset=paper"])
     with pytest.raises(ValueError, match="--teacher_path=nowhere: no such file or folder"):
         get_config(["--teacher_path=nowhere"])
+    with pytest.raises(ValueError, match="--data_path needs --teacher_path"):
+        get_config([f"--data_path={tmp_path}"])
     with pytest.raises(ValueError, match="with --teacher_path the teacher is given"):
         get_config([f"--teacher_path={tmp_path}", "--stage=pretrain"])
+
+
+def test_command_line_bad_input_exits_with_the_message_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+    bad = tmp_path / "data.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{not json\n')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for argv, message in ((["--alpha=x"], "--alpha: expected float"),
+                          ([f"--data_path={bad}", f"--teacher_path={tmp_path}", "--stage=distill"], "data.jsonl line 2")):
+        r = subprocess.run([sys.executable, "train.py", *argv], cwd=root, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
