@@ -610,4 +610,7 @@ def demo_real_photo(lm_folder, image_paths, image_size=64, question="What is in 
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:      # bad input: its one-line message, not a traceback
+        sys.exit(f"eval.py: {e}")
