@@ -112,6 +112,11 @@ class World:
     vision_bench: list      # one fresh render per entity per vision source
     knowledge_bench: list   # "<image> eats" / "<image> lives in the" on fresh renders
 
+    @property
+    def source_kinds(self):
+        """source -> "vision" | "language" (the KD gate's input), as for real data (train.JsonlWorld)."""
+        return SOURCE_KINDS
+
 
 def fact(template, subject, value):
     """Split a fact into (context, completion): ("kabol eats", " apples .")."""

@@ -488,15 +488,15 @@ def stage_adapt(cfg, rt, world, tok, teacher):
     fine-tune with CE on vision-heavy data: the language ability erodes."""
     vlm = initial_student(cfg, teacher, tok).to(rt.device)
     vision_params = list(vlm.vision.parameters()) + list(vlm.projector.parameters())
+    align_mix, adapt_mix, _ = mixtures(world)
     vlm.decoder.requires_grad_(False)
-    count = response_counts
     train_loop("align", rt.wrap(vlm), [{"params": vision_params, "lr": cfg.align_lr}],
-               mix_batch_fn(cfg, rt, world, tok, vlm.n_image_tokens, "align", world.align_mix), ce_loss, count,
+               mix_batch_fn(cfg, rt, world, tok, vlm.n_image_tokens, "align", align_mix), ce_loss, response_counts,
                cfg.align_steps, cfg, rt)
     vlm.decoder.requires_grad_(True)
     train_loop("adapt", rt.wrap(vlm), [{"params": list(vlm.decoder.parameters()), "lr": cfg.adapt_lr},
                                        {"params": vision_params, "lr": cfg.adapt_vision_lr}],
-               mix_batch_fn(cfg, rt, world, tok, vlm.n_image_tokens, "adapt", world.adapt_mix), ce_loss, count,
+               mix_batch_fn(cfg, rt, world, tok, vlm.n_image_tokens, "adapt", adapt_mix), ce_loss, response_counts,
                cfg.adapt_steps, cfg, rt)
     if rt.is_main:
         save_run(cfg, tok, os.path.join(cfg.out_dir, "adapted"), lambda d: save_vlm(vlm, d))
@@ -523,7 +523,7 @@ def stage_distill(cfg, rt, world, tok, teacher, student):
         return {"loss": out["loss"], "ce": out["ce"], "kd": out["kd"]}
     train_loop(f"distill-{variant_name(cfg)}", rt.wrap(student), [{"params": list(student.parameters()),
                                                                     "lr": cfg.distill_lr}],
-               mix_batch_fn(cfg, rt, world, tok, student.n_image_tokens, "distill", world.distill_mix), loss_fn,
+               mix_batch_fn(cfg, rt, world, tok, student.n_image_tokens, "distill", mixtures(world)[2]), loss_fn,
                lambda b: response_counts(b, weights), cfg.distill_steps, cfg, rt)
     if rt.is_main:
         save_run(cfg, tok, os.path.join(cfg.out_dir, f"distilled-{variant_name(cfg)}"), lambda d: save_vlm(student, d))
@@ -568,9 +568,6 @@ class JsonlWorld:
 def build_world_and_tokenizer(cfg):
     world = JsonlWorld(cfg) if cfg.data_path else data.build_world(cfg.seed, n_entities=cfg.n_entities,
                                                                    image_size=cfg.image_size)
-    if not cfg.data_path:
-        world.source_kinds = data.SOURCE_KINDS
-    world.align_mix, world.adapt_mix, world.distill_mix = mixtures(world)
     if cfg.teacher_path:
         tok = data.load_tokenizer(os.path.join(cfg.teacher_path, "tokenizer.json"))
     else:
