@@ -622,6 +622,8 @@ def run(cfg):
     if cfg.stage in ("distill", "all"):
         student = copy.deepcopy(models["adapted"]) if cfg.stage == "all" else models.pop("adapted")
         models[f"distilled-{variant_name(cfg)}"] = stage_distill(cfg, rt, world, tok, models["teacher"], student)
+    if rt.ddp:
+        torch.distributed.barrier()           # every rank waits for rank 0's saves before going on
     if rt.is_main:
         print(f"stages {cfg.stage} done in {time.time() - t0:.1f}s on {rt.device}; models in {cfg.out_dir}/")
     return models, world, tok
