@@ -440,10 +440,9 @@ def mix_batch_fn(cfg, rt, world, tok, n_image_tokens, stage, mixture):
 
 
 def ce_loss(model, batch, norms):
-    logits, _ = model(batch["input_ids"], images=batch["images"], attention_mask=batch["attention_mask"],
-                      logits_start=batch["context_len"] - 1)
-    out = distill.distill_loss(logits[:, :batch["labels"].shape[1]], batch["labels"], batch["response_mask"],
-                               policy="none", ce_normalizer=norms["ce"])
+    logits, _ = kvshare.student_prefill(model, batch)
+    out = distill.distill_loss(logits, batch["labels"], batch["response_mask"], policy="none",
+                               ce_normalizer=norms["ce"])
     return {"loss": out["loss"], "ce": out["ce"]}
 
 
