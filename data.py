@@ -2,7 +2,8 @@
 Data for LinguDistill in miniature: a deterministic tiny world (no downloads), the
 tokenizer, the batch layout kvshare.py expects, and loaders for real data.
 
-The tiny world (build_world), designed after METHOD.md "Calibration":
+The tiny world (build_world), designed so that degradation and recovery show at tiny scale
+(README "How LinguDistill works here"):
 - entities = colour x shape, drawn as small RGB images (position/size jitter). Each has
   text-only knowledge no image shows: a made-up name, a food, a home.
 - the stage-1 corpus states those facts in several templates, with the name OR the
@@ -114,7 +115,7 @@ class World:
 
     @property
     def source_kinds(self):
-        """source -> "vision" | "language" (the KD gate's input), as for real data (train.JsonlWorld)."""
+        """source -> "vision" | "language" (the KD gate's input), as for real data (JsonlWorld)."""
         return SOURCE_KINDS
 
 
@@ -290,9 +291,9 @@ def build_world(seed=0, n_entities=40, image_size=32, examples_per_source=600, s
 # ----------------------------------------------------------------------------------------
 # Tokenizer
 
-def train_tokenizer(corpus, vocab_size=512, path=None):
+def train_tokenizer(corpus, vocab_size=512):
     """Byte-level BPE (GPT-2 style: a space belongs to the word after it) with <pad>, <eos>,
-    <image> as ids 0, 1, 2. Saved to `path` (tokenizer.json) if given."""
+    <image> as ids 0, 1, 2."""
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (bytes + special tokens), got {vocab_size}")
     tok = Tokenizer(models.BPE())
@@ -301,8 +302,6 @@ def train_tokenizer(corpus, vocab_size=512, path=None):
     tok.train_from_iterator(corpus, trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    if path:
-        tok.save(path)
     return tok
 
 
@@ -404,7 +403,6 @@ def collate(examples, tokenizer, n_image_tokens, image_size, max_len=None):
     images = [image_to_tensor(ex["image"], image_size) for ex in examples if ex["image"] is not None]
     return {"input_ids": ids, "attention_mask": mask, "context_len": P,
             "images": torch.stack(images) if images else None,
-            "has_image": torch.tensor([ex["image"] is not None for ex in examples]),
             "labels": ids[:, P:], "response_mask": mask[:, P:].bool(), "source": [ex["source"] for ex in examples]}
 
 
@@ -476,6 +474,26 @@ def load_jsonl(path, image_root=None, skip_bad=False):
         print(f"load_jsonl: skipped {len(bad)} bad line(s) of {path}, kept {len(examples)} (first: {bad[0]})",
               file=sys.stderr)
     return examples
+
+
+class JsonlWorld:
+    """Real data in place of the tiny world: the examples of a LLaVA-style JSONL file grouped
+    by their "source"; the sources named in kd_sources are language-intensive (get KD), the
+    others vision-heavy. It has no text corpus and no built-in benchmarks."""
+
+    def __init__(self, path, image_root=None, kd_sources=(), skip_bad=False):
+        examples = load_jsonl(path, image_root=image_root, skip_bad=skip_bad)
+        if not examples:
+            raise ValueError(f"--data_path={path}: no examples")
+        self.sources = {}
+        for ex in examples:
+            self.sources.setdefault(ex["source"], []).append(ex)
+        unknown = sorted(set(kd_sources) - set(self.sources))
+        if unknown:
+            raise ValueError(f"--kd_sources {unknown} not found in {path} "
+                             f"(sources: {sorted(self.sources)})")
+        self.source_kinds = {s: "language" if s in kd_sources else "vision" for s in self.sources}
+        self.corpus, self.language_bench, self.vision_bench, self.knowledge_bench = [], [], [], []
 
 
 def load_text(path):

@@ -1,5 +1,5 @@
 """
-The source-selective KD objective of LinguDistill (METHOD.md step 4 and "Decisions").
+The source-selective KD objective of LinguDistill (README "How LinguDistill works here").
 
     loss = CE(student, labels)  +  alpha * KD(teacher || student)
 
@@ -9,8 +9,8 @@ CE runs on every real response token. KD runs only on response tokens of example
 
 All inputs are already aligned (the caller does the next-token shift): position r of the
 (B, R, V) logits predicts response token r, and response_mask (B, R) marks answer + EOS.
-KD-library bugs this file avoids (STYLE.md): softmax in float32, one normalisation, a guarded
-all-masked batch, logits sliced to the shared vocabulary prefix.
+Bugs of public KD code this file avoids: softmax in float32, one normalisation (torchtune
+once divided twice), a guarded all-masked batch, logits sliced to the shared vocabulary prefix.
 """
 import math
 
@@ -20,8 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 POLICIES = ("none", "uniform", "selective")
 DIVERGENCES = ("fkl", "rkl", "jsd")
-KIND_WEIGHTS = {"language": 1.0, "vision": 0.0}   # source kind -> KD weight (METHOD.md "Source gate")
-DEFAULT_SOURCE_TABLE = {}                         # build the real one: table_from_kinds(data.SOURCE_KINDS)
+KIND_WEIGHTS = {"language": 1.0, "vision": 0.0}   # source kind -> KD weight (the source gate)
 _FLOOR = -1e30   # -inf logits (masked vocab entries) are raised to this: p = 0 exactly, no inf - inf
 
 
@@ -36,17 +35,17 @@ def _kl(log_p, log_q):
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
-def _check_kd_args(kind, temperature, beta):
-    if kind not in DIVERGENCES:
-        raise ValueError(f"kind={kind!r}; expected one of {DIVERGENCES}")
+def _check_kd_args(divergence, temperature, beta):
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence={divergence!r}; expected one of {DIVERGENCES}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, found {temperature}")
-    if kind == "jsd" and not 0.0 < beta < 1.0:
+    if divergence == "jsd" and not 0.0 < beta < 1.0:
         raise ValueError(f"jsd needs 0 < beta < 1, found beta={beta}")
 
 
-def kd_divergence(student_logits, teacher_logits, kind="fkl", temperature=1.0, beta=0.5):
-    """Per-token divergence (N,) between student (N, Vs) and teacher (N, Vt) logits (METHOD.md step 4).
+def kd_divergence(student_logits, teacher_logits, divergence="fkl", temperature=1.0, beta=0.5):
+    """Per-token divergence (N,) between student (N, Vs) and teacher (N, Vt) logits.
 
     fkl: KL(teacher || student), the default (mode-covering, as in classic KD).
     rkl: KL(student || teacher).
@@ -58,25 +57,28 @@ def kd_divergence(student_logits, teacher_logits, kind="fkl", temperature=1.0, b
     T^2, so gradient magnitudes do not shrink as T grows (Hinton et al.). If the vocabularies
     differ, only the shared prefix V = min(Vs, Vt) is compared (both sliced and renormalised);
     kvshare.check_shared_vocab checks that the tokenizers agree on that prefix."""
-    _check_kd_args(kind, temperature, beta)
-    if student_logits.dim() != 2 or teacher_logits.dim() != 2 or student_logits.shape[0] != teacher_logits.shape[0]:
+    _check_kd_args(divergence, temperature, beta)
+    if student_logits.dim() != 2 or teacher_logits.dim() != 2 \
+            or student_logits.shape[0] != teacher_logits.shape[0]:
         raise ValueError(f"kd_divergence expects student (N, Vs) and teacher (N, Vt), found "
                          f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
     V = min(student_logits.shape[-1], teacher_logits.shape[-1])
     log_s = _log_probs(student_logits[:, :V], temperature)                  # (N, V) log p_student
     log_t = _log_probs(teacher_logits[:, :V], temperature).to(log_s.dtype)  # (N, V) log p_teacher
-    if kind == "fkl":
+    if divergence == "fkl":
         d = _kl(log_t, log_s)
-    elif kind == "rkl":
+    elif divergence == "rkl":
         d = _kl(log_s, log_t)
     else:
-        log_m = torch.logaddexp(log_t + math.log(beta), log_s + math.log(1.0 - beta))   # (N, V) log m
+        log_m = torch.logaddexp(log_t + math.log(beta), log_s + math.log(1.0 - beta))  # log m
         d = beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)
     return d * temperature ** 2                                              # (N,)
 
 
-def kd_token_sum(student_logits, teacher_logits, weights, kind="fkl", temperature=1.0, beta=0.5, chunk_size=None):
-    """sum over tokens of weight * divergence, for (B, R, Vs) / (B, R, Vt) logits and (B, R) weights.
+def kd_token_sum(student_logits, teacher_logits, weights, divergence="fkl", temperature=1.0,
+                 beta=0.5, chunk_size=None):
+    """sum over tokens of weight * divergence, for (B, R, Vs) / (B, R, Vt) logits and (B, R)
+    weights.
 
     Only tokens with weight > 0 are gathered (N of them), so pads and vision-source tokens
     cost nothing. With `chunk_size`, the N tokens are processed chunk_size at a time: the
@@ -91,11 +93,11 @@ def kd_token_sum(student_logits, teacher_logits, weights, kind="fkl", temperatur
     t = teacher_logits.reshape(-1, teacher_logits.shape[-1])[keep]           # (N, Vt)
     w = weights.reshape(-1)[keep]                                            # (N,)
     if chunk_size is None or chunk_size >= s.shape[0]:
-        d = kd_divergence(s, t, kind, temperature, beta)                     # (N,)
+        d = kd_divergence(s, t, divergence, temperature, beta)               # (N,)
         return (w.to(d.dtype) * d).sum()
     total = 0.0
     for i in range(0, s.shape[0], chunk_size):
-        args = (s[i:i + chunk_size], t[i:i + chunk_size], kind, temperature, beta)
+        args = (s[i:i + chunk_size], t[i:i + chunk_size], divergence, temperature, beta)
         if torch.is_grad_enabled() and s.requires_grad:
             d = checkpoint(kd_divergence, *args, use_reentrant=False)       # (chunk,)
         else:
@@ -114,17 +116,20 @@ def table_from_kinds(source_kinds, kind_weights=KIND_WEIGHTS):
 
 
 def source_weights(policy, sources, table=None):
-    """(B,) float KD weight per example, the source gate (METHOD.md "Source gate"):
-    none -> 0 (CE only), uniform -> 1 (KD everywhere), selective -> table[source] (LinguDistill)."""
+    """(B,) float KD weight per example, the source gate:
+    none -> 0 (CE only), uniform -> 1 (KD everywhere), selective -> table[source] (LinguDistill;
+    `table` from table_from_kinds)."""
     if policy not in POLICIES:
         raise ValueError(f"policy={policy!r}; expected one of {POLICIES}")
     if policy != "selective":
         return torch.full((len(sources),), 1.0 if policy == "uniform" else 0.0)
-    table = DEFAULT_SOURCE_TABLE if table is None else table
+    if table is None:
+        raise ValueError("policy 'selective' needs a source -> KD weight table "
+                         "(distill.table_from_kinds(data.SOURCE_KINDS))")
     unknown = sorted({s for s in sources if s not in table})
     if unknown:
-        raise ValueError(f"source(s) {unknown} not in the KD weight table; known sources: {sorted(table)} "
-                         f"(build the table with distill.table_from_kinds(data.SOURCE_KINDS))")
+        raise ValueError(f"source(s) {unknown} not in the KD weight table; known sources: "
+                         f"{sorted(table)} (build the table with distill.table_from_kinds)")
     w = torch.tensor([float(table[s]) for s in sources], dtype=torch.float32)
     if (w < 0).any():
         raise ValueError(f"KD weights must be >= 0, found {dict(zip(sources, w.tolist()))}")
@@ -141,21 +146,8 @@ def _normalise(total, count, override, name):
     return total / denom
 
 
-def distill_loss(student_logits, labels, response_mask, teacher_logits=None, sources=None, policy="selective",
-                 table=None, alpha=1.0, kind="fkl", temperature=1.0, beta=0.5, chunk_size=None,
-                 ce_normalizer=None, kd_normalizer=None):
-    """Total = CE + alpha * KD (METHOD.md step 4). Returns {"loss", "ce", "kd", "n_ce_tokens", "n_kd_tokens"}.
-
-    student_logits (B, R, Vs); labels (B, R) long (pads arbitrary); response_mask (B, R),
-    1 for answer + EOS; teacher_logits (B, R, Vt) (detached here; may be None for policy
-    "none"); sources: B strings (may be None for policies "none" / "uniform").
-    CE  = sum of float32 cross-entropy over real response tokens / n_ce_tokens.
-    KD  = kd_token_sum with weight response_mask * source_weight / n_kd_tokens, where
-          n_kd_tokens is the weighted token count, computed once here.
-    ce_normalizer / kd_normalizer replace those counts: a training loop passes the global counts
-    over all grad-accumulation micro-batches and DDP ranks, so that summing the micro-batch
-    losses (and DDP's gradient mean times world size) gives the exact global token mean.
-    No KD-eligible token -> KD is exactly 0 and the loss still backpropagates (finite grads)."""
+def _check_loss_inputs(student_logits, labels, response_mask, teacher_logits, sources, policy):
+    """The shape and argument checks of distill_loss, each naming what was expected."""
     if labels.dim() != 2:
         raise ValueError(f"labels must be (B, R), found {tuple(labels.shape)}")
     B, R = labels.shape
@@ -163,34 +155,57 @@ def distill_loss(student_logits, labels, response_mask, teacher_logits=None, sou
         raise ValueError(f"student_logits must be (B, R, V) = ({B}, {R}, V) like labels, "
                          f"found {tuple(student_logits.shape)}")
     if response_mask.shape != (B, R):
-        raise ValueError(f"response_mask must be (B, R) = ({B}, {R}) like labels, found {tuple(response_mask.shape)}")
-    _check_kd_args(kind, temperature, beta)
-    if sources is None:
-        if policy == "selective":
-            raise ValueError("policy 'selective' needs sources (one string per example), found None")
-        sources = [""] * B
-    if len(sources) != B:
+        raise ValueError(f"response_mask must be (B, R) = ({B}, {R}) like labels, "
+                         f"found {tuple(response_mask.shape)}")
+    if sources is None and policy == "selective":
+        raise ValueError("policy 'selective' needs sources (one string per example), found None")
+    if sources is not None and len(sources) != B:
         raise ValueError(f"len(sources) must equal B = {B}, found {len(sources)}")
     if policy != "none":
         if teacher_logits is None:
-            raise ValueError(f"policy {policy!r} needs teacher_logits (B, R, Vt); only 'none' runs without a teacher")
+            raise ValueError(f"policy {policy!r} needs teacher_logits (B, R, Vt); only 'none' "
+                             "runs without a teacher")
         if teacher_logits.dim() != 3 or teacher_logits.shape[:2] != (B, R):
             raise ValueError(f"teacher_logits must be (B, R, V) = ({B}, {R}, V) like labels, "
                              f"found {tuple(teacher_logits.shape)}")
 
+
+def distill_loss(student_logits, labels, response_mask, teacher_logits=None, *, sources=None,
+                 policy="selective", table=None, alpha=1.0, divergence="fkl", temperature=1.0,
+                 beta=0.5, chunk_size=None, ce_normalizer=None, kd_normalizer=None):
+    """Total = CE + alpha * KD. Returns {"loss", "ce", "kd", "n_ce_tokens", "n_kd_tokens"}.
+
+    student_logits (B, R, Vs); labels (B, R) long (pads arbitrary); response_mask (B, R),
+    1 for answer + EOS; teacher_logits (B, R, Vt) (detached here; may be None for policy
+    "none"); sources: B strings (may be None for policies "none" / "uniform"); table: source
+    -> KD weight (policy "selective"); divergence, temperature, beta: see kd_divergence.
+    CE  = sum of float32 cross-entropy over real response tokens / n_ce_tokens.
+    KD  = kd_token_sum with weight response_mask * source_weight / n_kd_tokens, where
+          n_kd_tokens is the weighted token count, computed once here.
+    ce_normalizer / kd_normalizer replace those counts: a training loop passes the global
+    counts over all grad-accumulation micro-batches and DDP ranks, so that summing the
+    micro-batch losses (and DDP's gradient mean times world size) gives the exact global
+    token mean. No KD-eligible token -> KD is exactly 0 and the loss still backpropagates."""
+    _check_loss_inputs(student_logits, labels, response_mask, teacher_logits, sources, policy)
+    _check_kd_args(divergence, temperature, beta)
+    sources = sources if sources is not None else [""] * labels.shape[0]
+
     # CE: gather the real response tokens first, so pad logits and pad labels never enter.
     real = response_mask.bool()                                              # (B, R)
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    ce_sum = F.cross_entropy(student_logits[real].to(dtype), labels[real], reduction="sum")  # (n_ce, V) -> ()
+    ce_sum = F.cross_entropy(student_logits[real].to(dtype), labels[real], reduction="sum")
     n_ce = float(real.sum())
     ce = _normalise(ce_sum, n_ce, ce_normalizer, "ce_normalizer")
 
     # KD: per-token weight = response_mask * source weight of the example.
-    weights = real.float() * source_weights(policy, sources, table).to(real.device)[:, None]  # (B, R)
+    gate = source_weights(policy, sources, table).to(real.device)           # (B,)
+    weights = real.float() * gate[:, None]                                   # (B, R)
     n_kd = float(weights.sum())
     if n_kd > 0:
-        kd_sum = kd_token_sum(student_logits, teacher_logits.detach(), weights, kind, temperature, beta, chunk_size)
+        kd_sum = kd_token_sum(student_logits, teacher_logits.detach(), weights, divergence,
+                              temperature, beta, chunk_size)
     else:
         kd_sum = student_logits.reshape(-1)[:0].to(dtype).sum()           # exactly 0, graph kept
     kd = _normalise(kd_sum, n_kd, kd_normalizer, "kd_normalizer")
-    return {"loss": ce + alpha * kd, "ce": ce.detach(), "kd": kd.detach(), "n_ce_tokens": n_ce, "n_kd_tokens": n_kd}
+    return {"loss": ce + alpha * kd, "ce": ce.detach(), "kd": kd.detach(),
+            "n_ce_tokens": n_ce, "n_kd_tokens": n_kd}

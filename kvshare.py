@@ -1,6 +1,6 @@
 r"""
 Layer-wise KV-cache handoff from the student VLM to the frozen text-only teacher
-(LinguDistill, METHOD.md "The idea", steps 1-3).
+(LinguDistill, README "How LinguDistill works here", steps 1-3).
 
 Batch layout (data.collate), B examples, P context columns, R response columns:
 
@@ -21,8 +21,8 @@ logits at columns P-1 .. P+R-2 predict the R response tokens.
    0..P-2 as its past_key_values and runs R tokens, the last context token and the
    response without its final token, at the positions continuing each example's context.
    It attends to the shared KV (minus pads) and causally to itself. (The last context
-   token is re-run by the teacher so that the first response token gets a KD target:
-   METHOD.md notes that a teacher running only the response has none for it.)
+   token is re-run by the teacher so that the first response token gets a KD target: a
+   teacher running only the response tokens would have none for it.)
    scope "image": only image-column K/V come from the student; the teacher computes its
    own K/V for the prompt text (needs the image before the prompt text).
    scope "none": the teacher reads the text alone, no image KV ("text-only teacher").
@@ -30,7 +30,7 @@ The teacher is frozen (eval, no grad); its logits are detached.
 """
 import torch
 
-from model import positions_from_mask
+from model import VLM, positions_from_mask, unwrap
 
 SCOPES = ("full", "image", "none")
 
@@ -58,18 +58,25 @@ def check_shared_vocab(teacher_tokenizer, student_tokenizer):
 
 
 def freeze(teacher):
-    """Eval mode and no gradients: the teacher is never updated (METHOD.md step 5)."""
+    """Eval mode and no gradients: the teacher is never updated (only the student learns)."""
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
 
 
-def student_prefill(student, batch):
-    """Step 1. Returns response logits (B, R, V) and per-layer (K, V) over all P+R columns."""
+def student_prefill(student, batch, keep_kv=True):
+    """Step 1. Returns the response logits (B, R, V) and, with keep_kv, every layer's (K, V)
+    over all P+R columns, each (B, n_kv_heads, P+R, head_dim) (else None). `student` is a VLM
+    or, for text-only batches, a plain Decoder."""
     P, R = batch["context_len"], batch["labels"].shape[1]
-    logits, kv = student(batch["input_ids"], images=batch["images"], attention_mask=batch["attention_mask"],
-                         use_cache=True, logits_start=P - 1)
+    inputs = dict(attention_mask=batch["attention_mask"], use_cache=keep_kv, logits_start=P - 1)
+    if batch["images"] is None:
+        logits, kv = student(batch["input_ids"], **inputs)
+    elif isinstance(unwrap(student), VLM):              # plain, DDP- or torch.compile-wrapped
+        logits, kv = student(batch["input_ids"], images=batch["images"], **inputs)
+    else:
+        raise ValueError("a text-only model cannot read a batch with images")
     return logits[:, :R], kv                                                  # (B, R, V)
 
 

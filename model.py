@@ -11,7 +11,7 @@ The models of LinguDistill, from scratch and in reading order:
 Weight loading/saving for Hugging Face and nanoVLM layouts lives in weights.py.
 """
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -45,15 +45,6 @@ class LMConfig:
                              f"and n_heads by n_kv_heads ({self.n_kv_heads})")
 
 
-LM_PRESETS = {
-    "tiny": dict(),
-    "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
-                         ffn_dim=1536, rope_theta=100000.0, max_positions=8192),
-    "smollm2-360m": dict(vocab_size=49152, dim=960, n_layers=32, n_heads=15, n_kv_heads=5,
-                         ffn_dim=2560, rope_theta=100000.0, max_positions=8192),
-}
-
-
 @dataclass
 class VisionConfig:
     image_size: int = 32
@@ -74,22 +65,15 @@ class VisionConfig:
                              f"({self.patch_size}) and dim ({self.dim}) by n_heads ({self.n_heads})")
 
 
-VISION_PRESETS = {
-    "tiny": dict(),
-    "siglip2-base-16-512": dict(image_size=512, patch_size=16, dim=768, n_layers=12, n_heads=12,
-                                mlp_dim=3072, ln_eps=1e-6),
-}
-
-
-def make_config(cls, presets, name, **overrides):
-    """Build a config from a named preset; unknown names/fields are clear errors."""
-    if name not in presets:
-        raise ValueError(f"unknown {cls.__name__} preset {name!r}; expected one of {sorted(presets)}")
-    known = {f.name for f in fields(cls)}
-    bad = sorted(set(overrides) - known)
-    if bad:
-        raise ValueError(f"unknown {cls.__name__} field(s) {bad}; expected some of {sorted(known)}")
-    return cls(**{**presets[name], **overrides})
+# The real checkpoints' shapes (the paper: SmolLM2-360M-Instruct decoder, SigLIP2-B/16-512
+# tower; SmolLM2-135M ships on PyPI). Loaders read them from config.json; these are for
+# benchmarks and tests that need the shapes without the weights.
+SMOLLM2_135M = LMConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                        ffn_dim=1536, rope_theta=100000.0, max_positions=8192)
+SMOLLM2_360M = LMConfig(vocab_size=49152, dim=960, n_layers=32, n_heads=15, n_kv_heads=5,
+                        ffn_dim=2560, rope_theta=100000.0, max_positions=8192)
+SIGLIP2_B16_512 = VisionConfig(image_size=512, patch_size=16, dim=768, n_layers=12, n_heads=12,
+                               mlp_dim=3072, ln_eps=1e-6)
 
 
 # ----------------------------------------------------------------------------------------
@@ -126,7 +110,7 @@ def apply_rope(x, cos, sin):
 
 def positions_from_mask(attention_mask):
     """Position of each token = number of real tokens before it, so padding never shifts
-    an example (METHOD.md, sequence layout). attention_mask: (B, T) 1 real / 0 pad."""
+    an example (README, batch layout). attention_mask: (B, T) 1 real / 0 pad."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
@@ -399,6 +383,13 @@ class VLM(nn.Module):
 
 
 
+def unwrap(model):
+    """The plain module under DDP (`module.`) and torch.compile (`_orig_mod.`) wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
 def grow_vocab(decoder, vocab_size):
     """A copy of `decoder` whose vocabulary grows to vocab_size (e.g. for a new <image> id at
     the end): existing rows are kept exactly; new embedding/head rows start at the mean row."""
@@ -415,7 +406,7 @@ def grow_vocab(decoder, vocab_size):
 
 
 def vlm_from_teacher(teacher, vision_cfg, image_token_id, shuffle_factor=2):
-    """The student before training (METHOD.md "The idea"): a copy of the teacher's decoder
+    """The student before training (README, how it works): a copy of the teacher's decoder
     (vocabulary grown if the image token is a new id), a vision tower and a fresh projector."""
     decoder = grow_vocab(teacher, max(teacher.cfg.vocab_size, image_token_id + 1))
     vlm = VLM(decoder.cfg, vision_cfg, image_token_id, shuffle_factor)

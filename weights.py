@@ -244,16 +244,6 @@ def save_hf_siglip(encoder: VisionEncoder, folder):
     save_mapped(encoder, folder, hf_vision_key_map(encoder.cfg), vision_config_to_hf(encoder.cfg))
 
 
-def build_student_vlm(lm_folder, vision_folder, image_token_id, shuffle_factor=2):
-    """The paper's student before training: pretrained decoder + pretrained vision tower +
-    a fresh projector."""
-    decoder, vision = load_hf_lm(lm_folder), load_hf_siglip(vision_folder)
-    vlm = VLM(decoder.cfg, vision.cfg, image_token_id, shuffle_factor)
-    vlm.decoder.load_state_dict(decoder.state_dict())
-    vlm.vision.load_state_dict(vision.state_dict())
-    return vlm
-
-
 # ----------------------------------------------------------------------------------------
 # Our VLM folders: config.json {lm, vision, image_token_id, shuffle_factor} + model.safetensors
 
@@ -517,3 +507,21 @@ def save_nanovlm(vlm: VLM, folder):
     os.makedirs(folder, exist_ok=True)
     save_safetensors(os.path.join(folder, "model.safetensors"), tensors)
     write_json(os.path.join(folder, "config.json"), config)
+
+
+# ----------------------------------------------------------------------------------------
+# Any model folder
+
+def load_model_folder(folder, image_token_id=None):
+    """The model in `folder`, by its config.json: our VLM (model_type "lingudistill_vlm"), a
+    nanoVLM checkpoint (vit_* / lm_* fields; image_token_id as for load_nanovlm) or a
+    Hugging Face decoder LM (load_hf_lm)."""
+    cfg_path = os.path.join(folder, "config.json")
+    c = read_json(cfg_path)
+    if not isinstance(c, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, found {type(c).__name__}")
+    if c.get("model_type") == "lingudistill_vlm":
+        return load_vlm(folder)
+    if "vit_hidden_dim" in c:
+        return load_nanovlm(folder, image_token_id=image_token_id)
+    return load_hf_lm(folder)

@@ -193,7 +193,7 @@ def test_collate_layout(world, tok):
     assert (b["attention_mask"][:, P - 1] == 1).all()                            # every context ends at P-1
     assert torch.equal(b["labels"], b["input_ids"][:, P:])
     assert torch.equal(b["response_mask"], b["attention_mask"][:, P:].bool())
-    assert b["has_image"].tolist() == [True, False, True] and b["source"] == [ex["source"] for ex in examples]
+    assert b["source"] == [ex["source"] for ex in examples]
     assert (b["input_ids"] == tok.token_to_id(data.IMAGE_TOKEN)).sum(1).tolist() == [n_img, 0, n_img]
     c2 = pairs[2][0]
     assert b["input_ids"][2, P - len(c2):P - len(c2) + n_img].eq(tok.token_to_id(data.IMAGE_TOKEN)).all()
@@ -206,7 +206,7 @@ def test_collate_layout(world, tok):
 def test_collate_text_only_batch_and_max_len(world, tok):
     text = make_examples(world)[1]
     b = data.collate([text], tok, 4, 32)
-    assert b["images"] is None and b["has_image"].tolist() == [False]
+    assert b["images"] is None
     P = b["context_len"]
     cut = data.collate([text], tok, 4, 32, max_len=P + 1)
     assert cut["input_ids"].shape == (1, P + 1) and torch.equal(cut["input_ids"], b["input_ids"][:, :P + 1])

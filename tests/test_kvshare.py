@@ -1,4 +1,4 @@
-"""KV handoff invariants (METHOD.md "Invariants that tests must pin down")."""
+"""KV handoff invariants (README, Tests)."""
 import copy
 
 import pytest

@@ -8,7 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file, load_file
 
-from model import LMConfig, VisionConfig, VLM, LM_PRESETS, VISION_PRESETS, make_config
+from dataclasses import replace
+
+from model import LMConfig, VisionConfig, VLM, SMOLLM2_360M, SIGLIP2_B16_512
 from weights import load_nanovlm, save_nanovlm, nanovlm_configs, nanovlm_key_map
 
 LM = dict(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, rope_theta=10000.0)
@@ -150,10 +152,10 @@ PAPER = {"vit_hidden_dim": 768, "vit_inter_dim": 3072, "vit_patch_size": 16, "vi
 
 def test_paper_config_parses():
     lm, vis, s, image_token_id = nanovlm_configs(PAPER)
-    assert lm == make_config(LMConfig, LM_PRESETS, "smollm2-360m", vocab_size=49218)
+    assert lm == replace(SMOLLM2_360M, vocab_size=49218)
     assert (lm.dim, lm.ffn_dim, lm.n_heads, lm.n_kv_heads, lm.n_layers, lm.head_dim) == (960, 2560, 15, 5, 32, 64)
     assert lm.tie_embeddings and lm.rope_theta == 100000.0 and lm.rms_eps == 1e-5 and not lm.qkv_bias
-    assert vis == make_config(VisionConfig, VISION_PRESETS, "siglip2-base-16-512")
+    assert vis == SIGLIP2_B16_512
     assert s == 4 and vis.n_patches // s ** 2 == 64
     assert image_token_id == 49152
     lm2, _, _, _ = nanovlm_configs({k: v for k, v in PAPER.items() if k != "lm_vocab_size"})

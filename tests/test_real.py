@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 import data
+import demo_photo
 import eval as evaluation
+import mmlu
 from model import Decoder, LMConfig, grow_vocab
 from weights import save_hf_lm
 
@@ -161,7 +163,7 @@ def write(path, obj, jsonl=False):
 
 
 def test_load_mc_file_reads_lm_eval_mmlu_shape(tmp_path):
-    items = evaluation.load_mc_file(write(tmp_path / "cot.json", MMLU_SHAPE))
+    items = mmlu.load_mc_file(write(tmp_path / "cot.json", MMLU_SHAPE))
     assert len(items) == 4 and [it["answer"] for it in items] == [1, 2, 1, 1]
     assert items[0]["context"] == (
         "The following are multiple choice questions (with answers) about high school statistics.\n\n"
@@ -176,7 +178,7 @@ def test_load_mc_file_generic_json_and_jsonl(tmp_path):
     rows = [{"question": "2 + 2 = ?", "choices": ["3", "4"], "answer": 1},
             {"question": "Sky?", "choices": ["green", "blue", "red"], "answer": "B", "subject": "world_facts"}]
     for path in (write(tmp_path / "a.json", rows), write(tmp_path / "a.jsonl", rows, jsonl=True)):
-        items = evaluation.load_mc_file(path)
+        items = mmlu.load_mc_file(path)
         assert items[0] == {"context": "2 + 2 = ?\nA. 3\nB. 4\nAnswer:", "options": [" A", " B"], "answer": 1}
         assert items[1]["answer"] == 1 and items[1]["context"].startswith("The following are multiple choice "
                                                                           "questions (with answers) about world facts.")
@@ -187,18 +189,18 @@ def test_load_mc_file_bad_entries_name_file_and_item(tmp_path):
     bad["elementary_mathematics"] = bad["elementary_mathematics"].replace("\n(A) 4 (B) 5", " 4 or 5")
     with pytest.raises(ValueError, match=r"bad\.json: subject 'elementary_mathematics' question 2: no line "
                                          r"starting with '\(A\) '"):
-        evaluation.load_mc_file(write(tmp_path / "bad.json", bad))
+        mmlu.load_mc_file(write(tmp_path / "bad.json", bad))
     bad["elementary_mathematics"] = MMLU_SHAPE["elementary_mathematics"].replace("The answer is (B).", "(F)")
     with pytest.raises(ValueError, match="question 1: .* no answer"):
-        evaluation.load_mc_file(write(tmp_path / "bad.json", bad))
+        mmlu.load_mc_file(write(tmp_path / "bad.json", bad))
     rows = [{"question": "q", "choices": ["a", "b"], "answer": 0},
             {"question": "q", "choices": ["a", "b"], "answer": 2}]
     with pytest.raises(ValueError, match=r"bad\.jsonl line 2: 'answer' must be a choice index 0\.\.1"):
-        evaluation.load_mc_file(write(tmp_path / "bad.jsonl", rows, jsonl=True))
+        mmlu.load_mc_file(write(tmp_path / "bad.jsonl", rows, jsonl=True))
     with pytest.raises(ValueError, match=r"bad2\.json: item 0: expected 'question'"):
-        evaluation.load_mc_file(write(tmp_path / "bad2.json", [{"question": "q", "options": ["a", "b"]}]))
+        mmlu.load_mc_file(write(tmp_path / "bad2.json", [{"question": "q", "options": ["a", "b"]}]))
     with pytest.raises(ValueError, match="subject -> prompt text"):
-        evaluation.load_mc_file(write(tmp_path / "bad3.json", {"x": 1}))
+        mmlu.load_mc_file(write(tmp_path / "bad3.json", {"x": 1}))
 
 
 # --------------------------------------------------------------------------- scoring
@@ -212,7 +214,7 @@ def tiny_lm(tok, seed=0):
 def mc_items(tmp_path):
     rows = [{"question": f"Question {k}: what is two plus {k}?", "choices": ["three", "four", "five", "six"],
              "answer": k % 4} for k in range(6)]
-    return evaluation.load_mc_file(write(tmp_path / "mc.json", rows))
+    return mmlu.load_mc_file(write(tmp_path / "mc.json", rows))
 
 
 @torch.no_grad()
@@ -226,14 +228,14 @@ def direct_score(model, tok, context, option):
 
 def test_scores_match_a_direct_computation(tok, tmp_path):
     model, items = tiny_lm(tok), mc_items(tmp_path)
-    assert all(len(tok.encode(o).ids) == 1 for o in items[0]["options"])         # the one-forward path
+    assert all(len(tok.encode(o).ids) == 1 for o in items[0]["options"])         # single-token options
     words = [{**it, "options": [" three", " four", " five", " six plus"]} for it in items]   # multi-token path
     assert any(len(tok.encode(o).ids) > 1 for o in words[0]["options"])
     for its in (items, words, items[:3] + words[3:]):
-        scores = evaluation.mc_option_scores(model, tok, its, batch_size=4)
+        r = evaluation.multiple_choice(model, tok, its, batch_size=4)
         want = [[direct_score(model, tok, it["context"], o) for o in it["options"]] for it in its]
-        assert np.allclose(scores, want, atol=1e-4)
-        assert evaluation.score_mc(model, tok, its)["acc"] == evaluation.multiple_choice(model, its, tok)["acc"]
+        assert np.allclose(r["scores"], want, atol=1e-4)
+        assert r["pred"] == [int(np.argmax(w)) for w in want]
 
 
 def test_score_mc_picks_the_option_the_model_is_forced_to_prefer(tok, tmp_path):
@@ -248,7 +250,7 @@ def test_score_mc_picks_the_option_the_model_is_forced_to_prefer(tok, tmp_path):
         assert all(tok.encode(it["context"]).ids[-1] == last for it in items)
         model.lm_head.weight.zero_()
         model.lm_head.weight[tok.encode(" C").ids[0]] = 5 * model.norm(model.embed.weight[last])
-    r = evaluation.score_mc(model, tok, items, batch_size=4)
+    r = evaluation.multiple_choice(model, tok, items, batch_size=4)
     assert r["pred"] == [2] * len(items) and r["correct"] == sum(it["answer"] == 2 for it in items)
     assert r["n"] == len(items) and r["chance"] == 0.25 and not model.training
 
@@ -268,11 +270,11 @@ def hf_folder(tmp_path, tok_dir):
 
 def test_mc_command_line(tmp_path, smol_dir, capsys):
     folder = hf_folder(tmp_path, smol_dir)
-    evaluation.main([f"--mc={write(tmp_path / 'cot.json', MMLU_SHAPE)}", f"--ckpt={folder}", "--batch_size=2"])
+    mmlu.main([f"--mc={write(tmp_path / 'cot.json', MMLU_SHAPE)}", f"--ckpt={folder}", "--batch_size=2"])
     out = capsys.readouterr().out
     assert "accuracy" in out and "n 4," in out
-    with pytest.raises(SystemExit, match="needs --ckpt"):
-        evaluation.main([f"--mc={tmp_path / 'cot.json'}"])
+    with pytest.raises(ValueError, match="expected --mc=FILE and --ckpt"):
+        mmlu.main([f"--mc={tmp_path / 'cot.json'}"])
 
 
 # --------------------------------------------------------------------------- real-photo demo path
@@ -295,9 +297,9 @@ def test_demo_real_photo_runs_on_a_tiny_teacher(tmp_path, smol_dir, capsys):
             buf = io.BytesIO()
             Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
             z.writestr(f"skimage/data/{name}", buf.getvalue())
-    paths = evaluation.skimage_photos(wheel=str(wheel), out_dir=str(tmp_path / "photos"))
+    paths = demo_photo.skimage_photos(wheel=str(wheel), out_dir=str(tmp_path / "photos"))
     assert [os.path.basename(p) for p in paths] == ["chelsea.png", "coffee.png"] and all(map(os.path.isfile, paths))
-    out = evaluation.demo_real_photo(folder, paths, image_size=32)
+    out = demo_photo.demo_real_photo(folder, paths, image_size=32)
     text = capsys.readouterr().out
     assert out["image_token_id"] == out["teacher_vocab"] and out["student_vocab"] == out["teacher_vocab"] + 1
     assert out["image_tokens"] == 16 and out["max_abs_student_vs_teacher_full"] < 1e-4

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file, load_file
 
-from model import LMConfig, VisionConfig, Decoder, VisionEncoder
-from weights import (load_hf_lm, save_hf_lm, load_hf_siglip, save_hf_siglip, build_student_vlm, save_vlm,
+from model import LMConfig, VisionConfig, Decoder, VisionEncoder, vlm_from_teacher
+from weights import (load_hf_lm, save_hf_lm, load_hf_siglip, save_hf_siglip, save_vlm,
                      load_vlm, lm_config_to_hf)
 
 LM = dict(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, rope_theta=10000.0)
@@ -127,7 +127,9 @@ def test_student_vlm_from_lm_and_vision_folders_and_vlm_round_trip(tmp_path):
     lm, lm_folder = saved_lm(tmp_path)
     enc = VisionEncoder(VisionConfig())
     save_hf_siglip(enc, tmp_path / "vis")
-    vlm = build_student_vlm(lm_folder, tmp_path / "vis", image_token_id=100)
+    vision = load_hf_siglip(tmp_path / "vis")                 # the student train.py builds
+    vlm = vlm_from_teacher(load_hf_lm(lm_folder), vision.cfg, image_token_id=100)
+    vlm.vision.load_state_dict(vision.state_dict())
     assert_same_params(vlm.decoder, lm)
     assert_same_params(vlm.vision, enc)
     save_vlm(vlm, tmp_path / "vlm")

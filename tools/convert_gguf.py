@@ -1,7 +1,7 @@
 """
 Convert a llama-architecture GGUF file (llama.cpp's format) into a Hugging Face Llama folder.
 
-    python convert_gguf.py SmolLM2-135M-Instruct.Q4_1.gguf /tmp/smollm2-135m-hf
+    python tools/convert_gguf.py SmolLM2-135M-Instruct.Q4_1.gguf /tmp/smollm2-135m-hf
 
 Writes config.json (LlamaForCausalLM layout), model.safetensors (float32, HF key names),
 and, when the GGUF carries tokenizer metadata, tokenizer.json, tokenizer_config.json and
@@ -21,6 +21,8 @@ import sys
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from weights import atomic_write, write_json
 
@@ -191,6 +193,6 @@ def convert_gguf(gguf_path, out_dir):
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        sys.exit("usage: python convert_gguf.py PATH.gguf OUT_DIR")
+        sys.exit("usage: python tools/convert_gguf.py PATH.gguf OUT_DIR")
     logging.basicConfig(level=logging.INFO)
     print(convert_gguf(sys.argv[1], sys.argv[2]))

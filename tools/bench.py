@@ -1,9 +1,9 @@
 """
 Benchmarks (not tests): ratios measured side by side in one run, printed as a table.
 
-  python bench.py                      # all benchmarks at tiny / SmolLM2-135M-like sizes on this machine
-  python bench.py --only=handoff       # one of: handoff, kd_memory, step, hf_step, train
-  python bench.py --device=cuda        # on a GPU: adds MFU for the training-stage tokens/s
+  python tools/bench.py                      # all benchmarks at tiny / SmolLM2-135M-like sizes on this machine
+  python tools/bench.py --only=handoff       # one of: handoff, kd_memory, step, hf_step, train
+  python tools/bench.py --device=cuda        # on a GPU: adds MFU for the training-stage tokens/s
 
 - handoff:  teacher continuation over the shared context KV vs the teacher recomputing the
             whole sequence, against the ideal ratio R/(P+R).
@@ -13,14 +13,19 @@ Benchmarks (not tests): ratios measured side by side in one run, printed as a ta
 - train:    tokens/s of the three `python train.py` stages (smoke-sized steps of the tiny preset).
 """
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import distill
 import kvshare
-from model import LMConfig, Decoder, LM_PRESETS, make_config
+import train
+from model import SMOLLM2_135M, Decoder, LMConfig
 
 
 def timeit(fn, device, repeat=5, warmup=2):
@@ -109,7 +114,8 @@ def bench_kd_memory(device, V=49152, N=2048, chunk=256):
 
 def distill_step_ours(student, teacher, batch):
     s_logits, t_logits = kvshare.distill_forward(student, teacher, batch, batch["image_token_id"], "full")
-    out = distill.distill_loss(s_logits, batch["labels"], batch["response_mask"], t_logits, batch["source"], "uniform")
+    out = distill.distill_loss(s_logits, batch["labels"], batch["response_mask"], t_logits,
+                               sources=batch["source"], policy="uniform")
     out["loss"].backward()
     return float(out["loss"].detach())
 
@@ -161,8 +167,8 @@ def bench_step(device, lm, B=4, P=192, R=64, with_hf=True):
             pos = torch.arange(P - 1, P + R - 1, device=device)[None].expand(B, -1)
             t_logits = hf_t(input_ids=ids[:, P - 1:P + R - 1], attention_mask=mask[:, :P + R - 1],
                             past_key_values=cache, position_ids=pos).logits
-        loss = distill.distill_loss(s_logits, batch["labels"], batch["response_mask"], t_logits, batch["source"],
-                                    "uniform")["loss"]
+        loss = distill.distill_loss(s_logits, batch["labels"], batch["response_mask"], t_logits,
+                                    sources=batch["source"], policy="uniform")["loss"]
         loss.backward()
         return float(loss.detach())
 
@@ -180,7 +186,6 @@ def bench_train(device, steps=20, peak_tflops=None):
     from the 6N rule (6 x trainable-path params per token, + 2N for the teacher's forward)."""
     import json
     import tempfile
-    import train
     with tempfile.TemporaryDirectory() as d:
         argv = [f"--out_dir={d}", f"--device={device.type}", "--eval=false", "--ckpt_every=1000000"] + \
                [f"--{s}_steps={steps}" for s in ("pretrain", "align", "adapt", "distill")]
@@ -212,8 +217,8 @@ def main():
     cuda = device.type == "cuda"
     peak = args.peak_tflops or (989.0 if cuda else None)
     torch.manual_seed(0)
-    smol = make_config(LMConfig, LM_PRESETS, "smollm2-135m")
-    tiny = make_config(LMConfig, LM_PRESETS, "tiny", vocab_size=512)
+    smol = SMOLLM2_135M
+    tiny = LMConfig(vocab_size=512)
     rows = []
     run = lambda name: args.only in (None, name)
     if run("handoff"):
