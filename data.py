@@ -23,12 +23,15 @@ import json
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from weights import atomic_write       # weights imports model only: no cycle
 
 PAD_TOKEN, EOS_TOKEN, IMAGE_TOKEN = "<pad>", "<eos>", "<image>"
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, IMAGE_TOKEN)
@@ -415,7 +418,13 @@ def encode_corpus(corpus, tokenizer):
 # ----------------------------------------------------------------------------------------
 # Real data
 
-def _parse_line(line, image_root):
+def _parse_line(raw, image_root):
+    """One JSONL line (bytes) -> example; every problem is a ValueError saying what was expected."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"not valid UTF-8 (byte {err.start}: {raw[err.start:err.start + 1]!r}); "
+                         "expected UTF-8 text") from None
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
@@ -434,6 +443,11 @@ def _parse_line(line, image_root):
     else:
         raise ValueError(f"missing field: expected 'conversations' or string 'prompt' and 'response', "
                          f"found keys {sorted(obj)}")
+    source = obj.get("source", "unknown")
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"expected 'source' to be a non-empty string, found {source!r}")
+    if IMAGE_TOKEN in response:
+        raise ValueError(f"the response has {IMAGE_TOKEN}; expected it only in the prompt")
     image = None
     if obj.get("image") is not None:
         if not isinstance(obj["image"], str) or not obj["image"]:
@@ -442,13 +456,18 @@ def _parse_line(line, image_root):
         if not os.path.isfile(path):
             raise ValueError(f"image file not found: {path}")
         try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except OSError as err:
+            with warnings.catch_warnings():     # PIL only warns between 1x and 2x MAX_IMAGE_PIXELS
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    image = im.convert("RGB")
+        except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             raise ValueError(f"cannot read image {path} ({err}); expected a valid image file") from None
     elif IMAGE_TOKEN in prompt:
         raise ValueError(f"the prompt has {IMAGE_TOKEN} but the line names no 'image'")
-    return {"image": image, "prompt": prompt, "response": response, "source": obj.get("source", "unknown")}
+    elif not prompt.strip():
+        raise ValueError("empty prompt and no image: the context would be empty; expected some prompt text "
+                         "for the first response token to be predicted from")
+    return {"image": image, "prompt": prompt, "response": response, "source": source}
 
 
 def load_jsonl(path, image_root=None, skip_bad=False):
@@ -456,11 +475,16 @@ def load_jsonl(path, image_root=None, skip_bad=False):
     "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...}, ...]} (earlier turns
     join the prompt, the last gpt turn is the response) or {"prompt", "response"}; optional
     "source" (default "unknown"). Image paths are relative to image_root (default: the
-    file's folder); images are loaded eagerly. A bad line is a ValueError naming the file
-    and line; with skip_bad=True bad lines are skipped and summarised on stderr."""
+    file's folder); images are loaded eagerly. A bad line (bad JSON or UTF-8, a missing or
+    wrong-typed field, an empty context, <image> in a response, an unreadable or
+    decompression-bomb image) is a ValueError naming the file and line; with skip_bad=True bad
+    lines are skipped and summarised on stderr. The file is read as bytes and decoded line by
+    line, so bad UTF-8 is one bad line too."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory; expected a JSONL file")
     root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
     examples, bad = [], []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -514,7 +538,7 @@ def save_tokenizer(tokenizer, folder):
     instead of appending new <pad>/<eos> ids. Keys of an existing tokenizer_config.json (a chat
     template, ...) are kept."""
     os.makedirs(folder, exist_ok=True)
-    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    atomic_write(os.path.join(folder, "tokenizer.json"), tokenizer.save)
     roles = getattr(tokenizer, "role_tokens", {})
     if roles:
         path = os.path.join(folder, "tokenizer_config.json")
@@ -524,8 +548,10 @@ def save_tokenizer(tokenizer, folder):
                 cfg = json.load(f)
         cfg.update({key: roles[role] for role, key in ((EOS_TOKEN, "eos_token"), (PAD_TOKEN, "pad_token"))
                     if role in roles})
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2, ensure_ascii=False)
+        def write(tmp):
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(cfg, f, indent=2, ensure_ascii=False)
+        atomic_write(path, write)
 
 
 def load_chat_template(folder):

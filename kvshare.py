@@ -28,6 +28,8 @@ logits at columns P-1 .. P+R-2 predict the R response tokens.
    scope "none": the teacher reads the text alone, no image KV ("text-only teacher").
 The teacher is frozen (eval, no grad); its logits are detached.
 """
+from types import SimpleNamespace
+
 import torch
 
 from model import VLM, positions_from_mask, unwrap
@@ -80,13 +82,31 @@ def student_prefill(student, batch, keep_kv=True):
     return logits[:, :R], kv                                                  # (B, R, V)
 
 
+def decoder_config(student):
+    """The decoder LMConfig of a student VLM or Decoder, also through DDP / torch.compile wrappers."""
+    while hasattr(student, "module") or hasattr(student, "_orig_mod"):
+        student = student.module if hasattr(student, "module") else student._orig_mod
+    return getattr(student, "decoder", student).cfg
+
+
 @torch.no_grad()
-def teacher_continue(teacher, student_kv, batch, image_token_id, scope="full"):
-    """Steps 2-3. Teacher logits (B, R, V_teacher) for the response tokens, detached."""
+def teacher_continue(teacher, student_kv, batch, image_token_id, scope="full", student_cfg=None):
+    """Steps 2-3. Teacher logits (B, R, V_teacher) for the response tokens, detached.
+
+    For the scopes that read the student's KV ("full", "image") this runs check_compatible
+    itself, on a student side made of the KV tensors' own shapes (n_layers = len(student_kv),
+    n_kv_heads and head_dim from K's shape) and the RoPE theta of `student_cfg` (the student's
+    decoder LMConfig; distill_forward passes it). RoPE theta cannot be read from tensors: a
+    caller that passes no student_cfg must have run check_compatible on the configs itself."""
     if scope not in SCOPES:
         raise ValueError(f"share scope {scope!r}; expected one of {SCOPES}")
     if teacher.training or any(p.requires_grad for p in teacher.parameters()):
         raise ValueError("teacher_continue: the teacher must be frozen (call kvshare.freeze(teacher))")
+    if scope != "none":
+        k = student_kv[0][0]
+        check_compatible(teacher.cfg, SimpleNamespace(
+            n_layers=len(student_kv), n_kv_heads=k.shape[1], head_dim=k.shape[3],
+            rope_theta=(student_cfg or teacher.cfg).rope_theta))
     ids, mask, P = batch["input_ids"], batch["attention_mask"], batch["context_len"]
     T = ids.shape[1]                       # P + R; the teacher never needs the last column as input
     is_image = ids == image_token_id
@@ -130,5 +150,6 @@ def teacher_continue(teacher, student_kv, batch, image_token_id, scope="full"):
 def distill_forward(student, teacher, batch, image_token_id, scope="full", need_teacher=True):
     """Student prefill + teacher continuation: (student logits with grad, teacher logits or None)."""
     student_logits, kv = student_prefill(student, batch)
-    teacher_logits = teacher_continue(teacher, kv, batch, image_token_id, scope) if need_teacher else None
+    teacher_logits = (teacher_continue(teacher, kv, batch, image_token_id, scope, decoder_config(student))
+                      if need_teacher else None)
     return student_logits, teacher_logits

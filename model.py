@@ -200,6 +200,9 @@ class Decoder(nn.Module):
         input_ids (B, T) or inputs_embeds (B, T, D): the new tokens.
         attention_mask (B, Tp+T): 1 real / 0 pad over past AND new keys (default: all real).
         position_ids (B, T): RoPE positions of the new tokens (default: from attention_mask).
+            A position >= cfg.max_positions is an error. Checked only when past + new columns
+            exceed max_positions (cheap: no device sync otherwise), so explicit position_ids
+            must stay below past + new, as positions counted from a mask always do.
         past_kv: list of per-layer (K, V), each (B, n_kv_heads, Tp, head_dim), K after RoPE.
         use_cache: also return per-layer (K, V) over past + new positions (else kv is None).
         logits_start: compute logits only for new positions >= this (saves memory at 49k vocab).
@@ -218,6 +221,11 @@ class Decoder(nn.Module):
                              f"got {tuple(attention_mask.shape)}")
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)[:, past_len:]
+        if past_len + T > self.cfg.max_positions:       # positions stay below past+new: no sync otherwise
+            longest = int(position_ids.max()) + 1
+            if longest > self.cfg.max_positions:
+                raise ValueError(f"sequence of {longest} positions (past {past_len} + new {T} columns) is "
+                                 f"longer than max_positions {self.cfg.max_positions}")
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         mask = build_attention_mask(attention_mask, T, past_len)
         new_kv = []

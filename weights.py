@@ -8,8 +8,10 @@ ignored, and every shape matches. All problems are reported in one error.
 Weights are read with safetensors only (no pickle); files are written atomically.
 """
 import json
+import math
 import os
 import tempfile
+from dataclasses import asdict, fields
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,21 +22,35 @@ from model import LMConfig, VisionConfig, Decoder, VisionEncoder, VLM
 # ----------------------------------------------------------------------------------------
 # Files
 
+def _current_umask():
+    mask = os.umask(0o022)      # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write_fn):
-    """Write via a temp file in the same folder, fsync, then rename over `path`: a crash
-    never leaves a half-written file under the final name."""
+    """Write via a temp file in the same folder, fsync, rename over `path`, then fsync the
+    folder (so the rename itself survives a crash): a crash never leaves a half-written file
+    under the final name. The file gets mode 0644 minus the umask, like a plain open() would
+    give (tempfile creates 0600)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
     os.close(fd)
     try:
         write_fn(tmp)
+        os.chmod(tmp, 0o644 & ~_current_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def write_json(path, obj):
@@ -54,8 +70,82 @@ def read_json(path):
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def read_safetensors_folder(folder):
-    """All tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`."""
+def _json_type(value):
+    """The JSON name of a parsed value's type, for error messages."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return {dict: "an object", list: "an array", str: "a string"}.get(type(value), "a number")
+
+
+_KINDS = {  # kind -> (test, what was expected); bool is no number here although Python says so
+    "size": (lambda v: type(v) is int and v > 0, "a positive integer"),
+    "index": (lambda v: type(v) is int and v >= 0, "a non-negative integer"),
+    "number": (lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0, "a positive number"),
+    "bool": (lambda v: type(v) is bool, "true or false"),
+    "str": (lambda v: type(v) is str, "a string"),
+    "object": (lambda v: type(v) is dict, "a JSON object"),
+}
+_REQUIRED = object()
+
+
+class ConfigFields:
+    """Typed reads from one JSON object of a config file. Every config loader below reads
+    through this, so a config.json that is `[]`, or has `"hidden_size": "abc"`, or lacks a
+    required field, is one ValueError naming the file, the key and what was expected, before
+    any model is built. A JSON null counts as absent (Hugging Face writes null for unset
+    optional fields)."""
+
+    def __init__(self, obj, source, prefix=""):
+        if not isinstance(obj, dict):
+            where = f" at {prefix[:-1]!r}" if prefix else ""
+            raise ValueError(f"{source}: expected a JSON object{where}, found {_json_type(obj)}")
+        self.obj, self.source, self.prefix = obj, source, prefix
+
+    def __contains__(self, key):
+        return self.obj.get(key) is not None
+
+    def get(self, key, kind, default=_REQUIRED):
+        """obj[key] checked against `kind` (a key of _KINDS; "number" returns a float), or
+        `default` when absent; absent without a default is an error."""
+        test, expected = _KINDS[kind]
+        value = self.obj.get(key)
+        if value is None:
+            if default is _REQUIRED:
+                raise ValueError(f"{self.source}: missing field {self.prefix + key!r} (expected {expected})")
+            return default
+        if not test(value):
+            raise ValueError(f"{self.source}: field {self.prefix + key!r} is {_json_type(value)} "
+                             f"({json.dumps(value)[:40]}), expected {expected}")
+        return float(value) if kind == "number" else value
+
+    def sub(self, key):
+        """The nested object at `key` (required), as ConfigFields."""
+        return ConfigFields(self.get(key, "object"), self.source, f"{self.prefix}{key}.")
+
+
+def _build(cls, source, **kwargs):
+    """cls(**kwargs) with the config's own consistency errors prefixed by the file."""
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def config_from_fields(cls, f: ConfigFields):
+    """A config dataclass (LMConfig, VisionConfig) from an object holding exactly its fields,
+    as our own folders store them (dataclasses.asdict): every field required and typed."""
+    kinds = {"int": "size", "float": "number", "bool": "bool"}
+    types = {fl.name: getattr(fl.type, "__name__", fl.type) for fl in fields(cls)}
+    unknown = sorted(set(f.obj) - set(types))
+    if unknown:
+        raise ValueError(f"{f.source}: unknown field(s) {[f.prefix + k for k in unknown]}; "
+                         f"expected the {cls.__name__} fields {sorted(types)}")
+    return _build(cls, f.source, **{name: f.get(name, kinds[t]) for name, t in types.items()})
+
+
+def read_safetensors_folder(folder, origin=None):
+    """All tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`.
+    origin: an optional dict, filled with tensor name -> the file it came from (for errors)."""
     single, index = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(single):
         files = [single]
@@ -69,9 +159,12 @@ def read_safetensors_folder(folder):
     tensors = {}
     for f in files:
         try:
-            tensors.update(load_file(f))
+            part = load_file(f)
         except Exception as e:
             raise ValueError(f"{f}: cannot read safetensors file ({e})") from None
+        tensors.update(part)
+        if origin is not None:
+            origin.update(dict.fromkeys(part, f))
     return tensors
 
 
@@ -88,17 +181,22 @@ def save_mapped(module, folder, key_map, config):
     write_json(os.path.join(folder, "config.json"), config)
 
 
-def load_mapped(module, tensors, key_map, ignore_prefixes=(), source="weights"):
+def load_mapped(module, tensors, key_map, ignore_prefixes=(), source="weights", origin=None):
     """Copy file tensors into module. key_map: our state-dict key -> file key.
-    Fails with one error listing missing keys, unused keys and shape mismatches."""
+    Fails with one error listing missing keys, unused keys, shape mismatches and non-float
+    tensors where a float weight is expected (an int64 table is never cast silently; `origin`,
+    from read_safetensors_folder, names the file holding it)."""
     ours = module.state_dict()
     missing = [fk for ok, fk in key_map.items() if fk not in tensors]
     used = set(key_map.values())
     unused = [k for k in tensors if k not in used and not k.startswith(tuple(ignore_prefixes))]
     shapes = [f"{fk}: file {tuple(tensors[fk].shape)} vs model {tuple(ours[ok].shape)}"
               for ok, fk in key_map.items() if fk in tensors and tensors[fk].shape != ours[ok].shape]
+    dtypes = [f"{(origin or {}).get(fk, source)}: tensor {fk} is {str(tensors[fk].dtype)[6:]}, "
+              f"expected floating point" for ok, fk in key_map.items()
+              if fk in tensors and ours[ok].is_floating_point() and not tensors[fk].is_floating_point()]
     problems = ([f"missing key {k}" for k in missing] + [f"unexpected key {k}" for k in sorted(unused)]
-                + [f"shape mismatch {s}" for s in shapes])
+                + [f"shape mismatch {s}" for s in shapes] + [f"wrong dtype {s}" for s in dtypes])
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise ValueError(f"{source}: {len(problems)} problem(s) loading weights:\n  " + "\n  ".join(shown))
@@ -112,28 +210,30 @@ def load_mapped(module, tensors, key_map, ignore_prefixes=(), source="weights"):
 # Hugging Face decoders (Llama / SmolLM2 / Qwen2)
 
 def lm_config_from_hf(hf, source="config.json"):
-    def need(key):
-        if key not in hf:
-            raise ValueError(f"{source}: missing field {key!r}")
-        return hf[key]
-    model_type = hf.get("model_type", "llama")
+    f = ConfigFields(hf, source)
+    model_type = f.get("model_type", "str", "llama")
     if model_type not in ("llama", "qwen2", "mistral"):
         raise ValueError(f"{source}: model_type {model_type!r} is not a Llama-style decoder (llama, qwen2)")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
+    if f.get("attention_bias", "bool", False) or f.get("mlp_bias", "bool", False):
         raise ValueError(f"{source}: attention_bias/mlp_bias = true is not supported (only Qwen2's q/k/v bias)")
-    theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta"))
+    rope_params = ConfigFields(f.get("rope_parameters", "object", {}), source, "rope_parameters.")
+    theta = f.get("rope_theta", "number", None) or rope_params.get("rope_theta", "number", None)
     if theta is None:
         raise ValueError(f"{source}: missing 'rope_theta' (or 'rope_parameters.rope_theta')")
-    rope_type = (hf.get("rope_parameters") or hf.get("rope_scaling") or {}).get("rope_type", "default")
+    rope = rope_params if rope_params.obj else ConfigFields(f.get("rope_scaling", "object", {}), source,
+                                                            "rope_scaling.")
+    rope_type = rope.get("rope_type", "str", "default")
     if rope_type != "default":
         raise ValueError(f"{source}: rope_type {rope_type!r} is not supported (only 'default')")
-    cfg = LMConfig(vocab_size=need("vocab_size"), dim=need("hidden_size"), n_layers=need("num_hidden_layers"),
-                   n_heads=need("num_attention_heads"),
-                   n_kv_heads=hf.get("num_key_value_heads") or need("num_attention_heads"),
-                   ffn_dim=need("intermediate_size"), rope_theta=float(theta), rms_eps=hf.get("rms_norm_eps", 1e-6),
-                   max_positions=hf.get("max_position_embeddings", 2048),
-                   tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=model_type == "qwen2")
-    if hf.get("head_dim") not in (None, cfg.head_dim):
+    n_heads = f.get("num_attention_heads", "size")
+    cfg = _build(LMConfig, source, vocab_size=f.get("vocab_size", "size"), dim=f.get("hidden_size", "size"),
+                 n_layers=f.get("num_hidden_layers", "size"), n_heads=n_heads,
+                 n_kv_heads=f.get("num_key_value_heads", "size", n_heads),
+                 ffn_dim=f.get("intermediate_size", "size"), rope_theta=theta,
+                 rms_eps=f.get("rms_norm_eps", "number", 1e-6),
+                 max_positions=f.get("max_position_embeddings", "size", 2048),
+                 tie_embeddings=f.get("tie_word_embeddings", "bool", False), qkv_bias=model_type == "qwen2")
+    if f.get("head_dim", "size", cfg.head_dim) != cfg.head_dim:
         raise ValueError(f"{source}: head_dim {hf['head_dim']} != hidden_size/num_attention_heads {cfg.head_dim}")
     return cfg
 
@@ -177,9 +277,10 @@ def load_hf_lm(folder):
     """A Decoder from a Hugging Face Llama / SmolLM2 / Qwen2 folder (config.json + safetensors)."""
     cfg_path = os.path.join(folder, "config.json")
     cfg = lm_config_from_hf(read_json(cfg_path), cfg_path)
-    tensors = read_safetensors_folder(folder)
+    origin = {}
+    tensors = read_safetensors_folder(folder, origin)
     ignore = hf_lm_ignored(cfg) + tuple(k for k in tensors if ".rotary_emb.inv_freq" in k)
-    return load_mapped(Decoder(cfg), tensors, hf_lm_key_map(cfg), ignore, source=folder)
+    return load_mapped(Decoder(cfg), tensors, hf_lm_key_map(cfg), ignore, source=folder, origin=origin)
 
 
 def save_hf_lm(decoder: Decoder, folder):
@@ -191,16 +292,20 @@ def save_hf_lm(decoder: Decoder, folder):
 # Hugging Face SigLIP vision towers
 
 def vision_config_from_hf(hf, source="config.json"):
-    hf = hf.get("vision_config", hf)          # a full SiglipConfig nests the vision part
+    f = ConfigFields(hf, source)
+    if "vision_config" in f:                  # a full SiglipConfig nests the vision part
+        f = f.sub("vision_config")
     missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                           "image_size", "patch_size") if k not in hf]
+                           "image_size", "patch_size") if k not in f]
     if missing:
-        raise ValueError(f"{source}: missing vision field(s) {missing}")
-    if hf.get("hidden_act", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_new"):
-        raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} unsupported (expected gelu_pytorch_tanh)")
-    return VisionConfig(image_size=hf["image_size"], patch_size=hf["patch_size"], dim=hf["hidden_size"],
-                        n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
-                        mlp_dim=hf["intermediate_size"], ln_eps=hf.get("layer_norm_eps", 1e-6))
+        raise ValueError(f"{source}: missing vision field(s) {[f.prefix + k for k in missing]}")
+    act = f.get("hidden_act", "str", "gelu_pytorch_tanh")
+    if act not in ("gelu_pytorch_tanh", "gelu_new"):
+        raise ValueError(f"{source}: hidden_act {act!r} unsupported (expected gelu_pytorch_tanh)")
+    return _build(VisionConfig, source, image_size=f.get("image_size", "size"),
+                  patch_size=f.get("patch_size", "size"), dim=f.get("hidden_size", "size"),
+                  n_layers=f.get("num_hidden_layers", "size"), n_heads=f.get("num_attention_heads", "size"),
+                  mlp_dim=f.get("intermediate_size", "size"), ln_eps=f.get("layer_norm_eps", "number", 1e-6))
 
 
 def vision_config_to_hf(cfg: VisionConfig):
@@ -236,8 +341,9 @@ def load_hf_siglip(folder):
     """A VisionEncoder from a Hugging Face SigLIP (vision or full) folder."""
     cfg_path = os.path.join(folder, "config.json")
     cfg = vision_config_from_hf(read_json(cfg_path), cfg_path)
-    return load_mapped(VisionEncoder(cfg), read_safetensors_folder(folder), hf_vision_key_map(cfg),
-                       SIGLIP_IGNORED, source=folder)
+    origin = {}
+    return load_mapped(VisionEncoder(cfg), read_safetensors_folder(folder, origin), hf_vision_key_map(cfg),
+                       SIGLIP_IGNORED, source=folder, origin=origin)
 
 
 def save_hf_siglip(encoder: VisionEncoder, folder):
@@ -253,7 +359,6 @@ def vlm_key_map(vlm: VLM):
 
 
 def save_vlm(vlm: VLM, folder):
-    from dataclasses import asdict
     save_mapped(vlm, folder, vlm_key_map(vlm),
                 {"model_type": "lingudistill_vlm", "lm": asdict(vlm.decoder.cfg), "vision": asdict(vlm.vision.cfg),
                  "image_token_id": vlm.image_token_id, "shuffle_factor": vlm.projector.factor})
@@ -261,14 +366,16 @@ def save_vlm(vlm: VLM, folder):
 
 def load_vlm(folder):
     cfg_path = os.path.join(folder, "config.json")
-    c = read_json(cfg_path)
-    if c.get("model_type") != "lingudistill_vlm":
-        raise ValueError(f"{cfg_path}: model_type {c.get('model_type')!r}, expected 'lingudistill_vlm'")
-    try:
-        vlm = VLM(LMConfig(**c["lm"]), VisionConfig(**c["vision"]), c["image_token_id"], c["shuffle_factor"])
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{cfg_path}: bad VLM config ({e})") from None
-    return load_mapped(vlm, read_safetensors_folder(folder), vlm_key_map(vlm), source=folder)
+    c = ConfigFields(read_json(cfg_path), cfg_path)
+    if c.obj.get("model_type") != "lingudistill_vlm":
+        raise ValueError(f"{cfg_path}: model_type {c.obj.get('model_type')!r}, expected 'lingudistill_vlm'")
+    lm, vision = config_from_fields(LMConfig, c.sub("lm")), config_from_fields(VisionConfig, c.sub("vision"))
+    image_token_id, factor = c.get("image_token_id", "index"), c.get("shuffle_factor", "size")
+    vlm = _build(VLM, cfg_path, lm_cfg=lm, vision_cfg=vision, image_token_id=image_token_id,
+                 shuffle_factor=factor)
+    origin = {}
+    return load_mapped(vlm, read_safetensors_folder(folder, origin), vlm_key_map(vlm), source=folder,
+                       origin=origin)
 
 
 # ----------------------------------------------------------------------------------------
@@ -315,44 +422,41 @@ def nanovlm_configs(cfg_dict, source="config.json"):
     Not modelled: nanoVLM rescales RoPE frequencies for positions beyond
     lm_max_position_embeddings (we never do), and it numbers positions 0..T-1 regardless of
     padding (we count real tokens, which agrees unless a prompt is left-padded)."""
-    c = cfg_dict
-    if not isinstance(c, dict):
-        raise ValueError(f"{source}: expected a JSON object of nanoVLM config fields")
-    missing = [k for k in _NANOVLM_REQUIRED if k not in c]
-    vocab = c.get("lm_vocab_size")
-    if vocab is None:
-        if "lm_base_vocab_size" in c and "extra_token_amount" in c:
-            vocab = c["lm_base_vocab_size"] + c["extra_token_amount"]
-        else:
-            missing.append("lm_vocab_size")
+    f = ConfigFields(cfg_dict, source)
+    missing = [k for k in _NANOVLM_REQUIRED if k not in f]
+    if "lm_vocab_size" in f:
+        vocab = f.get("lm_vocab_size", "size")
+    elif "lm_base_vocab_size" in f and "extra_token_amount" in f:
+        vocab = f.get("lm_base_vocab_size", "size") + f.get("extra_token_amount", "index")
+    else:
+        missing.append("lm_vocab_size")
     if missing:
         raise ValueError(f"{source}: missing nanoVLM field(s) {missing}")
-    if c.get("vit_cls_flag", False):
+    if f.get("vit_cls_flag", "bool", False):
         raise ValueError(f"{source}: vit_cls_flag = true (a ViT CLS token) is not supported")
-    if float(c.get("lm_attn_scaling", 1.0)) != 1.0:
-        raise ValueError(f"{source}: lm_attn_scaling {c['lm_attn_scaling']} is not supported (only 1.0)")
-    try:
-        lm = LMConfig(vocab_size=int(vocab), dim=c["lm_hidden_dim"], n_layers=c["lm_n_blocks"],
-                      n_heads=c["lm_n_heads"], n_kv_heads=c["lm_n_kv_heads"], ffn_dim=c["lm_inter_dim"],
-                      rope_theta=float(c["lm_re_base"]), rms_eps=float(c.get("lm_rms_eps", 1e-5)),
-                      max_positions=int(c.get("lm_max_position_embeddings", 8192)),
-                      tie_embeddings=bool(c.get("lm_tie_weights", True)), qkv_bias=False)
-        vision = VisionConfig(image_size=c["vit_img_size"], patch_size=c["vit_patch_size"], dim=c["vit_hidden_dim"],
-                              n_layers=c["vit_n_blocks"], n_heads=c["vit_n_heads"], mlp_dim=c["vit_inter_dim"],
-                              ln_eps=float(c.get("vit_ln_eps", 1e-6)))
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
-    s = int(c["mp_pixel_shuffle_factor"])
+    if f.get("lm_attn_scaling", "number", 1.0) != 1.0:
+        raise ValueError(f"{source}: lm_attn_scaling {cfg_dict['lm_attn_scaling']} is not supported (only 1.0)")
+    lm = _build(LMConfig, source, vocab_size=vocab, dim=f.get("lm_hidden_dim", "size"),
+                n_layers=f.get("lm_n_blocks", "size"), n_heads=f.get("lm_n_heads", "size"),
+                n_kv_heads=f.get("lm_n_kv_heads", "size"), ffn_dim=f.get("lm_inter_dim", "size"),
+                rope_theta=f.get("lm_re_base", "number"), rms_eps=f.get("lm_rms_eps", "number", 1e-5),
+                max_positions=f.get("lm_max_position_embeddings", "size", 8192),
+                tie_embeddings=f.get("lm_tie_weights", "bool", True), qkv_bias=False)
+    vision = _build(VisionConfig, source, image_size=f.get("vit_img_size", "size"),
+                    patch_size=f.get("vit_patch_size", "size"), dim=f.get("vit_hidden_dim", "size"),
+                    n_layers=f.get("vit_n_blocks", "size"), n_heads=f.get("vit_n_heads", "size"),
+                    mlp_dim=f.get("vit_inter_dim", "size"), ln_eps=f.get("vit_ln_eps", "number", 1e-6))
+    s = f.get("mp_pixel_shuffle_factor", "size")
     grid = vision.image_size // vision.patch_size
-    if s < 1 or grid % s:
+    if grid % s:
         raise ValueError(f"{source}: mp_pixel_shuffle_factor {s} does not divide the {grid}x{grid} patch grid")
     n_tokens = (grid // s) ** 2
-    if c.get("mp_image_token_length", n_tokens) != n_tokens:
-        raise ValueError(f"{source}: mp_image_token_length {c['mp_image_token_length']} != (vit_img_size / "
+    if f.get("mp_image_token_length", "size", n_tokens) != n_tokens:
+        raise ValueError(f"{source}: mp_image_token_length {cfg_dict['mp_image_token_length']} != (vit_img_size / "
                          f"vit_patch_size / mp_pixel_shuffle_factor)^2 = {n_tokens}")
-    extra, base = c.get("vlm_extra_tokens"), c.get("lm_base_vocab_size")
+    extra, base = f.get("vlm_extra_tokens", "object", None), f.get("lm_base_vocab_size", "size", None)
     image_token_id = None
-    if isinstance(extra, dict) and "image_token" in extra and base is not None:
+    if extra is not None and "image_token" in extra and base is not None:
         if base + len(extra) > lm.vocab_size:
             raise ValueError(f"{source}: lm_base_vocab_size {base} + {len(extra)} vlm_extra_tokens exceeds "
                              f"lm_vocab_size {lm.vocab_size}")
@@ -456,11 +560,14 @@ def load_nanovlm(folder, image_token_id=None):
     if image_token_id is None:
         raise ValueError(f"{cfg_path}: cannot infer the image token id (needs lm_base_vocab_size and "
                          f"vlm_extra_tokens with 'image_token'); pass image_token_id=")
-    tensors = read_safetensors_folder(folder)
+    origin = {}
+    tensors = read_safetensors_folder(folder, origin)
     vlm = VLM(lm, vision, image_token_id, s)
     key_map = nanovlm_key_map(vlm)
+    origin.update({name: origin[key] for name in key_map.values()          # q/k/v thirds: their file
+                   for key in [_nanovlm_qkv_part(name)[0]] if key in origin})
     return load_mapped(vlm, _nanovlm_tensors_for_map(tensors, key_map, lm.tie_embeddings), key_map,
-                       NANOVLM_IGNORED, source=folder)
+                       NANOVLM_IGNORED, source=folder, origin=origin)
 
 
 def nanovlm_config_dict(vlm: VLM):

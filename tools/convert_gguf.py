@@ -125,7 +125,11 @@ def read_tensors(reader, cfg):
         if np_shape != shape:
             bad.append(f"{name}: {np_shape} != {shape}")
             continue
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(np_shape)
+        try:
+            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(np_shape)
+        except ValueError as e:                  # e.g. a truncated file: fewer bytes than the shape
+            raise ValueError(f"tensor {name}: cannot read its {np_shape} data ({e}); is the file "
+                             "truncated?") from None
         if name.endswith("attn_q.weight"):
             w = unpermute(w, cfg["num_attention_heads"])
         elif name.endswith("attn_k.weight"):
@@ -170,13 +174,28 @@ def build_tokenizer(reader):
     return tok, tcfg
 
 
-def convert_gguf(gguf_path, out_dir):
-    """Convert `gguf_path` into an HF Llama folder at `out_dir`; returns `out_dir`."""
+def open_gguf(gguf_path):
+    """A GGUFReader; a missing file is a FileNotFoundError and anything the gguf library raises
+    on a file it cannot parse (not GGUF, truncated) is a ValueError, both naming the file."""
     from gguf import GGUFReader
+    if not os.path.isfile(gguf_path):
+        raise FileNotFoundError(f"{gguf_path}: file not found; expected a GGUF file")
+    try:
+        return GGUFReader(gguf_path)
+    except Exception as e:      # the library raises ValueError, IndexError, ... on bad bytes
+        raise ValueError(f"{gguf_path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def convert_gguf(gguf_path, out_dir):
+    """Convert `gguf_path` into an HF Llama folder at `out_dir`; returns `out_dir`. Nothing is
+    written unless the whole file reads."""
     from safetensors.torch import save_file
-    reader = GGUFReader(gguf_path)
-    cfg = read_config(reader)
-    tensors = read_tensors(reader, cfg)
+    reader = open_gguf(gguf_path)
+    try:
+        cfg = read_config(reader)
+        tensors = read_tensors(reader, cfg)
+    except ValueError as e:
+        raise ValueError(f"{gguf_path}: {e}") from None
     os.makedirs(out_dir, exist_ok=True)
     atomic_write(os.path.join(out_dir, "model.safetensors"),
                  lambda p: save_file(tensors, p, metadata={"format": "pt"}))
@@ -195,4 +214,7 @@ if __name__ == "__main__":
     if len(sys.argv) != 3:
         sys.exit("usage: python tools/convert_gguf.py PATH.gguf OUT_DIR")
     logging.basicConfig(level=logging.INFO)
-    print(convert_gguf(sys.argv[1], sys.argv[2]))
+    try:
+        print(convert_gguf(sys.argv[1], sys.argv[2]))
+    except (ValueError, FileNotFoundError) as e:        # bad input: one line, exit status 1
+        sys.exit(f"convert_gguf.py: {e}")

@@ -1,0 +1,289 @@
+"""Bad input outside train.py / eval.py: each case is one clear error naming the file, line,
+key or flag and what was expected, and nothing is written. Tiny random configs; fast."""
+import json
+import os
+import runpy
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import data
+import weights
+from kvshare import distill_forward, freeze, student_prefill, teacher_continue
+from model import LMConfig, VisionConfig, Decoder, VLM, VisionEncoder
+from weights import (atomic_write, load_hf_lm, load_hf_siglip, load_vlm, nanovlm_configs, save_hf_lm,
+                     save_hf_siglip, save_vlm)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LM = LMConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_positions=16)
+VIS = VisionConfig(image_size=16, patch_size=4, dim=16, n_layers=1, n_heads=2, mlp_dim=32)
+IMG = 60
+
+
+# --------------------------------------------------------------------------- weights.py: files
+
+def test_atomic_write_mode_follows_umask_and_fsyncs_the_folder(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)),
+                                                 real_fsync(fd)))
+    old = os.umask(0o027)
+    try:
+        atomic_write(str(tmp_path / "a.txt"), lambda tmp: open(tmp, "w").write("x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "a.txt").st_mode) == 0o640          # 0644 & ~0027
+    assert synced == [False, True]                                              # file, then folder
+    os.umask(0o022)
+    try:
+        atomic_write(str(tmp_path / "b.txt"), lambda tmp: open(tmp, "w").write("x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "b.txt").st_mode) == 0o644
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.txt"]                   # no temp files left
+
+
+# --------------------------------------------------------------------------- weights.py: configs
+
+def saved(tmp_path, kind):
+    folder = tmp_path / kind
+    if kind == "lm":
+        save_hf_lm(Decoder(LM), folder)
+    elif kind == "siglip":
+        save_hf_siglip(VisionEncoder(VIS), folder)
+    else:
+        save_vlm(VLM(LM, VIS, IMG), folder)
+    return folder
+
+
+def edit_config(folder, edit):
+    """edit: a function changing the config in place, or the whole new content."""
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    if callable(edit):
+        edit(cfg)
+    else:
+        cfg = edit
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+LOADERS = {"lm": load_hf_lm, "siglip": load_hf_siglip, "vlm": load_vlm}
+
+
+POS_INT = "expected a positive integer"
+
+
+@pytest.mark.parametrize("kind,edit,expected", [
+    ("lm", [], "expected a JSON object, found an array"),
+    ("lm", lambda c: c.update(hidden_size="abc"), f"field 'hidden_size' is a string (\"abc\"), {POS_INT}"),
+    ("lm", lambda c: c.update(num_hidden_layers=0), f"field 'num_hidden_layers' is a number (0), {POS_INT}"),
+    ("lm", lambda c: c.pop("intermediate_size"), f"missing field 'intermediate_size' ({POS_INT})"),
+    ("lm", lambda c: c.update(tie_word_embeddings="yes"),
+     "field 'tie_word_embeddings' is a string (\"yes\"), expected true or false"),
+    ("lm", lambda c: c.update(rope_theta=True),
+     "field 'rope_theta' is true (true), expected a positive number"),
+    ("siglip", lambda c: c.update(patch_size=4.5), f"field 'patch_size' is a number (4.5), {POS_INT}"),
+    ("siglip", {"vision_config": "x"},
+     "field 'vision_config' is a string (\"x\"), expected a JSON object"),
+    ("vlm", lambda c: c["lm"].update(dim="abc"), f"field 'lm.dim' is a string (\"abc\"), {POS_INT}"),
+    ("vlm", lambda c: c["lm"].pop("n_heads"), f"missing field 'lm.n_heads' ({POS_INT})"),
+    ("vlm", lambda c: c.update(vision=[]), "field 'vision' is an array ([]), expected a JSON object"),
+    ("vlm", lambda c: c.update(image_token_id=-1),
+     "field 'image_token_id' is a number (-1), expected a non-negative integer"),
+])
+def test_bad_config_names_file_key_and_expectation(tmp_path, kind, edit, expected):
+    path = edit_config(saved(tmp_path, kind), edit)
+    with pytest.raises(ValueError) as e:
+        LOADERS[kind](tmp_path / kind)
+    assert str(e.value) == f"{path}: {expected}"
+
+
+def test_bad_nanovlm_config_names_key():
+    with pytest.raises(ValueError) as e:
+        nanovlm_configs({"vit_hidden_dim": 16, "vit_inter_dim": 32, "vit_patch_size": 4, "vit_img_size": 16,
+                         "vit_n_heads": 2, "vit_n_blocks": 1, "lm_hidden_dim": 32, "lm_inter_dim": 48,
+                         "lm_n_heads": 4, "lm_n_kv_heads": 2, "lm_n_blocks": "two", "lm_re_base": 1e4,
+                         "mp_pixel_shuffle_factor": 2, "lm_vocab_size": 61}, "nv/config.json")
+    assert str(e.value) == f"nv/config.json: field 'lm_n_blocks' is a string (\"two\"), {POS_INT}"
+
+
+@pytest.mark.parametrize("kind,key", [("lm", "model.norm.weight"),
+                                      ("siglip", "vision_model.post_layernorm.weight"),
+                                      ("vlm", "decoder.layers.1.attn.q_proj.weight")])
+def test_integer_tensor_where_a_float_weight_is_expected(tmp_path, kind, key):
+    folder = saved(tmp_path, kind)
+    tensors = load_file(folder / "model.safetensors")
+    tensors[key] = tensors[key].long()
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(ValueError) as e:
+        LOADERS[kind](folder)
+    assert (f"wrong dtype {folder / 'model.safetensors'}: tensor {key} is int64, expected floating point"
+            in str(e.value))
+
+
+# --------------------------------------------------------------------------- data.py
+
+@pytest.fixture
+def jsonl_dir(tmp_path):
+    Image.new("RGB", (8, 8), (0, 128, 255)).save(tmp_path / "ok.png")
+    return tmp_path
+
+
+GOOD = b'{"prompt": "2+2=", "response": " 4"}'
+IMAGE_LINE = b'{"image": "ok.png", "prompt": "<image>", "response": "b"}'
+
+
+@pytest.mark.parametrize("bad_line,expected,max_pixels", [
+    (b'{"prompt": "", "response": " 4"}', "empty prompt and no image", None),
+    (b'{"conversations": [{"from": "human", "value": " "}, {"from": "gpt", "value": "x"}]}',
+     "empty prompt and no image", None),
+    (b'{"image": "ok.png", "prompt": "<image>", "response": "a <image> b"}',
+     "the response has <image>; expected it only in the prompt", None),
+    (b'{"prompt": "a", "response": "b", "source": 3}',
+     "expected 'source' to be a non-empty string, found 3", None),
+    (b'{"prompt": "caf\xe9", "response": "b"}',
+     "not valid UTF-8 (byte 15: b'\\xe9'); expected UTF-8 text", None),
+    (IMAGE_LINE, "decompression bomb", 10),         # 8 x 8 = 64 pixels > 2 x 10: PIL's error
+    (IMAGE_LINE, "decompression bomb", 40),         # 64 > 40: PIL only warns
+])
+def test_bad_jsonl_line_is_an_error_naming_file_and_line_or_skipped(jsonl_dir, monkeypatch, capsys,
+                                                                     bad_line, expected, max_pixels):
+    if max_pixels is not None:
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", max_pixels)
+    path = jsonl_dir / "bad.jsonl"
+    path.write_bytes(b"\n".join([GOOD, bad_line, GOOD]) + b"\n")
+    with pytest.raises(ValueError) as e:
+        data.load_jsonl(str(path))
+    assert str(e.value).startswith(f"{path} line 2: ") and expected in str(e.value)
+    assert len(data.load_jsonl(str(path), skip_bad=True)) == 2
+    assert f"skipped 1 bad line(s) of {path}, kept 2 (first: line 2: " in capsys.readouterr().err
+
+
+def test_jsonl_path_that_is_a_directory(tmp_path):
+    with pytest.raises(ValueError) as e:
+        data.load_jsonl(str(tmp_path), skip_bad=True)
+    assert str(e.value) == f"{tmp_path}: is a directory; expected a JSONL file"
+
+
+def test_save_tokenizer_writes_atomically(tmp_path, monkeypatch):
+    tok = data.train_tokenizer(["a b c d"], vocab_size=262)
+    tok.role_tokens = {data.EOS_TOKEN: data.EOS_TOKEN}
+    written = []
+    monkeypatch.setattr(data, "atomic_write", lambda path, fn: (written.append(os.path.basename(path)),
+                                                                weights.atomic_write(path, fn)))
+    data.save_tokenizer(tok, str(tmp_path))
+    assert written == ["tokenizer.json", "tokenizer_config.json"]
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text()) == {"eos_token": "<eos>"}
+    assert stat.S_IMODE(os.stat(tmp_path / "tokenizer.json").st_mode) == 0o644 & ~_umask()
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# --------------------------------------------------------------------------- model.py
+
+def test_sequence_longer_than_max_positions():
+    lm = Decoder(LM).eval()
+    with pytest.raises(ValueError) as e:
+        lm(torch.ones(1, 17, dtype=torch.long))
+    assert str(e.value) == ("sequence of 17 positions (past 0 + new 17 columns) is longer than "
+                            "max_positions 16")
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[0, :4] = mask[1, 16:] = 0                          # 20 columns, 16 real tokens per row: fits
+    lm(torch.ones(2, 20, dtype=torch.long), attention_mask=mask)
+    with pytest.raises(ValueError, match="sequence of 17 positions .* max_positions 16"):
+        lm.generate(torch.ones(1, 10, dtype=torch.long), max_new_tokens=10)
+
+
+# --------------------------------------------------------------------------- kvshare.py
+
+def handoff(student_lm, teacher_lm):
+    student = VLM(student_lm, VIS, IMG).eval()
+    teacher = freeze(Decoder(teacher_lm))
+    ids = torch.randint(1, IMG, (1, 6))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "context_len": 4, "images": None,
+             "labels": ids[:, 4:], "response_mask": torch.ones(1, 2, dtype=torch.bool)}
+    return student, teacher, batch
+
+
+@pytest.mark.parametrize("teacher_lm,expected", [
+    (LMConfig(**{**LM.__dict__, "n_kv_heads": 4}), "n_kv_heads: teacher 4 vs student 2"),
+    (LMConfig(**{**LM.__dict__, "dim": 64}), "head_dim: teacher 16 vs student 8"),
+    (LMConfig(**{**LM.__dict__, "n_layers": 3}), "n_layers: teacher 3 vs student 2"),
+])
+def test_teacher_continue_checks_the_kv_shapes_itself(teacher_lm, expected):
+    student, teacher, batch = handoff(LM, teacher_lm)
+    _, kv = student_prefill(student, batch)
+    for scope in ("full", "image"):
+        with pytest.raises(ValueError) as e:
+            teacher_continue(teacher, kv, batch, IMG, scope)
+        assert str(e.value).startswith("teacher and student decoders are incompatible for KV sharing")
+        assert expected in str(e.value)
+    teacher_continue(teacher, kv, batch, IMG, "none")            # the text-only teacher reads no KV
+
+
+def test_different_rope_theta_is_not_silent():
+    student, teacher, batch = handoff(LM, LMConfig(**{**LM.__dict__, "rope_theta": 5e5}))
+    with pytest.raises(ValueError, match="rope_theta: teacher 500000.0 vs student 10000.0"):
+        distill_forward(student, teacher, batch, IMG, "full")
+    _, kv = student_prefill(student, batch)
+    with pytest.raises(ValueError, match="rope_theta: teacher 500000.0 vs student 10000.0"):
+        teacher_continue(teacher, kv, batch, IMG, "full", student_cfg=student.decoder.cfg)
+
+
+# --------------------------------------------------------------------------- convert_gguf.py
+
+def tiny_gguf(path):
+    gguf = pytest.importorskip("gguf", reason="convert_gguf.py needs the optional `gguf` package")
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.ones((8, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def run_cli(monkeypatch, *args):
+    """Run convert_gguf.py as __main__ in this process; returns what it passed to sys.exit."""
+    monkeypatch.setattr(sys, "argv", ["convert_gguf.py", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, "convert_gguf.py"), run_name="__main__")
+    return e.value.code
+
+
+def test_convert_gguf_cli_missing_file_is_one_line_and_exit_1(tmp_path):
+    pytest.importorskip("gguf", reason="convert_gguf.py needs the optional `gguf` package")
+    missing, out = tmp_path / "missing.gguf", tmp_path / "out"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "convert_gguf.py"), str(missing), str(out)],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stderr == f"convert_gguf.py: {missing}: file not found; expected a GGUF file\n"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content,expected", [
+    (lambda p: p.write_bytes(b"not a gguf file at all"),
+     "not a readable GGUF file (ValueError: GGUF magic invalid)"),
+    (lambda p: p.write_bytes(tiny_gguf(p).read_bytes()[:-40]), "not a readable GGUF file ("),
+    (lambda p: tiny_gguf(p), "GGUF metadata is missing 'llama.embedding_length'"),
+])
+def test_convert_gguf_cli_bad_file_is_one_line(tmp_path, monkeypatch, content, expected):
+    pytest.importorskip("gguf", reason="convert_gguf.py needs the optional `gguf` package")
+    path, out = tmp_path / "m.gguf", tmp_path / "out"
+    content(path)
+    message = run_cli(monkeypatch, path, out)
+    assert isinstance(message, str) and "\n" not in message                 # sys.exit(str): status 1
+    assert message.startswith(f"convert_gguf.py: {path}: ") and expected in message
+    assert not out.exists()
