@@ -259,14 +259,14 @@ def run_cli(monkeypatch, *args):
     """Run convert_gguf.py as __main__ in this process; returns what it passed to sys.exit."""
     monkeypatch.setattr(sys, "argv", ["convert_gguf.py", *map(str, args)])
     with pytest.raises(SystemExit) as e:
-        runpy.run_path(os.path.join(ROOT, "convert_gguf.py"), run_name="__main__")
+        runpy.run_path(os.path.join(ROOT, "tools", "convert_gguf.py"), run_name="__main__")
     return e.value.code
 
 
 def test_convert_gguf_cli_missing_file_is_one_line_and_exit_1(tmp_path):
     pytest.importorskip("gguf", reason="convert_gguf.py needs the optional `gguf` package")
     missing, out = tmp_path / "missing.gguf", tmp_path / "out"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "convert_gguf.py"), str(missing), str(out)],
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_gguf.py"), str(missing), str(out)],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 1
     assert r.stderr == f"convert_gguf.py: {missing}: file not found; expected a GGUF file\n"
