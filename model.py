@@ -158,6 +158,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # RoPE in the dtype q/k come out of the projections in (bf16 under autocast): fp32 tables
+        # would promote K to fp32 and double the shared KV. .to() is a no-op when dtypes match.
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past_kv is not None:
             k = torch.cat([past_kv[0].to(k.dtype), k], dim=2)                         # (B, nkv, Tp+T, hd)

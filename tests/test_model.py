@@ -136,3 +136,18 @@ def test_tied_and_untied_heads():
     tied, untied = tiny_lm(tie_embeddings=True), tiny_lm(tie_embeddings=False)
     assert tied.lm_head.weight is tied.embed.weight
     assert untied.lm_head.weight is not untied.embed.weight
+
+
+def test_kv_comes_out_in_the_compute_dtype_bf16_under_autocast_fp32_without():
+    # RoPE tables follow q/k's dtype: under bf16 autocast K (after RoPE) is bf16 like V, so the
+    # KV shared with the teacher is half the size of fp32; without autocast everything stays fp32.
+    m = tiny_lm()
+    ids = torch.randint(0, 97, (2, 6))
+    _, kv = m(ids, use_cache=True)
+    assert all(k.dtype == v.dtype == torch.float32 for k, v in kv)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, kv = m(ids, use_cache=True)
+        assert all(k.dtype == v.dtype == torch.bfloat16 for k, v in kv)
+        logits, kv2 = m(ids[:, :1], attention_mask=torch.ones(2, 7, dtype=torch.long), past_kv=kv, use_cache=True)
+    assert all(k.dtype == v.dtype == torch.bfloat16 and k.shape[2] == 7 for k, v in kv2)
+    assert torch.isfinite(logits.float()).all()
