@@ -333,9 +333,9 @@ def paper_rows(r, size, B, P, R, peak_tflops):
                f"B={B} P={P} R={R}, amp {r['amp']}, teacher {r['teacher_dtype']}")
     mfu = f"MFU {100 * r['mfu']:.1f}% of {peak_tflops:g} TFLOP/s" if peak_tflops else "MFU n/a (no --peak_tflops)"
     return [("paper", "distill step " + setting, f"{r['ms_per_step']:.1f} ms/step",
-             f"{r['tokens_per_s']:,.0f} tokens/s, {r['achieved_tflops']:.2f} TFLOP/s",
+             f"{r['tokens_per_s']:,.0f} tokens/s, {r['achieved_tflops']:.3g} TFLOP/s",
              f"{mfu}; peak {r['peak_mem_mib']:,.0f} MiB; loss {r['loss']:.3f}"),
-            ("paper", f"teacher continuation (R tokens over shared {r['kv_dtype']} KV, {r['kv_mib']:.0f} MiB)",
+            ("paper", f"teacher continuation (R tokens over shared {r['kv_dtype']} KV, {r['kv_mib']:.1f} MiB)",
              f"{r['teacher_cont_ms']:.1f} ms", f"full teacher forward {r['teacher_full_ms']:.1f} ms",
              f"ratio {r['cont_ratio']:.3f} (ideal R/(P+R) = {r['ideal_ratio']:.3f})")]
 
