@@ -59,8 +59,17 @@ def check_shared_vocab(teacher_tokenizer, student_tokenizer):
     return n
 
 
-def freeze(teacher):
-    """Eval mode and no gradients: the teacher is never updated (only the student learns)."""
+def freeze(teacher, dtype=None):
+    """Eval mode and no gradients: the teacher is never updated (only the student learns).
+
+    dtype (e.g. torch.bfloat16): also cast the teacher's weights to it, once, in place. A
+    frozen fp32 teacher run under bf16 autocast has every weight re-cast to bf16 on every
+    forward; a teacher held in bf16 does not (and takes half the memory). teacher_continue
+    accepts student KV of any floating dtype (see there). None keeps the current dtype."""
+    if dtype is not None:
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"freeze: dtype must be a floating torch.dtype or None, found {dtype!r}")
+        teacher.to(dtype)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -84,8 +93,7 @@ def student_prefill(student, batch, keep_kv=True):
 
 def decoder_config(student):
     """The decoder LMConfig of a student VLM or Decoder, also through DDP / torch.compile wrappers."""
-    while hasattr(student, "module") or hasattr(student, "_orig_mod"):
-        student = student.module if hasattr(student, "module") else student._orig_mod
+    student = unwrap(student)
     return getattr(student, "decoder", student).cfg
 
 
@@ -97,7 +105,13 @@ def teacher_continue(teacher, student_kv, batch, image_token_id, scope="full", s
     itself, on a student side made of the KV tensors' own shapes (n_layers = len(student_kv),
     n_kv_heads and head_dim from K's shape) and the RoPE theta of `student_cfg` (the student's
     decoder LMConfig; distill_forward passes it). RoPE theta cannot be read from tensors: a
-    caller that passes no student_cfg must have run check_compatible on the configs itself."""
+    caller that passes no student_cfg must have run check_compatible on the configs itself.
+
+    Dtypes: student_kv may be in any floating dtype (fp32 without autocast, bf16 under it);
+    the teacher casts the shared K/V to the dtype its own K/V come out in (its weights' dtype,
+    or the autocast dtype), inside Attention, before concatenating. So a bf16 teacher
+    (freeze(teacher, torch.bfloat16)) reads fp32 or bf16 student KV; the logits come back in
+    the teacher's compute dtype (distill.py upcasts to float32 before any softmax)."""
     if scope not in SCOPES:
         raise ValueError(f"share scope {scope!r}; expected one of {SCOPES}")
     if teacher.training or any(p.requires_grad for p in teacher.parameters()):

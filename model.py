@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 # ----------------------------------------------------------------------------------------
@@ -142,6 +143,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # RoPE in the dtype q/k come out of the projections in (bf16 under autocast): fp32 tables
+        # would promote K to fp32 and double the shared KV. .to() is a no-op when dtypes match.
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past_kv is not None:
             k = torch.cat([past_kv[0].to(k.dtype), k], dim=2)                         # (B, nkv, Tp+T, hd)
@@ -192,6 +196,10 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.apply(init_weights)
+        # Activation checkpointing of the blocks when grad is on: backward recomputes each block
+        # from its input instead of keeping its activations (same loss and grads, ~1/3 more
+        # compute). A runtime switch, not part of the config or the weights.
+        self.gradient_checkpointing = False
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
                 past_kv=None, use_cache=False, logits_start=0):
@@ -229,8 +237,10 @@ class Decoder(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         mask = build_attention_mask(attention_mask, T, past_len)
         new_kv = []
+        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, cos, sin, mask, None if past_kv is None else past_kv[i])
+            args = (x, cos, sin, mask, None if past_kv is None else past_kv[i])
+            x, kv = checkpoint(layer, *args, use_reentrant=False) if ckpt else layer(*args)
             new_kv.append(kv)
         logits = self.lm_head(self.norm(x[:, logits_start:]))                            # (B, T', V)
         return logits, (new_kv if use_cache else None)

@@ -132,3 +132,40 @@ def test_tied_and_untied_heads():
     tied, untied = tiny_lm(tie_embeddings=True), tiny_lm(tie_embeddings=False)
     assert tied.lm_head.weight is tied.embed.weight
     assert untied.lm_head.weight is not untied.embed.weight
+
+
+def test_kv_comes_out_in_the_compute_dtype_bf16_under_autocast_fp32_without():
+    # RoPE tables follow q/k's dtype: under bf16 autocast K (after RoPE) is bf16 like V, so the
+    # KV shared with the teacher is half the size of fp32; without autocast everything stays fp32.
+    m = tiny_lm()
+    ids = torch.randint(0, 97, (2, 6))
+    _, kv = m(ids, use_cache=True)
+    assert all(k.dtype == v.dtype == torch.float32 for k, v in kv)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, kv = m(ids, use_cache=True)
+        assert all(k.dtype == v.dtype == torch.bfloat16 for k, v in kv)
+        logits, kv2 = m(ids[:, :1], attention_mask=torch.ones(2, 7, dtype=torch.long), past_kv=kv, use_cache=True)
+    assert all(k.dtype == v.dtype == torch.bfloat16 and k.shape[2] == 7 for k, v in kv2)
+    assert torch.isfinite(logits.float()).all()
+
+
+def test_gradient_checkpointing_gives_the_same_loss_kv_and_grads():
+    import copy
+    plain = VLM(LMConfig(vocab_size=50, dim=32, n_layers=3, n_heads=2, n_kv_heads=1, ffn_dim=64), VisionConfig(), 3)
+    ckpt = copy.deepcopy(plain)
+    ckpt.decoder.gradient_checkpointing = True
+    ids = torch.cat([torch.full((2, plain.n_image_tokens), 3), torch.randint(4, 50, (2, 5))], 1)
+    images = torch.randn(2, 3, 32, 32)
+    out = {}
+    for name, m in (("plain", plain), ("ckpt", ckpt)):
+        logits, kv = m(ids, images, use_cache=True, logits_start=4)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 4:].flatten()) + kv[-1][0].square().mean()
+        loss.backward()
+        out[name] = (loss.detach(), [k.detach() for k, _ in kv], {n: p.grad for n, p in m.named_parameters()})
+    torch.testing.assert_close(out["ckpt"][0], out["plain"][0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out["ckpt"][1], out["plain"][1], atol=1e-6, rtol=1e-6)
+    assert out["plain"][2].keys() == out["ckpt"][2].keys()
+    for n, g in out["plain"][2].items():
+        torch.testing.assert_close(out["ckpt"][2][n], g, atol=1e-6, rtol=1e-5, msg=n)
+    with torch.no_grad():                                        # no grad: plain forward, same output
+        torch.testing.assert_close(ckpt(ids, images)[0], plain(ids, images)[0], atol=1e-6, rtol=1e-6)

@@ -2,8 +2,10 @@
 Benchmarks (not tests): ratios measured side by side in one run, printed as a table.
 
   python tools/bench.py                      # all benchmarks at tiny / SmolLM2-135M-like sizes on this machine
-  python tools/bench.py --only=handoff       # one of: handoff, kd_memory, step, hf_step, train
+  python tools/bench.py --only=handoff       # one of: handoff, kd_memory, step, hf_step, train, paper
   python tools/bench.py --device=cuda        # on a GPU: adds MFU for the training-stage tokens/s
+  python tools/bench.py --only=paper --device=cuda --B=8 --P=448 --R=64 --steps=10   # the paper's size
+  python tools/bench.py --only=paper --size=tiny --device=cpu --steps=3              # same code, CPU-sized
 
 - handoff:  teacher continuation over the shared context KV vs the teacher recomputing the
             whole sequence, against the ideal ratio R/(P+R).
@@ -11,8 +13,14 @@ Benchmarks (not tests): ratios measured side by side in one run, printed as a ta
 - step:     one full distill step (student prefill + teacher continuation + loss + backward).
 - hf_step:  the same step built from Hugging Face transformers modules (if installed).
 - train:    tokens/s of the three `python train.py` stages (smoke-sized steps of the tiny preset).
+- paper:    one full distill step at the paper's size with random weights (no download):
+            SmolLM2-360M teacher, student = SigLIP2-B/16-512 + pixel shuffle 4 (64 image tokens)
+            + a copy of the teacher's decoder; ms/step, tokens/s, MFU, peak memory, and the
+            teacher continuation vs a full teacher forward. Runs with `python bench.py` on CUDA
+            only; --only=paper runs it anywhere (--size=tiny on a CPU).
 """
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -25,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distill
 import kvshare
 import train
-from model import SMOLLM2_135M, Decoder, LMConfig
+from model import (SIGLIP2_B16_512, SMOLLM2_135M, SMOLLM2_360M, Decoder, LMConfig, VisionConfig,
+                   vlm_from_teacher)
 
 
 def timeit(fn, device, repeat=5, warmup=2):
@@ -205,12 +214,153 @@ def bench_train(device, steps=20, peak_tflops=None):
     return rows
 
 
+# ----------------------------------------------------------------------------------------
+# The paper's size
+
+PAPER_SIZES = {   # (decoder config, vision config, pixel-shuffle factor)
+    "paper": (SMOLLM2_360M, SIGLIP2_B16_512, 4),                    # 1024 patches -> 64 image tokens
+    "tiny": (LMConfig(vocab_size=512), VisionConfig(), 4),          # 64 patches -> 4 image tokens
+}
+
+
+def flops_per_step(student, teacher, B, P, R):
+    """Model FLOPs of one distill step, the 6N / 2N rule per token, counting only matmul
+    weights each token really meets (embedding lookups are free; attention scores excluded):
+
+      student (fwd + bwd, 6 per weight per token):
+        6 * [N_body * B*(P+R)                 decoder blocks + final norm, every column
+             + N_head * B*(R+1)               lm_head, only columns P-1.. (student_prefill)
+             + N_vision * B*n_patches         vision tower, one image per example
+             + N_proj * B*n_image_tokens]     projector
+      teacher continuation (forward only, 2 per weight per token):
+        2 * (N_body_t + N_head_t) * B*R
+    N_head = vocab * dim whether or not the head is tied to the embedding."""
+    def body_head(dec):
+        head = dec.lm_head.weight.numel()
+        body = sum(p.numel() for n, p in dec.named_parameters() if not n.startswith(("embed.", "lm_head.")))
+        return body, head
+    nb_s, nh_s = body_head(student.decoder)
+    nb_t, nh_t = body_head(teacher)
+    n_vis = sum(p.numel() for p in student.vision.parameters())
+    n_proj = sum(p.numel() for p in student.projector.parameters())
+    n_patches = student.vision.cfg.n_patches
+    f_student = 6 * (nb_s * B * (P + R) + nh_s * B * (R + 1) + n_vis * B * n_patches
+                     + n_proj * B * student.n_image_tokens)
+    f_teacher = 2 * (nb_t + nh_t) * B * R
+    return f_student, f_teacher
+
+
+def _peak_bytes(fn, device):
+    """Absolute peak memory during fn(): CUDA allocator peak (tensors), or peak RSS on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                                     # reset the peak RSS to the current RSS
+    except OSError:
+        pass                                                 # then: the process's peak so far
+    fn()
+    return _proc_status_kib("VmHWM") * 1024
+
+
+def bench_paper(device, size="paper", B=8, P=448, R=64, steps=5, warmup=2, amp=None, teacher_dtype=None,
+                grad_ckpt=False, kd_chunk=None, peak_tflops=None, seed=0):
+    """One full distill step at the paper's size (random init, no weights needed): student
+    prefill + teacher continuation (scope full) + distill.distill_loss (uniform KD) + backward
+    + AdamW (fused on CUDA), as train.py's distill stage does it.
+
+    amp: "bf16" (autocast; default on CUDA) or "fp32" (default on CPU). teacher_dtype: the dtype
+    kvshare.freeze holds the teacher in (default bf16 under bf16 autocast, else fp32).
+    Returns a dict of numbers (times are medians over `steps` after `warmup`):
+      ms_per_step, tokens_per_s (B*(P+R) student tokens per step), tflop_per_step (flops_per_step),
+      achieved_tflops, mfu (achieved / peak_tflops; NaN without a peak), peak_mem_mib,
+      teacher_cont_ms / teacher_full_ms (no-grad teacher continuation over R tokens vs a full
+      teacher forward over P+R tokens, same dtype), cont_ratio and ideal_ratio = R/(P+R),
+      kv_mib (the shared KV's size), loss, n_student / n_teacher (parameters)."""
+    lm, vis, factor = PAPER_SIZES[size]
+    amp = amp or ("bf16" if device.type == "cuda" else "fp32")
+    compute = {"bf16": torch.bfloat16, "fp32": torch.float32}[amp]
+    teacher_dtype = teacher_dtype or compute
+    autocast = (lambda: torch.autocast(device.type, dtype=compute)) if amp != "fp32" else contextlib.nullcontext
+    torch.manual_seed(seed)
+    teacher = Decoder(lm).to(device)
+    image_token_id = lm.vocab_size                                  # a new id: the student's vocab grows by one
+    student = vlm_from_teacher(teacher, vis, image_token_id, shuffle_factor=factor).train()
+    student.decoder.gradient_checkpointing = grad_ckpt
+    teacher = kvshare.freeze(teacher, teacher_dtype)
+    kvshare.check_compatible(teacher.cfg, student.decoder.cfg)
+    if P <= student.n_image_tokens:
+        raise ValueError(f"P={P} must exceed the {student.n_image_tokens} image tokens (the context ends in text)")
+    batch = make_batch(B, P, R, lm.vocab_size, image_token_id, student.n_image_tokens, vis.image_size, device)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5, betas=(0.9, 0.95), fused=device.type == "cuda")
+    losses = []
+
+    def step():
+        with autocast():
+            s_logits, kv = kvshare.student_prefill(student, batch)
+            t_logits = kvshare.teacher_continue(teacher, kv, batch, image_token_id, "full")
+            out = distill.distill_loss(s_logits, batch["labels"], batch["response_mask"], t_logits,
+                                       sources=batch["source"], policy="uniform",
+                                       chunk_size=kd_chunk)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(out["loss"].detach()))
+
+    t_step = timeit(step, device, repeat=steps, warmup=warmup)
+    peak = _peak_bytes(step, device)
+    with torch.no_grad(), autocast():
+        _, kv = kvshare.student_prefill(student, batch)
+        text_ids = batch["input_ids"].masked_fill(batch["input_ids"] == image_token_id, 0)
+        t_cont = timeit(lambda: kvshare.teacher_continue(teacher, kv, batch, image_token_id, "full"), device,
+                        repeat=steps, warmup=warmup)
+        t_full = timeit(lambda: teacher(text_ids, logits_start=P), device, repeat=steps, warmup=warmup)
+    f_student, f_teacher = flops_per_step(student, teacher, B, P, R)
+    achieved = (f_student + f_teacher) / t_step / 1e12
+    return {"ms_per_step": t_step * 1e3, "tokens_per_s": B * (P + R) / t_step,
+            "tflop_per_step": (f_student + f_teacher) / 1e12, "achieved_tflops": achieved,
+            "mfu": achieved / peak_tflops if peak_tflops else float("nan"), "peak_mem_mib": peak / 2**20,
+            "teacher_cont_ms": t_cont * 1e3, "teacher_full_ms": t_full * 1e3, "cont_ratio": t_cont / t_full,
+            "ideal_ratio": R / (P + R), "kv_mib": sum(k.nbytes + v.nbytes for k, v in kv) / 2**20,
+            "loss": losses[-1], "n_student": sum(p.numel() for p in student.parameters()),
+            "n_teacher": sum(p.numel() for p in teacher.parameters()),
+            "kv_dtype": str(kv[0][0].dtype).replace("torch.", ""), "amp": amp,
+            "teacher_dtype": str(teacher_dtype).replace("torch.", "")}
+
+
+def paper_rows(r, size, B, P, R, peak_tflops):
+    setting = (f"{size}: student {r['n_student'] / 1e6:.0f}M, teacher {r['n_teacher'] / 1e6:.0f}M, "
+               f"B={B} P={P} R={R}, amp {r['amp']}, teacher {r['teacher_dtype']}")
+    mfu = f"MFU {100 * r['mfu']:.1f}% of {peak_tflops:g} TFLOP/s" if peak_tflops else "MFU n/a (no --peak_tflops)"
+    return [("paper", "distill step " + setting, f"{r['ms_per_step']:.1f} ms/step",
+             f"{r['tokens_per_s']:,.0f} tokens/s, {r['achieved_tflops']:.3g} TFLOP/s",
+             f"{mfu}; peak {r['peak_mem_mib']:,.0f} MiB; loss {r['loss']:.3f}"),
+            ("paper", f"teacher continuation (R tokens over shared {r['kv_dtype']} KV, {r['kv_mib']:.1f} MiB)",
+             f"{r['teacher_cont_ms']:.1f} ms", f"full teacher forward {r['teacher_full_ms']:.1f} ms",
+             f"ratio {r['cont_ratio']:.3f} (ideal R/(P+R) = {r['ideal_ratio']:.3f})")]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["handoff", "kd_memory", "step", "hf_step", "train"])
+    ap.add_argument("--only", choices=["handoff", "kd_memory", "step", "hf_step", "train", "paper"])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--peak_tflops", type=float, default=None,
                     help="accelerator peak for MFU (default on CUDA: 989, H100 SXM dense bf16)")
+    g = ap.add_argument_group("paper", "--only=paper (MFU = flops_per_step / time / peak; see bench_paper)")
+    g.add_argument("--size", default="paper", choices=sorted(PAPER_SIZES))
+    g.add_argument("--B", type=int, default=8)
+    g.add_argument("--P", type=int, default=448, help="context columns (64 image tokens + prompt)")
+    g.add_argument("--R", type=int, default=64, help="response columns")
+    g.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup)")
+    g.add_argument("--warmup", type=int, default=3)
+    g.add_argument("--amp", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--teacher_dtype", choices=["bf16", "fp32"], default=None, help="default: as --amp")
+    g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing of the student's blocks")
+    g.add_argument("--kd_chunk", type=int, default=None)
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
@@ -229,6 +379,13 @@ def main():
     if run("step") or run("hf_step"):
         rows += bench_step(device, smol, **(dict(B=8, P=448, R=64) if cuda else dict(B=1, P=192, R=32)),
                            with_hf=args.only != "step")
+    if run("paper") and (cuda or args.only == "paper"):
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True                    # as train.Runtime
+        td = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.teacher_dtype)
+        r = bench_paper(device, args.size, args.B, args.P, args.R, args.steps, args.warmup, args.amp, td,
+                        args.grad_ckpt, args.kd_chunk, peak)
+        rows += paper_rows(r, args.size, args.B, args.P, args.R, peak)
     if run("train"):
         rows += bench_train(device, steps=40 if cuda else 20, peak_tflops=peak)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
