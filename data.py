@@ -395,17 +395,24 @@ def collate(examples, tokenizer, n_image_tokens, image_size, max_len=None):
             raise ValueError(f"a context is {max(len(c) for c, _ in pairs)} tokens; max_len {max_len} leaves "
                              "no room for its response")
         pairs = [(c, r[:max_len - len(c)]) for c, r in pairs]
+    images = [image_to_tensor(ex["image"], image_size) for ex in examples if ex["image"] is not None]
+    return {**pad_pairs(pairs, pad), "images": torch.stack(images) if images else None,
+            "has_image": torch.tensor([ex["image"] is not None for ex in examples]),
+            "source": [ex["source"] for ex in examples]}
+
+
+def pad_pairs(pairs, pad):
+    """[(context_ids, response_ids), ...] -> the token part of a batch: input_ids and
+    attention_mask (contexts LEFT-padded to P, responses RIGHT-padded to R), context_len = P,
+    labels and response_mask (the R response columns)."""
     P, R = max(len(c) for c, _ in pairs), max(len(r) for _, r in pairs)
     ids = torch.full((len(pairs), P + R), pad, dtype=torch.long)
     mask = torch.zeros((len(pairs), P + R), dtype=torch.long)
     for i, (c, r) in enumerate(pairs):
         ids[i, P - len(c):P + len(r)] = torch.tensor(c + r)
         mask[i, P - len(c):P + len(r)] = 1
-    images = [image_to_tensor(ex["image"], image_size) for ex in examples if ex["image"] is not None]
     return {"input_ids": ids, "attention_mask": mask, "context_len": P,
-            "images": torch.stack(images) if images else None,
-            "has_image": torch.tensor([ex["image"] is not None for ex in examples]),
-            "labels": ids[:, P:], "response_mask": mask[:, P:].bool(), "source": [ex["source"] for ex in examples]}
+            "labels": ids[:, P:], "response_mask": mask[:, P:].bool()}
 
 
 def encode_corpus(corpus, tokenizer):
@@ -417,7 +424,18 @@ def encode_corpus(corpus, tokenizer):
 # ----------------------------------------------------------------------------------------
 # Real data
 
-def _parse_line(line, image_root):
+def conversation_examples(turns, last_only=False):
+    """[(user, assistant), ...] -> [(prompt, response), ...], one per assistant turn:
+    prompt = "\\n".join(u1, a1, ..., u_k), response = a_k. last_only=True: the last turn only
+    (for data whose earlier answers should not be trained on)."""
+    texts = [text for pair in turns for text in pair]
+    pairs = [("\n".join(texts[:2 * k + 1]), texts[2 * k + 1]) for k in range(len(turns))]
+    return pairs[-1:] if last_only else pairs
+
+
+def _parse_record(line, image_root):
+    """Validate one JSONL line without reading its image's pixels -> {"turns": [(user,
+    assistant), ...], "image": path or None, "source": str}. The image file must exist."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
@@ -430,27 +448,38 @@ def _parse_line(line, image_root):
         if len(roles) < 2 or len(roles) % 2 or roles != ["human", "gpt"] * (len(roles) // 2) \
                 or not all(isinstance(t.get("value"), str) for t in turns):
             raise ValueError("expected 'conversations' as alternating human/gpt turns with string 'value's")
-        prompt, response = "\n".join(t["value"] for t in turns[:-1]), turns[-1]["value"]   # history -> prompt
+        values = [t["value"] for t in turns]
+        pairs = list(zip(values[0::2], values[1::2]))
     elif isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
-        prompt, response = obj["prompt"], obj["response"]
+        pairs = [(obj["prompt"], obj["response"])]
     else:
         raise ValueError(f"missing field: expected 'conversations' or string 'prompt' and 'response', "
                          f"found keys {sorted(obj)}")
+    if not isinstance(obj.get("source", ""), str):
+        raise ValueError(f"expected 'source' to be a string, found {obj['source']!r}")
     image = None
     if obj.get("image") is not None:
         if not isinstance(obj["image"], str) or not obj["image"]:
             raise ValueError(f"expected 'image' to be a file path, found {obj['image']!r}")
-        path = os.path.join(image_root, obj["image"])        # an absolute path ignores image_root
-        if not os.path.isfile(path):
-            raise ValueError(f"image file not found: {path}")
+        image = os.path.join(image_root, obj["image"])        # an absolute path ignores image_root
+        if not os.path.isfile(image):
+            raise ValueError(f"image file not found: {image}")
+    elif IMAGE_TOKEN in conversation_examples(pairs, last_only=True)[0][0]:    # all but the last answer
+        raise ValueError(f"the prompt has {IMAGE_TOKEN} but the line names no 'image'")
+    return {"turns": pairs, "image": image, "source": obj.get("source", "unknown")}
+
+
+def _parse_line(line, image_root):
+    rec = _parse_record(line, image_root)
+    (prompt, response), = conversation_examples(rec["turns"], last_only=True)
+    image = None
+    if rec["image"] is not None:
         try:
-            with Image.open(path) as im:
+            with Image.open(rec["image"]) as im:
                 image = im.convert("RGB")
         except OSError as err:
-            raise ValueError(f"cannot read image {path} ({err}); expected a valid image file") from None
-    elif IMAGE_TOKEN in prompt:
-        raise ValueError(f"the prompt has {IMAGE_TOKEN} but the line names no 'image'")
-    return {"image": image, "prompt": prompt, "response": response, "source": obj.get("source", "unknown")}
+            raise ValueError(f"cannot read image {rec['image']} ({err}); expected a valid image file") from None
+    return {"image": image, "prompt": prompt, "response": response, "source": rec["source"]}
 
 
 def load_jsonl(path, image_root=None, skip_bad=False):
