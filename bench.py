@@ -2,7 +2,7 @@
 Benchmarks (not tests): ratios measured side by side in one run, printed as a table.
 
   python bench.py                      # all benchmarks at tiny / SmolLM2-135M-like sizes on this machine
-  python bench.py --only=handoff       # one of: handoff, kd_memory, step, hf_step, train
+  python bench.py --only=handoff       # one of: handoff, kd_memory, step, hf_step, train, loader
   python bench.py --device=cuda        # on a GPU: adds MFU for the training-stage tokens/s
 
 - handoff:  teacher continuation over the shared context KV vs the teacher recomputing the
@@ -11,6 +11,8 @@ Benchmarks (not tests): ratios measured side by side in one run, printed as a ta
 - step:     one full distill step (student prefill + teacher continuation + loss + backward).
 - hf_step:  the same step built from Hugging Face transformers modules (if installed).
 - train:    tokens/s of the three `python train.py` stages (smoke-sized steps of the tiny preset).
+- loader:   images/s of data.make_loader at 512 px (JPEG and PNG files, 0/2/4/8 workers;
+            only with --only=loader, --loader_workers=0,2 to choose).
 """
 import argparse
 import statistics
@@ -200,9 +202,49 @@ def bench_train(device, steps=20, peak_tflops=None):
     return rows
 
 
+def bench_loader(workers=(0, 2, 4, 8), image_size=512, n_images=64, batch_size=8, batches=8):
+    """Images/s of data.make_loader at image_size px: synthetic JPEG and PNG files (noise,
+    1.5 x image_size, so every image is decoded and resized) in a temp folder, JSONL-indexed.
+    Timed from the loader's creation (worker start-up included) over `batches` batches."""
+    import json
+    import os
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    import data
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        tok = data.train_tokenizer(["what is in the picture ? a picture ."] * 4, vocab_size=300)
+        rng, side = np.random.default_rng(0), image_size * 3 // 2
+        for fmt in ("jpeg", "png"):
+            lines = []
+            for i in range(n_images):
+                pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(os.path.join(d, f"{i}.{fmt}"))
+                lines.append(json.dumps({"image": f"{i}.{fmt}", "prompt": "what is in the picture ?",
+                                         "response": " a picture ."}))
+            path = os.path.join(d, f"{fmt}.jsonl")
+            with open(path, "w") as f:
+                f.write("\n".join(lines) + "\n")
+            ds = data.StreamDataset(path, tok, n_image_tokens=64, image_size=image_size)
+            for w in workers:
+                t = time.perf_counter()                     # from the start: prefetch can't flatter it
+                it = iter(data.make_loader(ds, batch_size, seed=0, num_workers=w, timeout=300))
+                for _ in range(batches):
+                    next(it)
+                rate = batches * batch_size / (time.perf_counter() - t)
+                rows.append(("loader", f"{fmt} {side}px -> {image_size}px, batch {batch_size}, "
+                             f"{w} workers", f"{rate:.1f} images/s", f"{os.cpu_count()} CPUs", ""))
+                del it
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["handoff", "kd_memory", "step", "hf_step", "train"])
+    ap.add_argument("--only", choices=["handoff", "kd_memory", "step", "hf_step", "train", "loader"])
+    ap.add_argument("--loader_workers", default="0,2,4,8", help="worker counts for --only=loader")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--peak_tflops", type=float, default=None,
                     help="accelerator peak for MFU (default on CUDA: 989, H100 SXM dense bf16)")
@@ -224,6 +266,8 @@ def main():
     if run("step") or run("hf_step"):
         rows += bench_step(device, smol, **(dict(B=8, P=448, R=64) if cuda else dict(B=1, P=192, R=32)),
                            with_hf=args.only != "step")
+    if args.only == "loader":           # not in the default run: it measures the data pipeline
+        rows += bench_loader(tuple(int(w) for w in args.loader_workers.split(",")))
     if run("train"):
         rows += bench_train(device, steps=40 if cuda else 20, peak_tflops=peak)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
