@@ -2,10 +2,11 @@
 Benchmarks (not tests): ratios measured side by side in one run, printed as a table.
 
   python tools/bench.py                      # all benchmarks at tiny / SmolLM2-135M-like sizes on this machine
-  python tools/bench.py --only=handoff       # one of: handoff, kd_memory, step, hf_step, train, paper
+  python tools/bench.py --only=handoff       # one of: handoff, kd_memory, step, hf_step, train, paper, loader
   python tools/bench.py --device=cuda        # on a GPU: adds MFU for the training-stage tokens/s
   python tools/bench.py --only=paper --device=cuda --B=8 --P=448 --R=64 --steps=10   # the paper's size
   python tools/bench.py --only=paper --size=tiny --device=cpu --steps=3              # same code, CPU-sized
+  python tools/bench.py --only=loader --loader_workers=0,2,4,8   # data loader images/s at 512 px
 
 - handoff:  teacher continuation over the shared context KV vs the teacher recomputing the
             whole sequence, against the ideal ratio R/(P+R).
@@ -18,21 +19,30 @@ Benchmarks (not tests): ratios measured side by side in one run, printed as a ta
             + a copy of the teacher's decoder; ms/step, tokens/s, MFU, peak memory, and the
             teacher continuation vs a full teacher forward. Runs with `python bench.py` on CUDA
             only; --only=paper runs it anywhere (--size=tiny on a CPU).
+- loader:   images/s of data.make_loader at 512 px (JPEG and PNG files, 0/2/4/8 workers;
+            only with --only=loader, --loader_workers=0,2 to choose).
 """
 import argparse
 import contextlib
+import gc
+import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 
+import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import data
 import distill
 import kvshare
 import train
+from weights import save_hf_lm
 from model import (SIGLIP2_B16_512, SMOLLM2_135M, SMOLLM2_360M, Decoder, LMConfig, VisionConfig,
                    vlm_from_teacher)
 
@@ -71,7 +81,6 @@ def peak_memory(fn, device):
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated(device) - base
-    import gc
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")                                                 # reset the peak RSS to the current RSS
@@ -155,8 +164,6 @@ def bench_step(device, lm, B=4, P=192, R=64, with_hf=True):
         import transformers
     except ImportError:
         return rows + [("hf_step", "skipped: transformers not installed", "", "", "")]
-    import tempfile
-    from weights import save_hf_lm
     with tempfile.TemporaryDirectory() as d:
         save_hf_lm(student.decoder, d + "/s")
         save_hf_lm(teacher, d + "/t")
@@ -193,8 +200,6 @@ def bench_step(device, lm, B=4, P=192, R=64, with_hf=True):
 def bench_train(device, steps=20, peak_tflops=None):
     """Tokens/s of each `python train.py` stage (tiny preset, `steps` steps each); MFU on CUDA
     from the 6N rule (6 x trainable-path params per token, + 2N for the teacher's forward)."""
-    import json
-    import tempfile
     with tempfile.TemporaryDirectory() as d:
         argv = [f"--out_dir={d}", f"--device={device.type}", "--eval=false", "--ckpt_every=1000000"] + \
                [f"--{s}_steps={steps}" for s in ("pretrain", "align", "adapt", "distill")]
@@ -344,9 +349,41 @@ def paper_rows(r, size, B, P, R, peak_tflops):
              f"ratio {r['cont_ratio']:.3f} (ideal R/(P+R) = {r['ideal_ratio']:.3f})")]
 
 
+def bench_loader(workers=(0, 2, 4, 8), image_size=512, n_images=64, batch_size=8, batches=8):
+    """Images/s of data.make_loader at image_size px: synthetic JPEG and PNG files (noise,
+    1.5 x image_size, so every image is decoded and resized) in a temp folder, JSONL-indexed.
+    Timed from the loader's creation (worker start-up included) over `batches` batches."""
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        tok = data.train_tokenizer(["what is in the picture ? a picture ."] * 4, vocab_size=300)
+        rng, side = np.random.default_rng(0), image_size * 3 // 2
+        for fmt in ("jpeg", "png"):
+            lines = []
+            for i in range(n_images):
+                pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(os.path.join(d, f"{i}.{fmt}"))
+                lines.append(json.dumps({"image": f"{i}.{fmt}", "prompt": "what is in the picture ?",
+                                         "response": " a picture ."}))
+            path = os.path.join(d, f"{fmt}.jsonl")
+            with open(path, "w") as f:
+                f.write("\n".join(lines) + "\n")
+            ds = data.StreamDataset(path, tok, n_image_tokens=64, image_size=image_size)
+            for w in workers:
+                t = time.perf_counter()                     # from the start: prefetch can't flatter it
+                it = iter(data.make_loader(ds, batch_size, seed=0, num_workers=w, timeout=300))
+                for _ in range(batches):
+                    next(it)
+                rate = batches * batch_size / (time.perf_counter() - t)
+                rows.append(("loader", f"{fmt} {side}px -> {image_size}px, batch {batch_size}, "
+                             f"{w} workers", f"{rate:.1f} images/s", f"{os.cpu_count()} CPUs", ""))
+                del it
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["handoff", "kd_memory", "step", "hf_step", "train", "paper"])
+    ap.add_argument("--only", choices=["handoff", "kd_memory", "step", "hf_step", "train", "paper", "loader"])
+    ap.add_argument("--loader_workers", default="0,2,4,8", help="worker counts for --only=loader")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--peak_tflops", type=float, default=None,
                     help="accelerator peak for MFU (default on CUDA: 989, H100 SXM dense bf16)")
@@ -386,6 +423,8 @@ def main():
         r = bench_paper(device, args.size, args.B, args.P, args.R, args.steps, args.warmup, args.amp, td,
                         args.grad_ckpt, args.kd_chunk, peak)
         rows += paper_rows(r, args.size, args.B, args.P, args.R, peak)
+    if args.only == "loader":           # not in the default run: it measures the data pipeline
+        rows += bench_loader(tuple(int(w) for w in args.loader_workers.split(",")))
     if run("train"):
         rows += bench_train(device, steps=40 if cuda else 20, peak_tflops=peak)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
