@@ -21,6 +21,7 @@ The tiny world (build_world), designed so that degradation and recovery show at 
 """
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -32,10 +33,17 @@ import torch
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from model import MAX_GRID, ImageSplitting
 from weights import atomic_write       # weights imports model only: no cycle
 
 PAD_TOKEN, EOS_TOKEN, IMAGE_TOKEN = "<pad>", "<eos>", "<image>"
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, IMAGE_TOKEN)
+# nanoVLM's image-splitting tokens (models/config.py vlm_extra_tokens): one global-view token and
+# an 8x8 table of 1-based grid tokens; load_tokenizer(image_splitting=True) appends them after
+# <image> in this order, which is nanoVLM's numbering (<image> 49152, global 49153, <row_1_col_1> 49154, ...).
+GLOBAL_IMAGE_TOKEN = "<|global_image|>"
+grid_token = "<row_{}_col_{}>".format          # grid_token(row, col), both 1-based
+VIEW_TOKENS = (GLOBAL_IMAGE_TOKEN, *(grid_token(r, c) for r in range(1, MAX_GRID + 1) for c in range(1, MAX_GRID + 1)))
 
 # source -> kind; distill.table_from_kinds turns this into KD weights (language 1, vision 0)
 SOURCE_KINDS = {"colour": "vision", "shape": "vision", "count": "vision", "position": "vision",
@@ -309,7 +317,7 @@ def train_tokenizer(corpus, vocab_size=512):
     return tok
 
 
-def load_tokenizer(path, roles=None):
+def load_tokenizer(path, roles=None, image_splitting=False):
     """A tokenizer.json (ours or any Hugging Face one), ready for encode_example/collate.
 
     The <pad> and <eos> roles are played by the tokenizer's OWN tokens where it has them, so
@@ -322,7 +330,8 @@ def load_tokenizer(path, roles=None):
     Whatever is still missing, and "<image>" (always a literal token), is added as a new id
     at the END of the vocabulary (SmolLM2: <image> = 49152); no existing id changes. The model's
     embedding must cover added ids. The mapping is kept on the object (`tok.role_tokens`) and
-    read by special_id."""
+    read by special_id. image_splitting=True also appends VIEW_TOKENS (global-image and grid
+    tokens) after <image>, in nanoVLM's order, where the tokenizer lacks them."""
     tok = Tokenizer.from_file(path)
     chosen = {}
     cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json")
@@ -342,6 +351,8 @@ def load_tokenizer(path, roles=None):
         elif role in (roles or {}):
             raise ValueError(f"roles: {path} has no token {token!r} for {role}")
     missing = [t for t in SPECIAL_TOKENS if t not in role_tokens and tok.token_to_id(t) is None]
+    if image_splitting:
+        missing += [t for t in VIEW_TOKENS if tok.token_to_id(t) is None]
     if missing:
         tok.add_special_tokens(missing)
     tok.role_tokens = role_tokens
@@ -359,49 +370,131 @@ def special_id(tokenizer, token):
 # ----------------------------------------------------------------------------------------
 # Encoding and batching
 
-def encode_example(example, tokenizer, n_image_tokens):
-    """-> (context_ids, response_ids). Context: the prompt, with n_image_tokens <image> ids
-    where "<image>" stands in it (at the start if it names none); response: answer + <eos>.
-    Prompt and response are encoded separately; with byte-level BPE a leading space belongs
-    to the next word, so "<image> eats" + " apples ." tokenizes like "... eats apples ."."""
-    prompt, has_image = example["prompt"], example["image"] is not None
+def split_size(h, w, tile, max_side, resize_to_max_side):
+    """nanoVLM's resize rule (DynamicResize._get_new_hw): (h, w) -> (H, W), both multiples of tile.
+    The long side becomes max_side (resize_to_max_side) or min(max_side, ceil(long / tile) * tile);
+    the short side is scaled by the same factor and rounded UP to a multiple of tile (at least one
+    tile), so the aspect ratio is kept up to that rounding. Same float operations as nanoVLM."""
+    long, short = max(h, w), min(h, w)
+    target_long = max_side if resize_to_max_side else min(max_side, math.ceil(long / tile) * tile)
+    scale = target_long / long
+    target_short = max(math.ceil(short * scale / tile) * tile, tile)
+    return (target_short, target_long) if w >= h else (target_long, target_short)
+
+
+def tile_grid(h, w, tile):
+    """(n_h, n_w) tiles of an image already resized to multiples of tile (nanoVLM SplitImage)."""
+    if h % tile or w % tile:
+        raise ValueError(f"image size {(h, w)} is not a multiple of the tile {tile}")
+    return h // tile, w // tile
+
+
+def view_tokens(n_h, n_w, n_image_tokens):
+    """The token sequence of one image split into n_h x n_w tiles (nanoVLM get_image_string):
+    GLOBAL_IMAGE_TOKEN + n <image> (the global view), then for each tile in row-major order
+    grid_token(r, c) (1-based) + n <image>. A 1x1 split is the global view alone."""
+    if not (1 <= n_h <= MAX_GRID and 1 <= n_w <= MAX_GRID):
+        raise ValueError(f"a {n_h}x{n_w} split has no grid tokens; at most {MAX_GRID}x{MAX_GRID}")
+    out = [GLOBAL_IMAGE_TOKEN] + [IMAGE_TOKEN] * n_image_tokens
+    if (n_h, n_w) != (1, 1):
+        for r in range(1, n_h + 1):
+            for c in range(1, n_w + 1):
+                out += [grid_token(r, c)] + [IMAGE_TOKEN] * n_image_tokens
+    return out
+
+
+def image_views(image, tile, splitting=None):
+    """PIL image -> (views (k, 3, tile, tile), (n_h, n_w)), views in the order of view_tokens.
+
+    splitting None: one view, the image resized to the tile (grid (1, 1)). Else nanoVLM's rule:
+    resize (bicubic) to split_size, cut row-major tiles; when there is more than one tile the
+    first view is the global view (the resized image squeezed to one tile; nanoVLM resizes the
+    tensor bilinearly, we use PIL's bilinear); a 1x1 split is just its one tile."""
+    image = image.convert("RGB")
+    if splitting is None:
+        return image_to_tensor(image, tile)[None], (1, 1)
+    splitting.check_tile(tile)
+    w, h = image.size
+    H, W = split_size(h, w, tile, splitting.max_side, splitting.resize_to_max_side)
+    resized = image.resize((W, H), Image.BICUBIC) if (W, H) != (w, h) else image
+    n_h, n_w = tile_grid(H, W, tile)
+    views = [resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(n_h) for c in range(n_w)]
+    if len(views) > 1:
+        views.insert(0, resized.resize((tile, tile), Image.BILINEAR))
+    return torch.stack([image_to_tensor(v, tile, splitting.pixels) for v in views]), (n_h, n_w)
+
+
+def example_images(example):
+    """The example's images as a list: "image" is None, one PIL image, or a list of them."""
+    image = example.get("image")
+    return [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+
+
+def encode_example(example, tokenizer, n_image_tokens, grids=None):
+    """-> (context_ids, response_ids). Context: the prompt, where the i-th "<image>" tag becomes
+    image i's tokens (all tags at the start if the prompt names none; the tag count must match the
+    images); response: answer + <eos>.
+
+    grids None: each image is n_image_tokens <image> ids (one view). grids = [(n_h, n_w) per image]
+    (image splitting): each image is view_tokens(n_h, n_w, n_image_tokens), and with several
+    images each is preceded by the text "<image: i>" as nanoVLM writes it.
+    Text and image ids are encoded separately; with byte-level BPE a leading space belongs to the
+    next word, so "<image> eats" + " apples ." tokenizes like "... eats apples ."."""
+    prompt, n_images = example["prompt"], len(example_images(example))
     n_tags = prompt.count(IMAGE_TOKEN)
-    if n_tags > 1 or (n_tags and not has_image):
-        raise ValueError(f"prompt {prompt!r} has {n_tags} {IMAGE_TOKEN} tags for {int(has_image)} image(s)")
-    if has_image and not n_tags:
-        prompt = IMAGE_TOKEN + prompt
-    before, _, after = prompt.partition(IMAGE_TOKEN)
-    image_ids = [special_id(tokenizer, IMAGE_TOKEN)] * n_image_tokens if has_image else []
-    context = tokenizer.encode(before).ids + image_ids + tokenizer.encode(after).ids
+    if n_tags and n_tags != n_images:
+        raise ValueError(f"prompt {prompt!r} has {n_tags} {IMAGE_TOKEN} tags for {n_images} image(s)")
+    if grids is not None and len(grids) != n_images:
+        raise ValueError(f"{len(grids)} image grids for {n_images} image(s)")
+    if n_images and not n_tags:
+        prompt = IMAGE_TOKEN * n_images + prompt
+    texts, context = prompt.split(IMAGE_TOKEN), []
+    for i, text in enumerate(texts):
+        if i < n_images and grids is not None and n_images > 1:
+            text += f"<image: {i}>"
+        context += tokenizer.encode(text).ids if text else []
+        if i < n_images:
+            names = [IMAGE_TOKEN] * n_image_tokens if grids is None else view_tokens(*grids[i], n_image_tokens)
+            ids = {t: special_id(tokenizer, t) for t in set(names)}
+            context += [ids[t] for t in names]
     if not context:
         raise ValueError(f"example from source {example['source']!r} has an empty context; "
                          "the first response token needs a context position to be predicted from")
     return context, tokenizer.encode(example["response"]).ids + [special_id(tokenizer, EOS_TOKEN)]
 
 
-def image_to_tensor(image, image_size):
-    """PIL image -> (3, image_size, image_size) float in [-1, 1]; resized if needed."""
+def image_to_tensor(image, image_size, pixels="[-1,1]"):
+    """PIL image -> (3, image_size, image_size) float in [-1, 1] (or [0, 1]); resized if needed."""
     image = image.convert("RGB")
     if image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float()
-    return (x / 255 - 0.5) / 0.5
+    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+    return x if pixels == "[0,1]" else (x - 0.5) / 0.5
 
 
-def collate(examples, tokenizer, n_image_tokens, image_size, max_len=None):
+def collate(examples, tokenizer, n_image_tokens, image_size, max_len=None, image_splitting=None):
     """Batch in the layout of kvshare.py: contexts LEFT-padded to P, responses RIGHT-padded to R.
-    max_len cuts each response (not the context) so that context + response <= max_len."""
+    max_len cuts each response (not the context) so that context + response <= max_len.
+
+    images: every view of every image of the batch, (N_views, 3, image_size, image_size), in
+    token order (example by example, image by image, global view then tiles), so the VLM
+    scatters view k's features into the k-th run of <image> ids. image_splitting: None (one
+    view per image) or an ImageSplitting (nanoVLM's rule). grids: per example, (n_h, n_w) per image."""
     pad = special_id(tokenizer, PAD_TOKEN)
-    pairs = [encode_example(ex, tokenizer, n_image_tokens) for ex in examples]
+    views, grids = [], []
+    for ex in examples:
+        per_image = [image_views(im, image_size, image_splitting) for im in example_images(ex)]
+        views += [v for v, _ in per_image]
+        grids.append([g for _, g in per_image])
+    pairs = [encode_example(ex, tokenizer, n_image_tokens, g if image_splitting is not None else None)
+             for ex, g in zip(examples, grids)]
     if max_len is not None:
         if any(len(c) >= max_len for c, _ in pairs):
             raise ValueError(f"a context is {max(len(c) for c, _ in pairs)} tokens; max_len {max_len} leaves "
                              "no room for its response")
         pairs = [(c, r[:max_len - len(c)]) for c, r in pairs]
-    images = [image_to_tensor(ex["image"], image_size) for ex in examples if ex["image"] is not None]
-    return {**pad_pairs(pairs, pad), "images": torch.stack(images) if images else None,
-            "has_image": torch.tensor([ex["image"] is not None for ex in examples]),
-            "source": [ex["source"] for ex in examples]}
+    return {**pad_pairs(pairs, pad), "images": torch.cat(views) if views else None,
+            "grids": grids, "source": [ex["source"] for ex in examples]}
 
 
 def pad_pairs(pairs, pad):
@@ -465,11 +558,14 @@ def _parse_record(line, image_root):
         raise ValueError(f"the response has {IMAGE_TOKEN}; expected it only in the prompt")
     image = None
     if obj.get("image") is not None:
-        if not isinstance(obj["image"], str) or not obj["image"]:
-            raise ValueError(f"expected 'image' to be a file path, found {obj['image']!r}")
-        image = os.path.join(image_root, obj["image"])        # an absolute path ignores image_root
-        if not os.path.isfile(image):
-            raise ValueError(f"image file not found: {image}")
+        paths = obj["image"] if isinstance(obj["image"], list) else [obj["image"]]
+        if not paths or not all(isinstance(p, str) and p for p in paths):
+            raise ValueError(f"expected 'image' to be a file path or a list of them, found {obj['image']!r}")
+        paths = [os.path.join(image_root, p) for p in paths]   # an absolute path ignores image_root
+        for path in paths:
+            if not os.path.isfile(path):
+                raise ValueError(f"image file not found: {path}")
+        image = paths if isinstance(obj["image"], list) else paths[0]
     elif IMAGE_TOKEN in conversation_examples(pairs, last_only=True)[0][0]:    # all but the last answer
         raise ValueError(f"the prompt has {IMAGE_TOKEN} but the line names no 'image'")
     elif not pairs[0][0].strip():
@@ -490,12 +586,14 @@ def _parse_line(raw, image_root):
     """One JSONL line (bytes) -> the example of its last turn, its image decoded."""
     rec = _parse_record(_decode_utf8(raw), image_root)
     (prompt, response), = conversation_examples(rec["turns"], last_only=True)
-    image = None if rec["image"] is None else _open_image(rec["image"], f"image {rec['image']}")
+    paths = rec["image"] if isinstance(rec["image"], list) else [rec["image"]] * (rec["image"] is not None)
+    images = [_open_image(path, f"image {path}") for path in paths]
+    image = images if isinstance(rec["image"], list) else (images[0] if images else None)
     return {"image": image, "prompt": prompt, "response": response, "source": rec["source"]}
 
 
 def load_jsonl(path, image_root=None, skip_bad=False):
-    """LLaVA-style JSONL -> examples. Per line: {"image"?: path, "conversations": [{"from":
+    """LLaVA-style JSONL -> examples. Per line: {"image"?: path or [paths], "conversations": [{"from":
     "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...}, ...]} (earlier turns
     join the prompt, the last gpt turn is the response) or {"prompt", "response"}; optional
     "source" (default "unknown"). Image paths are relative to image_root (default: the
@@ -774,6 +872,9 @@ class StreamDataset(torch.utils.data.Dataset):
                     if not line.strip():
                         continue
                     rec = _parse_record(line, root)
+                    if isinstance(rec["image"], list):
+                        raise ValueError("a list of images; StreamDataset reads one image per "
+                                         "example")
                 except ValueError as err:
                     if not self.skip_bad:
                         raise ValueError(f"{path} line {n}: {err}") from None
@@ -925,7 +1026,7 @@ class StreamDataset(torch.utils.data.Dataset):
         images = [it["image"] for it in items if it["image"] is not None]
         return {**pad_pairs([(it["context"], it["response"]) for it in items], self.pad_id),
                 "images": torch.stack(images) if images else None,
-                "has_image": torch.tensor([it["image"] is not None for it in items]),
+                "grids": [[(1, 1)] if it["image"] is not None else [] for it in items],
                 "source": [it["source"] for it in items],
                 "index": torch.tensor([it["index"] for it in items]),
                 "skipped": sum(it["skipped"] for it in items),

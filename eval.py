@@ -28,10 +28,11 @@ from model import VLM
 from weights import load_model_folder, read_json
 
 
-def batches(examples, tok, n_image_tokens, image_size, batch_size, device):
+def batches(examples, tok, n_image_tokens, image_size, batch_size, device, image_splitting=None):
     """data.collate over consecutive slices of `examples`, moved to `device`."""
     for i in range(0, len(examples), batch_size):
-        b = data.collate(examples[i:i + batch_size], tok, n_image_tokens, image_size)
+        b = data.collate(examples[i:i + batch_size], tok, n_image_tokens, image_size,
+                         image_splitting=image_splitting)
         yield {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
 
 
@@ -106,7 +107,8 @@ def teacher_handoff_accuracy(student, teacher, items, tok, image_size=32, scope=
     hits = []
     for b in batches(items, tok, student.n_image_tokens, image_size, batch_size, device):
         _, kv = kvshare.student_prefill(student, b)
-        teacher_logits = kvshare.teacher_continue(teacher, kv, b, student.image_token_id, scope)
+        teacher_logits = kvshare.teacher_continue(teacher, kv, b, student.student_only_ids, scope,
+                                                  student_cfg=student.decoder.cfg)
         hits += _exact_match(teacher_logits.float(), b)
     return sum(hits) / max(1, len(hits))
 

@@ -27,6 +27,13 @@ logits at columns P-1 .. P+R-2 predict the R response tokens.
    own K/V for the prompt text (needs the image before the prompt text).
    scope "none": the teacher reads the text alone, no image KV ("text-only teacher").
 The teacher is frozen (eval, no grad); its logits are detached.
+
+Student-only ids: the ids the teacher never embeds, because they mean something only to the
+student: the <image> placeholders and, with nanoVLM's image splitting, the <|global_image|> and
+<row_r_col_c> tokens that frame each view (ids past the teacher's vocabulary, 49152+ for
+SmolLM2). Their columns behave like image columns everywhere: the teacher reads their K/V
+(scope "full" and "image" share them all), never runs them, and scope "none" drops them.
+Callers pass VLM.student_only_ids (an int, a single image token id, is accepted too).
 """
 from types import SimpleNamespace
 
@@ -97,9 +104,24 @@ def decoder_config(student):
     return getattr(student, "decoder", student).cfg
 
 
+def student_only_mask(ids, student_only_ids):
+    """True where ids is one of student_only_ids (an int or a collection of ints)."""
+    only = [student_only_ids] if isinstance(student_only_ids, int) else list(student_only_ids)
+    return torch.isin(ids, torch.tensor(only, dtype=ids.dtype, device=ids.device))
+
+
+def _check_teacher_vocab(teacher, text_ids):
+    if int(text_ids.max()) >= teacher.cfg.vocab_size:
+        raise ValueError(f"token id {int(text_ids.max())} is outside the teacher's vocabulary "
+                         f"({teacher.cfg.vocab_size}); text tokens must lie in the shared prefix (ids the teacher "
+                         f"must not embed, like image-splitting tokens, belong in student_only_ids)")
+
+
 @torch.no_grad()
-def teacher_continue(teacher, student_kv, batch, image_token_id, scope="full", student_cfg=None):
+def teacher_continue(teacher, student_kv, batch, student_only_ids, scope="full", student_cfg=None):
     """Steps 2-3. Teacher logits (B, R, V_teacher) for the response tokens, detached.
+    student_only_ids: VLM.student_only_ids (or one image token id): ids the teacher reads as
+    KV but never embeds (<image>, and the image-splitting view tokens).
 
     For the scopes that read the student's KV ("full", "image") this runs check_compatible
     itself, on a student side made of the KV tensors' own shapes (n_layers = len(student_kv),
@@ -123,21 +145,19 @@ def teacher_continue(teacher, student_kv, batch, image_token_id, scope="full", s
             rope_theta=(student_cfg or teacher.cfg).rope_theta))
     ids, mask, P = batch["input_ids"], batch["attention_mask"], batch["context_len"]
     T = ids.shape[1]                       # P + R; the teacher never needs the last column as input
-    is_image = ids == image_token_id
-    # Ids the teacher must not embed: image placeholders, pads, and each row's last real token
+    is_image = student_only_mask(ids, student_only_ids)
+    # Ids the teacher must not embed: student-only ids, pads, and each row's last real token
     # (an EOS the teacher may not have; no prediction is made from it). Every other token must
     # lie in the teacher's vocabulary.
     last_real = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()
     text_ids = ids.masked_fill(is_image | ~mask.bool() | last_real, 0)
-    if int(text_ids.max()) >= teacher.cfg.vocab_size:
-        raise ValueError(f"token id {int(text_ids.max())} is outside the teacher's vocabulary "
-                         f"({teacher.cfg.vocab_size}); text tokens must lie in the shared prefix")
+    _check_teacher_vocab(teacher, text_ids)
     positions = positions_from_mask(mask)
 
     if scope == "full":
         if is_image[:, P - 1].any():
-            raise ValueError("scope 'full': a context ends with an image token; the prompt after the image "
-                             "must have at least one text token")
+            raise ValueError("scope 'full': a context ends with an image (student-only) token; the prompt after "
+                             "the image must have at least one text token")
         past = [(k[:, :, :P - 1].detach(), v[:, :, :P - 1].detach()) for k, v in student_kv]
         logits, _ = teacher(text_ids[:, P - 1:T - 1], attention_mask=mask[:, :T - 1],
                             position_ids=positions[:, P - 1:T - 1], past_kv=past)
@@ -161,9 +181,26 @@ def teacher_continue(teacher, student_kv, batch, image_token_id, scope="full", s
     return logits.detach()
 
 
-def distill_forward(student, teacher, batch, image_token_id, scope="full", need_teacher=True):
+def distill_forward(student, teacher, batch, student_only_ids, scope="full", need_teacher=True):
     """Student prefill + teacher continuation: (student logits with grad, teacher logits or None)."""
     student_logits, kv = student_prefill(student, batch)
-    teacher_logits = (teacher_continue(teacher, kv, batch, image_token_id, scope, decoder_config(student))
-                      if need_teacher else None)
+    teacher_logits = (teacher_continue(teacher, kv, batch, student_only_ids, scope,
+                                       decoder_config(student)) if need_teacher else None)
     return student_logits, teacher_logits
+
+
+@torch.no_grad()
+def teacher_generate(teacher, student_kv, input_ids, attention_mask, student_only_ids, **generate_kw):
+    """The handoff at inference (scope "full"): the student has prefilled a LEFT-padded context
+    (input_ids, attention_mask: (B, P)) and returned its per-layer K/V; the frozen teacher takes
+    the K/V of columns 0..P-2 as its cache, re-runs the last context token itself (as in
+    teacher_continue) and then generates its own answer with its own cache (Decoder.generate;
+    greedy unless generate_kw says otherwise). Returns the teacher's new tokens (B, N)."""
+    P = input_ids.shape[1]
+    if student_only_mask(input_ids[:, P - 1], student_only_ids).any():
+        raise ValueError("teacher_generate: a context ends with an image (student-only) token; the prompt "
+                         "after the image must have at least one text token")
+    _check_teacher_vocab(teacher, input_ids[:, P - 1:].masked_fill(~attention_mask[:, P - 1:].bool(), 0))
+    past = [(k[:, :, :P - 1], v[:, :, :P - 1]) for k, v in student_kv]
+    return teacher.generate(input_ids=input_ids[:, P - 1:], attention_mask=attention_mask, past_kv=past,
+                            **generate_kw)

@@ -66,6 +66,37 @@ class VisionConfig:
                              f"({self.patch_size}) and dim ({self.dim}) by n_heads ({self.n_heads})")
 
 
+MAX_GRID = 8          # nanoVLM's largest tile grid: <row_1_col_1> .. <row_8_col_8>
+
+
+@dataclass(frozen=True)
+class ImageSplitting:
+    """nanoVLM's image splitting (data/custom_transforms.py DynamicResize, GlobalAndSplitImages;
+    data/processors.py get_image_string). The tile is the vision tower's image_size (512 for the
+    paper's student). None instead of an ImageSplitting = one view per image, resized to the tile
+    (the tiny world).
+
+    max_side: nanoVLM's max_img_size (2048): the longest side after resizing, a multiple of the
+        tile, at most MAX_GRID tiles (there are grid tokens up to <row_8_col_8>).
+    resize_to_max_side: nanoVLM's resize_to_max_side_len (True in its VLMConfig): the long side
+        becomes exactly max_side (small images are upscaled); False: the long side rounds UP to a
+        multiple of the tile, capped at max_side.
+    pixels: "[-1,1]" ((x - 0.5) / 0.5, SigLIP's processor; our towers) or "[0,1]" (nanoVLM feeds
+        torchvision's ToTensor output unnormalised, so its checkpoints expect [0, 1])."""
+    max_side: int = 2048
+    resize_to_max_side: bool = True
+    pixels: str = "[-1,1]"
+
+    def __post_init__(self):
+        if self.pixels not in ("[-1,1]", "[0,1]"):
+            raise ValueError(f"ImageSplitting.pixels {self.pixels!r}; expected '[-1,1]' or '[0,1]'")
+
+    def check_tile(self, tile):
+        if self.max_side % tile or not 1 <= self.max_side // tile <= MAX_GRID:
+            raise ValueError(f"image splitting: max_side {self.max_side} must be 1..{MAX_GRID} tiles of {tile} px")
+
+
+
 # The real checkpoints' shapes (the paper: SmolLM2-360M-Instruct decoder, SigLIP2-B/16-512
 # tower; SmolLM2-135M ships on PyPI). Loaders read them from config.json; these are for
 # benchmarks and tests that need the shapes without the weights.
@@ -247,22 +278,29 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, max_new_tokens=20, temperature=0.0,
-                 eos_id=None, pad_id=0, inputs_embeds=None, generator=None):
+                 eos_id=None, pad_id=0, inputs_embeds=None, generator=None, top_k=None, on_token=None,
+                 past_kv=None):
         """Greedy (temperature 0) or sampled generation with a KV cache.
 
         Prompts are LEFT-padded (attention_mask 0 on the left); positions come from the
         mask, so each row generates as if alone. Returns new tokens (B, max_new_tokens);
-        rows that emitted eos_id are filled with pad_id afterwards."""
+        rows that emitted eos_id are filled with pad_id afterwards.
+        top_k: sample among the k most likely tokens only. on_token(tok (B,)): called after each
+        step (streaming). past_kv: a prefix already in the cache (e.g. a student's context KV for
+        the teacher, kvshare.teacher_generate); attention_mask then covers past + prompt."""
         x = inputs_embeds if inputs_embeds is not None else input_ids
         B, device = x.shape[0], x.device
+        past_len = 0 if past_kv is None else past_kv[0][0].shape[2]
         if attention_mask is None:
-            attention_mask = torch.ones(B, x.shape[1], dtype=torch.long, device=device)
-        logits, kv = self(input_ids=input_ids, inputs_embeds=inputs_embeds,
-                          attention_mask=attention_mask, use_cache=True, logits_start=-1)
+            attention_mask = torch.ones(B, past_len + x.shape[1], dtype=torch.long, device=device)
+        logits, kv = self(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                          past_kv=past_kv, use_cache=True, logits_start=-1)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         out = []
         for _ in range(max_new_tokens):
             last = logits[:, -1].float()
+            if temperature > 0 and top_k:
+                last = last.masked_fill(last < last.topk(min(top_k, last.shape[-1]), -1).values[:, -1:], float("-inf"))
             if temperature > 0:
                 probs = F.softmax(last / temperature, dim=-1)
                 tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
@@ -270,6 +308,8 @@ class Decoder(nn.Module):
                 tok = last.argmax(-1)
             tok = torch.where(done, torch.full_like(tok, pad_id), tok)
             out.append(tok)
+            if on_token is not None:
+                on_token(tok)
             if eos_id is not None:
                 done |= tok == eos_id
                 if done.all():
@@ -362,18 +402,33 @@ class Projector(nn.Module):
 # The VLM
 
 class VLM(nn.Module):
-    """Vision tower + projector + decoder. Each image becomes n_image_tokens embeddings that
-    replace, in order, the positions of `image_token_id` in input_ids."""
+    """Vision tower + projector + decoder. Each image view becomes n_image_tokens embeddings that
+    replace, in order, the positions of `image_token_id` in input_ids.
 
-    def __init__(self, lm_cfg: LMConfig, vision_cfg: VisionConfig, image_token_id, shuffle_factor=2):
+    view_token_ids: with image splitting, the ids of the global-image and grid tokens
+    (data.VIEW_TOKENS) that frame the views; like image_token_id they are student-only ids
+    (student_only_ids), which the teacher reads as KV and never embeds.
+    image_splitting: how this model's images are prepared (an ImageSplitting, or None for
+    one view per image); stored in the model folder, used by collate and tools/generate.py."""
+
+    def __init__(self, lm_cfg: LMConfig, vision_cfg: VisionConfig, image_token_id, shuffle_factor=2,
+                 view_token_ids=(), image_splitting=None):
         super().__init__()
-        if not 0 <= image_token_id < lm_cfg.vocab_size:
-            raise ValueError(f"image_token_id {image_token_id} outside the vocabulary [0, {lm_cfg.vocab_size})")
+        bad = [i for i in (image_token_id, *view_token_ids) if not 0 <= i < lm_cfg.vocab_size]
+        if bad:
+            raise ValueError(f"image/view token id(s) {bad} outside the vocabulary [0, {lm_cfg.vocab_size})")
         self.image_token_id = image_token_id
+        self.view_token_ids = tuple(view_token_ids)
+        self.image_splitting = image_splitting
         self.vision = VisionEncoder(vision_cfg)
         self.projector = Projector(vision_cfg.dim, lm_cfg.dim, shuffle_factor)
         self.decoder = Decoder(lm_cfg)
         self.n_image_tokens = vision_cfg.n_patches // shuffle_factor ** 2
+
+    @property
+    def student_only_ids(self):
+        """Ids only the student embeds (kvshare.teacher_continue): <image> and the view tokens."""
+        return (self.image_token_id, *self.view_token_ids)
 
     def embed(self, input_ids, images=None):
         """Token embeddings with image features scattered into the placeholder positions."""
@@ -383,7 +438,7 @@ class VLM(nn.Module):
         n_feats = 0 if images is None else images.shape[0] * self.n_image_tokens
         if n_slots != n_feats:
             raise ValueError(f"{n_slots} image placeholder tokens in input_ids but {n_feats} image features "
-                             f"({0 if images is None else images.shape[0]} images x {self.n_image_tokens} tokens)")
+                             f"({0 if images is None else images.shape[0]} image views x {self.n_image_tokens} tokens)")
         if n_feats == 0:
             return x
         feats = self.projector(self.vision(images)).to(x.dtype)                           # (N, n_img_tok, D)
@@ -423,10 +478,14 @@ def grow_vocab(decoder, vocab_size):
     return grown
 
 
-def vlm_from_teacher(teacher, vision_cfg, image_token_id, shuffle_factor=2):
+def vlm_from_teacher(teacher, vision_cfg, image_token_id, shuffle_factor=2, view_token_ids=(),
+                     image_splitting=None):
     """The student before training (README, how it works): a copy of the teacher's decoder
-    (vocabulary grown if the image token is a new id), a vision tower and a fresh projector."""
-    decoder = grow_vocab(teacher, max(teacher.cfg.vocab_size, image_token_id + 1))
-    vlm = VLM(decoder.cfg, vision_cfg, image_token_id, shuffle_factor)
+    (vocabulary grown if the image / view tokens are new ids), a vision tower and a fresh
+    projector."""
+    decoder = grow_vocab(teacher, max(teacher.cfg.vocab_size, image_token_id + 1,
+                                      *(i + 1 for i in view_token_ids)))
+    vlm = VLM(decoder.cfg, vision_cfg, image_token_id, shuffle_factor, view_token_ids,
+              image_splitting)
     vlm.decoder.load_state_dict(decoder.state_dict())
     return vlm.to(next(teacher.parameters()).device)

@@ -424,7 +424,7 @@ def compute_loss(run, stage, model, batch, counts):
         return {"loss": out["loss"], "ce": out["ce"]}
     cfg = run.cfg                                                           # CE + KD via the handoff
     student_logits, teacher_logits = kvshare.distill_forward(
-        model, run.teacher, batch, unwrap(model).image_token_id, cfg.scope,
+        model, run.teacher, batch, unwrap(model).student_only_ids, cfg.scope,
         need_teacher=cfg.policy != "none")
     out = distill.distill_loss(
         student_logits, batch["labels"], batch["response_mask"], teacher_logits,

@@ -16,7 +16,7 @@ from dataclasses import asdict, fields
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import LMConfig, VisionConfig, Decoder, VisionEncoder, VLM
+from model import MAX_GRID, LMConfig, VisionConfig, Decoder, ImageSplitting, VisionEncoder, VLM
 
 
 # ----------------------------------------------------------------------------------------
@@ -359,9 +359,12 @@ def vlm_key_map(vlm: VLM):
 
 
 def save_vlm(vlm: VLM, folder):
+    """config.json also records the view token ids and the image splitting (None: one view)."""
+    split = vlm.image_splitting
     save_mapped(vlm, folder, vlm_key_map(vlm),
                 {"model_type": "lingudistill_vlm", "lm": asdict(vlm.decoder.cfg), "vision": asdict(vlm.vision.cfg),
-                 "image_token_id": vlm.image_token_id, "shuffle_factor": vlm.projector.factor})
+                 "image_token_id": vlm.image_token_id, "shuffle_factor": vlm.projector.factor,
+                 "view_token_ids": list(vlm.view_token_ids), "image_splitting": None if split is None else asdict(split)})
 
 
 def load_vlm(folder):
@@ -371,8 +374,13 @@ def load_vlm(folder):
         raise ValueError(f"{cfg_path}: model_type {c.obj.get('model_type')!r}, expected 'lingudistill_vlm'")
     lm, vision = config_from_fields(LMConfig, c.sub("lm")), config_from_fields(VisionConfig, c.sub("vision"))
     image_token_id, factor = c.get("image_token_id", "index"), c.get("shuffle_factor", "size")
+    view_ids = c.obj.get("view_token_ids") or []                 # absent in older folders: one view
+    if not (isinstance(view_ids, list) and all(type(i) is int and i >= 0 for i in view_ids)):
+        raise ValueError(f"{cfg_path}: field 'view_token_ids' is {view_ids!r}, expected a list of ids")
+    split = c.get("image_splitting", "object", None)
+    split = None if split is None else _build(ImageSplitting, cfg_path, **split)
     vlm = _build(VLM, cfg_path, lm_cfg=lm, vision_cfg=vision, image_token_id=image_token_id,
-                 shuffle_factor=factor)
+                 shuffle_factor=factor, view_token_ids=tuple(view_ids), image_splitting=split)
     origin = {}
     return load_mapped(vlm, read_safetensors_folder(folder, origin), vlm_key_map(vlm), source=folder,
                        origin=origin)
@@ -464,6 +472,35 @@ def nanovlm_configs(cfg_dict, source="config.json"):
     return lm, vision, s, image_token_id
 
 
+def nanovlm_image_splitting(cfg_dict, source="config.json"):
+    """(view_token_ids, ImageSplitting or None) from a nanoVLM config.json.
+
+    The ids are lm_base_vocab_size + the index of each token in vlm_extra_tokens (how nanoVLM's
+    tokenizer numbers its added tokens): "global_image_token" then "r1c1".."r8c8", in
+    data.VIEW_TOKENS order (49153, 49154, ..., 49217 for nanoVLM-460M-8k). A config whose extra
+    tokens lack any of them (older nanoVLM, or only "image_token") gets ((), None): one view per
+    image. The splitting takes max_img_size (default 2048) and resize_to_max_side_len (default
+    True: nanoVLM builds VLMConfig(**config.json), so a missing key takes its dataclass default)
+    and nanoVLM's [0, 1] pixels."""
+    extra, base = cfg_dict.get("vlm_extra_tokens"), cfg_dict.get("lm_base_vocab_size")
+    keys = ["global_image_token"] + [f"r{r}c{c}" for r in range(1, MAX_GRID + 1) for c in range(1, MAX_GRID + 1)]
+    if not isinstance(extra, dict) or base is None or not all(k in extra for k in keys):
+        return (), None
+    wrong = [f"{k}: {extra[k]!r} (expected {NANOVLM_EXTRA_TOKENS[k]!r})" for k in keys
+             if extra[k] != NANOVLM_EXTRA_TOKENS[k]]
+    if wrong:
+        raise ValueError(f"{source}: unexpected image-splitting token strings: {', '.join(wrong[:3])}")
+    names = list(extra)
+    ids = tuple(base + names.index(k) for k in keys)
+    try:
+        split = ImageSplitting(max_side=int(cfg_dict.get("max_img_size", 2048)),
+                               resize_to_max_side=bool(cfg_dict.get("resize_to_max_side_len", True)), pixels="[0,1]")
+        split.check_tile(int(cfg_dict["vit_img_size"]))
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{source}: image splitting: {e}") from None
+    return ids, split
+
+
 def nanovlm_key_map(vlm: VLM):
     """Our VLM key -> nanoVLM key. A value ending in [q], [k] or [v] is that third of the rows of
     the concatenated ViT `qkv_proj` tensor (q, k, v order). `vision.pos_embed` (N, D) maps to
@@ -548,21 +585,23 @@ def load_nanovlm(folder, image_token_id=None):
     which for nanoVLM-460M-8k gives 49152. Every file key must be used (apart from the RoPE
     inv_freq buffer) and every shape must match; all problems are reported in one error.
 
-    Supported: one image view per <|image|> run, exactly as nanoVLM's model computes it:
-    features of images[i] replace, in order, the image-token positions. nanoVLM's image
-    splitting (a global 512-px view plus up to 8x8 tiles, each introduced by a <row_r_col_c>
-    token) is preprocessing we do not implement; we use one global view, i.e. the prompt
-    "<|global_image|>" followed by 64 "<|image|>" tokens, which is what nanoVLM builds for an
-    image that is not split."""
+    Features of images[k] (every view of every image, in token order) replace, in order, the
+    image-token positions, exactly as nanoVLM's model computes it. The checkpoint's image
+    splitting comes with it (nanovlm_image_splitting): vlm.view_token_ids = the <|global_image|>
+    and <row_r_col_c> ids, vlm.image_splitting = max_img_size, resize_to_max_side_len and [0, 1]
+    pixels, for data.collate(image_splitting=vlm.image_splitting) with a tokenizer from
+    data.load_tokenizer(..., image_splitting=True)."""
     cfg_path = os.path.join(folder, "config.json")
     lm, vision, s, inferred = nanovlm_configs(read_json(cfg_path), cfg_path)
     image_token_id = inferred if image_token_id is None else image_token_id
     if image_token_id is None:
         raise ValueError(f"{cfg_path}: cannot infer the image token id (needs lm_base_vocab_size and "
                          f"vlm_extra_tokens with 'image_token'); pass image_token_id=")
+    view_ids, splitting = nanovlm_image_splitting(read_json(cfg_path), cfg_path)
     origin = {}
     tensors = read_safetensors_folder(folder, origin)
-    vlm = VLM(lm, vision, image_token_id, s)
+    vlm = _build(VLM, cfg_path, lm_cfg=lm, vision_cfg=vision, image_token_id=image_token_id,
+                 shuffle_factor=s, view_token_ids=view_ids, image_splitting=splitting)
     key_map = nanovlm_key_map(vlm)
     origin.update({name: origin[key] for name in key_map.values()          # q/k/v thirds: their file
                    for key in [_nanovlm_qkv_part(name)[0]] if key in origin})
@@ -578,8 +617,16 @@ def nanovlm_config_dict(vlm: VLM):
         raise ValueError(f"nanoVLM numbers <|image|> lm_base_vocab_size (the first extra token); with "
                          f"image_token_id {vlm.image_token_id} and vocab_size {lm.vocab_size} that needs "
                          f"{n_extra} extra tokens, more than nanoVLM's {len(NANOVLM_EXTRA_TOKENS)}")
+    n_views = len(NANOVLM_EXTRA_TOKENS) - 1
+    if vlm.view_token_ids and vlm.view_token_ids != tuple(range(vlm.image_token_id + 1, vlm.image_token_id + 1 + n_views)):
+        raise ValueError("nanoVLM numbers the global-image and grid tokens right after <|image|>; "
+                         "view_token_ids must be image_token_id + 1 .. image_token_id + 65")
+    split = vlm.image_splitting
+    if split is not None and split.pixels != "[0,1]":
+        raise ValueError("nanoVLM feeds [0, 1] pixels; image_splitting.pixels must be '[0,1]' to save as nanoVLM")
+    extra = {} if split is None else {"max_img_size": split.max_side, "resize_to_max_side_len": split.resize_to_max_side}
     theta = int(lm.rope_theta) if float(lm.rope_theta).is_integer() else lm.rope_theta
-    return {"vit_hidden_dim": vis.dim, "vit_inter_dim": vis.mlp_dim, "vit_patch_size": vis.patch_size,
+    return {**extra, "vit_hidden_dim": vis.dim, "vit_inter_dim": vis.mlp_dim, "vit_patch_size": vis.patch_size,
             "vit_img_size": vis.image_size, "vit_n_heads": vis.n_heads, "vit_dropout": 0.0,
             "vit_n_blocks": vis.n_layers, "vit_ln_eps": vis.ln_eps, "vit_cls_flag": False,
             "lm_hidden_dim": lm.dim, "lm_inter_dim": lm.ffn_dim, "lm_rms_eps": lm.rms_eps, "lm_re_base": theta,

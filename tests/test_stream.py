@@ -178,7 +178,7 @@ def test_loader_same_batches_for_0_and_2_workers_and_on_resume(files, tok):
     b = next(iter(data.make_loader(ds, 4, seed=7, steps=1)))
     P = b["context_len"]
     assert (b["attention_mask"][:, P - 1] == 1).all() and (b["attention_mask"][:, P] == 1).all()
-    assert b["images"].shape[0] == int(b["has_image"].sum()) and b["skipped"] == 0
+    assert b["images"].shape[0] == sum(len(g) for g in b["grids"]) and b["skipped"] == 0
 
 
 def write_bad_jsonl(files, bad_line_3):

@@ -1,0 +1,189 @@
+"""Talk to a trained model: generate an answer, streamed token by token.
+
+    python tools/generate.py --model=out/distilled-selective-full --image=a.png --prompt="<image> eats"
+    python tools/generate.py --model=nanoVLM-460M-8k/ --tokenizer=SmolLM2-360M-Instruct/tokenizer.json \\
+        --image=a.png,b.png --prompt="What differs?" --teacher=SmolLM2-360M-Instruct/
+
+--model: one of our VLM folders (weights.load_vlm), a nanoVLM folder (weights.load_nanovlm; its
+  image splitting and [0, 1] pixels come with it) or a Hugging Face LM folder (weights.load_hf_lm;
+  text only). Its tokenizer.json is used unless --tokenizer names one (a nanoVLM folder has none).
+--image: comma-separated image files; each "<image>" in the prompt is one image (all at the start of
+  the prompt if it names none). Images are prepared as the model folder says (one view, or
+  nanoVLM's global view + tiles).
+--prompt: wrapped in the chat template of the folder's tokenizer_config.json (or a nanoVLM
+  config's lm_chat_template) when there is one; --raw=true feeds it as is.
+--max_new_tokens (64), --temperature (0 = greedy), --top_k (sampling among the k best), --seed.
+--teacher: a frozen text-only teacher (HF LM folder). After the student's answer, the teacher's own
+  answer through the KV handoff: the student prefills the context, the teacher takes the student's
+  K/V of every context column but the last as its cache, re-runs the last context token and then
+  generates greedily with its own cache (kvshare.teacher_generate): what the teacher would say
+  reading this student's image (and prompt) KV.
+Bad input (missing folder or image, an image for a text-only model, ...) -> one line on stderr, exit 2.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import data  # noqa: E402
+import kvshare  # noqa: E402
+import weights  # noqa: E402
+from model import VLM  # noqa: E402
+
+
+class BadInput(Exception):
+    pass
+
+
+def load_model(folder):
+    """(model, kind, chat template or None); kind in {"vlm", "nanovlm", "lm"}."""
+    if not os.path.isdir(folder):
+        raise BadInput(f"model folder not found: {folder}")
+    cfg = weights.read_json(os.path.join(folder, "config.json"))
+    if cfg.get("model_type") == "lingudistill_vlm":
+        return weights.load_vlm(folder), "vlm", data.load_chat_template(folder)
+    if "vit_hidden_dim" in cfg:
+        template = cfg.get("lm_chat_template") or data.load_chat_template(folder)
+        return weights.load_nanovlm(folder), "nanovlm", template
+    if cfg.get("model_type", "llama") in ("llama", "qwen2", "mistral") and "hidden_size" in cfg:
+        return weights.load_hf_lm(folder), "lm", data.load_chat_template(folder)
+    raise BadInput(f"{folder}: config.json is neither our VLM, a nanoVLM nor a Hugging Face Llama/Qwen2 config")
+
+
+def load_tok(path, model):
+    if not os.path.isfile(path):
+        raise BadInput(f"tokenizer not found: {path} (pass --tokenizer=PATH/tokenizer.json)")
+    split = isinstance(model, VLM) and bool(model.view_token_ids)
+    tok = data.load_tokenizer(path, image_splitting=split)
+    if isinstance(model, VLM):
+        ids = {data.IMAGE_TOKEN: model.image_token_id, **dict(zip(data.VIEW_TOKENS, model.view_token_ids))}
+        wrong = [f"{t} is {tok.token_to_id(t)} in the tokenizer, {i} in the model" for t, i in ids.items()
+                 if tok.token_to_id(t) != i]
+        if wrong:
+            raise BadInput(f"{path}: tokenizer and model disagree: {wrong[0]}")
+    return tok
+
+
+def read_images(spec):
+    from PIL import Image
+    images = []
+    for path in [p for p in (spec or "").split(",") if p]:
+        if not os.path.isfile(path):
+            raise BadInput(f"image file not found: {path}")
+        try:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        except OSError as e:
+            raise BadInput(f"cannot read image {path} ({e})") from None
+    return images
+
+
+class Stream:
+    """Prints tokens as they come: decodes all ids so far and prints the new suffix (byte-level BPE
+    pieces of one character can span tokens)."""
+    def __init__(self, tok, eos_id, out=None):
+        self.tok, self.eos_id, self.out, self.ids, self.shown, self.done = tok, eos_id, out, [], "", False
+
+    def __call__(self, t):
+        t = int(t[0])
+        self.done = self.done or t == self.eos_id
+        if self.done:
+            return
+        self.ids.append(t)
+        out = self.out or sys.stdout
+        text = self.tok.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            out.write(text[len(self.shown):])
+            out.flush()
+            self.shown = text
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--image", default="")
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--teacher", default=None)
+    ap.add_argument("--max_new_tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top_k", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--raw", default="false", choices=["true", "false"])
+    args = ap.parse_args(argv)
+    try:
+        return run(args)
+    except (BadInput, ValueError, FileNotFoundError) as e:
+        print(f"generate.py: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+
+
+def run(args):
+    if args.max_new_tokens < 1 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
+        raise BadInput("--max_new_tokens and --top_k must be >= 1, --temperature >= 0")
+    torch.manual_seed(args.seed)
+    model, kind, template = load_model(args.model)
+    model.eval()
+    tok = load_tok(args.tokenizer or os.path.join(args.model, "tokenizer.json"), model)
+    images = read_images(args.image)
+    is_vlm = isinstance(model, VLM)
+    if images and not is_vlm:
+        raise BadInput(f"{args.model} is a text-only model; it cannot take --image")
+    prompt = args.prompt
+    n_tags = prompt.count(data.IMAGE_TOKEN)
+    if n_tags and n_tags != len(images):
+        raise BadInput(f"the prompt has {n_tags} {data.IMAGE_TOKEN} tag(s) for {len(images)} image(s)")
+    prompt = data.IMAGE_TOKEN * (len(images) - n_tags) + prompt          # images inside the user turn
+    if template is not None and args.raw == "false":
+        prompt = data.chat_prompt(prompt, template)
+    example = {"image": images or None, "prompt": prompt, "response": "", "source": "generate"}
+    if is_vlm:
+        batch = data.collate([example], tok, model.n_image_tokens, model.vision.cfg.image_size,
+                             image_splitting=model.image_splitting)
+    else:
+        batch = data.collate([example], tok, 0, 0)
+    P = batch["context_len"]
+    ids, mask = batch["input_ids"][:, :P], batch["attention_mask"][:, :P]     # the context alone
+    eos, pad = data.special_id(tok, data.EOS_TOKEN), data.special_id(tok, data.PAD_TOKEN)
+    gen = torch.Generator().manual_seed(args.seed)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+              eos_id=eos, pad_id=pad, generator=gen)
+    views = "" if not images else f", {batch['images'].shape[0]} image view(s), grids {batch['grids'][0]}"
+    print(f"[{kind} {args.model}: {P} context tokens{views}]", file=sys.stderr)
+    if is_vlm:
+        model.generate(ids, batch["images"], attention_mask=mask, on_token=Stream(tok, eos), **kw)
+    else:
+        model.generate(input_ids=ids, attention_mask=mask, on_token=Stream(tok, eos), **kw)
+    print()
+    if args.teacher:
+        teacher_via_handoff(args, model, tok, batch, ids, mask)
+    return 0
+
+
+def teacher_via_handoff(args, student, tok, batch, ids, mask):
+    if not os.path.isdir(args.teacher):
+        raise BadInput(f"teacher folder not found: {args.teacher}")
+    teacher = kvshare.freeze(weights.load_hf_lm(args.teacher))
+    decoder = student.decoder if isinstance(student, VLM) else student
+    kvshare.check_compatible(teacher.cfg, decoder.cfg)
+    t_path = os.path.join(args.teacher, "tokenizer.json")
+    t_tok = data.load_tokenizer(t_path) if os.path.isfile(t_path) else tok
+    with torch.no_grad():
+        if isinstance(student, VLM):
+            _, kv = student(ids, batch["images"], attention_mask=mask, use_cache=True, logits_start=-1)
+        else:
+            _, kv = student(input_ids=ids, attention_mask=mask, use_cache=True, logits_start=-1)
+    only = student.student_only_ids if isinstance(student, VLM) else ()
+    eos = data.special_id(t_tok, data.EOS_TOKEN)
+    eos = eos if eos < teacher.cfg.vocab_size else None
+    print("[teacher via the KV handoff]", file=sys.stderr)
+    kvshare.teacher_generate(teacher, kv, ids, mask, only, max_new_tokens=args.max_new_tokens, eos_id=eos,
+                             pad_id=0, on_token=Stream(t_tok, eos))
+    print()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
