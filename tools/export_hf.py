@@ -21,8 +21,9 @@ data.load_tokenizer appends "<image>" (SmolLM2: id 49152) and the decoder's embe
 untied head) cover it. By default the export keeps it: the HF model is exactly our decoder
 (same logits, same softmax), vocab_size = teacher + 1, and tokenizer.json carries <image> as an
 added special token. --drop_image_row cuts the trailing rows that are ids data.load_tokenizer
-ADDED to the source tokenizer (<image>, and <pad>/<eos> where it had to add them), writes the
-source tokenizer.json without them, and sets vocab_size back: the export then has the
+ADDED to the base tokenizer (<image>, and <pad>/<eos> where it had to add them; train.py's
+folders already store them in tokenizer.json), writes tokenizer.json without them, and sets
+vocab_size back: the export then has the
 teacher's exact shape and tokenizer. Its softmax no longer includes the dropped rows, so its
 log-probabilities differ from the student's by log(1 - p(dropped ids)) per token (tiny once the
 student has learnt never to emit <image> in text, but not zero). Only trailing ids can be
@@ -30,7 +31,6 @@ dropped; anything else is an error.
 """
 import json
 import os
-import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -48,12 +48,23 @@ def load_decoder(folder):
     return load_hf_lm(folder), "hf"
 
 
-def added_ids(tok_path):
-    """Ids that data.load_tokenizer appends to the raw tokenizer.json (not in the file)."""
-    from tokenizers import Tokenizer
-    raw = Tokenizer.from_file(tok_path).get_vocab_size(with_added_tokens=True)
+def trailing_specials(tok_path):
+    """(ids, tokenizer.json dict without them, tok): the trailing ids of data.load_tokenizer's
+    view of tok_path that are our special tokens (<image>, <pad>, <eos>) beyond the BPE
+    vocabulary, whether load_tokenizer appends them now or save_tokenizer already wrote them."""
+    with open(tok_path, encoding="utf-8") as f:
+        j = json.load(f)
     tok = data.load_tokenizer(tok_path)
-    return list(range(raw, tok.get_vocab_size(with_added_tokens=True))), tok
+    ids, i = [], tok.get_vocab_size(with_added_tokens=True) - 1
+    while i >= 0 and tok.id_to_token(i) in data.SPECIAL_TOKENS:
+        ids.insert(0, i)
+        i -= 1
+    keep = ids[0] if ids else i + 1
+    if any(v >= keep for v in (j.get("model", {}).get("vocab") or {}).values()):
+        ids = []                                          # part of the BPE vocabulary: not ours to drop
+    else:
+        j["added_tokens"] = [t for t in j.get("added_tokens", []) if t["id"] < keep]
+    return ids, j, tok
 
 
 def drop_rows(decoder, keep):
@@ -74,7 +85,7 @@ def export(src, out, drop_image_row=False):
     if os.path.abspath(src) == os.path.abspath(out):
         raise ValueError("OUT_FOLDER must differ from SRC_FOLDER")
     decoder, kind = load_decoder(src)
-    extra, tok = added_ids(tok_path)
+    extra, trimmed, tok = trailing_specials(tok_path)
     V = decoder.cfg.vocab_size
     n_tok = tok.get_vocab_size(with_added_tokens=True)
     if n_tok > V:
@@ -82,15 +93,13 @@ def export(src, out, drop_image_row=False):
                          f"{V} rows")
     os.makedirs(out, exist_ok=True)
     if drop_image_row:
-        if not extra:
-            raise ValueError(f"{src}: --drop_image_row: the tokenizer has <image>, <pad> and <eos> of its own "
-                             "(nothing was appended), so there is no row to drop")
-        if extra[-1] != V - 1:
-            raise ValueError(f"{src}: --drop_image_row: the appended ids {extra} are not the model's last rows "
-                             f"(vocab_size {V})")
+        if not extra or extra[-1] != V - 1:
+            raise ValueError(f"{src}: --drop_image_row: no appended <image>/<pad>/<eos> ids at the end of the "
+                             f"vocabulary (vocab_size {V}; the tokenizer's own tokens play those roles or sit "
+                             "inside its vocabulary, as in the tiny world): nothing to drop")
         decoder = drop_rows(decoder, extra[0])
-        shutil.copyfile(tok_path, os.path.join(out, "tokenizer.json"))        # the source file: no appended ids
-        roles = tok.role_tokens                                                 # only tokens the file has
+        write_json(os.path.join(out, "tokenizer.json"), trimmed)              # the source file minus those ids
+        roles = tok.role_tokens
     else:
         tok.save(os.path.join(out, "tokenizer.json"))
         roles = tok.role_tokens
