@@ -238,7 +238,7 @@ def test_scores_match_a_direct_computation(tok, tmp_path):
         assert r["pred"] == [int(np.argmax(w)) for w in want]
 
 
-def test_score_mc_picks_the_option_the_model_is_forced_to_prefer(tok, tmp_path):
+def test_multiple_choice_picks_the_option_the_model_is_forced_to_prefer(tok, tmp_path):
     """Zero every attention/MLP output: the residual stream is the token's embedding, so the next-token
     logits depend on the last token only; a head row aligned with ":"'s normalised embedding forces " C"."""
     model, items = tiny_lm(tok), mc_items(tmp_path)
