@@ -36,6 +36,8 @@ def folders(tmp_path_factory):
     data.save_tokenizer(tok, root / "student")
     save_hf_lm(teacher, root / "teacher")
     data.save_tokenizer(data.load_tokenizer(tok_path), root / "teacher")
+    save_hf_lm(Decoder(LMConfig(vocab_size=300, dim=32, n_layers=1, n_heads=4, n_kv_heads=1, ffn_dim=64)),
+               root / "bad_teacher")                                # 1 layer, 1 KV head: cannot read the KV
     Image.new("RGB", (40, 20), (200, 30, 30)).save(root / "a.png")
     Image.new("RGB", (10, 10), (30, 30, 200)).save(root / "b.png")
     return root
@@ -78,6 +80,18 @@ def test_bad_input_is_one_line_and_nonzero(folders, capsys, args, message):
     fmt = dict(t=folders / "teacher", s=folders / "student", a=folders / "a.png")
     rc, _, err = run(capsys, *[a.format(**fmt) for a in args])
     assert rc == 2 and message in err and err.strip().count("\n") <= 1 + ("teacher" in message)
+
+
+@pytest.mark.parametrize("teacher,prompt,message", [
+    ("teacher", "the red <image>", "the prompt must end with a text token"),
+    ("bad_teacher", "<image> the red",
+     "incompatible for KV sharing: n_layers: teacher 1 vs student 2 n_kv_heads: teacher 1 vs student 2"),
+])
+def test_bad_teacher_is_refused_before_the_student_answers(folders, capsys, teacher, prompt, message):
+    rc, out, err = run(capsys, f"--model={folders / 'student'}", f"--image={folders / 'a.png'}", f"--prompt={prompt}",
+                       "--max_new_tokens=3", f"--teacher={folders / teacher}")
+    # the whole message (every difference) on one line, and no student answer printed first
+    assert rc == 2 and message in err and err.strip().count("\n") == 0 and out == ""
 
 
 def test_runs_as_a_script(folders):

@@ -18,7 +18,8 @@
   K/V of every context column but the last as its cache, re-runs the last context token and then
   generates greedily with its own cache (kvshare.teacher_generate): what the teacher would say
   reading this student's image (and prompt) KV.
-Bad input (missing folder or image, an image for a text-only model, ...) -> one line on stderr, exit 2.
+Bad input (missing folder or image, an image for a text-only model, a teacher that cannot read the
+student's KV, ...) -> one line on stderr, exit 2; the teacher is checked before the student answers.
 """
 import argparse
 import os
@@ -116,8 +117,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         return run(args)
-    except (BadInput, ValueError, FileNotFoundError) as e:
-        print(f"generate.py: {str(e).splitlines()[0]}", file=sys.stderr)
+    except (BadInput, ValueError, FileNotFoundError, ImportError) as e:
+        # one line, but all of it: check_compatible lists each difference on a line of its own
+        print(f"generate.py: {' '.join(line.strip() for line in str(e).splitlines() if line.strip())}",
+              file=sys.stderr)
         return 2
 
 
@@ -151,6 +154,7 @@ def run(args):
     gen = torch.Generator().manual_seed(args.seed)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               eos_id=eos, pad_id=pad, generator=gen)
+    teacher = load_teacher(args.teacher, model, ids) if args.teacher else None   # bad teacher: before any work
     views = "" if not images else f", {batch['images'].shape[0]} image view(s), grids {batch['grids'][0]}"
     print(f"[{kind} {args.model}: {P} context tokens{views}]", file=sys.stderr)
     if is_vlm:
@@ -158,17 +162,27 @@ def run(args):
     else:
         model.generate(input_ids=ids, attention_mask=mask, on_token=Stream(tok, eos), **kw)
     print()
-    if args.teacher:
-        teacher_via_handoff(args, model, tok, batch, ids, mask)
+    if teacher is not None:
+        teacher_via_handoff(args, teacher, model, tok, batch, ids, mask)
     return 0
 
 
-def teacher_via_handoff(args, student, tok, batch, ids, mask):
-    if not os.path.isdir(args.teacher):
-        raise BadInput(f"teacher folder not found: {args.teacher}")
-    teacher = kvshare.freeze(weights.load_hf_lm(args.teacher))
+def load_teacher(folder, student, ids):
+    """The frozen teacher, checked before the student answers: same attention shapes and RoPE,
+    and a context that ends with a text token (the teacher re-runs that token itself)."""
+    if not os.path.isdir(folder):
+        raise BadInput(f"teacher folder not found: {folder}")
+    teacher = kvshare.freeze(weights.load_hf_lm(folder))
     decoder = student.decoder if isinstance(student, VLM) else student
     kvshare.check_compatible(teacher.cfg, decoder.cfg)
+    only = student.student_only_ids if isinstance(student, VLM) else ()
+    if int(ids[0, -1]) in only or int(ids[0, -1]) >= teacher.cfg.vocab_size:
+        raise BadInput("with --teacher the prompt must end with a text token the teacher knows (it re-runs "
+                       "the last context token itself; an image token there has no teacher embedding)")
+    return teacher
+
+
+def teacher_via_handoff(args, teacher, student, tok, batch, ids, mask):
     t_path = os.path.join(args.teacher, "tokenizer.json")
     t_tok = data.load_tokenizer(t_path) if os.path.isfile(t_path) else tok
     with torch.no_grad():
