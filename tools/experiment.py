@@ -1,13 +1,22 @@
 """
 The miniature experiment: seeds x {teacher, adapted, CE-only, uniform KD, text-only teacher
-KD, LinguDistill}, every model on the tiny world's benchmarks, mean ± std over seeds.
+KD, LinguDistill, weight merges}, every model on the tiny world's benchmarks, mean ± std over
+seeds, and paired per-seed differences of LinguDistill against each baseline with 95 %
+t-intervals.
 
-  python tools/experiment.py --seeds=0,1,2 [--jobs=3] [--out_dir=out/experiment] [TRAIN FLAGS]
+  python tools/experiment.py --seeds=0,1,2 [--jobs=3] [--out_dir=out/experiment]
+                             [--merge_lams=0.25,0.5,0.75] [TRAIN FLAGS]
+
+The weight-merging baseline (no training): the adapted decoder interpolated toward the
+teacher, theta = (1 - lam) * theta_adapted + lam * theta_teacher (merge_toward_teacher);
+--merge_lams= (empty) leaves it out.
 
 Every other flag goes to train.py (e.g. --device=cuda, --align_steps=1000). Writes
-experiment.md, experiment.json (per seed, mean, std) and, if matplotlib is installed,
-experiment.png (language vs vision per model) to --out_dir.
+experiment.md, experiment.json (per seed, mean, std, paired differences) and, if matplotlib
+is installed, experiment.png (language vs vision per model) to --out_dir.
 """
+import copy
+import math
 import multiprocessing as mp
 import os
 import sys
@@ -27,19 +36,51 @@ VARIANTS = {                                   # name -> train.py overrides for 
     "text-only teacher KD": ["--policy=selective", "--scope=none"],
     "LinguDistill": ["--policy=selective", "--scope=full"],
 }
+MERGE_LAMS = (0.25, 0.5, 0.75)
+BASELINES = ("CE-only", "text-only teacher KD", "uniform KD")    # LinguDistill minus each of these
+VISION_SLACK = 0.01            # "equal or better vision" for the merge comparison: >= LD - 1 point
 
 
-def run_seed(seed, train_argv, out_dir):
-    """Pretrain + adapt once, then every distill variant from the same adapted model; eval all."""
-    base = train_argv + [f"--seed={seed}", f"--out_dir={os.path.join(out_dir, f'seed{seed}')}", "--eval=false"]
+def merge_name(lam):
+    return f"merge λ={lam:g}"
+
+
+@torch.no_grad()
+def merge_toward_teacher(vlm, teacher, lam):
+    """A new VLM whose decoder is (1 - lam) * adapted + lam * teacher, parameter by parameter;
+    the vision tower and projector stay the adapted ones, and so do the decoder's rows beyond
+    the teacher's vocabulary (<image> etc.). `vlm` and `teacher` are left untouched."""
+    merged = copy.deepcopy(vlm)
+    theirs = dict(teacher.named_parameters())
+    for name, p in merged.decoder.named_parameters():          # a tied head is visited once
+        t = theirs.get(name)
+        vocab_rows = name in ("embed.weight", "lm_head.weight")     # may have extra rows here
+        if t is None or not (t.shape == p.shape or vocab_rows and t.shape[1:] == p.shape[1:]
+                             and t.shape[0] < p.shape[0]):
+            raise ValueError(f"merge: decoder parameter {name} {tuple(p.shape)} has no teacher "
+                             f"counterpart of the same shape (teacher: "
+                             f"{None if t is None else tuple(t.shape)})")
+        # lerp(a, b, lam) = a + lam * (b - a), exact at lam = 0 and lam = 1
+        p[:t.shape[0]] = torch.lerp(p[:t.shape[0]], t.to(p.device, p.dtype), lam)
+    return merged
+
+
+def run_seed(seed, train_argv, out_dir, merge_lams=MERGE_LAMS):
+    """Pretrain + adapt once, then every distill variant from the same adapted model, and the
+    merges of the adapted model toward the teacher; eval all."""
+    base = train_argv + [f"--seed={seed}", f"--out_dir={os.path.join(out_dir, f'seed{seed}')}",
+                         "--eval=false"]
     models, world, tok = train.run(train.get_config(base + ["--stage=pretrain"]))
     teacher = models["teacher"]
     models, _, _ = train.run(train.get_config(base + ["--stage=adapt"]))
     rows_models = {"teacher": teacher, "adapted": models["adapted"]}
     for name, argv in VARIANTS.items():
         slug = name.lower().replace(" ", "-")
-        models, _, _ = train.run(train.get_config(base + ["--stage=distill", f"--variant={slug}"] + argv))
+        models, _, _ = train.run(train.get_config(base + ["--stage=distill", f"--variant={slug}"]
+                                                  + argv))
         rows_models[name] = models[f"distilled-{slug}"]
+    for lam in merge_lams:
+        rows_models[merge_name(lam)] = merge_toward_teacher(rows_models["adapted"], teacher, lam)
     cfg = train.get_config(base)
     rows = evaluation.evaluate_models(rows_models, world, tok, cfg.image_size, teacher=teacher)
     for name, row in rows.items():
@@ -49,9 +90,9 @@ def run_seed(seed, train_argv, out_dir):
 
 
 def _run_seed_to_file(args):
-    seed, train_argv, out_dir, jobs = args
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // jobs))       # share the cores between parallel seeds
-    rows = run_seed(seed, train_argv, out_dir)
+    seed, train_argv, out_dir, jobs, merge_lams = args
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // jobs))   # share the cores between seeds
+    rows = run_seed(seed, train_argv, out_dir, merge_lams)
     write_json(os.path.join(out_dir, f"seed{seed}.json"), rows)
     return rows
 
@@ -64,12 +105,112 @@ def aggregate(per_seed):
         keys = per_seed[0][n].keys()
         vals = {k: [s[n][k] for s in per_seed] for k in keys}
         mean[n] = {k: sum(v) / len(v) for k, v in vals.items()}
-        std[n] = {k: (sum((x - mean[n][k]) ** 2 for x in v) / len(v)) ** 0.5 for k, v in vals.items()}
+        std[n] = {k: (sum((x - mean[n][k]) ** 2 for x in v) / len(v)) ** 0.5
+                  for k, v in vals.items()}
     return mean, std
 
 
+# ----------------------------------------------------------------------------------------
+# Paired differences between models over seeds, with 95 % t-intervals
+
+# t_{0.975, df}, df = 1..30: the two-sided 95 % quantile of Student's t, from the standard t
+# table (e.g. NIST/SEMATECH e-Handbook of Statistical Methods, table 1.3.6.7.2).
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+        2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+        2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df):
+    """t_{0.975, df}: the table up to df = 30, then the Cornish-Fisher expansion around the
+    normal quantile (error < 1e-3 there)."""
+    if df < 1:
+        raise ValueError(f"t975: df must be >= 1, got {df}")
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def t_interval(diffs):
+    """Mean of paired differences and its 95 % t-interval, mean ± t_{0.975,n-1} * s / sqrt(n)
+    (s: the sample std, n - 1 in the denominator). With n = 1 there is no interval (None)."""
+    n = len(diffs)
+    mean = sum(diffs) / n
+    out = {"n": n, "diffs": list(diffs), "mean": mean, "sd": None, "half_width": None,
+           "lo": None, "hi": None}
+    if n > 1:
+        sd = (sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5
+        hw = t975(n - 1) * sd / n ** 0.5
+        out.update(sd=sd, half_width=hw, lo=mean - hw, hi=mean + hw)
+    return out
+
+
+def best_merge(mean, ref="LinguDistill", slack=VISION_SLACK):
+    """The merge at equal or better vision than `ref`: among the merges whose mean vision is
+    >= ref's mean vision - slack, the one with the highest mean language (None if none)."""
+    ok = [n for n in mean if n.startswith("merge ")
+          and mean[n]["vision"] >= mean[ref]["vision"] - slack - 1e-9]
+    return max(ok, key=lambda n: mean[n]["acc"]) if ok else None
+
+
+def paired_differences(per_seed, mean, ref="LinguDistill"):
+    """{"<ref> − <other>": {"recovery": t_interval, "vision": t_interval}} for every baseline
+    present, plus the best merge (best_merge). Seeds pair up: each difference is within one
+    seed (same teacher, same adapted model)."""
+    others = [b for b in BASELINES if b in mean]
+    merge = best_merge(mean, ref) if any(n.startswith("merge ") for n in mean) else None
+    if merge:
+        others.append(merge)
+    return {f"{ref} − {o}": {k: t_interval([s[ref][k] - s[o][k] for s in per_seed])
+                             for k in ("recovery", "vision")} for o in others}
+
+
+def format_interval(t):
+    """Points: "+19.4 ± 11.4 [+8.0, +30.8]", or "+19.4 (n=1, no interval)"."""
+    if t["half_width"] is None:
+        return f"{100 * t['mean']:+.1f} (n=1, no interval)"
+    return (f"{100 * t['mean']:+.1f} ± {100 * t['half_width']:.1f} "
+            f"[{100 * t['lo']:+.1f}, {100 * t['hi']:+.1f}]")
+
+
+def format_differences(diffs, mean, ref="LinguDistill"):
+    """Markdown: which merge is compared (or that none qualifies), then the table."""
+    merges = [n for n in mean if n.startswith("merge ")]
+    lines = []
+    if merges:
+        merge = best_merge(mean, ref)
+        floor = 100 * (mean[ref]["vision"] - VISION_SLACK)
+        if merge:
+            lines.append(f"Best merge at equal or better vision (mean vision >= {floor:.1f}, "
+                         f"{ref}'s minus 1 point; highest mean language): {merge} (language "
+                         f"{100 * mean[merge]['acc']:.1f}, vision "
+                         f"{100 * mean[merge]['vision']:.1f}).")
+        else:
+            lines.append(f"No merge has mean vision >= {floor:.1f} ({ref}'s minus 1 point): "
+                         f"no merge comparison ({', '.join(merges)}).")
+    lines += ["", "Paired differences (same seed), points, mean ± t_{0.975,n-1} · s / √n "
+              "[95 % interval] (s: sample std over seeds):", "",
+              "| difference | recovery | vision | recovery per seed |", "|---|---|---|---|"]
+    for name, d in diffs.items():
+        per = " / ".join(f"{100 * x:+.1f}" for x in d["recovery"]["diffs"])
+        lines.append(f"| {name} | {format_interval(d['recovery'])} | "
+                     f"{format_interval(d['vision'])} | {per} |")
+    return "\n".join(lines)
+
+
+def format_per_seed(per_seed, seeds):
+    """Markdown: language, vision and recovery of every model, seed by seed."""
+    cell = lambda n, k: " / ".join(f"{100 * s[n][k]:.1f}" if k in s[n] else "—" for s in per_seed)
+    lines = [f"Per seed ({' / '.join(map(str, seeds))}):", "",
+             "| model | language | vision | recovery |", "|---|---|---|---|"]
+    lines += [f"| {n} | {cell(n, 'acc')} | {cell(n, 'vision')} | {cell(n, 'recovery')} |"
+              for n in per_seed[0]]
+    return "\n".join(lines)
+
+
 def plot(mean, std, path):
-    """Language vs vision per model (mean ± std over seeds) as a PNG, if matplotlib is installed."""
+    """Language vs vision per model (mean ± std over seeds) as a PNG, if matplotlib is
+    installed: the merges as one line labelled by λ, the teacher's language as a dashed line."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -77,11 +218,20 @@ def plot(mean, std, path):
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(6, 4.5))
+    merges = [n for n in mean if n.startswith("merge ")]
     for name, m in mean.items():
-        if "vision" in m:
+        if "vision" in m and name not in merges:
             ax.errorbar(100 * m["vision"], 100 * m["acc"], xerr=100 * std[name]["vision"],
                         yerr=100 * std[name]["acc"], fmt="o", capsize=3, label=name)
-    ax.axhline(100 * mean["teacher"]["acc"], color="grey", linestyle="--", label="teacher (language)")
+    if merges:
+        xs = [100 * mean[n]["vision"] for n in merges]
+        ys = [100 * mean[n]["acc"] for n in merges]
+        ax.plot(xs, ys, "s-", color="black", alpha=0.6, label="merge toward teacher")
+        for n, x, y in zip(merges, xs, ys):
+            ax.annotate(n.split(" ", 1)[1], (x, y), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+    ax.axhline(100 * mean["teacher"]["acc"], color="grey", linestyle="--",
+               label="teacher (language)")
     ax.set_xlabel("vision VQA accuracy (%)")
     ax.set_ylabel("language multiple-choice accuracy (%)")
     ax.legend(fontsize=8)
@@ -91,31 +241,42 @@ def plot(mean, std, path):
     return path
 
 
-def experiment(seeds, train_argv, out_dir, jobs=1):
+def report(seeds, train_argv, per_seed, seconds):
+    """(experiment.md text, experiment.json object) from the per-seed rows."""
+    mean, std = aggregate(per_seed)
+    diffs = paired_differences(per_seed, mean)
+    rec = " | ".join(f"{n}: {100 * mean[n]['recovery']:.0f} ± {100 * std[n]['recovery']:.0f}%"
+                     for n in mean if n not in ("teacher", "adapted"))
+    text = (f"{evaluation.format_table(mean, std)}\n\n"
+            f"mean ± std over {len(seeds)} seed(s) (population std). Recovery of the language "
+            f"drop, (model - adapted) / (teacher - adapted): {rec}\n\n"
+            f"{format_differences(diffs, mean)}\n\n{format_per_seed(per_seed, seeds)}\n\n"
+            f"seeds {seeds}; train.py {' '.join(train_argv)}; {seconds:.0f}s\n")
+    return text, {"seeds": seeds, "train_argv": train_argv, "per_seed": per_seed, "mean": mean,
+                  "std": std, "best_merge": best_merge(mean) if any(
+                      n.startswith("merge ") for n in mean) else None,
+                  "paired_differences": diffs}
+
+
+def experiment(seeds, train_argv, out_dir, jobs=1, merge_lams=MERGE_LAMS):
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
-    args = [(s, train_argv, out_dir, jobs) for s in seeds]
+    args = [(s, train_argv, out_dir, jobs, merge_lams) for s in seeds]
     if jobs > 1:
         with mp.get_context("spawn").Pool(jobs) as pool:
             per_seed = pool.map(_run_seed_to_file, args)
     else:
         per_seed = [_run_seed_to_file(a) for a in args]
-    mean, std = aggregate(per_seed)
-    table = evaluation.format_table(mean, std)
-    rec = " | ".join(f"{n}: {100 * mean[n]['recovery']:.0f} ± {100 * std[n]['recovery']:.0f}%"
-                     for n in VARIANTS)
-    text = (f"{table}\n\nRecovery of the language drop, (distilled - adapted) / (teacher - adapted): {rec}\n"
-            f"seeds {seeds}; train.py {' '.join(train_argv)}; {time.time() - t0:.0f}s\n")
+    text, result = report(seeds, train_argv, per_seed, time.time() - t0)
     atomic_write(os.path.join(out_dir, "experiment.md"), lambda tmp: open(tmp, "w").write(text))
-    plot(mean, std, os.path.join(out_dir, "experiment.png"))
-    write_json(os.path.join(out_dir, "experiment.json"),
-               {"seeds": seeds, "train_argv": train_argv, "per_seed": per_seed, "mean": mean,
-                "std": std})
+    plot(result["mean"], result["std"], os.path.join(out_dir, "experiment.png"))
+    write_json(os.path.join(out_dir, "experiment.json"), result)
     return text
 
 
 def main(argv):
-    opts = {"seeds": "0,1,2", "jobs": "1", "out_dir": "out/experiment"}
+    opts = {"seeds": "0,1,2", "jobs": "1", "out_dir": "out/experiment",
+            "merge_lams": ",".join(f"{lam:g}" for lam in MERGE_LAMS)}
     train_argv = []
     for arg in argv:
         key, eq, val = arg[2:].partition("=")
@@ -128,13 +289,17 @@ def main(argv):
     try:
         seeds = [int(s) for s in opts["seeds"].split(",")]
         jobs = int(opts["jobs"])
+        lams = [float(x) for x in opts["merge_lams"].split(",") if x]
     except ValueError:
-        raise ValueError(f"--seeds={opts['seeds']} --jobs={opts['jobs']}: expected a comma list "
-                         "of integers and an integer") from None
+        raise ValueError(f"--seeds={opts['seeds']} --jobs={opts['jobs']} "
+                         f"--merge_lams={opts['merge_lams']}: expected a comma list of integers, "
+                         "an integer and a comma list of numbers") from None
     if jobs < 1:
         raise ValueError(f"--jobs={jobs}: expected >= 1")
+    if not all(0 <= lam <= 1 for lam in lams):
+        raise ValueError(f"--merge_lams={opts['merge_lams']}: expected numbers in [0, 1]")
     train.get_config(train_argv)                  # bad train flags fail before any work
-    print(experiment(seeds, train_argv, opts["out_dir"], jobs))
+    print(experiment(seeds, train_argv, opts["out_dir"], jobs, lams))
 
 
 if __name__ == "__main__":

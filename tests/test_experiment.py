@@ -1,0 +1,171 @@
+"""tools/experiment.py: the weight-merging baseline, the paired t-intervals, the report, and
+one seed end to end on the smoke preset."""
+import math
+
+import pytest
+import torch
+
+import experiment
+from model import Decoder, LMConfig, VisionConfig, vlm_from_teacher
+
+
+# --------------------------------------------------------------------------- merging
+
+def tiny_pair():
+    """A teacher (vocab 20) and an 'adapted' VLM grown from it (vocab 21: <image> = 20) whose
+    every parameter has then moved away from the teacher's."""
+    teacher = Decoder(LMConfig(vocab_size=20, dim=16, n_layers=2, n_heads=2, n_kv_heads=1,
+                               ffn_dim=32, max_positions=64))
+    vlm = vlm_from_teacher(teacher, VisionConfig(image_size=8, patch_size=4, dim=8, n_layers=1,
+                                                 n_heads=2, mlp_dim=16), image_token_id=20)
+    with torch.no_grad():
+        for p in vlm.parameters():
+            p.add_(torch.randn_like(p))
+    return vlm, teacher
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(state, model):
+    now = model.state_dict()
+    assert state.keys() == now.keys()
+    assert all(torch.equal(state[k], now[k]) for k in state)
+
+
+def test_merge_endpoints_and_midpoint():
+    vlm, teacher = tiny_pair()
+    vlm_before, teacher_before = snapshot(vlm), snapshot(teacher)
+    t_params = dict(teacher.named_parameters())
+
+    m0 = experiment.merge_toward_teacher(vlm, teacher, 0.0)
+    assert_same(vlm_before, m0)                                     # lam = 0: exactly adapted
+    assert m0.decoder.embed.weight.data_ptr() != vlm.decoder.embed.weight.data_ptr()
+
+    m1 = experiment.merge_toward_teacher(vlm, teacher, 1.0)
+    for name, p in m1.decoder.named_parameters():                   # lam = 1: the teacher ...
+        t = t_params[name]
+        assert torch.equal(p[:t.shape[0]], t), name
+    assert torch.equal(m1.decoder.embed.weight[20], vlm.decoder.embed.weight[20])   # not <image>
+    for part in ("vision", "projector"):                            # adapted vision + projector
+        for (n, p), (_, q) in zip(getattr(m1, part).named_parameters(),
+                                  getattr(vlm, part).named_parameters()):
+            assert torch.equal(p, q), f"{part}.{n}"
+    assert m1.decoder.lm_head.weight is m1.decoder.embed.weight     # the tie survives
+
+    half = experiment.merge_toward_teacher(vlm, teacher, 0.5)
+    v_params = dict(vlm.decoder.named_parameters())
+    for name, p in half.decoder.named_parameters():
+        t, a = t_params[name], v_params[name]
+        torch.testing.assert_close(p[:t.shape[0]], (a[:t.shape[0]] + t) / 2)
+
+    assert_same(vlm_before, vlm)                                    # inputs untouched
+    assert_same(teacher_before, teacher)
+
+
+@pytest.mark.parametrize("ffn_dim", [24, 48])          # fewer rows than the student's, or more
+def test_merge_refuses_a_teacher_of_another_shape(ffn_dim):
+    vlm, _ = tiny_pair()
+    other = Decoder(LMConfig(vocab_size=20, dim=16, n_layers=2, n_heads=2, n_kv_heads=1,
+                             ffn_dim=ffn_dim, max_positions=64))
+    with pytest.raises(ValueError, match=r"merge: decoder parameter layers\.0\.mlp\.gate_proj"):
+        experiment.merge_toward_teacher(vlm, other, 0.5)
+
+
+# --------------------------------------------------------------------------- statistics
+
+def test_t_interval_hand_worked():
+    t = experiment.t_interval([1.0, 2.0, 3.0])        # mean 2, s = 1, t_{0.975,2} = 4.303
+    assert t["mean"] == 2.0 and t["sd"] == pytest.approx(1.0)
+    assert t["half_width"] == pytest.approx(4.303 / math.sqrt(3))      # 2.484
+    assert (t["lo"], t["hi"]) == pytest.approx((2 - 2.4844, 2 + 2.4844), abs=1e-4)
+    one = experiment.t_interval([0.05])
+    assert one["half_width"] is None
+    assert experiment.format_interval(one) == "+5.0 (n=1, no interval)"
+    assert experiment.format_interval(experiment.t_interval([0.01, 0.02, 0.03])) == \
+        "+2.0 ± 2.5 [-0.5, +4.5]"
+
+
+def test_t_quantiles():
+    assert experiment.t975(1) == 12.706 and experiment.t975(30) == 2.042
+    assert experiment.t975(31) == pytest.approx(2.0395, abs=1e-3)    # beyond the table
+    assert experiment.t975(1000) == pytest.approx(1.9623, abs=1e-3)
+    with pytest.raises(ValueError):
+        experiment.t975(0)
+
+
+def fake_seed(ld_lang, ce_lang, vision_025, k):
+    """One seed's rows: the drop is 40 points, so recovery = (lang - 0.5) / 0.4."""
+    def row(lang, vision=None):
+        r = {"acc": lang, "recovery": (lang - 0.5) / 0.4}
+        if vision is not None:
+            r["vision"] = vision
+        return r
+    return {"teacher": row(0.9), "adapted": row(0.5, 0.80),
+            "CE-only": row(ce_lang, 0.80 + k), "uniform KD": row(0.70, 0.60),
+            "text-only teacher KD": row(0.60, 0.80), "LinguDistill": row(ld_lang, 0.80),
+            "merge λ=0.25": row(0.55, vision_025), "merge λ=0.5": row(0.62, 0.795),
+            "merge λ=0.75": row(0.75, 0.50)}
+
+
+def test_report_with_merges():
+    per_seed = [fake_seed(0.70, 0.60, 0.81, 0.0), fake_seed(0.74, 0.62, 0.80, 0.02),
+                fake_seed(0.78, 0.64, 0.82, 0.01)]
+    mean, std = experiment.aggregate(per_seed)
+    assert mean["LinguDistill"]["acc"] == pytest.approx(0.74)
+    assert std["LinguDistill"]["acc"] == pytest.approx((0.0032 / 3) ** 0.5)     # population std
+    # λ=0.75 has the best language but vision 50 < 79; λ=0.5 (79.5 >= 80 - 1) beats λ=0.25
+    assert experiment.best_merge(mean) == "merge λ=0.5"
+    text, result = experiment.report([0, 1, 2], ["--preset=smoke"], per_seed, 1.0)
+    diffs = result["paired_differences"]
+    assert list(diffs) == ["LinguDistill − CE-only", "LinguDistill − text-only teacher KD",
+                           "LinguDistill − uniform KD", "LinguDistill − merge λ=0.5"]
+    ce = diffs["LinguDistill − CE-only"]["recovery"]               # (0.10, 0.12, 0.14) / 0.4
+    assert ce["diffs"] == pytest.approx([0.25, 0.30, 0.35])
+    assert ce["half_width"] == pytest.approx(4.303 * 0.05 / math.sqrt(3))
+    assert diffs["LinguDistill − CE-only"]["vision"]["mean"] == pytest.approx(-0.01)
+    assert result["best_merge"] == "merge λ=0.5"
+    for needle in ("| merge λ=0.25 |", "| merge λ=0.75 |", "Best merge at equal or better vision",
+                   "merge λ=0.5 (language 62.0, vision 79.5)",
+                   "| LinguDistill − CE-only | +30.0 ± 12.4 [+17.6, +42.4] | -1.0 ± 2.5",
+                   "| LinguDistill − merge λ=0.5 |", "Per seed (0 / 1 / 2)",
+                   "| LinguDistill | 70.0 / 74.0 / 78.0 | 80.0 / 80.0 / 80.0 | "
+                   "50.0 / 60.0 / 70.0 |"):
+        assert needle in text, needle
+
+    for s in per_seed:                                   # no merge within 1 point of vision
+        s["merge λ=0.5"]["vision"] = 0.78
+        s["merge λ=0.25"]["vision"] = 0.70
+    text, result = experiment.report([0, 1, 2], [], per_seed, 1.0)
+    assert result["best_merge"] is None and "No merge has mean vision >= 79.0" in text
+    assert "LinguDistill − merge" not in text
+
+    text, result = experiment.report([0], [], per_seed[:1], 1.0)            # one seed
+    assert "| LinguDistill − CE-only | +25.0 (n=1, no interval) | +0.0 (n=1, no interval)" in text
+
+
+# --------------------------------------------------------------------------- end to end
+
+def test_run_seed_smoke_end_to_end(tmp_path):
+    argv = ["--preset=smoke", "--pretrain_steps=2", "--align_steps=1", "--adapt_steps=1",
+            "--distill_steps=1", "--device=cpu"]
+    rows = experiment.run_seed(0, argv, str(tmp_path), merge_lams=(0.25, 0.5, 0.75))
+    assert list(rows) == ["teacher", "adapted", "CE-only", "uniform KD", "text-only teacher KD",
+                          "LinguDistill", "merge λ=0.25", "merge λ=0.5", "merge λ=0.75"]
+    for name, row in rows.items():
+        assert {"acc", "acc_seen", "acc_unseen", "recovery"} <= set(row), name
+        if name != "teacher":
+            assert {"vision", "knowledge_vqa", "teacher_handoff"} <= set(row), name
+    if rows["teacher"]["acc"] > rows["adapted"]["acc"]:
+        assert rows["adapted"]["recovery"] == 0.0 and rows["teacher"]["recovery"] == 1.0
+    else:                                                # no drop: recovery is undefined
+        assert all(math.isnan(r["recovery"]) for r in rows.values())
+    assert (tmp_path / "seed0" / "distilled-lingudistill").is_dir()
+
+
+def test_main_rejects_bad_merge_lams():
+    with pytest.raises(ValueError, match=r"--merge_lams=1\.5: expected numbers in \[0, 1\]"):
+        experiment.main(["--merge_lams=1.5"])
+    with pytest.raises(ValueError, match="--merge_lams=a"):
+        experiment.main(["--merge_lams=a"])
