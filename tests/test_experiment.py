@@ -1,6 +1,7 @@
 """tools/experiment.py: the weight-merging baseline, the paired t-intervals, the report, and
 one seed end to end on the smoke preset."""
 import math
+import sys
 
 import pytest
 import torch
@@ -143,6 +144,21 @@ def test_report_with_merges():
 
     text, result = experiment.report([0], [], per_seed[:1], 1.0)            # one seed
     assert "| LinguDistill − CE-only | +25.0 (n=1, no interval) | +0.0 (n=1, no interval)" in text
+
+
+def test_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch):
+    mean, std = experiment.aggregate([fake_seed(0.70, 0.60, 0.81, 0.0)])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # import matplotlib fails
+    assert experiment.plot(mean, std, str(tmp_path / "p.png")) is None
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_plot_with_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is optional (the plot is skipped)")
+    mean, std = experiment.aggregate([fake_seed(0.70, 0.60, 0.81, 0.0)])
+    path = str(tmp_path / "p.png")
+    assert experiment.plot(mean, std, path) == path
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 # --------------------------------------------------------------------------- end to end

@@ -223,13 +223,14 @@ def plot(mean, std, path):
         if "vision" in m and name not in merges:
             ax.errorbar(100 * m["vision"], 100 * m["acc"], xerr=100 * std[name]["vision"],
                         yerr=100 * std[name]["acc"], fmt="o", capsize=3, label=name)
-    if merges:
-        xs = [100 * mean[n]["vision"] for n in merges]
-        ys = [100 * mean[n]["acc"] for n in merges]
+    if merges:                                   # the line starts at the adapted model (λ=0)
+        line = [("λ=0", mean["adapted"])] * ("adapted" in mean) + \
+            [(n.split(" ", 1)[1], mean[n]) for n in merges]
+        xs = [100 * m["vision"] for _, m in line]
+        ys = [100 * m["acc"] for _, m in line]
         ax.plot(xs, ys, "s-", color="black", alpha=0.6, label="merge toward teacher")
-        for n, x, y in zip(merges, xs, ys):
-            ax.annotate(n.split(" ", 1)[1], (x, y), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7)
+        for (lam, _), x, y in zip(line, xs, ys):
+            ax.annotate(lam, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.axhline(100 * mean["teacher"]["acc"], color="grey", linestyle="--",
                label="teacher (language)")
     ax.set_xlabel("vision VQA accuracy (%)")
