@@ -127,7 +127,7 @@ class World:
 
     @property
     def source_kinds(self):
-        """source -> "vision" | "language" (the KD gate's input), as for real data (JsonlWorld)."""
+        """source -> "vision" | "language" (the KD gate's input), as for real data (train.RealData)."""
         return SOURCE_KINDS
 
 
@@ -622,26 +622,6 @@ def load_jsonl(path, image_root=None, skip_bad=False):
     return examples
 
 
-class JsonlWorld:
-    """Real data in place of the tiny world: the examples of a LLaVA-style JSONL file grouped
-    by their "source"; the sources named in kd_sources are language-intensive (get KD), the
-    others vision-heavy. It has no text corpus and no built-in benchmarks."""
-
-    def __init__(self, path, image_root=None, kd_sources=(), skip_bad=False):
-        examples = load_jsonl(path, image_root=image_root, skip_bad=skip_bad)
-        if not examples:
-            raise ValueError(f"--data_path={path}: no examples")
-        self.sources = {}
-        for ex in examples:
-            self.sources.setdefault(ex["source"], []).append(ex)
-        unknown = sorted(set(kd_sources) - set(self.sources))
-        if unknown:
-            raise ValueError(f"--kd_sources {unknown} not found in {path} "
-                             f"(sources: {sorted(self.sources)})")
-        self.source_kinds = {s: "language" if s in kd_sources else "vision" for s in self.sources}
-        self.corpus, self.language_bench, self.vision_bench, self.knowledge_bench = [], [], [], []
-
-
 def load_text(path):
     """Plain text -> documents: one per blank-line-separated paragraph (inner newlines kept)."""
     with open(path, encoding="utf-8") as f:
@@ -754,11 +734,6 @@ def _open_image(source, what):
                          "expected a valid image file") from None
 
 
-def _decode_to_tensor(source, what, image_size):
-    """Decode, resize to image_size x image_size (bicubic) -> (3, S, S) float in [-1, 1]."""
-    return image_to_tensor(_open_image(source, what), image_size)
-
-
 def _parquet_turns(cell, row_source, default_source):
     """One Parquet row's texts -> ([(user, assistant), ...], [source per turn])."""
     if not isinstance(cell, list) or not cell:
@@ -802,7 +777,7 @@ class StreamDataset(torch.utils.data.Dataset):
     is a ValueError naming the file and line/row; with skip_bad it is skipped and counted
     (self.n_bad_index).
 
-    dataset[i] -> {"context", "response": token id lists, "image": (3, S, S) tensor or None,
+    dataset[i] -> {"context", "response": token id lists, "image": (n_views, 3, S, S) or None, "grids",
     "source", "index": the example actually returned, "skipped", "dropped", "errors"}. An
     example fit_to_max_len drops (context >= max_len) is replaced by the next index and counted
     in "dropped"; a bad one (unreadable image, too many <image> tags, ...) is a ValueError
@@ -812,13 +787,12 @@ class StreamDataset(torch.utils.data.Dataset):
 
     def __init__(self, paths, tokenizer, n_image_tokens, image_size, max_len=None, image_root=None,
                  turns="all", skip_bad=False, default_source="unknown", cache_row_groups=2,
-                 max_skip=1000):
+                 max_skip=1000, image_splitting=None):
         if turns not in ("all", "last"):
             raise ValueError(f"turns must be 'all' or 'last', got {turns!r}")
         self.paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-        self.tokenizer, self.role_tokens = tokenizer, dict(getattr(tokenizer, "role_tokens", {}))
-        self.pad_id = special_id(tokenizer, PAD_TOKEN)
-        self.n_image_tokens, self.image_size, self.max_len = n_image_tokens, image_size, max_len
+        self.bind(tokenizer, n_image_tokens, image_splitting)
+        self.image_size, self.max_len = image_size, max_len
         self.image_root, self.last_only, self.skip_bad = image_root, turns == "last", skip_bad
         self.default_source, self.cache_row_groups = default_source, cache_row_groups
         self.max_skip = max_skip
@@ -919,6 +893,20 @@ class StreamDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self._file)
 
+    def bind(self, tokenizer, n_image_tokens, image_splitting=None):
+        """Set how examples become tokens. Indexing needs none of it, so a training run can
+        check its data files first and bind the student's layout when the student exists
+        (tokenizer=None: index only; dataset[i] then fails)."""
+        self.tokenizer = tokenizer
+        self.role_tokens = dict(getattr(tokenizer, "role_tokens", {}))
+        self.pad_id = None if tokenizer is None else special_id(tokenizer, PAD_TOKEN)
+        self.n_image_tokens, self.image_splitting = n_image_tokens, image_splitting
+
+    def indices_of(self, sources):
+        """The example indices whose source is in `sources` (a stage's share of the data)."""
+        wanted = [k for k, name in enumerate(self.sources) if name in set(sources)]
+        return np.flatnonzero(np.isin(self._src, wanted)).tolist()
+
     def source_counts(self):
         """source -> number of examples."""
         counts = np.bincount(self._src, minlength=len(self.sources))
@@ -990,15 +978,20 @@ class StreamDataset(torch.utils.data.Dataset):
             k = int(self._turn[i])
             prompt, response = conversation_examples(turns)[k]
             example = {"image": image, "prompt": prompt, "response": response, "source": sources[k]}
-            context, reply = encode_example(example, self.tokenizer, self.n_image_tokens)
+            views, grids = None, []                 # the grid (tile layout) sets the token count
+            if image is not None:
+                views, grid = image_views(_open_image(image, f"image {what}"), self.image_size,
+                                          self.image_splitting)     # (n_views, 3, S, S)
+                grids = [grid]
+            context, reply = encode_example(example, self.tokenizer, self.n_image_tokens,
+                                            grids if self.image_splitting is not None else None)
             keep = fit_to_max_len(len(context), len(reply), self.max_len)
             if keep == 0:
                 return None
-            pixels = (None if image is None
-                      else _decode_to_tensor(image, f"image {what}", self.image_size))
         except (UnicodeDecodeError, ValueError) as err:
             raise ValueError(f"{path} {'line' if jsonl else 'row'} {where}: {err}") from None
-        return {"context": context, "response": reply[:keep], "image": pixels, "source": sources[k]}
+        return {"context": context, "response": reply[:keep], "image": views, "grids": grids,
+                "source": sources[k]}
 
     def __getitem__(self, i):
         skipped, dropped, errors = 0, 0, []
@@ -1023,10 +1016,10 @@ class StreamDataset(torch.utils.data.Dataset):
     def collate(self, items):
         """dataset[i] items -> a batch in data.collate's layout, plus "index" (LongTensor),
         "skipped" / "dropped" (ints: bad / too-long examples replaced) and "errors" (messages)."""
-        images = [it["image"] for it in items if it["image"] is not None]
+        views = [it["image"] for it in items if it["image"] is not None]
         return {**pad_pairs([(it["context"], it["response"]) for it in items], self.pad_id),
-                "images": torch.stack(images) if images else None,
-                "grids": [[(1, 1)] if it["image"] is not None else [] for it in items],
+                "images": torch.cat(views) if views else None,
+                "grids": [it["grids"] for it in items],
                 "source": [it["source"] for it in items],
                 "index": torch.tensor([it["index"] for it in items]),
                 "skipped": sum(it["skipped"] for it in items),

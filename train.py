@@ -20,7 +20,9 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
@@ -36,8 +38,8 @@ import data
 import distill
 import kvshare
 import eval as evaluation             # `eval` is a Python builtin: keep the module under another name
-from model import (SIGLIP2_B16_512, Decoder, LMConfig, VisionConfig, grow_vocab, unwrap,
-                   vlm_from_teacher)
+from model import (SIGLIP2_B16_512, Decoder, ImageSplitting, LMConfig, VisionConfig, grow_vocab,
+                   unwrap, vlm_from_teacher)
 from weights import atomic_write, load_hf_lm, load_hf_siglip, load_model_folder, save_hf_lm, save_vlm
 
 
@@ -99,6 +101,11 @@ class TrainConfig:
     image_root: str = ""          # folder the image paths of data_path are relative to
     kd_sources: str = ""          # comma list of data_path sources that get KD
     skip_bad: bool = False        # skip (and count) bad lines of data_path instead of stopping
+    num_workers: int = 2          # DataLoader workers decoding data_path images (0: in-process)
+    max_len: int = 2048           # data_path: context + response tokens; longer responses are cut
+    image_splitting: bool = False  # nanoVLM's tiles + global view per image (needs --teacher_path)
+    image_max_side: int = 2048    # image splitting: the long side after resizing (nanoVLM's 2048)
+    grad_checkpointing: bool = False  # recompute the student decoder's blocks in backward
     # optimisation
     batch_size: int = 32
     grad_accum: int = 1
@@ -124,7 +131,8 @@ PRESETS = {
                   vision_dim=SIGLIP2_B16_512.dim, vision_layers=SIGLIP2_B16_512.n_layers,
                   vision_heads=SIGLIP2_B16_512.n_heads, shuffle_factor=4, batch_size=8, grad_accum=4,
                   align_steps=1000, align_lr=1e-3, adapt_steps=4000, adapt_lr=1e-4,
-                  adapt_vision_lr=1e-4, distill_steps=1000, distill_lr=5e-5, ckpt_every=500),
+                  adapt_vision_lr=1e-4, distill_steps=1000, distill_lr=5e-5, ckpt_every=500,
+                  image_splitting=True),
 }
 STAGES = ("pretrain", "adapt", "distill", "all")
 
@@ -141,6 +149,16 @@ def parse_value(f, text):
         raise ValueError(f"--{f.name}: expected {typ.__name__}, got {text!r}") from None
 
 
+def check_json_value(f, value, path):
+    """A value from a JSON config file must already have the field's type (no "false" strings)."""
+    typ = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type)
+    ok = type(value) is typ or (typ is float and type(value) is int)
+    if not ok:
+        raise ValueError(f"config file {path}: {f.name!r} is {json.dumps(value)}, expected a JSON "
+                         f"{ {int: 'integer', float: 'number', str: 'string', bool: 'true/false'}[typ] }")
+    return float(value) if typ is float else value
+
+
 def get_config(argv):
     known = {f.name: f for f in fields(TrainConfig)}
     overrides, files = {}, []
@@ -153,17 +171,23 @@ def get_config(argv):
             raise ValueError(f"unknown config key --{key}; expected one of: {', '.join(known)}")
         if not eq:
             raise ValueError(f"--{key}: expected --{key}=value")
+        if key in overrides:
+            raise ValueError(f"--{key} given twice; give each flag once")
         overrides[key] = parse_value(known[key], val)
     from_files = {}
     for path in files:
         try:
-            d = json.load(open(path))
-        except (OSError, json.JSONDecodeError) as e:
+            with open(path, encoding="utf-8") as fh:
+                d = json.load(fh)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"config file {path}: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"config file {path}: expected a JSON object of config keys, found "
+                             f"{type(d).__name__}")
         bad = sorted(set(d) - set(known))
         if bad:
             raise ValueError(f"config file {path}: unknown key(s) {bad}")
-        from_files.update(d)
+        from_files.update({k: check_json_value(known[k], v, path) for k, v in d.items()})
     preset = overrides.get("preset", from_files.get("preset", "tiny"))
     if preset not in PRESETS:
         raise ValueError(f"--preset={preset!r}; expected one of {sorted(PRESETS)}")
@@ -173,29 +197,77 @@ def get_config(argv):
 
 
 def check_config(cfg):
+    """Every flag is checked here, before any work starts; each error names the flag."""
     choices = {"stage": STAGES, "policy": distill.POLICIES, "scope": kvshare.SCOPES,
                "kd": distill.DIVERGENCES, "device": ("auto", "cpu", "cuda")}
     for key, ok in choices.items():
         if getattr(cfg, key) not in ok:
             raise ValueError(f"--{key}={getattr(cfg, key)!r}; expected one of {list(ok)}")
-    for key in ("batch_size", "grad_accum", "seq_len", "log_every", "ckpt_every", "keep_last"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"--{key} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.temperature <= 0:
-        raise ValueError(f"--temperature must be > 0, got {cfg.temperature}")
+    at_least = {"batch_size": 1, "grad_accum": 1, "seq_len": 1, "log_every": 1, "ckpt_every": 1,
+                "keep_last": 1, "pretrain_steps": 1, "align_steps": 0, "adapt_steps": 1,
+                "distill_steps": 1, "kd_chunk": 0, "max_bad_steps": 0, "num_workers": 0,
+                "max_len": 0, "vocab_size": 256 + len(data.SPECIAL_TOKENS), "lm_dim": 1,
+                "lm_layers": 1, "lm_heads": 1, "lm_kv_heads": 1, "lm_ffn": 1, "vision_dim": 1,
+                "vision_layers": 1, "vision_heads": 1, "patch_size": 1, "image_size": 1,
+                "shuffle_factor": 1, "image_max_side": 1}
+    for key, low in at_least.items():
+        if getattr(cfg, key) < low:
+            raise ValueError(f"--{key} must be >= {low}, got {getattr(cfg, key)}")
+    positive = ("pretrain_lr", "align_lr", "adapt_lr", "adapt_vision_lr", "distill_lr",
+                "temperature", "grad_clip")
+    for key in positive:
+        if not (math.isfinite(getattr(cfg, key)) and getattr(cfg, key) > 0):
+            raise ValueError(f"--{key} must be a finite number > 0, got {getattr(cfg, key)}")
+    for key in ("alpha", "weight_decay"):
+        if not (math.isfinite(getattr(cfg, key)) and getattr(cfg, key) >= 0):
+            raise ValueError(f"--{key} must be a finite number >= 0, got {getattr(cfg, key)}")
+    if not 0 <= cfg.warmup_frac < 1:
+        raise ValueError(f"--warmup_frac must be in [0, 1), got {cfg.warmup_frac}")
+    if cfg.kd == "jsd" and not 0 < cfg.jsd_beta < 1:
+        raise ValueError(f"--jsd_beta must be in (0, 1) for --kd=jsd, got {cfg.jsd_beta}")
+    if not 4 <= cfg.n_entities <= len(data.COLOURS) * len(data.SHAPES):
+        raise ValueError(f"--n_entities must be in [4, {len(data.COLOURS) * len(data.SHAPES)}] "
+                         f"(colour x shape), got {cfg.n_entities}")
+    for whole, part in (("lm_dim", "lm_heads"), ("lm_heads", "lm_kv_heads"),
+                        ("vision_dim", "vision_heads"), ("image_size", "patch_size")):
+        if getattr(cfg, whole) % getattr(cfg, part):
+            raise ValueError(f"--{whole}={getattr(cfg, whole)} must be divisible by --{part}="
+                             f"{getattr(cfg, part)}")
+    if (cfg.lm_dim // cfg.lm_heads) % 2:
+        raise ValueError(f"--lm_dim / --lm_heads = {cfg.lm_dim // cfg.lm_heads} must be even (RoPE "
+                         "rotates pairs)")
+    grid = cfg.image_size // cfg.patch_size
+    if grid % cfg.shuffle_factor:
+        raise ValueError(f"--shuffle_factor={cfg.shuffle_factor} must divide the patch grid "
+                         f"{grid} (--image_size / --patch_size)")
     if cfg.preset == "paper" and not cfg.teacher_path:
         raise ValueError("--preset=paper needs --teacher_path=FOLDER (a SmolLM2-360M-Instruct HF "
                          "folder)")
+    if cfg.image_splitting:
+        try:
+            ImageSplitting(max_side=cfg.image_max_side).check_tile(cfg.image_size)
+        except ValueError as e:
+            raise ValueError(f"--image_max_side / --image_size: {e}") from None
+        if not cfg.teacher_path:
+            raise ValueError("--image_splitting=true needs --teacher_path: the tiny world's "
+                             "tokenizer has no grid tokens")
     if cfg.data_path and not cfg.teacher_path:
         raise ValueError("--data_path needs --teacher_path: stage 1 trains a teacher only on the "
                          "tiny world's text")
     if cfg.teacher_path and cfg.stage == "pretrain":
         raise ValueError("--stage=pretrain trains a teacher; with --teacher_path the teacher is "
                          "given")
-    for key in ("teacher_path", "student_path", "vision_path", "data_path", "image_root"):
+    for key in ("teacher_path", "student_path", "vision_path", "image_root"):
         path = getattr(cfg, key)
         if path and not os.path.exists(path):
             raise ValueError(f"--{key}={path}: no such file or folder")
+        if path and not os.path.isdir(path):
+            raise ValueError(f"--{key}={path}: a file; expected a folder")
+    for path in filter(None, cfg.data_path.split(",")):
+        if not os.path.isfile(path) or not path.endswith((".jsonl", ".parquet")):
+            raise ValueError(f"--data_path: {path} is not a .jsonl or .parquet file")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise ValueError(f"--out_dir={cfg.out_dir} is a file; expected a folder")
 
 
 def variant_name(cfg):
@@ -297,12 +369,21 @@ def lr_lambda(steps, warmup_frac):
 # ----------------------------------------------------------------------------------------
 # Checkpoints: {model, optimizer, scheduler, step, config, rng, bad_steps}, written atomically
 
-# Keys that may differ between a checkpoint and the run resuming it.
+# Keys that may differ between a checkpoint and the run resuming it: how long, where and how
+# a run goes, not what it trains.
 RUN_KEYS = {"stage", "resume", "eval", "device", "compile", "log_every", "ckpt_every", "keep_last",
-            "max_bad_steps", "pretrain_steps", "align_steps", "adapt_steps", "distill_steps"}
+            "max_bad_steps", "pretrain_steps", "align_steps", "adapt_steps", "distill_steps",
+            "out_dir", "num_workers"}
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "step", "config", "rng", "bad_steps"}
+
+
+class TrainingError(RuntimeError):
+    """A stage cannot go on (non-finite losses past --max_bad_steps, no good step at all)."""
 
 
 class Checkpoints:
+    """ckpt/<stage>/step_NNNNNNN.pt, written atomically; the newest keep_last are kept."""
+
     def __init__(self, folder, keep_last):
         self.folder, self.keep_last = folder, keep_last
 
@@ -312,11 +393,19 @@ class Checkpoints:
         return sorted(os.path.join(self.folder, f) for f in os.listdir(self.folder)
                       if f.startswith("step_") and f.endswith(".pt"))
 
+    def remove_orphans(self):
+        """Temp files a kill left behind mid-write (never a complete checkpoint)."""
+        if os.path.isdir(self.folder):
+            for f in os.listdir(self.folder):
+                if f.startswith(".tmp-"):
+                    os.remove(os.path.join(self.folder, f))
+
     def save(self, step, state):
         os.makedirs(self.folder, exist_ok=True)
-        atomic_write(os.path.join(self.folder, f"step_{step:07d}.pt"),
-                     lambda tmp: torch.save(state, tmp))
-        for old in self.paths()[:-self.keep_last]:
+        path = os.path.join(self.folder, f"step_{step:07d}.pt")
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        older = [p for p in self.paths() if p < path]          # never the one just written
+        for old in older[:max(0, len(older) - (self.keep_last - 1))]:
             os.remove(old)
 
     def load(self, path, cfg):
@@ -325,10 +414,12 @@ class Checkpoints:
         except Exception as e:
             raise ValueError(f"checkpoint {path} is truncated or corrupt "
                              f"({type(e).__name__}: {e})") from None
+        missing = sorted(CHECKPOINT_KEYS - set(state)) if isinstance(state, dict) else ["all"]
+        if missing:
+            raise ValueError(f"checkpoint {path} is not a train.py checkpoint: missing {missing}")
         ours = asdict(cfg)
         diffs = [f"{k}: checkpoint {v!r} vs run {ours.get(k)!r}"
-                 for k, v in state.get("config", {}).items()
-                 if k not in RUN_KEYS and ours.get(k) != v]
+                 for k, v in state["config"].items() if k not in RUN_KEYS and ours.get(k) != v]
         if diffs:
             raise ValueError(f"checkpoint {path} comes from another config:\n  " + "\n  ".join(diffs))
         return state
@@ -354,14 +445,43 @@ def rank_slice(items, rt):
 def stage_mixture(world, stage):
     """Source weights of a stage. align: every image source (decoder frozen, so image tokens
     land where the teacher reads names and descriptions); adapt: vision-heavy only (language
-    erodes); distill: every source (vision CE keeps vision, language sources carry the KD)."""
+    erodes); distill: every source (vision CE keeps vision, language sources carry the KD).
+    Streamed real data (RealData) does not know which sources hold images before decoding
+    them: there align uses the vision-heavy sources, like adapt."""
     if stage == "distill":
         return {s: 1.0 for s in world.sources}
+    vision = [s for s in world.sources if world.source_kinds[s] == "vision"]
+    if isinstance(world, RealData):
+        return {s: 1.0 for s in vision}
     image_sources = [s for s, ex in world.sources.items() if any(e["image"] is not None for e in ex)]
     if stage == "align":
         return {s: 1.0 for s in image_sources}
-    vision = [s for s in world.sources if world.source_kinds[s] == "vision"] or image_sources
-    return {s: 1.0 for s in vision}
+    return {s: 1.0 for s in vision or image_sources}
+
+
+class RealData:
+    """--data_path in place of the tiny world: the files' sources, the ones in --kd_sources
+    language-intensive (KD), the others vision-heavy. The files are indexed (every line/row
+    checked, no image decoded) before any work starts; examples then stream from disk through
+    data.StreamDataset, with the student's token layout (image tokens per view, image
+    splitting) bound once the student exists. No corpus, no built-in benchmarks."""
+
+    def __init__(self, cfg):
+        self.dataset = data.StreamDataset(
+            cfg.data_path.split(","), None, 0, cfg.image_size, max_len=cfg.max_len or None,
+            image_root=cfg.image_root or None, skip_bad=cfg.skip_bad)
+        kd = [s for s in cfg.kd_sources.split(",") if s]
+        unknown = sorted(set(kd) - set(self.dataset.sources))
+        if unknown:
+            raise ValueError(f"--kd_sources {unknown} not found in --data_path (sources: "
+                             f"{sorted(self.dataset.sources)})")
+        self.sources = list(self.dataset.sources)
+        self.source_kinds = {s: "language" if s in kd else "vision" for s in self.sources}
+        self.corpus, self.language_bench, self.vision_bench, self.knowledge_bench = [], [], [], []
+
+    def open(self, student, tok):
+        self.dataset.bind(tok, student.n_image_tokens, student.image_splitting)
+        return self.dataset
 
 
 @dataclass
@@ -369,14 +489,14 @@ class Run:
     """What every stage reads: the config, the runtime, the data and (stage 3) the teacher."""
     cfg: TrainConfig
     rt: Runtime
-    world: object                 # data.World (tiny world) or data.JsonlWorld (real data)
+    world: object                 # data.World (tiny world) or RealData (--data_path)
     tok: object                   # tokenizers.Tokenizer with the roles of data.load_tokenizer
     text_stream: torch.Tensor = None      # stage 1: the encoded corpus, (N,)
     teacher: Decoder = None               # stage 3: the frozen teacher
     kd_table: dict = None                 # stage 3: source -> KD weight
 
 
-def get_batch(run, stage, step, micro, n_image_tokens=0):
+def get_batch(run, stage, step, micro, student=None):
     """Stage 1: random windows of seq_len + 1 tokens of the corpus -> {"tokens": (B, L+1)}.
     Stages 2-3: image-text examples, each example's source drawn from the stage's mixture,
     in the layout of data.collate (contexts left-padded to P, responses right-padded to R)."""
@@ -394,7 +514,28 @@ def get_batch(run, stage, step, micro, n_image_tokens=0):
     picks = [(names[i], rng.random()) for i in rng.choice(len(names), size=global_batch, p=probs)]
     examples = [run.world.sources[s][int(u * len(run.world.sources[s]))]
                 for s, u in rank_slice(picks, rt)]
-    return data.collate(examples, run.tok, n_image_tokens, cfg.image_size)
+    return data.collate(examples, run.tok, student.n_image_tokens, cfg.image_size,
+                        image_splitting=student.image_splitting)
+
+
+def stream_batches(run, stage, student, start_step):
+    """Streamed real data: this rank's micro-batches from optimizer step start_step on. The
+    examples of global micro-batch k are a pure function of (seed, stage, k) (data.make_loader),
+    so a resumed run reads exactly the batches the uninterrupted run would have."""
+    cfg, rt = run.cfg, run.rt
+    dataset = run.world.open(student, run.tok)
+    indices = dataset.indices_of(stage_mixture(run.world, stage))
+    if not indices:
+        raise ValueError(f"--data_path has no examples for stage {stage} (sources "
+                         f"{sorted(stage_mixture(run.world, stage))})")
+    loader = data.make_loader(torch.utils.data.Subset(dataset, indices), cfg.batch_size,
+                              seed=[cfg.seed, STAGE_IDS[stage]],
+                              start_step=start_step * cfg.grad_accum, rank=rt.rank,
+                              world_size=rt.world_size, num_workers=cfg.num_workers,
+                              collate_fn=dataset.collate, pin_memory=rt.cuda,
+                              timeout=600 if cfg.num_workers else 0)
+    for batch in loader:
+        yield {k: v for k, v in batch.items() if k not in ("index", "errors")}
 
 
 def token_counts(run, stage, batch):
@@ -440,14 +581,19 @@ def compute_loss(run, stage, model, batch, counts):
 def train_stage(run, stage, model, param_groups, steps, name=None):
     """Train `model` (the parameters in `param_groups`) for `steps` optimizer steps of
     `stage` ("pretrain" | "align" | "adapt" | "distill"); `name` names its checkpoint folder
-    and log lines (default: the stage). Returns the per-step log records."""
+    and log lines (default: the stage). A step whose loss or gradient is not finite is
+    skipped (never saved); past --max_bad_steps skipped steps, or with no good step at all,
+    the stage stops with a TrainingError. Returns the per-step log records."""
     cfg, rt, name = run.cfg, run.rt, name or stage
     params = [p for g in param_groups for p in g["params"]]
     opt = torch.optim.AdamW(param_groups, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
                             fused=rt.cuda)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, cfg.warmup_frac))
     ckpts = Checkpoints(os.path.join(cfg.out_dir, "ckpt", name), cfg.keep_last)
-    start, bad_steps = 0, 0
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    start, bad_steps, skipped_examples = 0, 0, 0
+    if rt.is_main:
+        ckpts.remove_orphans()
     if cfg.resume and ckpts.paths():
         state = ckpts.load(ckpts.paths()[-1], cfg)
         unwrap(model).load_state_dict(state["model"])
@@ -455,15 +601,24 @@ def train_stage(run, stage, model, param_groups, steps, name=None):
         sched.load_state_dict(state["scheduler"])
         start, bad_steps = state["step"], state["bad_steps"]
         set_rng_state(state["rng"])
+        if rt.is_main:
+            drop_log_records(log_path, name, after_step=start)   # steps the crash had logged
+    # A fresh compile per stage: no graph traced while other parameters were frozen is reused.
+    if cfg.compile:
+        torch.compiler.reset()
     forward_model = torch.compile(model) if cfg.compile else model
-    n_image_tokens = getattr(unwrap(model), "n_image_tokens", 0)
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    student = unwrap(model) if stage != "pretrain" else None
+    stream = None
+    if isinstance(run.world, RealData) and stage != "pretrain":
+        stream = stream_batches(run, stage, student, start)
     bar = tqdm(range(start, steps), desc=name, initial=start, total=steps,
                disable=not rt.is_main, leave=False)
     history, t_start = [], time.time()
     for step in bar:
-        batches = [rt.to_device(get_batch(run, stage, step, micro, n_image_tokens))
+        batches = [get_batch(run, stage, step, micro, student) if stream is None else next(stream)
                    for micro in range(cfg.grad_accum)]
+        skipped_examples += sum(b.pop("skipped", 0) + b.pop("dropped", 0) for b in batches)
+        batches = [rt.to_device(b) for b in batches]
         # the loss normalisers: token counts over every micro-batch of every rank
         counts = {"ce": 0.0, "kd": 0.0}
         for batch in batches:
@@ -485,16 +640,17 @@ def train_stage(run, stage, model, param_groups, steps, name=None):
             bad_steps += 1
             opt.zero_grad(set_to_none=True)
             if bad_steps > cfg.max_bad_steps:
-                raise RuntimeError(f"{name}: {bad_steps} steps with non-finite loss or gradients "
-                                   f"(limit --max_bad_steps={cfg.max_bad_steps}); last good "
-                                   f"checkpoint kept in {ckpts.folder}")
+                last = ckpts.paths()[-1] if ckpts.paths() else "none was written"
+                raise TrainingError(f"{name}: {bad_steps} steps with non-finite loss or gradients "
+                                    f"(limit --max_bad_steps={cfg.max_bad_steps}); last good "
+                                    f"checkpoint: {last}; no model folder saved for this stage")
             continue
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         record = {"stage": name, "step": step + 1, "time": round(time.time() - t_start, 4),
                   "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
-                  "bad_steps": bad_steps, **logs}
+                  "bad_steps": bad_steps, "skipped_examples": skipped_examples, **logs}
         if rt.cuda:
             record["max_mem_gib"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
         history.append(record)
@@ -509,7 +665,26 @@ def train_stage(run, stage, model, param_groups, steps, name=None):
                                       "scheduler": sched.state_dict(), "step": step + 1,
                                       "bad_steps": bad_steps, "config": asdict(cfg),
                                       "rng": rng_state()})
+    if bad_steps >= steps:
+        raise TrainingError(f"{name}: all {steps} steps had a non-finite loss or gradients; "
+                            "no model folder saved for this stage")
+    if rt.is_main:
+        print(f"{name}: {steps - start} steps, {bad_steps} skipped (non-finite loss or "
+              f"gradients)" + (f", {skipped_examples} examples replaced (bad or too long)"
+                               if skipped_examples else ""))
     return history
+
+
+def drop_log_records(log_path, name, after_step):
+    """Remove the log lines of stage `name` past `after_step` (a resumed run logs them again)."""
+    if not os.path.isfile(log_path):
+        return
+    with open(log_path) as f:
+        lines = f.readlines()
+    keep = [line for line in lines
+            if not (json.loads(line).get("stage") == name and json.loads(line)["step"] > after_step)]
+    if len(keep) != len(lines):
+        atomic_write(log_path, lambda tmp: open(tmp, "w").writelines(keep))
 
 
 # ----------------------------------------------------------------------------------------
@@ -528,17 +703,38 @@ def vision_config(cfg):
 
 
 def save_model_folder(run, folder, save_weights):
-    """A model folder: weights + config (HF layout or ours) + tokenizer + train_config.json."""
-    save_weights(folder)
-    data.save_tokenizer(run.tok, folder)
-    atomic_write(os.path.join(folder, "train_config.json"),
-                 lambda tmp: open(tmp, "w").write(json.dumps(asdict(run.cfg), indent=2)))
+    """A model folder: weights + config (HF layout or ours) + tokenizer + train_config.json,
+    written into a temp folder beside it and renamed into place, so `folder` is always one
+    complete model (an older one at that path is replaced only once the new one is whole)."""
+    parent = os.path.dirname(os.path.abspath(folder))
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(folder)}-", dir=parent)
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        save_weights(tmp)
+        data.save_tokenizer(run.tok, tmp)
+        atomic_write(os.path.join(tmp, "train_config.json"),
+                     lambda t: open(t, "w").write(json.dumps(asdict(run.cfg), indent=2)))
+        old = None
+        if os.path.exists(folder):
+            old = tempfile.mkdtemp(prefix=f".old-{os.path.basename(folder)}-", dir=parent)
+            os.replace(folder, os.path.join(old, "model"))
+        os.replace(tmp, folder)
+        if old:
+            shutil.rmtree(old)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def stage_pretrain(run):
     """Stage 1: the teacher LM, trained on text only."""
     cfg, rt = run.cfg, run.rt
-    run.text_stream = data.encode_corpus(run.world.corpus, run.tok)
     model = Decoder(lm_config(cfg, run.tok)).to(rt.device)
     train_stage(run, "pretrain", rt.wrap(model),
                 [{"params": list(model.parameters()), "lr": cfg.pretrain_lr}], cfg.pretrain_steps)
@@ -549,22 +745,41 @@ def stage_pretrain(run):
 
 def initial_student(cfg, teacher, tok):
     """The VLM that stage 2 starts from: --student_path (nanoVLM or ours), or the teacher's
-    decoder (vocabulary grown for <image>) + a vision tower (--vision_path or fresh) + a
-    fresh projector."""
+    decoder (vocabulary grown for <image> and, with --image_splitting, the grid tokens) + a
+    vision tower (--vision_path or fresh) + a fresh projector."""
     image_id = tok.token_to_id(data.IMAGE_TOKEN)
+    view_ids = [tok.token_to_id(t) for t in data.VIEW_TOKENS] if cfg.image_splitting else []
     if cfg.student_path:
         vlm = load_model_folder(cfg.student_path, image_token_id=image_id)
-        if getattr(vlm, "image_token_id", None) != image_id:
-            raise ValueError(f"--student_path={cfg.student_path}: not a VLM with the tokenizer's "
-                             f"{data.IMAGE_TOKEN} id {image_id}")
+        check_student_tokens(vlm, tok, cfg.student_path)
         return vlm
     vision = load_hf_siglip(cfg.vision_path) if cfg.vision_path else None
+    splitting = ImageSplitting(max_side=cfg.image_max_side) if cfg.image_splitting else None
     vlm = vlm_from_teacher(grow_vocab(teacher, tok.get_vocab_size()),
                            vision.cfg if vision else vision_config(cfg), image_id,
-                           cfg.shuffle_factor)
+                           cfg.shuffle_factor, view_ids, splitting)
     if vision:
         vlm.vision.load_state_dict(vision.state_dict())
     return vlm
+
+
+def check_student_tokens(vlm, tok, folder):
+    """A given student must read the run's tokenizer: a VLM, its <image> (and grid) ids those of
+    the tokenizer, a vocabulary that covers it, and, if the folder has its own tokenizer, the
+    same token for every shared id (kvshare.check_shared_vocab)."""
+    image_id = tok.token_to_id(data.IMAGE_TOKEN)
+    if getattr(vlm, "image_token_id", None) != image_id:
+        raise ValueError(f"{folder}: not a VLM with the tokenizer's {data.IMAGE_TOKEN} id {image_id}")
+    if vlm.decoder.cfg.vocab_size < tok.get_vocab_size():
+        raise ValueError(f"{folder}: the student's vocabulary ({vlm.decoder.cfg.vocab_size}) is "
+                         f"smaller than the tokenizer's ({tok.get_vocab_size()})")
+    view_ids = [tok.token_to_id(t) for t in data.VIEW_TOKENS]
+    if vlm.view_token_ids and list(vlm.view_token_ids) != view_ids:
+        raise ValueError(f"{folder}: the student's image-splitting token ids differ from the "
+                         "tokenizer's (load it with --image_splitting=true)")
+    own = os.path.join(folder, "tokenizer.json")
+    if os.path.isfile(own):
+        kvshare.check_shared_vocab(tok, data.load_tokenizer(own))
 
 
 def stage_adapt(run, teacher):
@@ -572,10 +787,12 @@ def stage_adapt(run, teacher):
     fine-tune with CE on vision-heavy data: the language ability erodes."""
     cfg, rt = run.cfg, run.rt
     vlm = initial_student(cfg, teacher, run.tok).to(rt.device)
+    vlm.decoder.gradient_checkpointing = cfg.grad_checkpointing
     vision_params = list(vlm.vision.parameters()) + list(vlm.projector.parameters())
     vlm.decoder.requires_grad_(False)
-    train_stage(run, "align", rt.wrap(vlm), [{"params": vision_params, "lr": cfg.align_lr}],
-                cfg.align_steps)
+    if cfg.align_steps:
+        train_stage(run, "align", rt.wrap(vlm), [{"params": vision_params, "lr": cfg.align_lr}],
+                    cfg.align_steps)
     vlm.decoder.requires_grad_(True)
     train_stage(run, "adapt", rt.wrap(vlm),
                 [{"params": list(vlm.decoder.parameters()), "lr": cfg.adapt_lr},
@@ -586,16 +803,17 @@ def stage_adapt(run, teacher):
 
 
 def stage_distill(run, teacher, student):
-    """Stage 3: CE + source-selective KD from the frozen teacher through the KV handoff."""
+    """Stage 3: CE + source-selective KD from the frozen teacher through the KV handoff. On
+    CUDA the teacher is held in bf16 (cast once; no per-step weight casts under autocast)."""
     cfg, rt = run.cfg, run.rt
     kvshare.check_compatible(teacher.cfg, student.decoder.cfg)
-    run.teacher = kvshare.freeze(teacher.to(rt.device))
+    run.teacher = kvshare.freeze(teacher.to(rt.device), torch.bfloat16 if rt.cuda else None)
     run.kd_table = distill.table_from_kinds(run.world.source_kinds)
     student.to(rt.device).requires_grad_(True)
-    name = f"distill-{variant_name(cfg)}"
+    student.decoder.gradient_checkpointing = cfg.grad_checkpointing
     train_stage(run, "distill", rt.wrap(student),
                 [{"params": list(student.parameters()), "lr": cfg.distill_lr}],
-                cfg.distill_steps, name=name)
+                cfg.distill_steps, name=f"distill-{variant_name(cfg)}")
     if rt.is_main:
         save_model_folder(run, os.path.join(cfg.out_dir, f"distilled-{variant_name(cfg)}"),
                           lambda d: save_vlm(student, d))
@@ -606,26 +824,54 @@ def build_world_and_tokenizer(cfg):
     """The data (the tiny world, or --data_path) and the tokenizer (trained on the tiny
     world's corpus, or the teacher's own)."""
     if cfg.data_path:
-        world = data.JsonlWorld(cfg.data_path, image_root=cfg.image_root or None,
-                                kd_sources=[s for s in cfg.kd_sources.split(",") if s],
-                                skip_bad=cfg.skip_bad)
+        world = RealData(cfg)
     else:
         world = data.build_world(cfg.seed, n_entities=cfg.n_entities, image_size=cfg.image_size)
     if cfg.teacher_path:
-        tok = data.load_tokenizer(os.path.join(cfg.teacher_path, "tokenizer.json"))
+        tok = data.load_tokenizer(os.path.join(cfg.teacher_path, "tokenizer.json"),
+                                  image_splitting=cfg.image_splitting)
     else:
         tok = data.train_tokenizer(world.corpus, cfg.vocab_size)
     return world, tok
 
 
+def stages_to_train(cfg):
+    """The checkpoint folder names of the stages this run trains."""
+    names = []
+    if cfg.stage in ("pretrain", "all") and not cfg.teacher_path:
+        names.append("pretrain")
+    if cfg.stage in ("adapt", "all"):
+        names += ["align", "adapt"]
+    if cfg.stage in ("distill", "all"):
+        names.append(f"distill-{variant_name(cfg)}")
+    return names
+
+
+def check_out_dir(cfg):
+    """A fresh run (no --resume) must not start in a folder holding another run's checkpoints
+    of the same stage: it would mix two runs' checkpoints (and keep_last would delete one)."""
+    for name in stages_to_train(cfg):
+        found = Checkpoints(os.path.join(cfg.out_dir, "ckpt", name), cfg.keep_last).paths()
+        if found and not cfg.resume:
+            raise ValueError(f"--out_dir={cfg.out_dir} already holds checkpoints of stage {name} "
+                             f"({os.path.basename(found[-1])}, ...): pass --resume=true to "
+                             "continue that run, or choose another --out_dir")
+
+
 def run(cfg):
     """Run the configured stages. Returns (models, world, tok): models maps "teacher",
     "adapted" and "distilled-<variant>" to what the stages trained or loaded."""
+    check_out_dir(cfg)
     rt = Runtime(cfg)
     seed_everything(cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)
     world, tok = build_world_and_tokenizer(cfg)
     state = Run(cfg, rt, world, tok)
+    if "pretrain" in stages_to_train(cfg):
+        state.text_stream = data.encode_corpus(world.corpus, tok)            # (N,)
+        if len(state.text_stream) < cfg.seq_len + 2:
+            raise ValueError(f"--seq_len={cfg.seq_len} is longer than the whole text corpus "
+                             f"({len(state.text_stream)} tokens)")
     t0 = time.time()
     models = {}
     teacher_dir = os.path.join(cfg.out_dir, "teacher")
@@ -642,6 +888,7 @@ def run(cfg):
         # from the adapted model of an earlier run, else (real checkpoints) the initial student
         if os.path.isdir(adapted_dir) or not cfg.teacher_path:
             start = load_model_folder(adapted_dir)
+            check_student_tokens(start, tok, adapted_dir)
         else:
             start = initial_student(cfg, models["teacher"], tok)
         models["adapted"] = start.to(rt.device)
@@ -657,11 +904,12 @@ def run(cfg):
 
 
 def main(argv):
-    """Bad input (config, files, checkpoints) ends with its one-line message, not a traceback."""
+    """Bad input (config, files, checkpoints) and a stage that cannot go on end with one line
+    on stderr and exit status 1, not a traceback; anything unexpected keeps its traceback."""
     try:
         cfg = get_config(argv)
         models, world, tok = run(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, TrainingError) as e:
         sys.exit(f"train.py: {e}")
     if cfg.eval and int(os.environ.get("RANK", "0")) == 0 and world.language_bench:
         rows = evaluation.evaluate_models(models, world, tok, cfg.image_size)

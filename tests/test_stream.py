@@ -79,7 +79,7 @@ def test_index_decodes_no_image_and_holds_only_integers(files, tok, monkeypatch)
     assert sum(a.nbytes for a in arrays) == 5 * 8 * N_EXAMPLES          # 5 integers per example
     assert not any(isinstance(v, (Image.Image, torch.Tensor, bytes)) for v in vars(ds).values())
     item = ds[0]
-    assert len(opened) == 1 and item["image"].shape == (3, 16, 16)
+    assert len(opened) == 1 and item["image"].shape == (1, 3, 16, 16)
     assert ds.source_counts() == {"vqa": 6, "caption": 4, "text_qa": 3}
 
 

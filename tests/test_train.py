@@ -49,7 +49,8 @@ def test_checkpoints_are_atomic_keep_last_and_reject_corrupt_files(tmp_path):
     cfg = TrainConfig()
     ck = Checkpoints(str(tmp_path), keep_last=2)
     for step in (1, 2, 3):
-        ck.save(step, {"step": step, "config": train.asdict(cfg), "w": torch.ones(2) * step})
+        ck.save(step, {"step": step, "config": train.asdict(cfg), "w": torch.ones(2) * step,
+                       "model": {}, "optimizer": {}, "scheduler": {}, "rng": {}, "bad_steps": 0})
     assert [os.path.basename(p) for p in ck.paths()] == ["step_0000002.pt", "step_0000003.pt"]
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
     assert torch.equal(ck.load(ck.paths()[-1], cfg)["w"], torch.full((2,), 3.0))
