@@ -1,6 +1,7 @@
 """Bad input outside train.py / eval.py: each case is one clear error naming the file, line,
 key or flag and what was expected, and nothing is written. Tiny random configs; fast."""
 import json
+import re
 import os
 import runpy
 import stat
@@ -287,3 +288,181 @@ def test_convert_gguf_cli_bad_file_is_one_line(tmp_path, monkeypatch, content, e
     assert isinstance(message, str) and "\n" not in message                 # sys.exit(str): status 1
     assert message.startswith(f"convert_gguf.py: {path}: ") and expected in message
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- train.py: flags and runs
+
+import functools  # noqa: E402
+import shutil  # noqa: E402
+
+import train  # noqa: E402
+from conftest import make_teacher_and_jsonl  # noqa: E402
+
+SMOKE = ["--preset=smoke", "--eval=false"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--alpha=-1"], "--alpha must be a finite number >= 0"),
+    (["--grad_clip=0"], "--grad_clip must be a finite number > 0"),
+    (["--pretrain_lr=nan"], "--pretrain_lr must be a finite number > 0"),
+    (["--distill_lr=-1e-3"], "--distill_lr must be a finite number > 0"),
+    (["--preset=smoke", "--preset=tiny"], "--preset given twice"),
+    (["--kd_chunk=-1"], "--kd_chunk must be >= 0"),
+    (["--shuffle_factor=3"], "--shuffle_factor=3 must divide the patch grid 8"),
+    (["--lm_heads=3"], "--lm_dim=128 must be divisible by --lm_heads=3"),
+    (["--n_entities=99"], "--n_entities must be in"),
+    (["--warmup_frac=1"], "--warmup_frac must be in"),
+])
+def test_train_flags_that_make_no_sense_are_refused_by_name(argv, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train.get_config(argv)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"eval": "false"}', "'eval' is \"false\", expected a JSON true/false"),
+    ('{"batch_size": "abc"}', "'batch_size' is \"abc\", expected a JSON integer"),
+    ('{"alpha": true}', "'alpha' is true, expected a JSON number"),
+    ('[1, 2]', "expected a JSON object of config keys, found list"),
+])
+def test_train_json_config_values_are_type_checked(tmp_path, content, message):
+    path = tmp_path / "c.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=re.escape(f"config file {path}: ") + ".*" + re.escape(message)):
+        train.get_config([str(path)])
+
+
+def test_train_out_dir_that_is_a_file_and_seq_len_past_the_corpus(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="--out_dir=.*/f is a file; expected a folder"):
+        train.get_config([f"--out_dir={tmp_path / 'f'}"])
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"--seq_len=100000 is longer than the whole text corpus"):
+        train.run(train.get_config(SMOKE + ["--seq_len=100000", f"--out_dir={out}"]))
+    assert not (out / "ckpt").exists() and not (out / "teacher").exists()     # before any work
+
+
+def test_train_fresh_run_in_a_used_out_dir_refuses_and_deletes_nothing(tmp_path):
+    argv = SMOKE + ["--stage=pretrain", "--pretrain_steps=4", "--ckpt_every=2", f"--out_dir={tmp_path}"]
+    train.run(train.get_config(argv))
+    before = sorted(os.listdir(tmp_path / "ckpt" / "pretrain"))
+    assert before == ["step_0000002.pt", "step_0000004.pt"]
+    with pytest.raises(ValueError, match="already holds checkpoints of stage pretrain .*--resume=true"):
+        train.run(train.get_config(SMOKE + ["--stage=pretrain", "--pretrain_steps=2",
+                                            "--pretrain_lr=1e-3", f"--out_dir={tmp_path}"]))
+    assert sorted(os.listdir(tmp_path / "ckpt" / "pretrain")) == before
+
+
+def test_train_a_moved_run_folder_resumes(tmp_path):
+    argv = SMOKE + ["--stage=pretrain", "--pretrain_steps=4", "--ckpt_every=2"]
+    train.run(train.get_config(argv + [f"--out_dir={tmp_path / 'a'}"]))
+    shutil.move(str(tmp_path / "a"), str(tmp_path / "b"))
+    os.remove(tmp_path / "b" / "ckpt" / "pretrain" / "step_0000004.pt")     # as if killed at step 3
+    (tmp_path / "b" / "ckpt" / "pretrain" / ".tmp-step_0000004.ptx").write_bytes(b"half")  # orphan
+    train.run(train.get_config(argv + [f"--out_dir={tmp_path / 'b'}", "--resume=true"]))
+    assert sorted(os.listdir(tmp_path / "b" / "ckpt" / "pretrain")) == ["step_0000002.pt",
+                                                                       "step_0000004.pt"]
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "log.jsonl")]
+    assert steps == [1, 2, 3, 4]                     # steps 3-4 logged once, not twice
+
+
+def test_train_no_model_is_saved_from_a_stage_without_a_good_step(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    train.run(train.get_config(SMOKE + ["--stage=pretrain", f"--out_dir={out}"]))
+    train.run(train.get_config(SMOKE + ["--stage=adapt", f"--out_dir={out}"]))
+    real = train.distill.distill_loss
+
+    def nan_loss(*args, **kw):
+        r = real(*args, **kw)
+        return {**r, "loss": r["loss"] * float("nan")}
+    monkeypatch.setattr(train.distill, "distill_loss", nan_loss)
+    with pytest.raises(train.TrainingError, match="all 3 steps had a non-finite loss"):
+        train.run(train.get_config(SMOKE + ["--stage=distill", f"--out_dir={out}"]))
+    assert not (out / "distilled-selective-full").exists()
+    with pytest.raises(train.TrainingError, match=r"3 steps with non-finite loss .*--max_bad_steps=2\); "
+                                                  r"last good checkpoint: none was written"):
+        train.run(train.get_config(SMOKE + ["--stage=distill", "--max_bad_steps=2", "--variant=v2",
+                                            f"--out_dir={out}"]))
+    assert not (out / "distilled-v2").exists()
+
+
+def test_train_cli_stage_failure_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--preset=smoke",
+                        "--pretrain_lr=nan", f"--out_dir={tmp_path}"], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr == "train.py: --pretrain_lr must be a finite number > 0, got nan\n"
+
+
+def test_train_model_folders_are_whole_and_readable(tmp_path):
+    out = tmp_path / "out"
+    train.run(train.get_config(SMOKE + ["--stage=pretrain", f"--out_dir={out}"]))
+    umask = os.umask(0)
+    os.umask(umask)
+    names = sorted(os.listdir(out / "teacher"))
+    assert names == ["config.json", "model.safetensors", "tokenizer.json", "train_config.json"]
+    assert all(os.stat(out / "teacher" / n).st_mode & 0o777 == 0o666 & ~umask for n in names)
+    assert not [n for n in os.listdir(out) if n.startswith((".tmp", ".old"))]
+
+
+def test_train_student_with_another_tokenizer_is_refused(tmp_path):
+    from model import VLM, LMConfig, VisionConfig
+    tok = data.train_tokenizer(["a b c d e f g"] * 3, vocab_size=270)
+    other = data.train_tokenizer(["g f e d c b a"] * 3 + ["abc"], vocab_size=280)
+    vlm = VLM(LMConfig(vocab_size=300, dim=32, n_heads=2, n_kv_heads=1, n_layers=1, ffn_dim=8),
+              VisionConfig(), image_token_id=tok.token_to_id(data.IMAGE_TOKEN))
+    other.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="tokenizers disagree on"):
+        train.check_student_tokens(vlm, tok, str(tmp_path))
+    small = VLM(LMConfig(vocab_size=260, dim=32, n_heads=2, n_kv_heads=1, n_layers=1, ffn_dim=8),
+                VisionConfig(), image_token_id=tok.token_to_id(data.IMAGE_TOKEN))
+    with pytest.raises(ValueError, match=rf"vocabulary \(260\) is smaller than the tokenizer's "
+                                         rf"\({tok.get_vocab_size()}\)"):
+        train.check_student_tokens(small, tok, str(tmp_path / "nowhere"))
+
+
+def _losses(out_dir, stage):
+    return [(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl")))
+            if r["stage"] == stage]
+
+
+def test_compiled_training_trains_what_eager_training_trains(tmp_path, monkeypatch):
+    """--compile=true vs eager on the smoke preset (aot_eager backend: dynamo + AOTAutograd, the
+    part that decides which parameters get gradients, without a C++ build): the same losses at
+    every step of every stage, and the adapt stage moves the same decoder parameters."""
+    runs = {}
+    for mode in ("eager", "compiled"):
+        if mode == "compiled":
+            monkeypatch.setattr(train.torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+        out = str(tmp_path / mode)
+        models, _, _ = train.run(train.get_config(SMOKE + [f"--out_dir={out}", f"--compile={mode == 'compiled'}"]))
+        teacher = dict(models["teacher"].named_parameters())
+        moved = {n for n, p in models["adapted"].decoder.named_parameters()
+                 if p.shape == teacher[n].shape and not torch.equal(p, teacher[n])}
+        runs[mode] = (out, moved)
+    assert runs["eager"][1] == runs["compiled"][1] and len(runs["eager"][1]) > 10
+    for stage in ("pretrain", "align", "adapt", "distill-selective-full"):
+        a, b = _losses(runs["eager"][0], stage), _losses(runs["compiled"][0], stage)
+        assert [s for s, _ in a] == [s for s, _ in b] and len(a) > 0
+        assert np.allclose([l for _, l in a], [l for _, l in b], rtol=1e-4, atol=1e-5), stage
+
+
+def test_streamed_data_resume_with_workers_gives_identical_losses(tmp_path, monkeypatch):
+    teacher_dir, _, jsonl = make_teacher_and_jsonl(tmp_path)
+    argv = ["--preset=smoke", f"--teacher_path={teacher_dir}", f"--data_path={jsonl}",
+            "--kd_sources=knowledge_vqa,text_qa", "--eval=false", "--num_workers=2",
+            "--distill_steps=6", "--ckpt_every=2", "--stage=all"]
+    straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
+    train.run(train.get_config(argv + [f"--out_dir={straight}"]))
+    real, calls = train.compute_loss, []
+
+    def crash_in_distill_step_5(run, stage, *a, **k):
+        if stage == "distill":
+            calls.append(1)
+            if len(calls) == 5:
+                raise KeyboardInterrupt("killed")
+        return real(run, stage, *a, **k)
+    monkeypatch.setattr(train, "compute_loss", crash_in_distill_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(train.get_config(argv + [f"--out_dir={crashed}"]))
+    monkeypatch.setattr(train, "compute_loss", real)
+    train.run(train.get_config(argv + [f"--out_dir={crashed}", "--resume=true"]))
+    for stage in ("align", "adapt", "distill-selective-full"):
+        assert _losses(straight, stage) == _losses(crashed, stage) and _losses(straight, stage)

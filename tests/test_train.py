@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import train
+from conftest import make_teacher_and_jsonl
 from train import get_config, Checkpoints, TrainConfig
 
 
@@ -217,29 +218,8 @@ def test_teacher_folder_and_jsonl_data_run_adapt_and_distill(tmp_path):
     """--teacher_path (an HF folder whose tokenizer has no <image>) + --data_path (LLaVA JSONL):
     the same stage code runs; the student's vocabulary grows for the new ids, old ids keep
     the teacher's embedding rows, and KD applies to --kd_sources only."""
-    import data
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
-    from model import Decoder, LMConfig
-    from weights import save_hf_lm, load_hf_lm
-    world = data.build_world(0, n_entities=8, image_size=32, examples_per_source=20)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.train_from_iterator(world.corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    teacher_dir = tmp_path / "teacher"
-    teacher = Decoder(LMConfig(vocab_size=tok.get_vocab_size(), dim=32, n_layers=2, n_heads=2, n_kv_heads=1,
-                               ffn_dim=64))
-    save_hf_lm(teacher, teacher_dir)
-    tok.save(str(teacher_dir / "tokenizer.json"))
-    lines = []
-    for source in ("colour", "knowledge_vqa", "text_qa"):
-        for i, ex in enumerate(world.sources[source][:6]):
-            line = {"prompt": ex["prompt"].replace("<image>", "<image>\n"), "response": ex["response"], "source": source}
-            if ex["image"] is not None:
-                ex["image"].save(tmp_path / f"{source}{i}.png")
-                line["image"] = f"{source}{i}.png"
-            lines.append(json.dumps(line))
-    (tmp_path / "train.jsonl").write_text("\n".join(lines))
+    from weights import load_hf_lm
+    teacher_dir, teacher, _ = make_teacher_and_jsonl(tmp_path)
     out = tmp_path / "out"
     models, _, tok2 = train.run(get_config([
         "--preset=smoke", f"--teacher_path={teacher_dir}", f"--data_path={tmp_path / 'train.jsonl'}",
