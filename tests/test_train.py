@@ -255,3 +255,21 @@ def test_command_line_bad_input_exits_with_the_message_not_a_traceback(tmp_path)
                           ([f"--data_path={bad}", f"--teacher_path={tmp_path}", "--stage=distill"], "data.jsonl line 2")):
         r = subprocess.run([sys.executable, "train.py", *argv], cwd=root, capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_image_splitting_trains_with_tiles_and_grid_tokens(tmp_path):
+    """--image_splitting=true: the student gets the grid / global-image tokens (student-only ids
+    the teacher never embeds) and every image becomes a global view + tiles (here 32-px tiles,
+    square images resized to 64 px -> a 2x2 grid + the global view), through align, adapt and
+    distill."""
+    teacher_dir, teacher, jsonl = make_teacher_and_jsonl(tmp_path)
+    models, _, tok = train.run(get_config([
+        "--preset=smoke", f"--teacher_path={teacher_dir}", f"--data_path={jsonl}",
+        "--kd_sources=knowledge_vqa,text_qa", "--image_splitting=true", "--image_max_side=64",
+        "--num_workers=0", f"--out_dir={tmp_path / 'out'}", "--eval=false"]))
+    student = models["distilled-selective-full"]
+    assert student.image_splitting is not None and len(student.view_token_ids) == 65
+    assert min(student.view_token_ids) >= teacher.cfg.vocab_size
+    assert set(student.student_only_ids) >= {student.image_token_id, *student.view_token_ids}
+    log = read_log(str(tmp_path / "out"), "distill-selective-full")
+    assert len(log) == 3 and all(math.isfinite(r["loss"]) and r["kd"] > 0 for r in log)
