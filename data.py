@@ -40,23 +40,30 @@ PAD_TOKEN, EOS_TOKEN, IMAGE_TOKEN = "<pad>", "<eos>", "<image>"
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, IMAGE_TOKEN)
 # nanoVLM's image-splitting tokens (models/config.py vlm_extra_tokens): one global-view token and
 # an 8x8 table of 1-based grid tokens; load_tokenizer(image_splitting=True) appends them after
-# <image> in this order, which is nanoVLM's numbering (<image> 49152, global 49153, <row_1_col_1> 49154, ...).
+# <image> in this order, which is nanoVLM's numbering (<image> 49152, global 49153, <row_1_col_1>
+# 49154, ...).
 GLOBAL_IMAGE_TOKEN = "<|global_image|>"
 grid_token = "<row_{}_col_{}>".format          # grid_token(row, col), both 1-based
-VIEW_TOKENS = (GLOBAL_IMAGE_TOKEN, *(grid_token(r, c) for r in range(1, MAX_GRID + 1) for c in range(1, MAX_GRID + 1)))
+VIEW_TOKENS = (GLOBAL_IMAGE_TOKEN,
+               *(grid_token(r, c) for r in range(1, MAX_GRID + 1) for c in range(1, MAX_GRID + 1)))
 
 # source -> kind; distill.table_from_kinds turns this into KD weights (language 1, vision 0)
 SOURCE_KINDS = {"colour": "vision", "shape": "vision", "count": "vision", "position": "vision",
                 "caption": "vision", "knowledge_vqa": "language", "text_qa": "language"}
 
-COLOURS = {"red": (220, 50, 50), "green": (50, 180, 70), "blue": (60, 100, 235), "yellow": (235, 215, 50),
-           "purple": (150, 70, 210), "orange": (245, 140, 30), "pink": (250, 135, 195), "white": (240, 240, 240)}
+COLOURS = {"red": (220, 50, 50), "green": (50, 180, 70), "blue": (60, 100, 235),
+           "yellow": (235, 215, 50),
+           "purple": (150, 70, 210), "orange": (245, 140, 30), "pink": (250, 135, 195),
+           "white": (240, 240, 240)}
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "bar")
-FOODS = ("apples", "bread", "carrots", "cheese", "fish", "grapes", "honey", "nuts", "rice", "seeds", "soup", "plums")
-HOMES = ("forest", "cave", "river", "desert", "castle", "garden", "mountain", "lake", "village", "meadow")
+FOODS = ("apples", "bread", "carrots", "cheese", "fish", "grapes", "honey", "nuts", "rice", "seeds",
+         "soup", "plums")
+HOMES = ("forest", "cave", "river", "desert", "castle", "garden", "mountain", "lake", "village",
+         "meadow")
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 SIDES = ("left", "right", "top", "bottom")
-SUMS = tuple((a, b) for a in range(1, 10) for b in range(1, 11 - a))        # arithmetic facts: a + b <= 10
+# arithmetic facts: a + b <= 10
+SUMS = tuple((a, b) for a in range(1, 10) for b in range(1, 11 - a))
 OPPOSITES = (("big", "small"), ("hot", "cold"), ("up", "down"), ("day", "night"), ("fast", "slow"),
              ("old", "new"), ("happy", "sad"), ("wet", "dry"))
 BACKGROUND = (25, 25, 25)
@@ -72,15 +79,17 @@ TEMPLATES = {
              "everyone knows {s} as {v} ."),
 }
 # (relation, subject kind) pairs the language benchmark asks about, each in its held-out template
-BENCH_FACTS = (("food", "name"), ("food", "desc"), ("home", "name"), ("home", "desc"), ("name", "desc"))
-# subject-first templates, so the image can stand where the subject stands: (relation, template index)
+BENCH_FACTS = (("food", "name"), ("food", "desc"), ("home", "name"), ("home", "desc"),
+               ("name", "desc"))
+# subject-first templates, so the image can stand where the subject stands: (relation, template
+# index)
 KNOWLEDGE_PROMPTS = (("food", 0), ("food", 1), ("home", 0), ("home", 1), ("name", 0))
 STORIES = ("once upon a time , {n} the {c} {sh} was hungry , so {n} went out and found some {f} .",
            "after a long day , {d} walked back to the {h} and ate some {f} .",
            "{n} never leaves the {h} without a bag of {f} .")
 VISION_PROMPTS = {"colour": "<image> is coloured", "shape": "<image> has the shape of a",
-                  "count": "<image> the number of shapes is", "position": "<image> the shape is on the",
-                  "caption": "<image> is"}
+                  "count": "<image> the number of shapes is",
+                  "position": "<image> the shape is on the", "caption": "<image> is"}
 
 
 # ----------------------------------------------------------------------------------------
@@ -127,7 +136,7 @@ class World:
 
     @property
     def source_kinds(self):
-        """source -> "vision" | "language" (the KD gate's input), as for real data (train.RealData)."""
+        """source -> "vision" | "language" (the KD gate's input), as for real data (RealData)."""
         return SOURCE_KINDS
 
 
@@ -140,8 +149,8 @@ def fact(template, subject, value):
 def _make_names(rng, n):
     """Made-up CVCVC names that are no word of the world's other text."""
     taken = set(" ".join([*TEMPLATES["food"], *TEMPLATES["home"], *TEMPLATES["name"], *STORIES,
-                          *VISION_PROMPTS.values(), *FOODS, *HOMES, *NUMBERS, *SIDES, *COLOURS, *SHAPES,
-                          *(w for pair in OPPOSITES for w in pair)]).split())
+                          *VISION_PROMPTS.values(), *FOODS, *HOMES, *NUMBERS, *SIDES, *COLOURS,
+                          *SHAPES, *(w for pair in OPPOSITES for w in pair)]).split())
     cons, vows = "bdfgklmnprstvz", "aeiou"
     names = []
     while len(names) < n:
@@ -159,7 +168,8 @@ def _make_entities(rng, n, seen_fraction):
         raise ValueError(f"n_entities must be in [4, {len(looks)}] (colour x shape), got {n}")
     names = _make_names(rng, n)
     n_seen = min(n - 1, max(1, round(n * seen_fraction)))
-    return [Entity(names[i], *looks[p], food=str(rng.choice(FOODS)), home=str(rng.choice(HOMES)), seen=i < n_seen,
+    return [Entity(names[i], *looks[p], food=str(rng.choice(FOODS)), home=str(rng.choice(HOMES)),
+                   seen=i < n_seen,
                    held_out={key: int(rng.integers(len(TEMPLATES[key[0]]))) for key in BENCH_FACTS})
             for i, p in enumerate(rng.permutation(len(looks))[:n])]
 
@@ -175,19 +185,22 @@ def _entity_qa(e):
 
 def _general_qa():
     """Arithmetic and word facts: language skills that involve no entity."""
-    qa = [(f"question : what is {NUMBERS[a]} plus {NUMBERS[b]} ? answer :", f" {NUMBERS[a + b]} .") for a, b in SUMS]
+    qa = [(f"question : what is {NUMBERS[a]} plus {NUMBERS[b]} ? answer :", f" {NUMBERS[a + b]} .")
+          for a, b in SUMS]
     return qa + [(f"question : what is the opposite of {x} ? answer :", f" {y} .")
                  for pair in OPPOSITES for x, y in (pair, pair[::-1])]
 
 
 def _entity_docs(e):
     docs = ["".join(fact(tpl, e.subject(kind), e.value(rel)))
-            for rel, kind in BENCH_FACTS for t, tpl in enumerate(TEMPLATES[rel]) if t != e.held_out[rel, kind]]
+            for rel, kind in BENCH_FACTS for t,
+            tpl in enumerate(TEMPLATES[rel]) if t != e.held_out[rel, kind]]
     docs.append(f"{e.name} is {e.a_desc} .")
     for s in (e.name, e.desc):
         docs += [f"{s} is coloured {e.colour} .", f"{s} has the shape of a {e.shape} ."]
     docs += [p + r for p, r in _entity_qa(e)]
-    return docs + [story.format(n=e.name, d=e.desc, c=e.colour, sh=e.shape, f=e.food, h=e.home) for story in STORIES]
+    return docs + [story.format(n=e.name, d=e.desc, c=e.colour, sh=e.shape, f=e.food, h=e.home)
+                   for story in STORIES]
 
 
 def _make_corpus(rng, entities):
@@ -207,7 +220,8 @@ def _layout(rng, kind, S):
         return None, ((cx, cy, int(rng.integers(S // 5, 3 * S // 10 + 1))),)
     if kind == "position":
         side = int(rng.integers(4))
-        cx, cy = ((S // 4, S // 2), (3 * S // 4, S // 2), (S // 2, S // 4), (S // 2, 3 * S // 4))[side]
+        cx, cy = ((S // 4, S // 2), (3 * S // 4, S // 2), (S // 2, S // 4),
+                  (S // 2, 3 * S // 4))[side]
         dx, dy = rng.integers(-j, j + 1, size=2).tolist()
         return SIDES[side], ((cx + dx, cy + dy, int(rng.integers(S // 8, S // 5 + 1))),)
     k = int(rng.integers(1, 5))
@@ -226,11 +240,13 @@ def render(colour, shape, objects, size):
         if shape == "circle":
             draw.ellipse(box, fill=fill)
         elif shape in ("triangle", "diamond"):
-            corners = {"triangle": [(0, -r), (r, r), (-r, r)], "diamond": [(0, -r), (r, 0), (0, r), (-r, 0)]}[shape]
+            corners = {"triangle": [(0, -r), (r, r), (-r, r)],
+                       "diamond": [(0, -r), (r, 0), (0, r), (-r, 0)]}[shape]
             draw.polygon([(cx + x, cy + y) for x, y in corners], fill=fill)
         else:   # rectangles: square, bar, or the two bars of a cross
             rects = {"square": [box], "bar": [(cx - r, cy - r // 2, cx + r, cy + r // 2)],
-                     "cross": [(cx - r, cy - w, cx + r, cy + w), (cx - w, cy - r, cx + w, cy + r)]}[shape]
+                     "cross": [(cx - r, cy - w, cx + r, cy + w),
+                               (cx - w, cy - r, cx + w, cy + r)]}[shape]
             for rect in rects:
                 draw.rectangle(rect, fill=fill)
     return img
@@ -257,7 +273,8 @@ class _Scenes:
 def _vision_example(source, e, scenes, fresh=False):
     answer, image = scenes.draw(e, source if source in ("count", "position") else "single", fresh)
     answer = {"colour": e.colour, "shape": e.shape, "caption": e.a_desc}.get(source, answer)
-    return {"image": image, "prompt": VISION_PROMPTS[source], "response": f" {answer} .", "source": source}
+    return {"image": image, "prompt": VISION_PROMPTS[source], "response": f" {answer} .",
+            "source": source}
 
 
 def _knowledge_example(e, relation, template, scenes, fresh=False):
@@ -269,10 +286,12 @@ def _knowledge_example(e, relation, template, scenes, fresh=False):
 def _mc_item(e, relation, kind, entities, rng):
     context, _ = fact(TEMPLATES[relation][e.held_out[relation, kind]], e.subject(kind), "")
     pool = {"food": FOODS, "home": HOMES, "name": [x.name for x in entities]}[relation]
-    options = [f" {v}" for v in rng.choice([v for v in pool if v != e.value(relation)], 3, replace=False)]
+    options = [f" {v}"
+               for v in rng.choice([v for v in pool if v != e.value(relation)], 3, replace=False)]
     answer = int(rng.integers(4))
     options.insert(answer, f" {e.value(relation)}")
-    return {"context": context, "options": options, "answer": answer, "split": "seen" if e.seen else "unseen"}
+    return {"context": context, "options": options, "answer": answer,
+            "split": "seen" if e.seen else "unseen"}
 
 
 def build_world(seed=0, n_entities=40, image_size=32, examples_per_source=600, seen_fraction=0.5):
@@ -283,7 +302,8 @@ def build_world(seed=0, n_entities=40, image_size=32, examples_per_source=600, s
     entities = _make_entities(rng(0), n_entities, seen_fraction)
     corpus, scenes, pick = _make_corpus(rng(1), entities), _Scenes(rng(2), image_size), rng(3)
     seen = [e for e in entities if e.seen]
-    sources = {s: [_vision_example(s, entities[i], scenes) for i in pick.integers(n_entities, size=examples_per_source)]
+    sources = {s: [_vision_example(s, entities[i], scenes)
+                   for i in pick.integers(n_entities, size=examples_per_source)]
                for s in VISION_PROMPTS}
     sources["knowledge_vqa"] = [
         _knowledge_example(seen[i], *KNOWLEDGE_PROMPTS[k], scenes)
@@ -294,9 +314,12 @@ def build_world(seed=0, n_entities=40, image_size=32, examples_per_source=600, s
     # benchmarks last: their scenes must be fresh against every training scene
     return World(
         seed, image_size, entities, corpus, sources,
-        language_bench=[_mc_item(e, rel, kind, entities, pick) for e in entities for rel, kind in BENCH_FACTS],
-        vision_bench=[_vision_example(s, e, scenes, fresh=True) for s in VISION_PROMPTS for e in entities],
-        knowledge_bench=[{**_knowledge_example(e, rel, 0, scenes, fresh=True), "split": "seen" if e.seen else "unseen"}
+        language_bench=[_mc_item(e, rel, kind, entities, pick) for e in entities for rel,
+                        kind in BENCH_FACTS],
+        vision_bench=[_vision_example(s, e, scenes, fresh=True) for s in VISION_PROMPTS
+                      for e in entities],
+        knowledge_bench=[{**_knowledge_example(e, rel, 0, scenes, fresh=True),
+                          "split": "seen" if e.seen else "unseen"}
                          for e in entities for rel in ("food", "home")])
 
 
@@ -307,7 +330,8 @@ def train_tokenizer(corpus, vocab_size=512):
     """Byte-level BPE (GPT-2 style: a space belongs to the word after it) with <pad>, <eos>,
     <image> as ids 0, 1, 2."""
     if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (bytes + special tokens), got {vocab_size}")
+        raise ValueError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (bytes + special "
+                         f"tokens), got {vocab_size}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -338,14 +362,16 @@ def load_tokenizer(path, roles=None, image_splitting=False):
     if os.path.isfile(cfg_path):
         with open(cfg_path, encoding="utf-8") as f:
             cfg = json.load(f)
-        name = lambda v: v.get("content") if isinstance(v, dict) else v     # str or serialised AddedToken
+        # str or serialised AddedToken
+        name = lambda v: v.get("content") if isinstance(v, dict) else v
         eos, pad = name(cfg.get("eos_token")), name(cfg.get("pad_token"))
         chosen = {EOS_TOKEN: eos, PAD_TOKEN: pad if pad is not None else eos}
     chosen.update(roles or {})
     role_tokens = {}
     for role, token in chosen.items():
         if role not in (PAD_TOKEN, EOS_TOKEN):
-            raise ValueError(f"roles: unknown role {role!r}; expected {PAD_TOKEN!r} or {EOS_TOKEN!r}")
+            raise ValueError(f"roles: unknown role {role!r}; expected {PAD_TOKEN!r} or "
+                             f"{EOS_TOKEN!r}")
         if token is not None and tok.token_to_id(token) is not None:
             role_tokens[role] = token
         elif role in (roles or {}):
@@ -363,7 +389,8 @@ def special_id(tokenizer, token):
     """Id of a special token; <pad>/<eos> follow the tokenizer's role mapping (load_tokenizer)."""
     i = tokenizer.token_to_id(getattr(tokenizer, "role_tokens", {}).get(token, token))
     if i is None:
-        raise ValueError(f"tokenizer has no {token} token; expected all of {SPECIAL_TOKENS} (use load_tokenizer)")
+        raise ValueError(f"tokenizer has no {token} token; expected all of {SPECIAL_TOKENS} (use "
+                         "load_tokenizer)")
     return i
 
 
@@ -418,7 +445,8 @@ def image_views(image, tile, splitting=None):
     H, W = split_size(h, w, tile, splitting.max_side, splitting.resize_to_max_side)
     resized = image.resize((W, H), Image.BICUBIC) if (W, H) != (w, h) else image
     n_h, n_w = tile_grid(H, W, tile)
-    views = [resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(n_h) for c in range(n_w)]
+    views = [resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(n_h)
+             for c in range(n_w)]
     if len(views) > 1:
         views.insert(0, resized.resize((tile, tile), Image.BILINEAR))
     return torch.stack([image_to_tensor(v, tile, splitting.pixels) for v in views]), (n_h, n_w)
@@ -443,7 +471,8 @@ def encode_example(example, tokenizer, n_image_tokens, grids=None):
     prompt, n_images = example["prompt"], len(example_images(example))
     n_tags = prompt.count(IMAGE_TOKEN)
     if n_tags and n_tags != n_images:
-        raise ValueError(f"prompt {prompt!r} has {n_tags} {IMAGE_TOKEN} tags for {n_images} image(s)")
+        raise ValueError(f"prompt {prompt!r} has {n_tags} {IMAGE_TOKEN} tags for {n_images} "
+                         "image(s)")
     if grids is not None and len(grids) != n_images:
         raise ValueError(f"{len(grids)} image grids for {n_images} image(s)")
     if n_images and not n_tags:
@@ -454,7 +483,9 @@ def encode_example(example, tokenizer, n_image_tokens, grids=None):
             text += f"<image: {i}>"
         context += tokenizer.encode(text).ids if text else []
         if i < n_images:
-            names = [IMAGE_TOKEN] * n_image_tokens if grids is None else view_tokens(*grids[i], n_image_tokens)
+            names = [
+                IMAGE_TOKEN] * n_image_tokens if grids is None else view_tokens(
+                    *grids[i], n_image_tokens)
             ids = {t: special_id(tokenizer, t) for t in set(names)}
             context += [ids[t] for t in names]
     if not context:
@@ -479,20 +510,23 @@ def collate(examples, tokenizer, n_image_tokens, image_size, max_len=None, image
     images: every view of every image of the batch, (N_views, 3, image_size, image_size), in
     token order (example by example, image by image, global view then tiles), so the VLM
     scatters view k's features into the k-th run of <image> ids. image_splitting: None (one
-    view per image) or an ImageSplitting (nanoVLM's rule). grids: per example, (n_h, n_w) per image."""
+    view per image) or an ImageSplitting (nanoVLM's rule). grids: per example, (n_h, n_w) per
+    image."""
     pad = special_id(tokenizer, PAD_TOKEN)
     views, grids = [], []
     for ex in examples:
         per_image = [image_views(im, image_size, image_splitting) for im in example_images(ex)]
         views += [v for v, _ in per_image]
         grids.append([g for _, g in per_image])
-    pairs = [encode_example(ex, tokenizer, n_image_tokens, g if image_splitting is not None else None)
+    pairs = [encode_example(ex, tokenizer, n_image_tokens,
+                            g if image_splitting is not None else None)
              for ex, g in zip(examples, grids)]
     if max_len is not None:
         if any(len(c) >= max_len for c, _ in pairs):
-            raise ValueError(f"a context is {max(len(c) for c, _ in pairs)} tokens; max_len {max_len} leaves "
-                             "no room for its response")
+            raise ValueError(f"a context is {max(len(c) for c, _ in pairs)} tokens; max_len "
+                             f"{max_len} leaves no room for its response")
         pairs = [(c, r[:max_len - len(c)]) for c, r in pairs]
+    # (N_views, 3, S, S)
     return {**pad_pairs(pairs, pad), "images": torch.cat(views) if views else None,
             "grids": grids, "source": [ex["source"] for ex in examples]}
 
@@ -502,19 +536,20 @@ def pad_pairs(pairs, pad):
     attention_mask (contexts LEFT-padded to P, responses RIGHT-padded to R), context_len = P,
     labels and response_mask (the R response columns)."""
     P, R = max(len(c) for c, _ in pairs), max(len(r) for _, r in pairs)
-    ids = torch.full((len(pairs), P + R), pad, dtype=torch.long)
-    mask = torch.zeros((len(pairs), P + R), dtype=torch.long)
+    ids = torch.full((len(pairs), P + R), pad, dtype=torch.long)  # (B, P+R)
+    mask = torch.zeros((len(pairs), P + R), dtype=torch.long)  # (B, P+R)
     for i, (c, r) in enumerate(pairs):
         ids[i, P - len(c):P + len(r)] = torch.tensor(c + r)
         mask[i, P - len(c):P + len(r)] = 1
     return {"input_ids": ids, "attention_mask": mask, "context_len": P,
-            "labels": ids[:, P:], "response_mask": mask[:, P:].bool()}
+            "labels": ids[:, P:], "response_mask": mask[:, P:].bool()}  # (B, R) each
 
 
 def encode_corpus(corpus, tokenizer):
     """Stage-1 token stream: every document followed by <eos>, as a 1-D LongTensor."""
     eos = special_id(tokenizer, EOS_TOKEN)
-    return torch.tensor([i for enc in tokenizer.encode_batch(corpus) for i in enc.ids + [eos]], dtype=torch.long)
+    return torch.tensor([i for enc in tokenizer.encode_batch(corpus) for i in enc.ids + [eos]],
+                        dtype=torch.long)
 
 
 # ----------------------------------------------------------------------------------------
@@ -540,17 +575,19 @@ def _parse_record(line, image_root):
         raise ValueError(f"expected a JSON object, found {type(obj).__name__}")
     if "conversations" in obj:
         turns = obj["conversations"]
-        roles = [t.get("from") if isinstance(t, dict) else None for t in turns] if isinstance(turns, list) else []
+        roles = [t.get("from") if isinstance(t, dict) else None
+                 for t in turns] if isinstance(turns, list) else []
         if len(roles) < 2 or len(roles) % 2 or roles != ["human", "gpt"] * (len(roles) // 2) \
                 or not all(isinstance(t.get("value"), str) for t in turns):
-            raise ValueError("expected 'conversations' as alternating human/gpt turns with string 'value's")
+            raise ValueError("expected 'conversations' as alternating human/gpt turns with string "
+                             "'value's")
         values = [t["value"] for t in turns]
         pairs = list(zip(values[0::2], values[1::2]))
     elif isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
         pairs = [(obj["prompt"], obj["response"])]
     else:
-        raise ValueError(f"missing field: expected 'conversations' or string 'prompt' and 'response', "
-                         f"found keys {sorted(obj)}")
+        raise ValueError("missing field: expected 'conversations' or string 'prompt' and "
+                         f"'response', found keys {sorted(obj)}")
     source = obj.get("source", "unknown")
     if not isinstance(source, str) or not source:
         raise ValueError(f"expected 'source' to be a non-empty string, found {source!r}")
@@ -560,13 +597,15 @@ def _parse_record(line, image_root):
     if obj.get("image") is not None:
         paths = obj["image"] if isinstance(obj["image"], list) else [obj["image"]]
         if not paths or not all(isinstance(p, str) and p for p in paths):
-            raise ValueError(f"expected 'image' to be a file path or a list of them, found {obj['image']!r}")
+            raise ValueError("expected 'image' to be a file path or a list of them, found "
+                             f"{obj['image']!r}")
         paths = [os.path.join(image_root, p) for p in paths]   # an absolute path ignores image_root
         for path in paths:
             if not os.path.isfile(path):
                 raise ValueError(f"image file not found: {path}")
         image = paths if isinstance(obj["image"], list) else paths[0]
-    elif IMAGE_TOKEN in conversation_examples(pairs, last_only=True)[0][0]:    # all but the last answer
+    # all but the last answer
+    elif IMAGE_TOKEN in conversation_examples(pairs, last_only=True)[0][0]:
         raise ValueError(f"the prompt has {IMAGE_TOKEN} but the line names no 'image'")
     elif not pairs[0][0].strip():
         raise ValueError("empty prompt and no image: the context would be empty; expected some "
@@ -586,14 +625,16 @@ def _parse_line(raw, image_root):
     """One JSONL line (bytes) -> the example of its last turn, its image decoded."""
     rec = _parse_record(_decode_utf8(raw), image_root)
     (prompt, response), = conversation_examples(rec["turns"], last_only=True)
-    paths = rec["image"] if isinstance(rec["image"], list) else [rec["image"]] * (rec["image"] is not None)
+    paths = rec["image"] if isinstance(rec["image"],
+                                       list) else [rec["image"]] * (rec["image"] is not None)
     images = [_open_image(path, f"image {path}") for path in paths]
     image = images if isinstance(rec["image"], list) else (images[0] if images else None)
     return {"image": image, "prompt": prompt, "response": response, "source": rec["source"]}
 
 
 def load_jsonl(path, image_root=None, skip_bad=False):
-    """LLaVA-style JSONL -> examples. Per line: {"image"?: path or [paths], "conversations": [{"from":
+    """LLaVA-style JSONL -> examples. Per line: {"image"?: path or [paths], "conversations":
+    [{"from":
     "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...}, ...]} (earlier turns
     join the prompt, the last gpt turn is the response) or {"prompt", "response"}; optional
     "source" (default "unknown"). Image paths are relative to image_root (default: the
@@ -617,7 +658,8 @@ def load_jsonl(path, image_root=None, skip_bad=False):
                     raise ValueError(f"{path} line {n}: {err}") from None
                 bad.append(f"line {n}: {err}")
     if bad:
-        print(f"load_jsonl: skipped {len(bad)} bad line(s) of {path}, kept {len(examples)} (first: {bad[0]})",
+        print(f"load_jsonl: skipped {len(bad)} bad line(s) of {path}, kept {len(examples)} (first: "
+              f"{bad[0]})",
               file=sys.stderr)
     return examples
 
@@ -648,8 +690,8 @@ def save_tokenizer(tokenizer, folder):
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 cfg = json.load(f)
-        cfg.update({key: roles[role] for role, key in ((EOS_TOKEN, "eos_token"), (PAD_TOKEN, "pad_token"))
-                    if role in roles})
+        cfg.update({key: roles[role] for role,
+                    key in ((EOS_TOKEN, "eos_token"), (PAD_TOKEN, "pad_token")) if role in roles})
         def write(tmp):
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(cfg, f, indent=2, ensure_ascii=False)
@@ -657,7 +699,8 @@ def save_tokenizer(tokenizer, folder):
 
 
 def load_chat_template(folder):
-    """The Hugging Face chat_template (a Jinja string) of a model folder's tokenizer_config.json, or None."""
+    """The Hugging Face chat_template (a Jinja string) of a model folder's tokenizer_config.json, or
+    None."""
     path = os.path.join(folder, "tokenizer_config.json")
     if not os.path.isfile(path):
         return None
@@ -674,7 +717,8 @@ def chat_prompt(user_text, template=None, system=None):
     its <|im_end|>, the eos role load_tokenizer gives SmolLM2-Instruct).
 
     template=None: ChatML as SmolLM2-Instruct / Qwen2 use it, written out:
-        [<|im_start|>system\\n{system}<|im_end|>\\n] <|im_start|>user\\n{user_text}<|im_end|>\\n<|im_start|>assistant\\n
+        [<|im_start|>system\\n{system}<|im_end|>\\n]
+        <|im_start|>user\\n{user_text}<|im_end|>\\n<|im_start|>assistant\\n
     template=a Jinja chat_template string (load_chat_template): rendered with jinja2 in the sandbox
     transformers' apply_chat_template(add_generation_prompt=True) uses; SmolLM2's inserts its
     default system prompt when system is None. "<image>" in user_text stays a tag that
@@ -689,7 +733,8 @@ def chat_prompt(user_text, template=None, system=None):
     except ImportError:
         raise ImportError("chat_prompt(template=...) needs jinja2 (pip install jinja2); "
                           "template=None writes ChatML without it") from None
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
     return env.from_string(template).render(messages=messages, add_generation_prompt=True)
 
 # ----------------------------------------------------------------------------------------
@@ -777,7 +822,8 @@ class StreamDataset(torch.utils.data.Dataset):
     is a ValueError naming the file and line/row; with skip_bad it is skipped and counted
     (self.n_bad_index).
 
-    dataset[i] -> {"context", "response": token id lists, "image": (n_views, 3, S, S) or None, "grids",
+    dataset[i] -> {"context", "response": token id lists, "image": (n_views, 3, S, S) or None,
+    "grids",
     "source", "index": the example actually returned, "skipped", "dropped", "errors"}. An
     example fit_to_max_len drops (context >= max_len) is replaced by the next index and counted
     in "dropped"; a bad one (unreadable image, too many <image> tags, ...) is a ValueError
@@ -1018,13 +1064,38 @@ class StreamDataset(torch.utils.data.Dataset):
         "skipped" / "dropped" (ints: bad / too-long examples replaced) and "errors" (messages)."""
         views = [it["image"] for it in items if it["image"] is not None]
         return {**pad_pairs([(it["context"], it["response"]) for it in items], self.pad_id),
-                "images": torch.cat(views) if views else None,
+                "images": torch.cat(views) if views else None,  # (N_views, 3, S, S)
                 "grids": [it["grids"] for it in items],
                 "source": [it["source"] for it in items],
                 "index": torch.tensor([it["index"] for it in items]),
                 "skipped": sum(it["skipped"] for it in items),
                 "dropped": sum(it["dropped"] for it in items),
                 "errors": [e for it in items for e in it["errors"]]}
+
+
+class RealData:
+    """Real data in place of the tiny world (train.py --data_path): the files' sources, the
+    ones in kd_sources language-intensive (KD), the others vision-heavy. The files are indexed
+    here (every line/row checked, no image decoded), so bad data fails before any training;
+    examples then stream from disk through a StreamDataset, with the student's token layout
+    bound by open() once the student exists. No corpus, no built-in benchmarks."""
+
+    def __init__(self, paths, image_size, max_len=None, image_root=None, skip_bad=False,
+                 kd_sources=()):
+        self.dataset = StreamDataset(paths, None, 0, image_size, max_len=max_len,
+                                     image_root=image_root, skip_bad=skip_bad)
+        unknown = sorted(set(kd_sources) - set(self.dataset.sources))
+        if unknown:
+            raise ValueError(f"--kd_sources {unknown} not found in --data_path (sources: "
+                             f"{sorted(self.dataset.sources)})")
+        self.sources = list(self.dataset.sources)
+        self.source_kinds = {s: "language" if s in kd_sources else "vision" for s in self.sources}
+        self.corpus, self.language_bench, self.vision_bench, self.knowledge_bench = [], [], [], []
+
+    def open(self, student, tokenizer):
+        """The dataset, tokenizing for `student` (its image tokens per view and splitting)."""
+        self.dataset.bind(tokenizer, student.n_image_tokens, student.image_splitting)
+        return self.dataset
 
 
 class StepBatchSampler(torch.utils.data.Sampler):

@@ -37,10 +37,11 @@ from tqdm import tqdm
 import data
 import distill
 import kvshare
-import eval as evaluation             # `eval` is a Python builtin: keep the module under another name
+import eval as evaluation           # `eval` is a Python builtin: keep the module under another name
 from model import (SIGLIP2_B16_512, Decoder, ImageSplitting, LMConfig, VisionConfig, grow_vocab,
                    unwrap, vlm_from_teacher)
-from weights import atomic_write, load_hf_lm, load_hf_siglip, load_model_folder, save_hf_lm, save_vlm
+from weights import (atomic_write, load_hf_lm, load_hf_siglip, load_model_folder, save_hf_lm,
+                     save_vlm)
 
 
 # ----------------------------------------------------------------------------------------
@@ -129,8 +130,8 @@ PRESETS = {
     # SmolLM2-360M-Instruct (given by --teacher_path).
     "paper": dict(image_size=SIGLIP2_B16_512.image_size, patch_size=SIGLIP2_B16_512.patch_size,
                   vision_dim=SIGLIP2_B16_512.dim, vision_layers=SIGLIP2_B16_512.n_layers,
-                  vision_heads=SIGLIP2_B16_512.n_heads, shuffle_factor=4, batch_size=8, grad_accum=4,
-                  align_steps=1000, align_lr=1e-3, adapt_steps=4000, adapt_lr=1e-4,
+                  vision_heads=SIGLIP2_B16_512.n_heads, shuffle_factor=4, batch_size=8,
+                  grad_accum=4, align_steps=1000, align_lr=1e-3, adapt_steps=4000, adapt_lr=1e-4,
                   adapt_vision_lr=1e-4, distill_steps=1000, distill_lr=5e-5, ckpt_every=500,
                   image_splitting=True),
 }
@@ -154,8 +155,9 @@ def check_json_value(f, value, path):
     typ = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type)
     ok = type(value) is typ or (typ is float and type(value) is int)
     if not ok:
-        raise ValueError(f"config file {path}: {f.name!r} is {json.dumps(value)}, expected a JSON "
-                         f"{ {int: 'integer', float: 'number', str: 'string', bool: 'true/false'}[typ] }")
+        raise ValueError(
+            f"config file {path}: {f.name!r} is {json.dumps(value)}, expected a JSON "
+            f"{ {int: 'integer', float: 'number', str: 'string', bool: 'true/false'}[typ] }")
     return float(value) if typ is float else value
 
 
@@ -421,7 +423,8 @@ class Checkpoints:
         diffs = [f"{k}: checkpoint {v!r} vs run {ours.get(k)!r}"
                  for k, v in state["config"].items() if k not in RUN_KEYS and ours.get(k) != v]
         if diffs:
-            raise ValueError(f"checkpoint {path} comes from another config:\n  " + "\n  ".join(diffs))
+            raise ValueError(f"checkpoint {path} comes from another config:\n  "
+                             + "\n  ".join(diffs))
         return state
 
 
@@ -446,42 +449,18 @@ def stage_mixture(world, stage):
     """Source weights of a stage. align: every image source (decoder frozen, so image tokens
     land where the teacher reads names and descriptions); adapt: vision-heavy only (language
     erodes); distill: every source (vision CE keeps vision, language sources carry the KD).
-    Streamed real data (RealData) does not know which sources hold images before decoding
+    Streamed real data (data.RealData) does not know which sources hold images before decoding
     them: there align uses the vision-heavy sources, like adapt."""
     if stage == "distill":
         return {s: 1.0 for s in world.sources}
     vision = [s for s in world.sources if world.source_kinds[s] == "vision"]
-    if isinstance(world, RealData):
+    if isinstance(world, data.RealData):
         return {s: 1.0 for s in vision}
-    image_sources = [s for s, ex in world.sources.items() if any(e["image"] is not None for e in ex)]
+    image_sources = [s for s,
+                     ex in world.sources.items() if any(e["image"] is not None for e in ex)]
     if stage == "align":
         return {s: 1.0 for s in image_sources}
     return {s: 1.0 for s in vision or image_sources}
-
-
-class RealData:
-    """--data_path in place of the tiny world: the files' sources, the ones in --kd_sources
-    language-intensive (KD), the others vision-heavy. The files are indexed (every line/row
-    checked, no image decoded) before any work starts; examples then stream from disk through
-    data.StreamDataset, with the student's token layout (image tokens per view, image
-    splitting) bound once the student exists. No corpus, no built-in benchmarks."""
-
-    def __init__(self, cfg):
-        self.dataset = data.StreamDataset(
-            cfg.data_path.split(","), None, 0, cfg.image_size, max_len=cfg.max_len or None,
-            image_root=cfg.image_root or None, skip_bad=cfg.skip_bad)
-        kd = [s for s in cfg.kd_sources.split(",") if s]
-        unknown = sorted(set(kd) - set(self.dataset.sources))
-        if unknown:
-            raise ValueError(f"--kd_sources {unknown} not found in --data_path (sources: "
-                             f"{sorted(self.dataset.sources)})")
-        self.sources = list(self.dataset.sources)
-        self.source_kinds = {s: "language" if s in kd else "vision" for s in self.sources}
-        self.corpus, self.language_bench, self.vision_bench, self.knowledge_bench = [], [], [], []
-
-    def open(self, student, tok):
-        self.dataset.bind(tok, student.n_image_tokens, student.image_splitting)
-        return self.dataset
 
 
 @dataclass
@@ -489,7 +468,7 @@ class Run:
     """What every stage reads: the config, the runtime, the data and (stage 3) the teacher."""
     cfg: TrainConfig
     rt: Runtime
-    world: object                 # data.World (tiny world) or RealData (--data_path)
+    world: object                 # data.World (tiny world) or data.RealData (--data_path)
     tok: object                   # tokenizers.Tokenizer with the roles of data.load_tokenizer
     text_stream: torch.Tensor = None      # stage 1: the encoded corpus, (N,)
     teacher: Decoder = None               # stage 3: the frozen teacher
@@ -563,7 +542,7 @@ def compute_loss(run, stage, model, batch, counts):
         out = distill.distill_loss(logits, batch["labels"], batch["response_mask"],
                                    policy="none", ce_normalizer=counts["ce"])
         return {"loss": out["loss"], "ce": out["ce"]}
-    cfg = run.cfg                                                           # CE + KD via the handoff
+    cfg = run.cfg                                                          # CE + KD via the handoff
     student_logits, teacher_logits = kvshare.distill_forward(
         model, run.teacher, batch, unwrap(model).student_only_ids, cfg.scope,
         need_teacher=cfg.policy != "none")
@@ -609,7 +588,7 @@ def train_stage(run, stage, model, param_groups, steps, name=None):
     forward_model = torch.compile(model) if cfg.compile else model
     student = unwrap(model) if stage != "pretrain" else None
     stream = None
-    if isinstance(run.world, RealData) and stage != "pretrain":
+    if isinstance(run.world, data.RealData) and stage != "pretrain":
         stream = stream_batches(run, stage, student, start)
     bar = tqdm(range(start, steps), desc=name, initial=start, total=steps,
                disable=not rt.is_main, leave=False)
@@ -682,7 +661,8 @@ def drop_log_records(log_path, name, after_step):
     with open(log_path) as f:
         lines = f.readlines()
     keep = [line for line in lines
-            if not (json.loads(line).get("stage") == name and json.loads(line)["step"] > after_step)]
+            if not (json.loads(line).get("stage") == name
+                    and json.loads(line)["step"] > after_step)]
     if len(keep) != len(lines):
         atomic_write(log_path, lambda tmp: open(tmp, "w").writelines(keep))
 
@@ -769,7 +749,8 @@ def check_student_tokens(vlm, tok, folder):
     same token for every shared id (kvshare.check_shared_vocab)."""
     image_id = tok.token_to_id(data.IMAGE_TOKEN)
     if getattr(vlm, "image_token_id", None) != image_id:
-        raise ValueError(f"{folder}: not a VLM with the tokenizer's {data.IMAGE_TOKEN} id {image_id}")
+        raise ValueError(f"{folder}: not a VLM with the tokenizer's {data.IMAGE_TOKEN} id "
+                         f"{image_id}")
     if vlm.decoder.cfg.vocab_size < tok.get_vocab_size():
         raise ValueError(f"{folder}: the student's vocabulary ({vlm.decoder.cfg.vocab_size}) is "
                          f"smaller than the tokenizer's ({tok.get_vocab_size()})")
@@ -824,7 +805,9 @@ def build_world_and_tokenizer(cfg):
     """The data (the tiny world, or --data_path) and the tokenizer (trained on the tiny
     world's corpus, or the teacher's own)."""
     if cfg.data_path:
-        world = RealData(cfg)
+        world = data.RealData(cfg.data_path.split(","), cfg.image_size, cfg.max_len or None,
+                              cfg.image_root or None, cfg.skip_bad,
+                              [s for s in cfg.kd_sources.split(",") if s])
     else:
         world = data.build_world(cfg.seed, n_entities=cfg.n_entities, image_size=cfg.image_size)
     if cfg.teacher_path:

@@ -28,7 +28,8 @@ from weights import load_hf_lm  # noqa: E402
 
 def skimage_photos(names=("chelsea.png", "coffee.png"), wheel=None, out_dir=None):
     """Paths of real photographs shipped in scikit-image (skimage/data): from the installed
-    package, or extracted from a downloaded wheel (pip download --no-deps scikit-image) into out_dir."""
+    package, or extracted from a downloaded wheel (pip download --no-deps scikit-image) into
+    out_dir."""
     if wheel is None:
         try:
             import skimage
@@ -44,7 +45,8 @@ def skimage_photos(names=("chelsea.png", "coffee.png"), wheel=None, out_dir=None
 def _top(logits, tok, k):
     p = F.softmax(logits.float(), -1)
     v, i = p.topk(k)
-    return ", ".join(f"{tok.decode([j], skip_special_tokens=False)!r} {q:.2f}" for q, j in zip(v.tolist(), i.tolist()))
+    return ", ".join(f"{tok.decode([j], skip_special_tokens=False)!r} {q:.2f}" for q,
+                     j in zip(v.tolist(), i.tolist()))
 
 
 @torch.no_grad()
@@ -65,11 +67,13 @@ def demo_real_photo(lm_folder, image_paths, image_size=64, question="What is in 
                                image_id).eval()
     kvshare.check_compatible(teacher.cfg, student.decoder.cfg)
     t_load = time.time() - t0
-    prompt = data.chat_prompt(data.IMAGE_TOKEN + "\n" + question, data.load_chat_template(lm_folder))
+    prompt = data.chat_prompt(data.IMAGE_TOKEN + "\n" + question,
+                              data.load_chat_template(lm_folder))
     examples = []
     for path in image_paths:
         with Image.open(path) as im:
-            examples.append({"image": im.convert("RGB"), "prompt": prompt, "response": response, "source": "demo"})
+            examples.append({"image": im.convert("RGB"), "prompt": prompt, "response": response,
+                             "source": "demo"})
     batch = data.collate(examples, tok, student.n_image_tokens, image_size)
     t1 = time.time()
     student_logits, kv = kvshare.student_prefill(student, batch)
@@ -79,37 +83,39 @@ def demo_real_photo(lm_folder, image_paths, image_size=64, question="What is in 
     t_teacher = time.time() - t1
     none = kvshare.teacher_continue(teacher, kv, batch, image_id, "none")
     V = teacher.cfg.vocab_size
-    last = int(batch["response_mask"][0].sum()) - 1             # predicts the token after the response text
+    last = int(batch["response_mask"][0].sum()) - 1     # predicts the token after the response text
     diff = (student_logits[..., :V] - full).abs()[batch["response_mask"]]
-    out = {"images": len(image_paths), "image_tokens": student.n_image_tokens, "context_len": batch["context_len"],
-           "image_token_id": image_id, "student_vocab": student.decoder.cfg.vocab_size, "teacher_vocab": V,
+    out = {"images": len(image_paths), "image_tokens": student.n_image_tokens,
+           "context_len": batch["context_len"],
+           "image_token_id": image_id, "student_vocab": student.decoder.cfg.vocab_size,
+           "teacher_vocab": V,
            # the student's decoder IS the teacher's here, so the handoff must reproduce its logits
            "max_abs_student_vs_teacher_full": float(diff.max()),
-           "kl_full_vs_none_first": float(F.kl_div(F.log_softmax(none[:, 0], -1), F.log_softmax(full[:, 0], -1),
+           "kl_full_vs_none_first": float(F.kl_div(F.log_softmax(none[:, 0], -1),
+                                                   F.log_softmax(full[:, 0], -1),
                                                    log_target=True, reduction="batchmean")),
            "load_s": t_load, "student_prefill_s": t_student, "teacher_continue_s": t_teacher,
-           "total_s": time.time() - t0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    print(f"prompt ({batch['context_len']} tokens, {student.n_image_tokens} image tokens of id {image_id}; "
-          f"student vocab {out['student_vocab']} = teacher {V} + 1):\n{prompt!r}\nresponse: {response!r}")
+           "total_s": time.time() - t0,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    print(f"prompt ({batch['context_len']} tokens, {student.n_image_tokens} image tokens of id "
+          f"{image_id}; student vocab {out['student_vocab']} = teacher {V} + "
+          f"1):\n{prompt!r}\nresponse: {response!r}")
     for b, path in enumerate(image_paths):
-        print(f"\n{os.path.basename(path)} ({examples[b]['image'].size[0]}x{examples[b]['image'].size[1]} -> "
+        print(f"\n{os.path.basename(path)} "
+              f"({examples[b]['image'].size[0]}x{examples[b]['image'].size[1]} -> "
               f"{image_size}x{image_size})")
         print(f"  teacher via student KV, first answer token : {_top(full[b, 0], tok, top_k)}")
         print(f"  teacher via student KV, after {response!r}: {_top(full[b, last], tok, top_k)}")
         print(f"  text-only teacher (scope none), first token: {_top(none[b, 0], tok, top_k)}")
-    print(f"\nmax |student logits - teacher(full) logits| = {out['max_abs_student_vs_teacher_full']:.2e} "
-          f"(same decoder weights: the handoff reproduces the student); KL(full || none) at the first answer "
-          f"token = {out['kl_full_vs_none_first']:.3f} nats (the noise image KV moves the teacher)")
-    print(f"time: load {t_load:.1f}s, student prefill {t_student:.2f}s, teacher continue {t_teacher:.2f}s, "
-          f"total {out['total_s']:.1f}s; peak RSS {out['peak_rss_mb']:.0f} MB")
+    print("\nmax |student logits - teacher(full) logits| = "
+          f"{out['max_abs_student_vs_teacher_full']:.2e} (same decoder weights: the handoff "
+          "reproduces the student); KL(full || none) at the first answer token = "
+          f"{out['kl_full_vs_none_first']:.3f} nats (the noise image KV moves the teacher)")
+    print(f"time: load {t_load:.1f}s, student prefill {t_student:.2f}s, teacher continue "
+          f"{t_teacher:.2f}s, total {out['total_s']:.1f}s; peak RSS {out['peak_rss_mb']:.0f} MB")
     return out
 
 
-if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as e:      # bad input: its one-line message, not a traceback
-        sys.exit(f"eval.py: {e}")
 
 
 def main(argv):

@@ -276,6 +276,9 @@ def experiment(seeds, train_argv, out_dir, jobs=1, merge_lams=MERGE_LAMS):
 
 
 def main(argv):
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
     opts = {"seeds": "0,1,2", "jobs": "1", "out_dir": "out/experiment",
             "merge_lams": ",".join(f"{lam:g}" for lam in MERGE_LAMS)}
     train_argv = []
