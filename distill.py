@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 POLICIES = ("none", "uniform", "selective")
 DIVERGENCES = ("fkl", "rkl", "jsd")
 KIND_WEIGHTS = {"language": 1.0, "vision": 0.0}   # source kind -> KD weight (the source gate)
-_FLOOR = -1e30   # -inf logits (masked vocab entries) are raised to this: p = 0 exactly, no inf - inf
+_FLOOR = -1e30  # -inf logits (masked vocab entries) are raised to this: p = 0 exactly, no inf - inf
 
 
 def _log_probs(logits, temperature):
@@ -142,7 +142,8 @@ def _normalise(total, count, override, name):
     if count == 0:
         return total          # an empty sum: 0 with a grad_fn, zero gradients
     if not denom > 0:
-        raise ValueError(f"{name} must be > 0 when the batch has tokens ({count}), found {override}")
+        raise ValueError(
+            f"{name} must be > 0 when the batch has tokens ({count}), found {override}")
     return total / denom
 
 

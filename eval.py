@@ -182,7 +182,8 @@ def evaluate_folder(folder, teacher_folder=None):
     if cfg.get("data_path"):
         raise ValueError(f"{folder} was trained on --data_path={cfg['data_path']}, which has no "
                          "built-in benchmarks; use tools/mmlu.py or tools/bigbench.py")
-    world = data.build_world(cfg["seed"], n_entities=cfg["n_entities"], image_size=cfg["image_size"])
+    world = data.build_world(cfg["seed"], n_entities=cfg["n_entities"],
+                             image_size=cfg["image_size"])
     tok = data.load_tokenizer(os.path.join(folder, "tokenizer.json"))
     teacher_folder = teacher_folder or os.path.join(os.path.dirname(os.path.abspath(folder)),
                                                     "teacher")

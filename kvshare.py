@@ -51,14 +51,16 @@ def check_compatible(teacher_cfg, student_cfg):
              for name in ("n_layers", "n_kv_heads", "head_dim", "rope_theta")
              if getattr(teacher_cfg, name) != getattr(student_cfg, name)]
     if diffs:
-        raise ValueError("teacher and student decoders are incompatible for KV sharing:\n  " + "\n  ".join(diffs))
+        raise ValueError("teacher and student decoders are incompatible for KV sharing:\n  "
+                         + "\n  ".join(diffs))
 
 
 def check_shared_vocab(teacher_tokenizer, student_tokenizer):
     """KD compares the first min(V_teacher, V_student) logits; both tokenizers must map those
     ids to the same tokens (tokenizers.Tokenizer objects)."""
     n = min(teacher_tokenizer.get_vocab_size(), student_tokenizer.get_vocab_size())
-    bad = [i for i in range(n) if teacher_tokenizer.id_to_token(i) != student_tokenizer.id_to_token(i)]
+    bad = [i for i in range(n)
+           if teacher_tokenizer.id_to_token(i) != student_tokenizer.id_to_token(i)]
     if bad:
         examples = ", ".join(f"id {i}: teacher {teacher_tokenizer.id_to_token(i)!r} vs student "
                              f"{student_tokenizer.id_to_token(i)!r}" for i in bad[:5])
@@ -75,7 +77,8 @@ def freeze(teacher, dtype=None):
     accepts student KV of any floating dtype (see there). None keeps the current dtype."""
     if dtype is not None:
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise ValueError(f"freeze: dtype must be a floating torch.dtype or None, found {dtype!r}")
+            raise ValueError("freeze: dtype must be a floating torch.dtype or None, found "
+                             f"{dtype!r}")
         teacher.to(dtype)
     teacher.eval()
     for p in teacher.parameters():
@@ -99,7 +102,8 @@ def student_prefill(student, batch, keep_kv=True):
 
 
 def decoder_config(student):
-    """The decoder LMConfig of a student VLM or Decoder, also through DDP / torch.compile wrappers."""
+    """The decoder LMConfig of a student VLM or Decoder, also through DDP / torch.compile
+    wrappers."""
     student = unwrap(student)
     return getattr(student, "decoder", student).cfg
 
@@ -113,8 +117,9 @@ def student_only_mask(ids, student_only_ids):
 def _check_teacher_vocab(teacher, text_ids):
     if int(text_ids.max()) >= teacher.cfg.vocab_size:
         raise ValueError(f"token id {int(text_ids.max())} is outside the teacher's vocabulary "
-                         f"({teacher.cfg.vocab_size}); text tokens must lie in the shared prefix (ids the teacher "
-                         f"must not embed, like image-splitting tokens, belong in student_only_ids)")
+                         f"({teacher.cfg.vocab_size}); text tokens must lie in the shared prefix "
+                         "(ids the teacher must not embed, like image-splitting tokens, belong in "
+                         "student_only_ids)")
 
 
 @torch.no_grad()
@@ -137,52 +142,62 @@ def teacher_continue(teacher, student_kv, batch, student_only_ids, scope="full",
     if scope not in SCOPES:
         raise ValueError(f"share scope {scope!r}; expected one of {SCOPES}")
     if teacher.training or any(p.requires_grad for p in teacher.parameters()):
-        raise ValueError("teacher_continue: the teacher must be frozen (call kvshare.freeze(teacher))")
+        raise ValueError("teacher_continue: the teacher must be frozen (call "
+                         "kvshare.freeze(teacher))")
     if scope != "none":
         k = student_kv[0][0]
         check_compatible(teacher.cfg, SimpleNamespace(
             n_layers=len(student_kv), n_kv_heads=k.shape[1], head_dim=k.shape[3],
             rope_theta=(student_cfg or teacher.cfg).rope_theta))
+    # ids, mask: (B, P+R)
     ids, mask, P = batch["input_ids"], batch["attention_mask"], batch["context_len"]
     T = ids.shape[1]                       # P + R; the teacher never needs the last column as input
-    is_image = student_only_mask(ids, student_only_ids)
+    is_image = student_only_mask(ids, student_only_ids)  # (B, P+R)
     # Ids the teacher must not embed: student-only ids, pads, and each row's last real token
     # (an EOS the teacher may not have; no prediction is made from it). Every other token must
     # lie in the teacher's vocabulary.
-    last_real = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()
-    text_ids = ids.masked_fill(is_image | ~mask.bool() | last_real, 0)
+    last_real = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()  # (B, P+R)
+    text_ids = ids.masked_fill(is_image | ~mask.bool() | last_real, 0)  # (B, P+R)
     _check_teacher_vocab(teacher, text_ids)
     positions = positions_from_mask(mask)
 
     if scope == "full":
         if is_image[:, P - 1].any():
-            raise ValueError("scope 'full': a context ends with an image (student-only) token; the prompt after "
-                             "the image must have at least one text token")
+            raise ValueError("scope 'full': a context ends with an image (student-only) token; the "
+                             "prompt after the image must have at least one text token")
+        # past: per layer (K, V), each (B, n_kv_heads, P-1, head_dim)
         past = [(k[:, :, :P - 1].detach(), v[:, :, :P - 1].detach()) for k, v in student_kv]
+        # the teacher's attention_mask: (B, P+R-1)
         logits, _ = teacher(text_ids[:, P - 1:T - 1], attention_mask=mask[:, :T - 1],
                             position_ids=positions[:, P - 1:T - 1], past_kv=past)
-        return logits.detach()
+        return logits.detach()                                 # (B, R, V_teacher)
 
-    text_mask = mask * (~is_image)
+    text_mask = mask * (~is_image)  # (B, P+R)
     if scope == "none":
         logits, _ = teacher(text_ids[:, :T - 1], attention_mask=text_mask[:, :T - 1],
-                            position_ids=positions_from_mask(text_mask)[:, :T - 1], logits_start=P - 1)
-        return logits.detach()
+                            position_ids=positions_from_mask(text_mask)[:, :T - 1],
+                            logits_start=P - 1)
+        return logits.detach()                                 # (B, R, V_teacher)
 
     # scope "image": past = the student's K/V at image columns only; the teacher re-runs every
     # text column itself. A past key is visible to every new query, so images must come first.
     seen_text = (text_mask[:, :P].cumsum(-1) > 0)
     if (seen_text & is_image[:, :P]).any():
-        raise ValueError("scope 'image' needs the image tokens before the prompt text in every context")
+        raise ValueError("scope 'image' needs the image tokens before the prompt text in every "
+                         "context")
+    # past: per layer (K, V), each (B, n_kv_heads, P, head_dim)
     past = [(k[:, :, :P].detach(), v[:, :, :P].detach()) for k, v in student_kv]
-    past_mask = mask[:, :P] * is_image[:, :P]
-    logits, _ = teacher(text_ids[:, :T - 1], attention_mask=torch.cat([past_mask, text_mask[:, :T - 1]], 1),
+    past_mask = mask[:, :P] * is_image[:, :P]  # (B, P)
+    logits, _ = teacher(text_ids[:, :T - 1],
+                        # attention_mask: (B, P + P+R-1)
+                        attention_mask=torch.cat([past_mask, text_mask[:, :T - 1]], 1),
                         position_ids=positions[:, :T - 1], past_kv=past, logits_start=P - 1)
-    return logits.detach()
+    return logits.detach()                                     # (B, R, V_teacher)
 
 
 def distill_forward(student, teacher, batch, student_only_ids, scope="full", need_teacher=True):
-    """Student prefill + teacher continuation: (student logits with grad, teacher logits or None)."""
+    """Student prefill + teacher continuation: (student logits with grad, teacher logits or
+    None)."""
     student_logits, kv = student_prefill(student, batch)
     teacher_logits = (teacher_continue(teacher, kv, batch, student_only_ids, scope,
                                        decoder_config(student)) if need_teacher else None)
@@ -190,17 +205,21 @@ def distill_forward(student, teacher, batch, student_only_ids, scope="full", nee
 
 
 @torch.no_grad()
-def teacher_generate(teacher, student_kv, input_ids, attention_mask, student_only_ids, **generate_kw):
+def teacher_generate(teacher, student_kv, input_ids, attention_mask, student_only_ids,
+                     **generate_kw):
     """The handoff at inference (scope "full"): the student has prefilled a LEFT-padded context
     (input_ids, attention_mask: (B, P)) and returned its per-layer K/V; the frozen teacher takes
     the K/V of columns 0..P-2 as its cache, re-runs the last context token itself (as in
     teacher_continue) and then generates its own answer with its own cache (Decoder.generate;
     greedy unless generate_kw says otherwise). Returns the teacher's new tokens (B, N)."""
-    P = input_ids.shape[1]
+    P = input_ids.shape[1]  # input_ids, attention_mask: (B, P)
     if student_only_mask(input_ids[:, P - 1], student_only_ids).any():
-        raise ValueError("teacher_generate: a context ends with an image (student-only) token; the prompt "
-                         "after the image must have at least one text token")
-    _check_teacher_vocab(teacher, input_ids[:, P - 1:].masked_fill(~attention_mask[:, P - 1:].bool(), 0))
+        raise ValueError("teacher_generate: a context ends with an image (student-only) token; the "
+                         "prompt after the image must have at least one text token")
+    _check_teacher_vocab(teacher,
+                         input_ids[:, P - 1:].masked_fill(~attention_mask[:, P - 1:].bool(), 0))
+    # past: per layer (K, V), each (B, n_kv_heads, P-1, head_dim)
     past = [(k[:, :, :P - 1], v[:, :, :P - 1]) for k, v in student_kv]
-    return teacher.generate(input_ids=input_ids[:, P - 1:], attention_mask=attention_mask, past_kv=past,
-                            **generate_kw)
+    # input_ids (B, 1): the last context token; attention_mask (B, P)
+    return teacher.generate(input_ids=input_ids[:, P - 1:], attention_mask=attention_mask,
+                            past_kv=past, **generate_kw)

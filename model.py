@@ -62,8 +62,9 @@ class VisionConfig:
 
     def __post_init__(self):
         if self.image_size % self.patch_size or self.dim % self.n_heads:
-            raise ValueError(f"VisionConfig: image_size ({self.image_size}) must divide by patch_size "
-                             f"({self.patch_size}) and dim ({self.dim}) by n_heads ({self.n_heads})")
+            raise ValueError(f"VisionConfig: image_size ({self.image_size}) must divide by "
+                             f"patch_size ({self.patch_size}) and dim ({self.dim}) by n_heads "
+                             f"({self.n_heads})")
 
 
 MAX_GRID = 8          # nanoVLM's largest tile grid: <row_1_col_1> .. <row_8_col_8>
@@ -93,7 +94,8 @@ class ImageSplitting:
 
     def check_tile(self, tile):
         if self.max_side % tile or not 1 <= self.max_side // tile <= MAX_GRID:
-            raise ValueError(f"image splitting: max_side {self.max_side} must be 1..{MAX_GRID} tiles of {tile} px")
+            raise ValueError(f"image splitting: max_side {self.max_side} must be 1..{MAX_GRID} "
+                             f"tiles of {tile} px")
 
 
 
@@ -125,7 +127,8 @@ class RMSNorm(nn.Module):
 
 def rope_cos_sin(position_ids, head_dim, theta, dtype):
     """cos/sin tables for rotary embeddings at the given positions: (B, 1, T, head_dim)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float()
+                               / head_dim)
     freqs = position_ids.float()[..., None] * inv_freq           # (B, T, hd/2)
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]              # (B, 1, T, hd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -171,20 +174,21 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, past_kv=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        # (B, nkv, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         # RoPE in the dtype q/k come out of the projections in (bf16 under autocast): fp32 tables
         # would promote K to fp32 and double the shared KV. .to() is a no-op when dtypes match.
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past_kv is not None:
-            k = torch.cat([past_kv[0].to(k.dtype), k], dim=2)                         # (B, nkv, Tp+T, hd)
+            k = torch.cat([past_kv[0].to(k.dtype), k], dim=2)                   # (B, nkv, Tp+T, hd)
             v = torch.cat([past_kv[1].to(v.dtype), v], dim=2)
         groups = self.n_heads // self.n_kv_heads
         y = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, dim=1),
                                            v.repeat_interleave(groups, dim=1), attn_mask=mask)
-        y = y.transpose(1, 2).reshape(B, T, -1)                                          # (B, T, nh*hd)
+        y = y.transpose(1, 2).reshape(B, T, -1)                                      # (B, T, nh*hd)
         return self.o_proj(y), (k, v)
 
 
@@ -252,7 +256,8 @@ class Decoder(nn.Module):
         B, T, _ = x.shape
         past_len = 0 if past_kv is None else past_kv[0][0].shape[2]
         if past_kv is not None and len(past_kv) != self.cfg.n_layers:
-            raise ValueError(f"past_kv has {len(past_kv)} layers, the decoder has {self.cfg.n_layers}")
+            raise ValueError(f"past_kv has {len(past_kv)} layers, the decoder has "
+                             f"{self.cfg.n_layers}")
         if attention_mask is None:
             attention_mask = torch.ones(B, past_len + T, dtype=torch.long, device=x.device)
         if attention_mask.shape != (B, past_len + T):
@@ -260,11 +265,12 @@ class Decoder(nn.Module):
                              f"got {tuple(attention_mask.shape)}")
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)[:, past_len:]
-        if past_len + T > self.cfg.max_positions:       # positions stay below past+new: no sync otherwise
+        # positions stay below past+new: no sync otherwise
+        if past_len + T > self.cfg.max_positions:
             longest = int(position_ids.max()) + 1
             if longest > self.cfg.max_positions:
-                raise ValueError(f"sequence of {longest} positions (past {past_len} + new {T} columns) is "
-                                 f"longer than max_positions {self.cfg.max_positions}")
+                raise ValueError(f"sequence of {longest} positions (past {past_len} + new {T} "
+                                 f"columns) is longer than max_positions {self.cfg.max_positions}")
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         mask = build_attention_mask(attention_mask, T, past_len)
         new_kv = []
@@ -273,13 +279,13 @@ class Decoder(nn.Module):
             args = (x, cos, sin, mask, None if past_kv is None else past_kv[i])
             x, kv = checkpoint(layer, *args, use_reentrant=False) if ckpt else layer(*args)
             new_kv.append(kv)
-        logits = self.lm_head(self.norm(x[:, logits_start:]))                            # (B, T', V)
+        logits = self.lm_head(self.norm(x[:, logits_start:]))                           # (B, T', V)
         return logits, (new_kv if use_cache else None)
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, max_new_tokens=20, temperature=0.0,
-                 eos_id=None, pad_id=0, inputs_embeds=None, generator=None, top_k=None, on_token=None,
-                 past_kv=None):
+                 eos_id=None, pad_id=0, inputs_embeds=None, generator=None, top_k=None,
+                 on_token=None, past_kv=None):
         """Greedy (temperature 0) or sampled generation with a KV cache.
 
         Prompts are LEFT-padded (attention_mask 0 on the left); positions come from the
@@ -293,14 +299,16 @@ class Decoder(nn.Module):
         past_len = 0 if past_kv is None else past_kv[0][0].shape[2]
         if attention_mask is None:
             attention_mask = torch.ones(B, past_len + x.shape[1], dtype=torch.long, device=device)
-        logits, kv = self(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+        logits, kv = self(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                          attention_mask=attention_mask,
                           past_kv=past_kv, use_cache=True, logits_start=-1)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         out = []
         for _ in range(max_new_tokens):
             last = logits[:, -1].float()
             if temperature > 0 and top_k:
-                last = last.masked_fill(last < last.topk(min(top_k, last.shape[-1]), -1).values[:, -1:], float("-inf"))
+                last = last.masked_fill(last < last.topk(min(top_k, last.shape[-1]),
+                                                         -1).values[:, -1:], float("-inf"))
             if temperature > 0:
                 probs = F.softmax(last / temperature, dim=-1)
                 tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
@@ -339,7 +347,8 @@ class VisionBlock(nn.Module):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.ln1 = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(cfg.dim, cfg.dim)
+                                                                for _ in range(4))
         self.ln2 = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
         self.fc1 = nn.Linear(cfg.dim, cfg.mlp_dim)
         self.fc2 = nn.Linear(cfg.mlp_dim, cfg.dim)
@@ -347,8 +356,10 @@ class VisionBlock(nn.Module):
     def forward(self, x):
         B, N, D = x.shape
         h = self.ln1(x)
-        q, k, v = (p(h).view(B, N, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D)    # no mask: all patches
+        q, k, v = (p(h).view(B, N, self.n_heads, -1).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        # no mask: all patches
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D)
         x = x + self.out_proj(a)
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x)), approximate="tanh"))
 
@@ -367,9 +378,9 @@ class VisionEncoder(nn.Module):
     def forward(self, images):
         """images (N, 3, H, W) normalised to [-1, 1] -> patch features (N, n_patches, dim)."""
         if images.shape[1:] != (3, self.cfg.image_size, self.cfg.image_size):
-            raise ValueError(f"images must be (N, 3, {self.cfg.image_size}, {self.cfg.image_size}), "
-                             f"got {tuple(images.shape)}")
-        x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed           # (N, P, D)
+            raise ValueError(f"images must be (N, 3, {self.cfg.image_size}, "
+                             f"{self.cfg.image_size}), got {tuple(images.shape)}")
+        x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed         # (N, P, D)
         for block in self.blocks:
             x = block(x)
         return self.post_ln(x)
@@ -382,7 +393,7 @@ def pixel_shuffle(x, factor):
     s = factor
     if h * w != N or h % s:
         raise ValueError(f"pixel_shuffle: {N} patches is not a square grid divisible by factor {s}")
-    x = x.view(B, h // s, s, w // s, s, D).permute(0, 1, 3, 2, 4, 5)                       # (B, h/s, w/s, s, s, D)
+    x = x.view(B, h // s, s, w // s, s, D).permute(0, 1, 3, 2, 4, 5)        # (B, h/s, w/s, s, s, D)
     return x.reshape(B, (h // s) * (w // s), D * s * s)
 
 
@@ -416,7 +427,8 @@ class VLM(nn.Module):
         super().__init__()
         bad = [i for i in (image_token_id, *view_token_ids) if not 0 <= i < lm_cfg.vocab_size]
         if bad:
-            raise ValueError(f"image/view token id(s) {bad} outside the vocabulary [0, {lm_cfg.vocab_size})")
+            raise ValueError(f"image/view token id(s) {bad} outside the vocabulary [0, "
+                             f"{lm_cfg.vocab_size})")
         self.image_token_id = image_token_id
         self.view_token_ids = tuple(view_token_ids)
         self.image_splitting = image_splitting
@@ -432,22 +444,25 @@ class VLM(nn.Module):
 
     def embed(self, input_ids, images=None):
         """Token embeddings with image features scattered into the placeholder positions."""
-        x = self.decoder.embed(input_ids)                                                 # (B, T, D)
+        x = self.decoder.embed(input_ids)                                                # (B, T, D)
         slots = input_ids == self.image_token_id
         n_slots = int(slots.sum())
         n_feats = 0 if images is None else images.shape[0] * self.n_image_tokens
         if n_slots != n_feats:
-            raise ValueError(f"{n_slots} image placeholder tokens in input_ids but {n_feats} image features "
-                             f"({0 if images is None else images.shape[0]} image views x {self.n_image_tokens} tokens)")
+            raise ValueError(f"{n_slots} image placeholder tokens in input_ids but {n_feats} image "
+                             f"features ({0 if images is None else images.shape[0]} image views x "
+                             f"{self.n_image_tokens} tokens)")
         if n_feats == 0:
             return x
-        feats = self.projector(self.vision(images)).to(x.dtype)                           # (N, n_img_tok, D)
+        feats = self.projector(self.vision(images)).to(x.dtype)                  # (N, n_img_tok, D)
         return x.masked_scatter(slots[..., None], feats.reshape(-1, x.shape[-1]))
 
-    def forward(self, input_ids, images=None, attention_mask=None, position_ids=None, use_cache=False,
-                logits_start=0):
-        return self.decoder(inputs_embeds=self.embed(input_ids, images), attention_mask=attention_mask,
-                            position_ids=position_ids, use_cache=use_cache, logits_start=logits_start)
+    def forward(self, input_ids, images=None, attention_mask=None, position_ids=None,
+                use_cache=False, logits_start=0):
+        return self.decoder(inputs_embeds=self.embed(input_ids, images),
+                            attention_mask=attention_mask,
+                            position_ids=position_ids, use_cache=use_cache,
+                            logits_start=logits_start)
 
     @torch.no_grad()
     def generate(self, input_ids, images=None, attention_mask=None, **kw):
@@ -469,7 +484,8 @@ def grow_vocab(decoder, vocab_size):
     old = decoder.cfg.vocab_size
     if vocab_size < old:
         raise ValueError(f"grow_vocab: vocab_size {vocab_size} < the decoder's {old}")
-    grown = Decoder(replace(decoder.cfg, vocab_size=vocab_size)).to(next(decoder.parameters()).device)
+    grown = Decoder(replace(decoder.cfg,
+                            vocab_size=vocab_size)).to(next(decoder.parameters()).device)
     sd = dict(decoder.state_dict())
     for key in ("embed.weight", "lm_head.weight"):
         w = sd[key]

@@ -80,7 +80,8 @@ def _json_type(value):
 _KINDS = {  # kind -> (test, what was expected); bool is no number here although Python says so
     "size": (lambda v: type(v) is int and v > 0, "a positive integer"),
     "index": (lambda v: type(v) is int and v >= 0, "a non-negative integer"),
-    "number": (lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0, "a positive number"),
+    "number": (lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0,
+               "a positive number"),
     "bool": (lambda v: type(v) is bool, "true or false"),
     "str": (lambda v: type(v) is str, "a string"),
     "object": (lambda v: type(v) is dict, "a JSON object"),
@@ -111,7 +112,8 @@ class ConfigFields:
         value = self.obj.get(key)
         if value is None:
             if default is _REQUIRED:
-                raise ValueError(f"{self.source}: missing field {self.prefix + key!r} (expected {expected})")
+                raise ValueError(f"{self.source}: missing field {self.prefix + key!r} (expected "
+                                 f"{expected})")
             return default
         if not test(value):
             raise ValueError(f"{self.source}: field {self.prefix + key!r} is {_json_type(value)} "
@@ -146,7 +148,9 @@ def config_from_fields(cls, f: ConfigFields):
 def read_safetensors_folder(folder, origin=None):
     """All tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`.
     origin: an optional dict, filled with tensor name -> the file it came from (for errors)."""
-    single, index = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.safetensors.index.json")
+    single, index = os.path.join(folder,
+                                 "model.safetensors"), os.path.join(
+                                     folder, "model.safetensors.index.json")
     if os.path.exists(single):
         files = [single]
     elif os.path.exists(index):
@@ -155,7 +159,8 @@ def read_safetensors_folder(folder, origin=None):
             raise ValueError(f"{index}: expected a 'weight_map' object of key -> shard file")
         files = [os.path.join(folder, f) for f in sorted(set(weight_map.values()))]
     else:
-        raise FileNotFoundError(f"{folder}: expected model.safetensors or model.safetensors.index.json")
+        raise FileNotFoundError(f"{folder}: expected model.safetensors or "
+                                "model.safetensors.index.json")
     tensors = {}
     for f in files:
         try:
@@ -177,7 +182,8 @@ def save_mapped(module, folder, key_map, config):
     """Write module's tensors under their file names (key_map: ours -> file) + config.json."""
     os.makedirs(folder, exist_ok=True)
     sd = module.state_dict()
-    save_safetensors(os.path.join(folder, "model.safetensors"), {fk: sd[ok] for ok, fk in key_map.items()})
+    save_safetensors(os.path.join(folder, "model.safetensors"),
+                     {fk: sd[ok] for ok, fk in key_map.items()})
     write_json(os.path.join(folder, "config.json"), config)
 
 
@@ -191,15 +197,20 @@ def load_mapped(module, tensors, key_map, ignore_prefixes=(), source="weights", 
     used = set(key_map.values())
     unused = [k for k in tensors if k not in used and not k.startswith(tuple(ignore_prefixes))]
     shapes = [f"{fk}: file {tuple(tensors[fk].shape)} vs model {tuple(ours[ok].shape)}"
-              for ok, fk in key_map.items() if fk in tensors and tensors[fk].shape != ours[ok].shape]
+              for ok,
+              fk in key_map.items() if fk in tensors and tensors[fk].shape != ours[ok].shape]
     dtypes = [f"{(origin or {}).get(fk, source)}: tensor {fk} is {str(tensors[fk].dtype)[6:]}, "
               f"expected floating point" for ok, fk in key_map.items()
-              if fk in tensors and ours[ok].is_floating_point() and not tensors[fk].is_floating_point()]
-    problems = ([f"missing key {k}" for k in missing] + [f"unexpected key {k}" for k in sorted(unused)]
+              if fk in tensors and ours[ok].is_floating_point()
+              and not tensors[fk].is_floating_point()]
+    problems = ([f"missing key {k}" for k in missing]
+                + [f"unexpected key {k}" for k in sorted(unused)]
                 + [f"shape mismatch {s}" for s in shapes] + [f"wrong dtype {s}" for s in dtypes])
     if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-        raise ValueError(f"{source}: {len(problems)} problem(s) loading weights:\n  " + "\n  ".join(shown))
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20
+                                 else [])
+        raise ValueError(f"{source}: {len(problems)} problem(s) loading weights:\n  "
+                         + "\n  ".join(shown))
     with torch.no_grad():
         for ok, fk in key_map.items():
             ours[ok].copy_(tensors[fk])
@@ -213,37 +224,44 @@ def lm_config_from_hf(hf, source="config.json"):
     f = ConfigFields(hf, source)
     model_type = f.get("model_type", "str", "llama")
     if model_type not in ("llama", "qwen2", "mistral"):
-        raise ValueError(f"{source}: model_type {model_type!r} is not a Llama-style decoder (llama, qwen2)")
+        raise ValueError(f"{source}: model_type {model_type!r} is not a Llama-style decoder "
+                         "(llama, qwen2)")
     if f.get("attention_bias", "bool", False) or f.get("mlp_bias", "bool", False):
-        raise ValueError(f"{source}: attention_bias/mlp_bias = true is not supported (only Qwen2's q/k/v bias)")
+        raise ValueError(f"{source}: attention_bias/mlp_bias = true is not supported (only Qwen2's "
+                         "q/k/v bias)")
     rope_params = ConfigFields(f.get("rope_parameters", "object", {}), source, "rope_parameters.")
     theta = f.get("rope_theta", "number", None) or rope_params.get("rope_theta", "number", None)
     if theta is None:
         raise ValueError(f"{source}: missing 'rope_theta' (or 'rope_parameters.rope_theta')")
-    rope = rope_params if rope_params.obj else ConfigFields(f.get("rope_scaling", "object", {}), source,
-                                                            "rope_scaling.")
+    rope = rope_params if rope_params.obj else ConfigFields(f.get("rope_scaling", "object", {}),
+                                                            source, "rope_scaling.")
     rope_type = rope.get("rope_type", "str", "default")
     if rope_type != "default":
         raise ValueError(f"{source}: rope_type {rope_type!r} is not supported (only 'default')")
     n_heads = f.get("num_attention_heads", "size")
-    cfg = _build(LMConfig, source, vocab_size=f.get("vocab_size", "size"), dim=f.get("hidden_size", "size"),
+    cfg = _build(LMConfig, source, vocab_size=f.get("vocab_size", "size"),
+                 dim=f.get("hidden_size", "size"),
                  n_layers=f.get("num_hidden_layers", "size"), n_heads=n_heads,
                  n_kv_heads=f.get("num_key_value_heads", "size", n_heads),
                  ffn_dim=f.get("intermediate_size", "size"), rope_theta=theta,
                  rms_eps=f.get("rms_norm_eps", "number", 1e-6),
                  max_positions=f.get("max_position_embeddings", "size", 2048),
-                 tie_embeddings=f.get("tie_word_embeddings", "bool", False), qkv_bias=model_type == "qwen2")
+                 tie_embeddings=f.get("tie_word_embeddings", "bool", False),
+                 qkv_bias=model_type == "qwen2")
     if f.get("head_dim", "size", cfg.head_dim) != cfg.head_dim:
-        raise ValueError(f"{source}: head_dim {hf['head_dim']} != hidden_size/num_attention_heads {cfg.head_dim}")
+        raise ValueError(f"{source}: head_dim {hf['head_dim']} != hidden_size/num_attention_heads "
+                         f"{cfg.head_dim}")
     return cfg
 
 
 def lm_config_to_hf(cfg: LMConfig):
     model_type = "qwen2" if cfg.qkv_bias else "llama"
-    return {"architectures": ["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"], "model_type": model_type,
+    return {"architectures": ["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"],
+            "model_type": model_type,
             "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
             "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-            "intermediate_size": cfg.ffn_dim, "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.rms_eps,
+            "intermediate_size": cfg.ffn_dim, "rope_theta": cfg.rope_theta,
+            "rms_norm_eps": cfg.rms_eps,
             "max_position_embeddings": cfg.max_positions, "tie_word_embeddings": cfg.tie_embeddings,
             "hidden_act": "silu", "torch_dtype": "float32"}
 
@@ -270,7 +288,8 @@ def hf_lm_key_map(cfg: LMConfig, prefix="model."):
 def hf_lm_ignored(cfg: LMConfig):
     """File keys that may be present and are not used: RoPE buffers, and a stored copy of
     the tied head."""
-    return ("model.rotary_emb.", "rotary_emb.") + (("lm_head.weight",) if cfg.tie_embeddings else ())
+    return ("model.rotary_emb.",
+            "rotary_emb.") + (("lm_head.weight",) if cfg.tie_embeddings else ())
 
 
 def load_hf_lm(folder):
@@ -280,7 +299,8 @@ def load_hf_lm(folder):
     origin = {}
     tensors = read_safetensors_folder(folder, origin)
     ignore = hf_lm_ignored(cfg) + tuple(k for k in tensors if ".rotary_emb.inv_freq" in k)
-    return load_mapped(Decoder(cfg), tensors, hf_lm_key_map(cfg), ignore, source=folder, origin=origin)
+    return load_mapped(Decoder(cfg), tensors, hf_lm_key_map(cfg), ignore, source=folder,
+                       origin=origin)
 
 
 def save_hf_lm(decoder: Decoder, folder):
@@ -295,7 +315,9 @@ def vision_config_from_hf(hf, source="config.json"):
     f = ConfigFields(hf, source)
     if "vision_config" in f:                  # a full SiglipConfig nests the vision part
         f = f.sub("vision_config")
-    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    missing = [k
+               for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                         "num_attention_heads",
                            "image_size", "patch_size") if k not in f]
     if missing:
         raise ValueError(f"{source}: missing vision field(s) {[f.prefix + k for k in missing]}")
@@ -304,15 +326,19 @@ def vision_config_from_hf(hf, source="config.json"):
         raise ValueError(f"{source}: hidden_act {act!r} unsupported (expected gelu_pytorch_tanh)")
     return _build(VisionConfig, source, image_size=f.get("image_size", "size"),
                   patch_size=f.get("patch_size", "size"), dim=f.get("hidden_size", "size"),
-                  n_layers=f.get("num_hidden_layers", "size"), n_heads=f.get("num_attention_heads", "size"),
-                  mlp_dim=f.get("intermediate_size", "size"), ln_eps=f.get("layer_norm_eps", "number", 1e-6))
+                  n_layers=f.get("num_hidden_layers", "size"),
+                  n_heads=f.get("num_attention_heads", "size"),
+                  mlp_dim=f.get("intermediate_size", "size"),
+                  ln_eps=f.get("layer_norm_eps", "number", 1e-6))
 
 
 def vision_config_to_hf(cfg: VisionConfig):
-    return {"model_type": "siglip_vision_model", "hidden_size": cfg.dim, "intermediate_size": cfg.mlp_dim,
-            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "image_size": cfg.image_size,
-            "patch_size": cfg.patch_size, "layer_norm_eps": cfg.ln_eps, "hidden_act": "gelu_pytorch_tanh",
-            "num_channels": 3}
+    return {"model_type": "siglip_vision_model", "hidden_size": cfg.dim,
+            "intermediate_size": cfg.mlp_dim,
+            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+            "image_size": cfg.image_size,
+            "patch_size": cfg.patch_size, "layer_norm_eps": cfg.ln_eps,
+            "hidden_act": "gelu_pytorch_tanh", "num_channels": 3}
 
 
 def hf_vision_key_map(cfg: VisionConfig, prefix="vision_model."):
@@ -323,8 +349,8 @@ def hf_vision_key_map(cfg: VisionConfig, prefix="vision_model."):
     for i in range(cfg.n_layers):
         o, h = f"blocks.{i}.", f"{prefix}encoder.layers.{i}."
         pairs = {"ln1": "layer_norm1", "ln2": "layer_norm2", "q_proj": "self_attn.q_proj",
-                 "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj", "out_proj": "self_attn.out_proj",
-                 "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+                 "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+                 "out_proj": "self_attn.out_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
         for ours, theirs in pairs.items():
             for p in ("weight", "bias"):
                 m[f"{o}{ours}.{p}"] = f"{h}{theirs}.{p}"
@@ -342,8 +368,8 @@ def load_hf_siglip(folder):
     cfg_path = os.path.join(folder, "config.json")
     cfg = vision_config_from_hf(read_json(cfg_path), cfg_path)
     origin = {}
-    return load_mapped(VisionEncoder(cfg), read_safetensors_folder(folder, origin), hf_vision_key_map(cfg),
-                       SIGLIP_IGNORED, source=folder, origin=origin)
+    return load_mapped(VisionEncoder(cfg), read_safetensors_folder(folder, origin),
+                       hf_vision_key_map(cfg), SIGLIP_IGNORED, source=folder, origin=origin)
 
 
 def save_hf_siglip(encoder: VisionEncoder, folder):
@@ -354,7 +380,8 @@ def save_hf_siglip(encoder: VisionEncoder, folder):
 # Our VLM folders: config.json {lm, vision, image_token_id, shuffle_factor} + model.safetensors
 
 def vlm_key_map(vlm: VLM):
-    keys = [k for k in vlm.state_dict() if not (vlm.decoder.cfg.tie_embeddings and k == "decoder.lm_head.weight")]
+    keys = [k for k in vlm.state_dict()
+            if not (vlm.decoder.cfg.tie_embeddings and k == "decoder.lm_head.weight")]
     return {k: k for k in keys}
 
 
@@ -362,28 +389,33 @@ def save_vlm(vlm: VLM, folder):
     """config.json also records the view token ids and the image splitting (None: one view)."""
     split = vlm.image_splitting
     save_mapped(vlm, folder, vlm_key_map(vlm),
-                {"model_type": "lingudistill_vlm", "lm": asdict(vlm.decoder.cfg), "vision": asdict(vlm.vision.cfg),
+                {"model_type": "lingudistill_vlm", "lm": asdict(vlm.decoder.cfg),
+                 "vision": asdict(vlm.vision.cfg),
                  "image_token_id": vlm.image_token_id, "shuffle_factor": vlm.projector.factor,
-                 "view_token_ids": list(vlm.view_token_ids), "image_splitting": None if split is None else asdict(split)})
+                 "view_token_ids": list(vlm.view_token_ids),
+                 "image_splitting": None if split is None else asdict(split)})
 
 
 def load_vlm(folder):
     cfg_path = os.path.join(folder, "config.json")
     c = ConfigFields(read_json(cfg_path), cfg_path)
     if c.obj.get("model_type") != "lingudistill_vlm":
-        raise ValueError(f"{cfg_path}: model_type {c.obj.get('model_type')!r}, expected 'lingudistill_vlm'")
-    lm, vision = config_from_fields(LMConfig, c.sub("lm")), config_from_fields(VisionConfig, c.sub("vision"))
+        raise ValueError(f"{cfg_path}: model_type {c.obj.get('model_type')!r}, expected "
+                         "'lingudistill_vlm'")
+    lm, vision = config_from_fields(LMConfig,
+                                    c.sub("lm")), config_from_fields(VisionConfig, c.sub("vision"))
     image_token_id, factor = c.get("image_token_id", "index"), c.get("shuffle_factor", "size")
     view_ids = c.obj.get("view_token_ids") or []                 # absent in older folders: one view
     if not (isinstance(view_ids, list) and all(type(i) is int and i >= 0 for i in view_ids)):
-        raise ValueError(f"{cfg_path}: field 'view_token_ids' is {view_ids!r}, expected a list of ids")
+        raise ValueError(f"{cfg_path}: field 'view_token_ids' is {view_ids!r}, expected a list of "
+                         "ids")
     split = c.get("image_splitting", "object", None)
     split = None if split is None else _build(ImageSplitting, cfg_path, **split)
     vlm = _build(VLM, cfg_path, lm_cfg=lm, vision_cfg=vision, image_token_id=image_token_id,
                  shuffle_factor=factor, view_token_ids=tuple(view_ids), image_splitting=split)
     origin = {}
-    return load_mapped(vlm, read_safetensors_folder(folder, origin), vlm_key_map(vlm), source=folder,
-                       origin=origin)
+    return load_mapped(vlm, read_safetensors_folder(folder, origin), vlm_key_map(vlm),
+                       source=folder, origin=origin)
 
 
 # ----------------------------------------------------------------------------------------
@@ -407,14 +439,17 @@ def load_vlm(folder):
 #   lm_base_vocab_size (49152), <|global_image|> 49153, <row_1_col_1>..<row_8_col_8> 49154..49217.
 
 NANOVLM_EXTRA_TOKENS = {"image_token": "<|image|>", "global_image_token": "<|global_image|>",
-                        **{f"r{i}c{j}": f"<row_{i}_col_{j}>" for i in range(1, 9) for j in range(1, 9)}}
+                        **{f"r{i}c{j}": f"<row_{i}_col_{j}>" for i in range(1, 9)
+                           for j in range(1, 9)}}
 NANOVLM_QKV_PARTS = ("q", "k", "v")
-# File keys that are present and not loaded: RoPE's inverse frequencies (recomputed from lm_re_base).
+# File keys that are present and not loaded: RoPE's inverse frequencies (recomputed from
+# lm_re_base).
 NANOVLM_IGNORED = ("decoder.rotary_embd.inv_freq",)
 
-_NANOVLM_REQUIRED = ("vit_hidden_dim", "vit_inter_dim", "vit_patch_size", "vit_img_size", "vit_n_heads",
-                     "vit_n_blocks", "lm_hidden_dim", "lm_inter_dim", "lm_n_heads", "lm_n_kv_heads", "lm_n_blocks",
-                     "lm_re_base", "mp_pixel_shuffle_factor")
+_NANOVLM_REQUIRED = ("vit_hidden_dim", "vit_inter_dim", "vit_patch_size", "vit_img_size",
+                     "vit_n_heads",
+                     "vit_n_blocks", "lm_hidden_dim", "lm_inter_dim", "lm_n_heads", "lm_n_kv_heads",
+                     "lm_n_blocks", "lm_re_base", "mp_pixel_shuffle_factor")
 
 
 def nanovlm_configs(cfg_dict, source="config.json"):
@@ -443,31 +478,37 @@ def nanovlm_configs(cfg_dict, source="config.json"):
     if f.get("vit_cls_flag", "bool", False):
         raise ValueError(f"{source}: vit_cls_flag = true (a ViT CLS token) is not supported")
     if f.get("lm_attn_scaling", "number", 1.0) != 1.0:
-        raise ValueError(f"{source}: lm_attn_scaling {cfg_dict['lm_attn_scaling']} is not supported (only 1.0)")
+        raise ValueError(f"{source}: lm_attn_scaling {cfg_dict['lm_attn_scaling']} is not "
+                         "supported (only 1.0)")
     lm = _build(LMConfig, source, vocab_size=vocab, dim=f.get("lm_hidden_dim", "size"),
                 n_layers=f.get("lm_n_blocks", "size"), n_heads=f.get("lm_n_heads", "size"),
                 n_kv_heads=f.get("lm_n_kv_heads", "size"), ffn_dim=f.get("lm_inter_dim", "size"),
-                rope_theta=f.get("lm_re_base", "number"), rms_eps=f.get("lm_rms_eps", "number", 1e-5),
+                rope_theta=f.get("lm_re_base", "number"),
+                rms_eps=f.get("lm_rms_eps", "number", 1e-5),
                 max_positions=f.get("lm_max_position_embeddings", "size", 8192),
                 tie_embeddings=f.get("lm_tie_weights", "bool", True), qkv_bias=False)
     vision = _build(VisionConfig, source, image_size=f.get("vit_img_size", "size"),
                     patch_size=f.get("vit_patch_size", "size"), dim=f.get("vit_hidden_dim", "size"),
                     n_layers=f.get("vit_n_blocks", "size"), n_heads=f.get("vit_n_heads", "size"),
-                    mlp_dim=f.get("vit_inter_dim", "size"), ln_eps=f.get("vit_ln_eps", "number", 1e-6))
+                    mlp_dim=f.get("vit_inter_dim", "size"),
+                    ln_eps=f.get("vit_ln_eps", "number", 1e-6))
     s = f.get("mp_pixel_shuffle_factor", "size")
     grid = vision.image_size // vision.patch_size
     if grid % s:
-        raise ValueError(f"{source}: mp_pixel_shuffle_factor {s} does not divide the {grid}x{grid} patch grid")
+        raise ValueError(f"{source}: mp_pixel_shuffle_factor {s} does not divide the {grid}x{grid} "
+                         "patch grid")
     n_tokens = (grid // s) ** 2
     if f.get("mp_image_token_length", "size", n_tokens) != n_tokens:
-        raise ValueError(f"{source}: mp_image_token_length {cfg_dict['mp_image_token_length']} != (vit_img_size / "
-                         f"vit_patch_size / mp_pixel_shuffle_factor)^2 = {n_tokens}")
-    extra, base = f.get("vlm_extra_tokens", "object", None), f.get("lm_base_vocab_size", "size", None)
+        raise ValueError(f"{source}: mp_image_token_length {cfg_dict['mp_image_token_length']} != "
+                         "(vit_img_size / vit_patch_size / mp_pixel_shuffle_factor)^2 = "
+                         f"{n_tokens}")
+    extra, base = f.get("vlm_extra_tokens", "object",
+                        None), f.get("lm_base_vocab_size", "size", None)
     image_token_id = None
     if extra is not None and "image_token" in extra and base is not None:
         if base + len(extra) > lm.vocab_size:
-            raise ValueError(f"{source}: lm_base_vocab_size {base} + {len(extra)} vlm_extra_tokens exceeds "
-                             f"lm_vocab_size {lm.vocab_size}")
+            raise ValueError(f"{source}: lm_base_vocab_size {base} + {len(extra)} vlm_extra_tokens "
+                             f"exceeds lm_vocab_size {lm.vocab_size}")
         image_token_id = base + list(extra).index("image_token")
     return lm, vision, s, image_token_id
 
@@ -483,18 +524,21 @@ def nanovlm_image_splitting(cfg_dict, source="config.json"):
     True: nanoVLM builds VLMConfig(**config.json), so a missing key takes its dataclass default)
     and nanoVLM's [0, 1] pixels."""
     extra, base = cfg_dict.get("vlm_extra_tokens"), cfg_dict.get("lm_base_vocab_size")
-    keys = ["global_image_token"] + [f"r{r}c{c}" for r in range(1, MAX_GRID + 1) for c in range(1, MAX_GRID + 1)]
+    keys = ["global_image_token"] + [f"r{r}c{c}" for r in range(1, MAX_GRID + 1)
+                                     for c in range(1, MAX_GRID + 1)]
     if not isinstance(extra, dict) or base is None or not all(k in extra for k in keys):
         return (), None
     wrong = [f"{k}: {extra[k]!r} (expected {NANOVLM_EXTRA_TOKENS[k]!r})" for k in keys
              if extra[k] != NANOVLM_EXTRA_TOKENS[k]]
     if wrong:
-        raise ValueError(f"{source}: unexpected image-splitting token strings: {', '.join(wrong[:3])}")
+        raise ValueError(f"{source}: unexpected image-splitting token strings: "
+                         f"{', '.join(wrong[:3])}")
     names = list(extra)
     ids = tuple(base + names.index(k) for k in keys)
     try:
         split = ImageSplitting(max_side=int(cfg_dict.get("max_img_size", 2048)),
-                               resize_to_max_side=bool(cfg_dict.get("resize_to_max_side_len", True)), pixels="[0,1]")
+                               resize_to_max_side=bool(
+                                   cfg_dict.get("resize_to_max_side_len", True)), pixels="[0,1]")
         split.check_tile(int(cfg_dict["vit_img_size"]))
     except (ValueError, KeyError) as e:
         raise ValueError(f"{source}: image splitting: {e}") from None
@@ -574,7 +618,7 @@ def _nanovlm_tensors_for_map(tensors, key_map, tied):
         if head not in out:
             out[head] = out.pop(emb)
         elif out[head].shape == out[emb].shape and torch.equal(out[head], out[emb]):
-            out.pop(emb)           # both copies stored and identical: fine; different ones stay "unexpected"
+            out.pop(emb)  # both copies stored and identical: fine; different ones stay "unexpected"
     return out
 
 
@@ -595,15 +639,15 @@ def load_nanovlm(folder, image_token_id=None):
     lm, vision, s, inferred = nanovlm_configs(read_json(cfg_path), cfg_path)
     image_token_id = inferred if image_token_id is None else image_token_id
     if image_token_id is None:
-        raise ValueError(f"{cfg_path}: cannot infer the image token id (needs lm_base_vocab_size and "
-                         f"vlm_extra_tokens with 'image_token'); pass image_token_id=")
+        raise ValueError(f"{cfg_path}: cannot infer the image token id (needs lm_base_vocab_size "
+                         f"and vlm_extra_tokens with 'image_token'); pass image_token_id=")
     view_ids, splitting = nanovlm_image_splitting(read_json(cfg_path), cfg_path)
     origin = {}
     tensors = read_safetensors_folder(folder, origin)
     vlm = _build(VLM, cfg_path, lm_cfg=lm, vision_cfg=vision, image_token_id=image_token_id,
                  shuffle_factor=s, view_token_ids=view_ids, image_splitting=splitting)
     key_map = nanovlm_key_map(vlm)
-    origin.update({name: origin[key] for name in key_map.values()          # q/k/v thirds: their file
+    origin.update({name: origin[key] for name in key_map.values()         # q/k/v thirds: their file
                    for key in [_nanovlm_qkv_part(name)[0]] if key in origin})
     return load_mapped(vlm, _nanovlm_tensors_for_map(tensors, key_map, lm.tie_embeddings), key_map,
                        NANOVLM_IGNORED, source=folder, origin=origin)
@@ -614,27 +658,35 @@ def nanovlm_config_dict(vlm: VLM):
     lm, vis = vlm.decoder.cfg, vlm.vision.cfg
     n_extra = lm.vocab_size - vlm.image_token_id
     if n_extra > len(NANOVLM_EXTRA_TOKENS):
-        raise ValueError(f"nanoVLM numbers <|image|> lm_base_vocab_size (the first extra token); with "
-                         f"image_token_id {vlm.image_token_id} and vocab_size {lm.vocab_size} that needs "
-                         f"{n_extra} extra tokens, more than nanoVLM's {len(NANOVLM_EXTRA_TOKENS)}")
+        raise ValueError("nanoVLM numbers <|image|> lm_base_vocab_size (the first extra token); "
+                         f"with image_token_id {vlm.image_token_id} and vocab_size {lm.vocab_size} "
+                         f"that needs {n_extra} extra tokens, more than nanoVLM's "
+                         f"{len(NANOVLM_EXTRA_TOKENS)}")
     n_views = len(NANOVLM_EXTRA_TOKENS) - 1
-    if vlm.view_token_ids and vlm.view_token_ids != tuple(range(vlm.image_token_id + 1, vlm.image_token_id + 1 + n_views)):
+    if vlm.view_token_ids and vlm.view_token_ids != tuple(range(vlm.image_token_id + 1,
+                                                                vlm.image_token_id + 1 + n_views)):
         raise ValueError("nanoVLM numbers the global-image and grid tokens right after <|image|>; "
                          "view_token_ids must be image_token_id + 1 .. image_token_id + 65")
     split = vlm.image_splitting
     if split is not None and split.pixels != "[0,1]":
-        raise ValueError("nanoVLM feeds [0, 1] pixels; image_splitting.pixels must be '[0,1]' to save as nanoVLM")
-    extra = {} if split is None else {"max_img_size": split.max_side, "resize_to_max_side_len": split.resize_to_max_side}
+        raise ValueError("nanoVLM feeds [0, 1] pixels; image_splitting.pixels must be '[0,1]' to "
+                         "save as nanoVLM")
+    extra = {} if split is None else {"max_img_size": split.max_side,
+                                      "resize_to_max_side_len": split.resize_to_max_side}
     theta = int(lm.rope_theta) if float(lm.rope_theta).is_integer() else lm.rope_theta
-    return {**extra, "vit_hidden_dim": vis.dim, "vit_inter_dim": vis.mlp_dim, "vit_patch_size": vis.patch_size,
+    return {**extra, "vit_hidden_dim": vis.dim, "vit_inter_dim": vis.mlp_dim,
+            "vit_patch_size": vis.patch_size,
             "vit_img_size": vis.image_size, "vit_n_heads": vis.n_heads, "vit_dropout": 0.0,
             "vit_n_blocks": vis.n_layers, "vit_ln_eps": vis.ln_eps, "vit_cls_flag": False,
-            "lm_hidden_dim": lm.dim, "lm_inter_dim": lm.ffn_dim, "lm_rms_eps": lm.rms_eps, "lm_re_base": theta,
-            "lm_max_position_embeddings": lm.max_positions, "lm_base_vocab_size": vlm.image_token_id,
+            "lm_hidden_dim": lm.dim, "lm_inter_dim": lm.ffn_dim, "lm_rms_eps": lm.rms_eps,
+            "lm_re_base": theta,
+            "lm_max_position_embeddings": lm.max_positions,
+            "lm_base_vocab_size": vlm.image_token_id,
             "extra_token_amount": n_extra, "lm_vocab_size": lm.vocab_size, "lm_n_heads": lm.n_heads,
-            "lm_n_kv_heads": lm.n_kv_heads, "lm_dropout": 0.0, "lm_n_blocks": lm.n_layers, "lm_attn_scaling": 1.0,
-            "lm_use_tokens": False, "lm_tie_weights": lm.tie_embeddings,
-            "mp_pixel_shuffle_factor": vlm.projector.factor, "mp_image_token_length": vlm.n_image_tokens,
+            "lm_n_kv_heads": lm.n_kv_heads, "lm_dropout": 0.0, "lm_n_blocks": lm.n_layers,
+            "lm_attn_scaling": 1.0, "lm_use_tokens": False, "lm_tie_weights": lm.tie_embeddings,
+            "mp_pixel_shuffle_factor": vlm.projector.factor,
+            "mp_image_token_length": vlm.n_image_tokens,
             "vlm_extra_tokens": dict(list(NANOVLM_EXTRA_TOKENS.items())[:n_extra])}
 
 
@@ -657,7 +709,9 @@ def save_nanovlm(vlm: VLM, folder):
     for key, parts in qkv.items():
         tensors[key] = torch.cat(parts, dim=0)
     hd = vlm.decoder.cfg.head_dim
-    tensors["decoder.rotary_embd.inv_freq"] = 1.0 / (vlm.decoder.cfg.rope_theta ** (torch.arange(0, hd, 2).float() / hd))
+    tensors[
+        "decoder.rotary_embd.inv_freq"] = 1.0 / (
+            vlm.decoder.cfg.rope_theta ** (torch.arange(0, hd, 2).float() / hd))
     os.makedirs(folder, exist_ok=True)
     save_safetensors(os.path.join(folder, "model.safetensors"), tensors)
     write_json(os.path.join(folder, "config.json"), config)

@@ -28,19 +28,21 @@ def make_teacher_and_jsonl(tmp_path):
     from weights import save_hf_lm
     world = data.build_world(0, n_entities=8, image_size=32, examples_per_source=20)
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(
+        add_prefix_space=False), decoders.ByteLevel()
     tok.train_from_iterator(world.corpus, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        vocab_size=300, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     teacher_dir = tmp_path / "teacher"
-    teacher = Decoder(LMConfig(vocab_size=tok.get_vocab_size(), dim=32, n_layers=2, n_heads=2, n_kv_heads=1,
-                               ffn_dim=64))
+    teacher = Decoder(LMConfig(vocab_size=tok.get_vocab_size(), dim=32, n_layers=2, n_heads=2,
+                               n_kv_heads=1, ffn_dim=64))
     save_hf_lm(teacher, teacher_dir)
     tok.save(str(teacher_dir / "tokenizer.json"))
     lines = []
     for source in ("colour", "knowledge_vqa", "text_qa"):
         for i, ex in enumerate(world.sources[source][:6]):
-            line = {"prompt": ex["prompt"].replace("<image>", "<image>\n"), "response": ex["response"],
-                    "source": source}
+            line = {"prompt": ex["prompt"].replace("<image>", "<image>\n"),
+                    "response": ex["response"], "source": source}
             if ex["image"] is not None:
                 ex["image"].save(tmp_path / f"{source}{i}.png")
                 line["image"] = f"{source}{i}.png"

@@ -18,11 +18,12 @@ import data
 import weights
 from kvshare import distill_forward, freeze, student_prefill, teacher_continue
 from model import LMConfig, VisionConfig, Decoder, VLM, VisionEncoder
-from weights import (atomic_write, load_hf_lm, load_hf_siglip, load_vlm, nanovlm_configs, save_hf_lm,
-                     save_hf_siglip, save_vlm)
+from weights import (atomic_write, load_hf_lm, load_hf_siglip, load_vlm, nanovlm_configs,
+                     save_hf_lm, save_hf_siglip, save_vlm)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LM = LMConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_positions=16)
+LM = LMConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
+              max_positions=16)
 VIS = VisionConfig(image_size=16, patch_size=4, dim=16, n_layers=1, n_heads=2, mlp_dim=32)
 IMG = 60
 
@@ -83,19 +84,24 @@ POS_INT = "expected a positive integer"
 
 @pytest.mark.parametrize("kind,edit,expected", [
     ("lm", [], "expected a JSON object, found an array"),
-    ("lm", lambda c: c.update(hidden_size="abc"), f"field 'hidden_size' is a string (\"abc\"), {POS_INT}"),
-    ("lm", lambda c: c.update(num_hidden_layers=0), f"field 'num_hidden_layers' is a number (0), {POS_INT}"),
+    ("lm", lambda c: c.update(hidden_size="abc"),
+     f"field 'hidden_size' is a string (\"abc\"), {POS_INT}"),
+    ("lm", lambda c: c.update(num_hidden_layers=0),
+     f"field 'num_hidden_layers' is a number (0), {POS_INT}"),
     ("lm", lambda c: c.pop("intermediate_size"), f"missing field 'intermediate_size' ({POS_INT})"),
     ("lm", lambda c: c.update(tie_word_embeddings="yes"),
      "field 'tie_word_embeddings' is a string (\"yes\"), expected true or false"),
     ("lm", lambda c: c.update(rope_theta=True),
      "field 'rope_theta' is true (true), expected a positive number"),
-    ("siglip", lambda c: c.update(patch_size=4.5), f"field 'patch_size' is a number (4.5), {POS_INT}"),
+    ("siglip", lambda c: c.update(patch_size=4.5),
+     f"field 'patch_size' is a number (4.5), {POS_INT}"),
     ("siglip", {"vision_config": "x"},
      "field 'vision_config' is a string (\"x\"), expected a JSON object"),
-    ("vlm", lambda c: c["lm"].update(dim="abc"), f"field 'lm.dim' is a string (\"abc\"), {POS_INT}"),
+    ("vlm", lambda c: c["lm"].update(dim="abc"),
+     f"field 'lm.dim' is a string (\"abc\"), {POS_INT}"),
     ("vlm", lambda c: c["lm"].pop("n_heads"), f"missing field 'lm.n_heads' ({POS_INT})"),
-    ("vlm", lambda c: c.update(vision=[]), "field 'vision' is an array ([]), expected a JSON object"),
+    ("vlm", lambda c: c.update(vision=[]),
+     "field 'vision' is an array ([]), expected a JSON object"),
     ("vlm", lambda c: c.update(image_token_id=-1),
      "field 'image_token_id' is a number (-1), expected a non-negative integer"),
 ])
@@ -108,9 +114,12 @@ def test_bad_config_names_file_key_and_expectation(tmp_path, kind, edit, expecte
 
 def test_bad_nanovlm_config_names_key():
     with pytest.raises(ValueError) as e:
-        nanovlm_configs({"vit_hidden_dim": 16, "vit_inter_dim": 32, "vit_patch_size": 4, "vit_img_size": 16,
-                         "vit_n_heads": 2, "vit_n_blocks": 1, "lm_hidden_dim": 32, "lm_inter_dim": 48,
-                         "lm_n_heads": 4, "lm_n_kv_heads": 2, "lm_n_blocks": "two", "lm_re_base": 1e4,
+        nanovlm_configs({"vit_hidden_dim": 16, "vit_inter_dim": 32, "vit_patch_size": 4,
+                         "vit_img_size": 16,
+                         "vit_n_heads": 2, "vit_n_blocks": 1, "lm_hidden_dim": 32,
+                         "lm_inter_dim": 48,
+                         "lm_n_heads": 4, "lm_n_kv_heads": 2, "lm_n_blocks": "two",
+                         "lm_re_base": 1e4,
                          "mp_pixel_shuffle_factor": 2, "lm_vocab_size": 61}, "nv/config.json")
     assert str(e.value) == f"nv/config.json: field 'lm_n_blocks' is a string (\"two\"), {POS_INT}"
 
@@ -125,7 +134,8 @@ def test_integer_tensor_where_a_float_weight_is_expected(tmp_path, kind, key):
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(ValueError) as e:
         LOADERS[kind](folder)
-    assert (f"wrong dtype {folder / 'model.safetensors'}: tensor {key} is int64, expected floating point"
+    assert (f"wrong dtype {folder / 'model.safetensors'}: tensor {key} is int64, expected floating "
+            "point"
             in str(e.value))
 
 
@@ -154,8 +164,9 @@ IMAGE_LINE = b'{"image": "ok.png", "prompt": "<image>", "response": "b"}'
     (IMAGE_LINE, "decompression bomb", 10),         # 8 x 8 = 64 pixels > 2 x 10: PIL's error
     (IMAGE_LINE, "decompression bomb", 40),         # 64 > 40: PIL only warns
 ])
-def test_bad_jsonl_line_is_an_error_naming_file_and_line_or_skipped(jsonl_dir, monkeypatch, capsys,
-                                                                     bad_line, expected, max_pixels):
+def test_bad_jsonl_line_is_an_error_naming_file_and_line_or_skipped(jsonl_dir, monkeypatch,
+                                                                     capsys, bad_line, expected,
+                                                                     max_pixels):
     if max_pixels is not None:
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", max_pixels)
     path = jsonl_dir / "bad.jsonl"
@@ -177,7 +188,8 @@ def test_save_tokenizer_writes_atomically(tmp_path, monkeypatch):
     tok = data.train_tokenizer(["a b c d"], vocab_size=262)
     tok.role_tokens = {data.EOS_TOKEN: data.EOS_TOKEN}
     written = []
-    monkeypatch.setattr(data, "atomic_write", lambda path, fn: (written.append(os.path.basename(path)),
+    monkeypatch.setattr(data, "atomic_write", lambda path,
+                        fn: (written.append(os.path.basename(path)),
                                                                 weights.atomic_write(path, fn)))
     data.save_tokenizer(tok, str(tmp_path))
     assert written == ["tokenizer.json", "tokenizer_config.json"]
@@ -200,7 +212,7 @@ def test_sequence_longer_than_max_positions():
     assert str(e.value) == ("sequence of 17 positions (past 0 + new 17 columns) is longer than "
                             "max_positions 16")
     mask = torch.ones(2, 20, dtype=torch.long)
-    mask[0, :4] = mask[1, 16:] = 0                          # 20 columns, 16 real tokens per row: fits
+    mask[0, :4] = mask[1, 16:] = 0                        # 20 columns, 16 real tokens per row: fits
     lm(torch.ones(2, 20, dtype=torch.long), attention_mask=mask)
     with pytest.raises(ValueError, match="sequence of 17 positions .* max_positions 16"):
         lm.generate(torch.ones(1, 10, dtype=torch.long), max_new_tokens=10)
@@ -212,7 +224,8 @@ def handoff(student_lm, teacher_lm):
     student = VLM(student_lm, VIS, IMG).eval()
     teacher = freeze(Decoder(teacher_lm))
     ids = torch.randint(1, IMG, (1, 6))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "context_len": 4, "images": None,
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "context_len": 4,
+             "images": None,
              "labels": ids[:, 4:], "response_mask": torch.ones(1, 2, dtype=torch.bool)}
     return student, teacher, batch
 
@@ -228,7 +241,8 @@ def test_teacher_continue_checks_the_kv_shapes_itself(teacher_lm, expected):
     for scope in ("full", "image"):
         with pytest.raises(ValueError) as e:
             teacher_continue(teacher, kv, batch, IMG, scope)
-        assert str(e.value).startswith("teacher and student decoders are incompatible for KV sharing")
+        assert str(e.value).startswith("teacher and student decoders are incompatible for KV "
+                                       "sharing")
         assert expected in str(e.value)
     teacher_continue(teacher, kv, batch, IMG, "none")            # the text-only teacher reads no KV
 
@@ -267,7 +281,8 @@ def run_cli(monkeypatch, *args):
 def test_convert_gguf_cli_missing_file_is_one_line_and_exit_1(tmp_path):
     pytest.importorskip("gguf", reason="convert_gguf.py needs the optional `gguf` package")
     missing, out = tmp_path / "missing.gguf", tmp_path / "out"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_gguf.py"), str(missing), str(out)],
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_gguf.py"),
+                        str(missing), str(out)],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 1
     assert r.stderr == f"convert_gguf.py: {missing}: file not found; expected a GGUF file\n"
@@ -285,12 +300,13 @@ def test_convert_gguf_cli_bad_file_is_one_line(tmp_path, monkeypatch, content, e
     path, out = tmp_path / "m.gguf", tmp_path / "out"
     content(path)
     message = run_cli(monkeypatch, path, out)
-    assert isinstance(message, str) and "\n" not in message                 # sys.exit(str): status 1
+    assert isinstance(message, str) and "\n" not in message                # sys.exit(str): status 1
     assert message.startswith(f"convert_gguf.py: {path}: ") and expected in message
     assert not out.exists()
 
 
-# --------------------------------------------------------------------------- train.py: flags and runs
+# --------------------------------------------------------------------------- train.py: flags and
+# runs
 
 import functools  # noqa: E402
 import shutil  # noqa: E402
@@ -327,7 +343,8 @@ def test_train_flags_that_make_no_sense_are_refused_by_name(argv, message):
 def test_train_json_config_values_are_type_checked(tmp_path, content, message):
     path = tmp_path / "c.json"
     path.write_text(content)
-    with pytest.raises(ValueError, match=re.escape(f"config file {path}: ") + ".*" + re.escape(message)):
+    with pytest.raises(ValueError,
+                       match=re.escape(f"config file {path}: ") + ".*" + re.escape(message)):
         train.get_config([str(path)])
 
 
@@ -342,11 +359,13 @@ def test_train_out_dir_that_is_a_file_and_seq_len_past_the_corpus(tmp_path):
 
 
 def test_train_fresh_run_in_a_used_out_dir_refuses_and_deletes_nothing(tmp_path):
-    argv = SMOKE + ["--stage=pretrain", "--pretrain_steps=4", "--ckpt_every=2", f"--out_dir={tmp_path}"]
+    argv = SMOKE + ["--stage=pretrain", "--pretrain_steps=4", "--ckpt_every=2",
+                    f"--out_dir={tmp_path}"]
     train.run(train.get_config(argv))
     before = sorted(os.listdir(tmp_path / "ckpt" / "pretrain"))
     assert before == ["step_0000002.pt", "step_0000004.pt"]
-    with pytest.raises(ValueError, match="already holds checkpoints of stage pretrain .*--resume=true"):
+    with pytest.raises(ValueError,
+                       match="already holds checkpoints of stage pretrain .*--resume=true"):
         train.run(train.get_config(SMOKE + ["--stage=pretrain", "--pretrain_steps=2",
                                             "--pretrain_lr=1e-3", f"--out_dir={tmp_path}"]))
     assert sorted(os.listdir(tmp_path / "ckpt" / "pretrain")) == before
@@ -378,7 +397,8 @@ def test_train_no_model_is_saved_from_a_stage_without_a_good_step(tmp_path, monk
     with pytest.raises(train.TrainingError, match="all 3 steps had a non-finite loss"):
         train.run(train.get_config(SMOKE + ["--stage=distill", f"--out_dir={out}"]))
     assert not (out / "distilled-selective-full").exists()
-    with pytest.raises(train.TrainingError, match=r"3 steps with non-finite loss .*--max_bad_steps=2\); "
+    with pytest.raises(train.TrainingError,
+                       match=r"3 steps with non-finite loss .*--max_bad_steps=2\); "
                                                   r"last good checkpoint: none was written"):
         train.run(train.get_config(SMOKE + ["--stage=distill", "--max_bad_steps=2", "--variant=v2",
                                             f"--out_dir={out}"]))
@@ -387,8 +407,10 @@ def test_train_no_model_is_saved_from_a_stage_without_a_good_step(tmp_path, monk
 
 def test_train_cli_stage_failure_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--preset=smoke",
-                        "--pretrain_lr=nan", f"--out_dir={tmp_path}"], capture_output=True, text=True)
-    assert r.returncode == 1 and r.stderr == "train.py: --pretrain_lr must be a finite number > 0, got nan\n"
+                        "--pretrain_lr=nan", f"--out_dir={tmp_path}"], capture_output=True,
+                       text=True)
+    assert (r.returncode == 1
+            and r.stderr == "train.py: --pretrain_lr must be a finite number > 0, got nan\n")
 
 
 def test_train_model_folders_are_whole_and_readable(tmp_path):
@@ -419,7 +441,8 @@ def test_train_student_with_another_tokenizer_is_refused(tmp_path):
 
 
 def _losses(out_dir, stage):
-    return [(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl")))
+    return [(r["step"], r["loss"])
+            for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl")))
             if r["stage"] == stage]
 
 
@@ -430,9 +453,12 @@ def test_compiled_training_trains_what_eager_training_trains(tmp_path, monkeypat
     runs = {}
     for mode in ("eager", "compiled"):
         if mode == "compiled":
-            monkeypatch.setattr(train.torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+            monkeypatch.setattr(train.torch, "compile",
+                                functools.partial(torch.compile, backend="aot_eager"))
         out = str(tmp_path / mode)
-        models, _, _ = train.run(train.get_config(SMOKE + [f"--out_dir={out}", f"--compile={mode == 'compiled'}"]))
+        models, _, _ = train.run(train.get_config(SMOKE
+                                                  + [f"--out_dir={out}",
+                                                     f"--compile={mode == 'compiled'}"]))
         teacher = dict(models["teacher"].named_parameters())
         moved = {n for n, p in models["adapted"].decoder.named_parameters()
                  if p.shape == teacher[n].shape and not torch.equal(p, teacher[n])}

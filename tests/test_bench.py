@@ -8,16 +8,18 @@ import bench
 from model import SIGLIP2_B16_512, SMOLLM2_360M, Decoder, vlm_from_teacher
 
 KEYS = {"ms_per_step", "tokens_per_s", "tflop_per_step", "achieved_tflops", "mfu", "peak_mem_mib",
-        "teacher_cont_ms", "teacher_full_ms", "cont_ratio", "ideal_ratio", "kv_mib", "loss", "n_student", "n_teacher"}
+        "teacher_cont_ms", "teacher_full_ms", "cont_ratio", "ideal_ratio", "kv_mib", "loss",
+        "n_student", "n_teacher"}
 
 
 @pytest.mark.parametrize("amp,ckpt", [("fp32", False), ("bf16", True)])
 def test_paper_bench_runs_one_tiny_step_and_returns_finite_numbers(amp, ckpt):
-    r = bench.bench_paper(torch.device("cpu"), size="tiny", B=2, P=8, R=4, steps=1, warmup=0, amp=amp,
-                          grad_ckpt=ckpt, kd_chunk=3, peak_tflops=1.0)
+    r = bench.bench_paper(torch.device("cpu"), size="tiny", B=2, P=8, R=4, steps=1, warmup=0,
+                          amp=amp, grad_ckpt=ckpt, kd_chunk=3, peak_tflops=1.0)
     assert KEYS <= r.keys()
     assert all(math.isfinite(r[k]) and r[k] >= 0 for k in KEYS), r
-    assert r["ideal_ratio"] == 4 / 12 and r["kv_dtype"] == ("bfloat16" if amp == "bf16" else "float32")
+    assert r["ideal_ratio"] == 4 / 12 and r["kv_dtype"] == ("bfloat16" if amp == "bf16"
+                                                            else "float32")
     assert r["teacher_dtype"] == r["kv_dtype"]
     rows = bench.paper_rows(r, "tiny", 2, 8, 4, 1.0)
     assert len(rows) == 2 and all(len(row) == 5 for row in rows)
@@ -36,7 +38,8 @@ def test_flop_count_covers_every_parameter_once_at_the_paper_shape():
     # patch, the projector every image token; body = every student parameter that is not the
     # (tied) head, the vision tower or the projector, so no parameter is missed or counted twice.
     f_s, f_t = bench.flops_per_step(student, teacher, B=1, P=0, R=1)
-    body = n_s - student.decoder.lm_head.weight.numel() - sum(p.numel() for p in student.vision.parameters()) \
+    body = n_s - student.decoder.lm_head.weight.numel() \
+        - sum(p.numel() for p in student.vision.parameters()) \
         - sum(p.numel() for p in student.projector.parameters())
     assert f_t == 2 * n_t
     assert f_s == 6 * (body + 2 * student.decoder.lm_head.weight.numel()

@@ -17,9 +17,11 @@ CFG = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_lay
            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=100000.0,
            max_position_embeddings=256)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-MERGES = ["l l", "e ll", "h ell", "hell o", "Ġ hello", "Ġ t", "h e", "Ġt he", "Ġ c", "a t", "Ġc at",
-          "Ġ s", "Ġs at", "o n", "Ġ on", "Ġ m", "Ġm at", "i s", "Ġ is", "Ġ d", "o g", "Ġd og"]
-TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+MERGES = ["l l", "e ll", "h ell", "hell o", "Ġ hello", "Ġ t", "h e", "Ġt he", "Ġ c", "a t",
+          "Ġc at", "Ġ s", "Ġs at", "o n", "Ġ on", "Ġ m", "Ġm at", "i s", "Ġ is", "Ġ d",
+          "o g", "Ġd og"]
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+            "{% endfor %}")
 
 
 def llama_cpp_permute(weights, n_head, n_head_kv):
@@ -33,7 +35,10 @@ def llama_cpp_permute(weights, n_head, n_head_kv):
 
 def bytes_to_unicode():
     """GPT-2's byte -> printable unicode character table (what byte-level BPE vocabularies use)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"),
+                                                          ord("¬")
+                                                          + 1)) + list(
+                                                              range(ord("®"), ord("ÿ") + 1))
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
@@ -61,9 +66,12 @@ def random_hf_state_dict(tied):
     sd = {"model.embed_tokens.weight": rnd(v, h), "model.norm.weight": 1 + rnd(h)}
     for i in range(CFG["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        sd.update({p + "input_layernorm.weight": 1 + rnd(h), p + "post_attention_layernorm.weight": 1 + rnd(h),
-                   p + "self_attn.q_proj.weight": rnd(q, h), p + "self_attn.k_proj.weight": rnd(kv, h),
-                   p + "self_attn.v_proj.weight": rnd(kv, h), p + "self_attn.o_proj.weight": rnd(h, q),
+        sd.update({p + "input_layernorm.weight": 1 + rnd(h),
+                   p + "post_attention_layernorm.weight": 1 + rnd(h),
+                   p + "self_attn.q_proj.weight": rnd(q, h),
+                   p + "self_attn.k_proj.weight": rnd(kv, h),
+                   p + "self_attn.v_proj.weight": rnd(kv, h),
+                   p + "self_attn.o_proj.weight": rnd(h, q),
                    p + "mlp.gate_proj.weight": rnd(f, h), p + "mlp.up_proj.weight": rnd(f, h),
                    p + "mlp.down_proj.weight": rnd(h, f)})
     if not tied:
@@ -96,10 +104,11 @@ def write_gguf(path, sd, qtype=None, drop=(), extra=(), tokenizer=True):
         w.add_pad_token_id(2)
         w.add_add_bos_token(False)
         w.add_chat_template(TEMPLATE)
-    to_gguf = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-               "lm_head.weight": "output.weight"}
+    to_gguf = {"model.embed_tokens.weight": "token_embd.weight",
+               "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
     for i in range(CFG["num_hidden_layers"]):
-        to_gguf.update({f"model.layers.{i}.{hf}.weight": f"blk.{i}.{g}.weight" for g, hf in LAYER_MAP.items()})
+        to_gguf.update({f"model.layers.{i}.{hf}.weight": f"blk.{i}.{g}.weight" for g,
+                        hf in LAYER_MAP.items()})
     for hf_name, t in sd.items():
         name, a = to_gguf[hf_name], t.numpy()
         if name.endswith("attn_q.weight"):
@@ -137,12 +146,14 @@ def test_unpermute_inverts_llama_cpp_permute():
         assert np.array_equal(unpermute(permute(w, n), n), w)
         assert np.array_equal(permute(unpermute(w, n), n), w)
     assert not np.array_equal(permute(w, 4), w)
-    assert np.array_equal(unpermute(torch.from_numpy(permute(w, 4)), 4), torch.from_numpy(w))  # torch works too
+    # torch works too
+    assert np.array_equal(unpermute(torch.from_numpy(permute(w, 4)), 4), torch.from_numpy(w))
 
 
 def test_permutation_maps_hf_rope_to_interleaved_rope():
     """Why the permutation exists: HF rotates halves (x_i, x_{i+d/2}); llama.cpp rotates adjacent
-    pairs (x_2i, x_2i+1). Permuted rows + interleaved RoPE == HF rows + half RoPE, up to unpermute."""
+    pairs (x_2i, x_2i+1). Permuted rows + interleaved RoPE == HF rows + half RoPE, up to
+    unpermute."""
     d, pos = 16, 5.0
     ang = pos * 100000.0 ** (-torch.arange(d // 2, dtype=torch.float64) * 2 / d)
     cos, sin = ang.cos(), ang.sin()
@@ -188,7 +199,8 @@ def test_quantized_within_quantisation_error(tmp_path, qtype, levels):
 def test_transformers_logits_match(tmp_path, tied):
     transformers = pytest.importorskip("transformers", reason="parity check needs transformers")
     sd, out = convert(tmp_path, tied=tied)
-    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CFG, tie_word_embeddings=tied)).eval()
+    ref = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**CFG, tie_word_embeddings=tied)).eval()
     full = dict(sd) if not tied else {**sd, "lm_head.weight": sd["model.embed_tokens.weight"]}
     ref.load_state_dict(full, strict=False)
     missing = set(ref.state_dict()) - set(full)
@@ -209,11 +221,13 @@ def test_tokenizer(tmp_path):
     text = "<|im_start|>user\nthe cat sat on the mat, hello dog 2024!<|im_end|>"
     enc = tok.encode(text)
     assert enc.ids[0] == 1 and enc.ids[-1] == 2
-    assert tokens.index("Ġcat") in enc.ids and tokens.index("Ġhello") in enc.ids  # merges are applied
+    # merges are applied
+    assert tokens.index("Ġcat") in enc.ids and tokens.index("Ġhello") in enc.ids
     assert sum(t in "2024" for t in enc.tokens) == 4  # "smollm" pre-tokenizer: one digit per token
     assert tok.decode(enc.ids, skip_special_tokens=False) == text
     tcfg = json.load(open(os.path.join(out, "tokenizer_config.json")))
-    assert (tcfg["bos_token"], tcfg["eos_token"], tcfg["chat_template"]) == ("<|im_start|>", "<|im_end|>", TEMPLATE)
+    assert (tcfg["bos_token"], tcfg["eos_token"],
+            tcfg["chat_template"]) == ("<|im_start|>", "<|im_end|>", TEMPLATE)
     smap = json.load(open(os.path.join(out, "special_tokens_map.json")))
     assert smap == {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
                     "unk_token": "<|endoftext|>", "pad_token": "<|im_end|>"}

@@ -1,4 +1,5 @@
-"""CUDA paths (bf16 autocast, pinned memory, fused AdamW): run where a GPU is present, skipped elsewhere."""
+"""CUDA paths (bf16 autocast, pinned memory, fused AdamW): run where a GPU is present, skipped
+elsewhere."""
 import pytest
 import torch
 
@@ -9,11 +10,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def test_smoke_pipeline_on_cuda_with_bf16_autocast(tmp_path):
-    models, world, tok = train.run(get_config(["--preset=smoke", "--device=cuda", f"--out_dir={tmp_path}",
-                                               "--eval=false"]))
+    models, world, tok = train.run(get_config(["--preset=smoke", "--device=cuda",
+                                               f"--out_dir={tmp_path}", "--eval=false"]))
     student = models["distilled-selective-full"]
     assert next(student.parameters()).device.type == "cuda"
-    assert next(student.parameters()).dtype == torch.float32          # master weights stay fp32 under autocast
+    # master weights stay fp32 under autocast
+    assert next(student.parameters()).dtype == torch.float32
     import eval as evaluation
     rows = evaluation.evaluate_models(models, world, tok, 32)
     assert all(0 <= v <= 1 for r in rows.values() for v in r.values())
@@ -37,7 +39,8 @@ def test_distill_step_matches_between_cpu_fp32_and_cuda_fp32():
     teacher = kvshare.freeze(Decoder(lm))
     ids = torch.randint(1, 60, (2, 10))
     _, kv = teacher(ids, use_cache=True)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "context_len": 6, "labels": ids[:, 6:]}
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "context_len": 6,
+             "labels": ids[:, 6:]}
     cpu = kvshare.teacher_continue(teacher, kv, batch, 63)
     teacher.cuda()
     gpu_batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}

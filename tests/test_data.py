@@ -13,7 +13,7 @@ import data
 
 @pytest.fixture(scope="module")
 def world():
-    return data.build_world(0)              # the defaults train.py uses: the data actually trained on
+    return data.build_world(0)            # the defaults train.py uses: the data actually trained on
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,8 @@ def digest(world):
     h = hashlib.sha256()
     h.update(repr([vars(e) for e in world.entities]).encode())
     h.update(repr((world.corpus, world.language_bench)).encode())
-    examples = [ex for exs in world.sources.values() for ex in exs] + world.vision_bench + world.knowledge_bench
+    examples = [ex for exs in world.sources.values()
+                for ex in exs] + world.vision_bench + world.knowledge_bench
     for ex in examples:
         h.update(repr(sorted((k, v) for k, v in ex.items() if k != "image")).encode())
         h.update(b"-" if ex["image"] is None else ex["image"].tobytes())
@@ -49,11 +50,14 @@ def test_source_kinds_cover_every_source(world):
     assert set(data.SOURCE_KINDS.values()) == {"vision", "language"}
     for name, examples in world.sources.items():
         assert examples and all(ex["source"] == name for ex in examples)
-    assert {ex["source"] for ex in world.vision_bench} == {s for s, k in data.SOURCE_KINDS.items() if k == "vision"}
-    with_image = {s for s, exs in world.sources.items() if all(ex["image"] is not None for ex in exs)}
+    assert {ex["source"] for ex in world.vision_bench} == {s for s,
+                                                           k in data.SOURCE_KINDS.items()
+                                                           if k == "vision"}
+    with_image = {s for s,
+                  exs in world.sources.items() if all(ex["image"] is not None for ex in exs)}
     text_only = {s for s, exs in world.sources.items() if all(ex["image"] is None for ex in exs)}
     language = {s for s, k in data.SOURCE_KINDS.items() if k == "language"}
-    assert language & with_image and language & text_only      # a handoff source and a text-only one
+    assert language & with_image and language & text_only     # a handoff source and a text-only one
 
 
 def test_benchmark_items_never_appear_in_training(world):
@@ -61,7 +65,8 @@ def test_benchmark_items_never_appear_in_training(world):
     haystack = "\n".join(f" {t} " for t in texts)
     for item in world.language_bench:
         assert f" {item['context']}{item['options'][item['answer']]} " not in haystack, item
-    train_images = {ex["image"].tobytes() for ex in training_examples(world) if ex["image"] is not None}
+    train_images = {ex["image"].tobytes() for ex in training_examples(world)
+                    if ex["image"] is not None}
     bench_images = [ex["image"].tobytes() for ex in world.vision_bench + world.knowledge_bench]
     assert not train_images & set(bench_images)
     assert len(set(bench_images)) == len(bench_images)
@@ -82,7 +87,7 @@ def test_language_sources_name_only_seen_entities(world):
     words = set(re.findall(r"[a-z]+", language_text))
     for e in world.entities:
         assert (e.name in words) == e.seen, e.name
-    assert sum(e.seen for e in world.entities) == len(world.entities) // 2        # seen_fraction 0.5
+    assert sum(e.seen for e in world.entities) == len(world.entities) // 2       # seen_fraction 0.5
     assert {it["split"] for it in world.language_bench} == {"seen", "unseen"}
     assert {it["split"] for it in world.knowledge_bench} == {"seen", "unseen"}
 
@@ -91,7 +96,9 @@ def test_knowledge_vqa_answer_needs_the_image(world):
     """No name, colour or shape in the prompt: only the image says which entity is meant."""
     clues = {w for e in world.entities for w in (e.name, e.colour, e.shape)}
     for ex in world.sources["knowledge_vqa"] + world.knowledge_bench:
-        assert ex["prompt"].startswith(data.IMAGE_TOKEN) and not clues & set(ex["prompt"].split()), ex["prompt"]
+        assert ex[
+            "prompt"].startswith(
+                data.IMAGE_TOKEN) and not clues & set(ex["prompt"].split()), ex["prompt"]
 
 
 def test_multiple_choice_items_are_well_formed(world):
@@ -103,7 +110,8 @@ def test_multiple_choice_items_are_well_formed(world):
 def test_every_document_and_response_ends_a_sentence(world, tok):
     """The teacher sees <eos> after every " ." (encode_corpus), so it can end a response too."""
     assert all(doc.endswith(" .") for doc in world.corpus)
-    assert all(ex["response"].endswith(" .") for ex in training_examples(world) + world.vision_bench)
+    assert all(ex["response"].endswith(" .") for ex in training_examples(world)
+               + world.vision_bench)
     stream = data.encode_corpus(world.corpus, tok)
     assert int((stream == tok.token_to_id(data.EOS_TOKEN)).sum()) == len(world.corpus)
     assert int(stream[-1]) == tok.token_to_id(data.EOS_TOKEN)
@@ -145,7 +153,8 @@ def test_load_tokenizer_adds_missing_special_tokens(world, tmp_path):
 
 def test_encode_example_tokenizes_like_the_corpus(world, tok):
     """A prompt/response split must not change tokenization: "<image> eats" + " apples ." gives
-    the ids of "... eats apples ." after the image, and a text prompt + response the ids of the text."""
+    the ids of "... eats apples ." after the image, and a text prompt + response the ids of the
+    text."""
     n_img = 5
     subject = world.entities[0].desc
     for ex in world.sources["knowledge_vqa"][:100] + world.knowledge_bench + world.vision_bench:
@@ -159,23 +168,29 @@ def test_encode_example_tokenizes_like_the_corpus(world, tok):
         assert context + response[:-1] == tok.encode(ex["prompt"] + ex["response"]).ids
     for item in world.language_bench:
         for option in item["options"]:
-            assert tok.encode(item["context"]).ids + tok.encode(option).ids == tok.encode(item["context"] + option).ids
+            assert tok.encode(
+                item[
+                    "context"]).ids + tok.encode(
+                        option).ids == tok.encode(item["context"] + option).ids
 
 
 def test_encode_example_rejects_mismatched_image_tags(tok):
     with pytest.raises(ValueError, match="1 <image> tags for 0 image"):
-        data.encode_example({"image": None, "prompt": "<image> eats", "response": " x", "source": "s"}, tok, 4)
+        data.encode_example({"image": None, "prompt": "<image> eats", "response": " x",
+                             "source": "s"}, tok, 4)
     with pytest.raises(ValueError, match="empty context"):
         data.encode_example({"image": None, "prompt": "", "response": " x", "source": "s"}, tok, 4)
 
 
 def make_examples(world):
     img = world.sources["colour"][0]["image"]
+    # no tag: image first
     return [
-        {"image": img, "prompt": "<image> eats", "response": " apples .", "source": "knowledge_vqa"},
-        {"image": None, "prompt": "question : what is one plus two ? answer :", "response": " three .",
-         "source": "text_qa"},
-        {"image": Image.new("RGB", (20, 20), (255, 0, 0)), "prompt": " is coloured",       # no tag: image first
+        {"image": img, "prompt": "<image> eats", "response": " apples .",
+         "source": "knowledge_vqa"},
+        {"image": None, "prompt": "question : what is one plus two ? answer :",
+         "response": " three .", "source": "text_qa"},
+        {"image": Image.new("RGB", (20, 20), (255, 0, 0)), "prompt": " is coloured",
          "response": " red and very very red .", "source": "colour"},
     ]
 
@@ -188,19 +203,23 @@ def test_collate_layout(world, tok):
     assert b["context_len"] == P and b["input_ids"].shape == b["attention_mask"].shape == (3, P + R)
     for i, (c, r) in enumerate(pairs):
         row, m = b["input_ids"][i].tolist(), b["attention_mask"][i].tolist()
-        assert row == [pad] * (P - len(c)) + c + r + [pad] * (R - len(r))          # left / right padding
+        assert row == [pad] * (P - len(c)) + c + r + [pad] * (R - len(r))     # left / right padding
         assert m == [0] * (P - len(c)) + [1] * (len(c) + len(r)) + [0] * (R - len(r))
-    assert (b["attention_mask"][:, P - 1] == 1).all()                            # every context ends at P-1
+    assert (b["attention_mask"][:, P - 1] == 1).all()                    # every context ends at P-1
     assert torch.equal(b["labels"], b["input_ids"][:, P:])
     assert torch.equal(b["response_mask"], b["attention_mask"][:, P:].bool())
     assert b["source"] == [ex["source"] for ex in examples]
-    assert (b["input_ids"] == tok.token_to_id(data.IMAGE_TOKEN)).sum(1).tolist() == [n_img, 0, n_img]
+    assert (
+        b["input_ids"] == tok.token_to_id(data.IMAGE_TOKEN)).sum(1).tolist() == [n_img, 0, n_img]
     c2 = pairs[2][0]
-    assert b["input_ids"][2, P - len(c2):P - len(c2) + n_img].eq(tok.token_to_id(data.IMAGE_TOKEN)).all()
+    assert b["input_ids"][2,
+                          P - len(c2):P - len(c2)
+                          + n_img].eq(tok.token_to_id(data.IMAGE_TOKEN)).all()
     assert b["images"].shape == (2, 3, 32, 32) and b["images"].dtype == torch.float32
     assert torch.equal(b["images"][0], data.image_to_tensor(examples[0]["image"], 32))
-    assert b["images"][0, :, 0, 0].tolist() == pytest.approx([(25 / 255 - 0.5) / 0.5] * 3)   # background
-    assert b["images"][1, :, 10, 10].tolist() == pytest.approx([1.0, -1.0, -1.0])            # resized red
+    # background
+    assert b["images"][0, :, 0, 0].tolist() == pytest.approx([(25 / 255 - 0.5) / 0.5] * 3)
+    assert b["images"][1, :, 10, 10].tolist() == pytest.approx([1.0, -1.0, -1.0])      # resized red
 
 
 def test_collate_text_only_batch_and_max_len(world, tok):
@@ -209,7 +228,8 @@ def test_collate_text_only_batch_and_max_len(world, tok):
     assert b["images"] is None
     P = b["context_len"]
     cut = data.collate([text], tok, 4, 32, max_len=P + 1)
-    assert cut["input_ids"].shape == (1, P + 1) and torch.equal(cut["input_ids"], b["input_ids"][:, :P + 1])
+    assert cut["input_ids"].shape == (1, P + 1) and torch.equal(cut["input_ids"],
+                                                                b["input_ids"][:, :P + 1])
     with pytest.raises(ValueError, match="no room for its response"):
         data.collate([text], tok, 4, 32, max_len=P)
 
@@ -233,15 +253,18 @@ GOOD = [
 
 
 def write_jsonl(path, lines):
-    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n\n")
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line)
+                              for line in lines) + "\n\n")
     return str(path)
 
 
 def test_load_jsonl_reads_llava_and_prompt_response_lines(jsonl_dir):
     examples = data.load_jsonl(write_jsonl(jsonl_dir / "good.jsonl", GOOD))
     assert [(ex["prompt"], ex["response"], ex["source"]) for ex in examples] == [
-        ("<image>\nWhat colour?", "Blue.", "vqa"), ("2+2=", "4", "unknown"), ("Hi\nHello\nBye", "Ciao", "unknown")]
-    assert examples[0]["image"].mode == "RGB" and examples[0]["image"].getpixel((0, 0)) == (0, 128, 255)
+        ("<image>\nWhat colour?", "Blue.", "vqa"), ("2+2=", "4", "unknown"),
+        ("Hi\nHello\nBye", "Ciao", "unknown")]
+    assert examples[
+        0]["image"].mode == "RGB" and examples[0]["image"].getpixel((0, 0)) == (0, 128, 255)
     assert examples[1]["image"] is None
 
 
@@ -262,7 +285,8 @@ def test_load_jsonl_bad_line_names_file_and_line(jsonl_dir, bad_line, expected):
 
 def test_load_jsonl_skip_bad_counts_skipped_lines(jsonl_dir, capsys):
     path = write_jsonl(jsonl_dir / "mixed.jsonl", [GOOD[1], "{oops", {"prompt": 1}, GOOD[0],
-                                                   {"image": "corrupt.png", "prompt": "a", "response": "b"}])
+                                                   {"image": "corrupt.png", "prompt": "a",
+                                                    "response": "b"}])
     examples = data.load_jsonl(path, skip_bad=True)
     assert len(examples) == 2
     assert "skipped 3 bad line(s)" in capsys.readouterr().err

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from distill import (DIVERGENCES, distill_loss, kd_divergence, kd_token_sum, source_weights,
                      table_from_kinds)
 
-TABLE = table_from_kinds({"text": "language", "tell": "language", "ocr": "vision", "count": "vision"})
+TABLE = table_from_kinds({"text": "language", "tell": "language", "ocr": "vision",
+                          "count": "vision"})
 
 
 def make_batch(B=4, R=5, V=11, Vt=None, dtype=torch.float64, lengths=None, seed=0):
@@ -44,9 +45,11 @@ def test_kd_is_nonnegative():
 
 def test_fkl_matches_explicit_formula():
     s, t = torch.randn(9, 10, dtype=torch.float64), torch.randn(9, 10, dtype=torch.float64)
-    ref = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
+    ref = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True,
+                   reduction="none").sum(-1)
     torch.testing.assert_close(kd_divergence(s, t, "fkl"), ref)
-    torch.testing.assert_close(kd_divergence(s, t), explicit_kl(t.softmax(-1), s.softmax(-1)))   # fkl is the default
+    # fkl is the default
+    torch.testing.assert_close(kd_divergence(s, t), explicit_kl(t.softmax(-1), s.softmax(-1)))
 
 
 def test_rkl_and_jsd_formulas():
@@ -58,17 +61,18 @@ def test_rkl_and_jsd_formulas():
         ref = beta * explicit_kl(pt, m) + (1 - beta) * explicit_kl(ps, m)
         torch.testing.assert_close(kd_divergence(s, t, "jsd", beta=beta), ref)
     # the convention's limits: JSD/beta -> fkl as beta -> 0, JSD/(1-beta) -> rkl as beta -> 1
-    torch.testing.assert_close(kd_divergence(s, t, "jsd", beta=1e-6) / 1e-6, kd_divergence(s, t, "fkl"),
-                               rtol=1e-3, atol=0)
-    torch.testing.assert_close(kd_divergence(s, t, "jsd", beta=1 - 1e-6) / 1e-6, kd_divergence(s, t, "rkl"),
-                               rtol=1e-3, atol=0)
+    torch.testing.assert_close(kd_divergence(s, t, "jsd", beta=1e-6) / 1e-6,
+                               kd_divergence(s, t, "fkl"), rtol=1e-3, atol=0)
+    torch.testing.assert_close(kd_divergence(s, t, "jsd", beta=1 - 1e-6) / 1e-6,
+                               kd_divergence(s, t, "rkl"), rtol=1e-3, atol=0)
 
 
 def test_temperature_scaling():
     s, t = torch.randn(8, 12, dtype=torch.float64), torch.randn(8, 12, dtype=torch.float64)
     for kind in DIVERGENCES:
         for T in (0.5, 2.0, 4.0):
-            torch.testing.assert_close(kd_divergence(s, t, kind, T), T ** 2 * kd_divergence(s / T, t / T, kind, 1.0))
+            torch.testing.assert_close(kd_divergence(s, t, kind, T),
+                                       T ** 2 * kd_divergence(s / T, t / T, kind, 1.0))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
@@ -84,8 +88,8 @@ def test_chunked_equals_unchunked(dtype, tol):
             torch.testing.assert_close(part, full, rtol=tol, atol=tol)
             torch.testing.assert_close(g_part, g_full, rtol=tol, atol=tol)
             with torch.no_grad():                              # evaluation path: no checkpointing
-                torch.testing.assert_close(kd_token_sum(s, t, weights, kind, 2.0, chunk_size=chunk), full.detach(),
-                                           rtol=tol, atol=tol)
+                torch.testing.assert_close(kd_token_sum(s, t, weights, kind, 2.0, chunk_size=chunk),
+                                           full.detach(), rtol=tol, atol=tol)
         assert full > 0 and g_full[1].abs().sum() == 0       # weight-0 example: no gradient at all
 
 
@@ -93,13 +97,15 @@ def test_all_masked_batch_gives_zero_kd_with_finite_grads():
     s, t, labels, mask = make_batch(B=2, R=4)
     none = torch.zeros_like(mask)
     for chunk in (None, 2):
-        out = distill_loss(s, labels, none, t, sources=["text", "ocr"], policy="uniform", table=TABLE, chunk_size=chunk, kd_normalizer=0)
+        out = distill_loss(s, labels, none, t, sources=["text", "ocr"], policy="uniform",
+                           table=TABLE, chunk_size=chunk, kd_normalizer=0)
         assert out["kd"].item() == 0.0 and out["ce"].item() == 0.0 and out["n_kd_tokens"] == 0
         out["loss"].backward()
         assert torch.isfinite(s.grad).all() and s.grad.abs().sum() == 0
         s.grad = None
     # real tokens, but every example is vision-heavy: KD exactly 0, CE still trains
-    out = distill_loss(s, labels, mask, t, sources=["ocr", "count"], policy="selective", table=TABLE)
+    out = distill_loss(s, labels, mask, t, sources=["ocr", "count"], policy="selective",
+                       table=TABLE)
     assert out["kd"].item() == 0.0 and out["ce"].item() > 0 and out["n_kd_tokens"] == 0
     out["loss"].backward()
     assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
@@ -119,13 +125,15 @@ def test_zero_probabilities_give_finite_kd_and_grads():
 def test_kd_masks_padding_tokens():
     s, t, labels, mask = make_batch(B=3, R=6, lengths=[6, 3, 4])
     sources = ["text", "tell", "text"]
-    ref = distill_loss(s, labels, mask, t, sources=sources, policy="selective", table=TABLE, divergence="jsd")
+    ref = distill_loss(s, labels, mask, t, sources=sources, policy="selective", table=TABLE,
+                       divergence="jsd")
     (g_ref,) = torch.autograd.grad(ref["loss"], s)
     s2, t2, labels2 = s.detach().clone(), t.clone(), labels.clone()
     pad = ~mask
     s2[pad], t2[pad], labels2[pad] = 1e4, -1e4, -7                            # garbage at pads
     s2.requires_grad_(True)
-    out = distill_loss(s2, labels2, mask, t2, sources=sources, policy="selective", table=TABLE, divergence="jsd")
+    out = distill_loss(s2, labels2, mask, t2, sources=sources, policy="selective", table=TABLE,
+                       divergence="jsd")
     (g,) = torch.autograd.grad(out["loss"], s2)
     for k in ("loss", "ce", "kd"):
         torch.testing.assert_close(out[k], ref[k], rtol=0, atol=0)
@@ -138,12 +146,15 @@ def test_selective_gate_equals_kd_on_selected_examples_only():
     sources = ["text", "ocr", "tell", "count"]
     mixed = distill_loss(s, labels, mask, t, sources=sources, policy="selective", table=TABLE)
     keep = [0, 2]
-    sub = distill_loss(s[keep], labels[keep], mask[keep], t[keep], sources=[sources[i] for i in keep], policy="uniform")
+    sub = distill_loss(s[keep], labels[keep], mask[keep], t[keep],
+                       sources=[sources[i] for i in keep], policy="uniform")
     torch.testing.assert_close(mixed["kd"], sub["kd"])
     assert mixed["n_kd_tokens"] == sub["n_kd_tokens"] == float(mask[keep].sum())
     # vision-heavy examples get gradient from CE only: alpha changes nothing there
-    (g1,) = torch.autograd.grad(distill_loss(s, labels, mask, t, sources=sources, policy="selective", table=TABLE, alpha=1.0)["loss"], s)
-    (g0,) = torch.autograd.grad(distill_loss(s, labels, mask, t, sources=sources, policy="selective", table=TABLE, alpha=0.0)["loss"], s)
+    (g1,) = torch.autograd.grad(distill_loss(s, labels, mask, t, sources=sources,
+                                             policy="selective", table=TABLE, alpha=1.0)["loss"], s)
+    (g0,) = torch.autograd.grad(distill_loss(s, labels, mask, t, sources=sources,
+                                             policy="selective", table=TABLE, alpha=0.0)["loss"], s)
     torch.testing.assert_close(g1[[1, 3]], g0[[1, 3]], rtol=0, atol=0)
     assert (g1[keep] - g0[keep]).abs().sum() > 0
 
@@ -155,10 +166,11 @@ def test_uniform_and_none_policies():
     assert source_weights("none", sources).tolist() == [0.0] * 4
     assert source_weights("selective", sources, TABLE).tolist() == [1.0, 0.0, 1.0, 0.0]
     uniform = distill_loss(s, labels, mask, t, sources=sources, policy="uniform")
-    all_language = distill_loss(s, labels, mask, t, sources=sources, policy="selective", table={k: 1.0 for k in TABLE})
+    all_language = distill_loss(s, labels, mask, t, sources=sources, policy="selective",
+                                table={k: 1.0 for k in TABLE})
     torch.testing.assert_close(uniform["loss"], all_language["loss"])
     assert uniform["n_kd_tokens"] == float(mask.sum()) and uniform["kd"] > 0
-    none = distill_loss(s, labels, mask, None, sources=sources, policy="none")                  # no teacher needed
+    none = distill_loss(s, labels, mask, None, sources=sources, policy="none")   # no teacher needed
     assert none["kd"].item() == 0.0 and none["n_kd_tokens"] == 0
     torch.testing.assert_close(none["loss"].detach(), uniform["ce"])
     ce = F.cross_entropy(s[mask], labels[mask])
@@ -175,7 +187,8 @@ def test_kd_normaliser_is_weighted_token_count():
     assert out["n_kd_tokens"] == 0.5 * 5 + 1.0 * 2 == float(w.sum())
     torch.testing.assert_close(out["kd"], ((w * per_token).sum() / w.sum()).detach())
     # explicit global normalisers (grad accumulation / DDP) replace the local counts, once
-    glob = distill_loss(s, labels, mask, t, sources=sources, policy="selective", table=table, kd_normalizer=10.0, ce_normalizer=20.0)
+    glob = distill_loss(s, labels, mask, t, sources=sources, policy="selective", table=table,
+                        kd_normalizer=10.0, ce_normalizer=20.0)
     torch.testing.assert_close(glob["kd"], ((w * per_token).sum() / 10.0).detach())
     ce_sum = F.cross_entropy(s[mask], labels[mask], reduction="sum")
     torch.testing.assert_close(glob["ce"], (ce_sum / 20.0).detach())
@@ -196,8 +209,10 @@ def test_vocab_prefix_when_teacher_vocab_smaller():
     assert not torch.allclose(out2["ce"], ref["ce"])
     # and the other way round: a larger teacher vocab is sliced too
     student8, teacher12 = t[0], s[0].detach()                                   # (R, 8), (R, 12)
-    torch.testing.assert_close(kd_divergence(student8, teacher12), kd_divergence(student8, teacher12[:, :8]))
-    assert not torch.allclose(kd_divergence(student8, teacher12), kd_divergence(student8, teacher12[:, 4:]))
+    torch.testing.assert_close(kd_divergence(student8, teacher12),
+                               kd_divergence(student8, teacher12[:, :8]))
+    assert not torch.allclose(kd_divergence(student8, teacher12),
+                              kd_divergence(student8, teacher12[:, 4:]))
 
 
 def test_fp32_softmax_with_bf16_inputs():
@@ -230,7 +245,8 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"student_logits.*\(2, 4, V\).*\(2, 3, 11\)"):
         distill_loss(s[:, :3], labels, mask, t, sources=src, policy="uniform")
     with pytest.raises(ValueError, match=r"response_mask.*\(2, 5\)"):
-        distill_loss(s, labels, torch.ones(2, 5, dtype=torch.bool), t, sources=src, policy="uniform")
+        distill_loss(s, labels, torch.ones(2, 5, dtype=torch.bool), t, sources=src,
+                     policy="uniform")
     with pytest.raises(ValueError, match=r"teacher_logits.*\(2, 3, 11\)"):
         distill_loss(s, labels, mask, t[:, :3], sources=src, policy="uniform")
     with pytest.raises(ValueError, match=r"len\(sources\).*B = 2.*found 3"):
@@ -239,7 +255,8 @@ def test_bad_inputs_raise_clear_errors():
         distill_loss(s, labels, mask, None, sources=src, policy="selective", table=TABLE)
     with pytest.raises(ValueError, match=r"policy='greedy'.*none.*uniform.*selective"):
         distill_loss(s, labels, mask, t, sources=src, policy="greedy")
-    with pytest.raises(ValueError, match=r"\['caption'\] not in the KD weight table; known sources: \['count'"):
+    with pytest.raises(ValueError,
+                       match=r"\['caption'\] not in the KD weight table; known sources: \['count'"):
         source_weights("selective", ["text", "caption"], TABLE)
     with pytest.raises(ValueError, match=r"divergence='xkl'"):
         distill_loss(s, labels, mask, t, sources=src, policy="uniform", divergence="xkl")
@@ -258,19 +275,26 @@ def test_bad_inputs_raise_clear_errors():
 def test_padding_invariance_of_kd_per_example():
     a_s, a_t, a_labels, a_mask = make_batch(B=1, R=3, lengths=[3], seed=1)
     b_s, b_t, b_labels, b_mask = make_batch(B=1, R=7, lengths=[6], seed=2)
-    alone_a = distill_loss(a_s, a_labels, a_mask, a_t, sources=["text"], policy="uniform", divergence="rkl", temperature=2.0)
-    alone_b = distill_loss(b_s, b_labels, b_mask, b_t, sources=["text"], policy="uniform", divergence="rkl", temperature=2.0)
+    alone_a = distill_loss(a_s, a_labels, a_mask, a_t, sources=["text"], policy="uniform",
+                           divergence="rkl", temperature=2.0)
+    alone_b = distill_loss(b_s, b_labels, b_mask, b_t, sources=["text"], policy="uniform",
+                           divergence="rkl", temperature=2.0)
     # batch A with the longer B: A gets 4 extra columns of garbage logits and mask 0
     g = torch.Generator().manual_seed(3)
-    garbage = lambda x: torch.cat([x.detach(), 50 * torch.randn(1, 4, x.shape[-1], generator=g, dtype=x.dtype)], 1)
+    garbage = lambda x: torch.cat([x.detach(),
+                                   50 * torch.randn(1, 4, x.shape[-1], generator=g, dtype=x.dtype)],
+                                  1)
     s = torch.cat([garbage(a_s), b_s.detach()]).requires_grad_(True)
     t = torch.cat([garbage(a_t), b_t])
     labels = torch.cat([torch.cat([a_labels, torch.full((1, 4), 99)], 1), b_labels])
     mask = torch.cat([torch.cat([a_mask, torch.zeros(1, 4, dtype=torch.bool)], 1), b_mask])
-    both = distill_loss(s, labels, mask, t, sources=["text", "text"], policy="uniform", divergence="rkl", temperature=2.0)
+    both = distill_loss(s, labels, mask, t, sources=["text", "text"], policy="uniform",
+                        divergence="rkl", temperature=2.0)
     n_a, n_b = alone_a["n_kd_tokens"], alone_b["n_kd_tokens"]
     assert both["n_kd_tokens"] == n_a + n_b == 9
-    torch.testing.assert_close(both["kd"], (n_a * alone_a["kd"] + n_b * alone_b["kd"]) / (n_a + n_b))
+    torch.testing.assert_close(both["kd"],
+                               (n_a * alone_a["kd"] + n_b * alone_b["kd"]) / (n_a + n_b))
     # A's own KD term, read out of the batch by weighting only its row, equals A alone
-    only_a = kd_token_sum(s, t, mask.double() * torch.tensor([[1.0], [0.0]], dtype=torch.float64), "rkl", 2.0)
+    only_a = kd_token_sum(s, t, mask.double() * torch.tensor([[1.0], [0.0]], dtype=torch.float64),
+                          "rkl", 2.0)
     torch.testing.assert_close(only_a / n_a, alone_a["kd"])

@@ -1,4 +1,5 @@
-"""tools/generate.py on tiny model folders: streams an answer, the teacher via the KV handoff, bad input."""
+"""tools/generate.py on tiny model folders: streams an answer, the teacher via the KV handoff, bad
+input."""
 import os
 import subprocess
 import sys
@@ -15,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import generate  # noqa: E402
 
-CORPUS = ["the red circle eats apples .", "kabol lives in the forest .", "what is it ? it is red ."] * 5
+CORPUS = ["the red circle eats apples .", "kabol lives in the forest .",
+          "what is it ? it is red ."] * 5
 VIS = VisionConfig(image_size=16, patch_size=4, dim=32, n_layers=1, n_heads=4, mlp_dim=64)
 
 
@@ -28,7 +30,8 @@ def folders(tmp_path_factory):
     tok_path = str(root / "tokenizer.json")
     data.train_tokenizer(CORPUS, 300).save(tok_path)
     tok = data.load_tokenizer(tok_path, image_splitting=True)
-    teacher = Decoder(LMConfig(vocab_size=300, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64))
+    teacher = Decoder(LMConfig(vocab_size=300, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                               ffn_dim=64))
     view_ids = [tok.token_to_id(t) for t in data.VIEW_TOKENS]
     student = vlm_from_teacher(teacher, VIS, tok.token_to_id(data.IMAGE_TOKEN), 2, view_ids,
                                data.ImageSplitting(max_side=32, resize_to_max_side=True))
@@ -36,8 +39,9 @@ def folders(tmp_path_factory):
     data.save_tokenizer(tok, root / "student")
     save_hf_lm(teacher, root / "teacher")
     data.save_tokenizer(data.load_tokenizer(tok_path), root / "teacher")
-    save_hf_lm(Decoder(LMConfig(vocab_size=300, dim=32, n_layers=1, n_heads=4, n_kv_heads=1, ffn_dim=64)),
-               root / "bad_teacher")                                # 1 layer, 1 KV head: cannot read the KV
+    save_hf_lm(Decoder(LMConfig(vocab_size=300, dim=32, n_layers=1, n_heads=4, n_kv_heads=1,
+                                ffn_dim=64)),
+               root / "bad_teacher")                        # 1 layer, 1 KV head: cannot read the KV
     Image.new("RGB", (40, 20), (200, 30, 30)).save(root / "a.png")
     Image.new("RGB", (10, 10), (30, 30, 200)).save(root / "b.png")
     return root
@@ -50,11 +54,13 @@ def run(capsys, *args):
 
 
 def test_student_answer_and_teacher_via_handoff(folders, capsys):
-    rc, out, err = run(capsys, f"--model={folders / 'student'}", f"--image={folders / 'a.png'},{folders / 'b.png'}",
+    rc, out, err = run(capsys, f"--model={folders / 'student'}",
+                       f"--image={folders / 'a.png'},{folders / 'b.png'}",
                        "--prompt=<image> and <image> : the red circle", "--max_new_tokens=6",
                        f"--teacher={folders / 'teacher'}")
     assert rc == 0, err
-    # resize_to_max_side: the long side becomes 32 = 2 tiles; 40x20 -> 32x16 (1x2), 10x10 -> 32x32 (2x2)
+    # resize_to_max_side: the long side becomes 32 = 2 tiles; 40x20 -> 32x16 (1x2), 10x10 -> 32x32
+    # (2x2)
     assert "8 image view(s), grids [(1, 2), (2, 2)]" in err
     student_answer, teacher_answer = out.split("\n")[:2]
     assert student_answer.strip()
@@ -63,8 +69,8 @@ def test_student_answer_and_teacher_via_handoff(folders, capsys):
 
 
 def test_sampling_is_seeded_and_text_models_work(folders, capsys):
-    args = [f"--model={folders / 'teacher'}", "--prompt=the red", "--max_new_tokens=5", "--temperature=1.0",
-            "--top_k=5"]
+    args = [f"--model={folders / 'teacher'}", "--prompt=the red", "--max_new_tokens=5",
+            "--temperature=1.0", "--top_k=5"]
     a, b = run(capsys, *args, "--seed=1"), run(capsys, *args, "--seed=1")
     assert a[0] == 0 and a[1] == b[1]
 
@@ -73,7 +79,8 @@ def test_sampling_is_seeded_and_text_models_work(folders, capsys):
     (["--model=/nope", "--prompt=x"], "model folder not found: /nope"),
     (["--model={t}", "--prompt=x", "--image={a}"], "is a text-only model; it cannot take --image"),
     (["--model={s}", "--prompt=x", "--image=/nope.png"], "image file not found: /nope.png"),
-    (["--model={s}", "--prompt=<image> <image> x", "--image={a}"], "2 <image> tag(s) for 1 image(s)"),
+    (["--model={s}", "--prompt=<image> <image> x", "--image={a}"],
+     "2 <image> tag(s) for 1 image(s)"),
     (["--model={s}", "--prompt=x", "--teacher=/nope"], "teacher folder not found"),
 ])
 def test_bad_input_is_one_line_and_nonzero(folders, capsys, args, message):
@@ -85,18 +92,22 @@ def test_bad_input_is_one_line_and_nonzero(folders, capsys, args, message):
 @pytest.mark.parametrize("teacher,prompt,message", [
     ("teacher", "the red <image>", "the prompt must end with a text token"),
     ("bad_teacher", "<image> the red",
-     "incompatible for KV sharing: n_layers: teacher 1 vs student 2 n_kv_heads: teacher 1 vs student 2"),
+     "incompatible for KV sharing: n_layers: teacher 1 vs student 2 n_kv_heads: teacher 1 vs "
+     "student 2"),
 ])
-def test_bad_teacher_is_refused_before_the_student_answers(folders, capsys, teacher, prompt, message):
-    rc, out, err = run(capsys, f"--model={folders / 'student'}", f"--image={folders / 'a.png'}", f"--prompt={prompt}",
-                       "--max_new_tokens=3", f"--teacher={folders / teacher}")
+def test_bad_teacher_is_refused_before_the_student_answers(folders, capsys, teacher, prompt,
+                                                           message):
+    rc, out, err = run(capsys, f"--model={folders / 'student'}", f"--image={folders / 'a.png'}",
+                       f"--prompt={prompt}", "--max_new_tokens=3", f"--teacher={folders / teacher}")
     # the whole message (every difference) on one line, and no student answer printed first
     assert rc == 2 and message in err and err.strip().count("\n") == 0 and out == ""
 
 
 def test_runs_as_a_script(folders):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate.py"), f"--model={folders / 'student'}",
-                        f"--image={folders / 'a.png'}", "--prompt=the red circle", "--max_new_tokens=3"],
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate.py"),
+                        f"--model={folders / 'student'}",
+                        f"--image={folders / 'a.png'}", "--prompt=the red circle",
+                        "--max_new_tokens=3"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "[vlm " in r.stderr

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from model import LMConfig, VisionConfig, Decoder, VLM
-from kvshare import (check_compatible, check_shared_vocab, freeze, student_prefill, teacher_continue,
-                     distill_forward)
+from kvshare import (check_compatible, check_shared_vocab, freeze, student_prefill,
+                     teacher_continue, distill_forward)
 
 V, IMG, PAD = 61, 60, 0
 LM = LMConfig(vocab_size=V, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96)
@@ -42,8 +42,8 @@ def text_batch():
 
 def image_batch(student):
     n = student.n_image_tokens
-    return make_batch([[IMG] * n + rand_tokens(3), [IMG] * n + rand_tokens(6)], [rand_tokens(3), rand_tokens(5)],
-                      images=torch.randn(2, 3, 32, 32))
+    return make_batch([[IMG] * n + rand_tokens(3), [IMG] * n + rand_tokens(6)],
+                      [rand_tokens(3), rand_tokens(5)], images=torch.randn(2, 3, 32, 32))
 
 
 def assert_close_on_response(a, b, batch):
@@ -84,7 +84,8 @@ def test_teacher_reads_the_image_through_shared_kv_and_scope_none_does_not():
     batch = image_batch(student)
     other = dict(batch, images=torch.randn(2, 3, 32, 32))
     m = batch["response_mask"]
-    out = {s: [distill_forward(student, teacher, b, IMG, s)[1] for b in (batch, other)] for s in ("full", "image", "none")}
+    out = {s: [distill_forward(student, teacher, b, IMG, s)[1] for b in (batch, other)]
+           for s in ("full", "image", "none")}
     assert not torch.allclose(out["full"][0][m], out["full"][1][m])
     assert not torch.allclose(out["image"][0][m], out["image"][1][m])
     torch.testing.assert_close(out["none"][0], out["none"][1])
@@ -121,7 +122,8 @@ def test_teacher_gets_no_grad_and_is_bit_identical_after_a_step():
     batch = image_batch(student)
     s_logits, t_logits = distill_forward(student, teacher, batch, IMG, "full")
     assert not t_logits.requires_grad
-    kd = F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), log_target=True, reduction="batchmean")
+    kd = F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), log_target=True,
+                  reduction="batchmean")
     (kd + F.cross_entropy(s_logits.flatten(0, 1), batch["labels"].flatten())).backward()
     opt.step()
     assert all(p.grad is None for p in teacher.parameters())
@@ -131,12 +133,14 @@ def test_teacher_gets_no_grad_and_is_bit_identical_after_a_step():
 
 
 def test_incompatible_teacher_is_one_clear_error():
-    other = LMConfig(vocab_size=V, dim=96, n_layers=3, n_heads=4, n_kv_heads=4, ffn_dim=96, rope_theta=5e5)
+    other = LMConfig(vocab_size=V, dim=96, n_layers=3, n_heads=4, n_kv_heads=4, ffn_dim=96,
+                     rope_theta=5e5)
     with pytest.raises(ValueError) as e:
         check_compatible(other, LM)
     msg = str(e.value)
     for part in ("n_layers: teacher 3 vs student 2", "n_kv_heads: teacher 4 vs student 2",
-                 "head_dim: teacher 24 vs student 16", "rope_theta: teacher 500000.0 vs student 10000.0"):
+                 "head_dim: teacher 24 vs student 16",
+                 "rope_theta: teacher 500000.0 vs student 10000.0"):
         assert part in msg
     check_compatible(LM, LM)
 
@@ -153,8 +157,8 @@ def test_unfrozen_teacher_and_bad_scope_are_errors():
 
 def test_image_after_text_is_rejected_for_scope_image():
     teacher, student = teacher_and_student()
-    batch = make_batch([rand_tokens(2) + [IMG] * student.n_image_tokens + rand_tokens(1)], [rand_tokens(2)],
-                       images=torch.randn(1, 3, 32, 32))
+    batch = make_batch([rand_tokens(2) + [IMG] * student.n_image_tokens + rand_tokens(1)],
+                       [rand_tokens(2)], images=torch.randn(1, 3, 32, 32))
     _, kv = student_prefill(student, batch)
     with pytest.raises(ValueError, match="image tokens before the prompt text"):
         teacher_continue(teacher, kv, batch, IMG, "image")
@@ -163,9 +167,11 @@ def test_image_after_text_is_rejected_for_scope_image():
 def test_vocab_prefix_check():
     tokenizers = pytest.importorskip("tokenizers")
     def tok(words):
-        return tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+        return tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)},
+                                                                unk_token=words[0]))
     assert check_shared_vocab(tok(["<u>", "a", "b"]), tok(["<u>", "a", "b", "<image>"])) == 3
-    with pytest.raises(ValueError, match="disagree on 1 of the 3 shared ids.*id 2: teacher 'b' vs student 'c'"):
+    with pytest.raises(ValueError,
+                       match="disagree on 1 of the 3 shared ids.*id 2: teacher 'b' vs student 'c'"):
         check_shared_vocab(tok(["<u>", "a", "b"]), tok(["<u>", "a", "c", "<image>"]))
 
 
@@ -185,7 +191,8 @@ def test_bf16_teacher_reads_fp32_or_bf16_student_kv_close_to_the_fp32_teacher():
     _, kv32 = student_prefill(student, batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, kv16 = student_prefill(student, batch)
-    assert kv32[0][0].dtype == torch.float32 and all(k.dtype == v.dtype == torch.bfloat16 for k, v in kv16)
+    assert kv32[0][0].dtype == torch.float32 and all(k.dtype == v.dtype == torch.bfloat16 for k,
+                                                     v in kv16)
     ref = teacher_continue(teacher, kv32, batch, IMG, "full")
     assert ref.dtype == torch.float32
     m = batch["response_mask"]
@@ -194,7 +201,8 @@ def test_bf16_teacher_reads_fp32_or_bf16_student_kv_close_to_the_fp32_teacher():
         assert out.dtype == torch.bfloat16 and out.shape == ref.shape
         diff = (out.float() - ref)[m].abs().max()
         assert diff <= 0.02 * ref[m].abs().max(), float(diff)
-        torch.testing.assert_close(out.float()[m].softmax(-1), ref[m].softmax(-1), atol=1e-2, rtol=0)
+        torch.testing.assert_close(out.float()[m].softmax(-1), ref[m].softmax(-1), atol=1e-2,
+                                   rtol=0)
 
 
 def test_freeze_rejects_a_non_float_dtype():

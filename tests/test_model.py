@@ -43,7 +43,8 @@ def test_left_padding_does_not_change_an_examples_logits():
     alone, _ = m(ids)
     padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], 1)
     mask = torch.cat([torch.zeros(1, 4), torch.ones(1, 6)], 1).long()
-    batched, _ = m(torch.cat([padded, torch.randint(1, 97, (1, 10))]), attention_mask=torch.cat([mask, torch.ones(1, 10).long()]))
+    batched, _ = m(torch.cat([padded, torch.randint(1, 97, (1, 10))]),
+                   attention_mask=torch.cat([mask, torch.ones(1, 10).long()]))
     torch.testing.assert_close(batched[0, 4:], alone[0], atol=1e-5, rtol=1e-5)
     assert torch.isfinite(batched).all()
 
@@ -100,20 +101,23 @@ def test_pixel_shuffle_groups_spatial_neighbours():
 
 
 def test_vlm_scatters_image_features_into_placeholders():
-    lm, vis = LMConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64), VisionConfig()
+    lm, vis = LMConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                       ffn_dim=64), VisionConfig()
     vlm = VLM(lm, vis, image_token_id=3).eval()
     ids = torch.cat([torch.full((1, vlm.n_image_tokens), 3), torch.randint(4, 50, (1, 3))], 1)
     images = torch.randn(1, 3, 32, 32)
     emb = vlm.embed(ids, images)
     feats = vlm.projector(vlm.vision(images))
     torch.testing.assert_close(emb[0, :vlm.n_image_tokens], feats[0])
-    torch.testing.assert_close(emb[0, vlm.n_image_tokens:], vlm.decoder.embed(ids[:, vlm.n_image_tokens:])[0])
+    torch.testing.assert_close(emb[0, vlm.n_image_tokens:],
+                               vlm.decoder.embed(ids[:, vlm.n_image_tokens:])[0])
     other = vlm.embed(ids, torch.randn(1, 3, 32, 32))
     assert not torch.allclose(other[0, 0], emb[0, 0])
 
 
 def test_vlm_placeholder_feature_count_mismatch_is_a_clear_error():
-    vlm = VLM(LMConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64), VisionConfig(), 3)
+    vlm = VLM(LMConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64),
+              VisionConfig(), 3)
     ids = torch.full((1, 5), 3)
     with pytest.raises(ValueError, match="5 image placeholder tokens .* 16 image features"):
         vlm.embed(ids, torch.randn(1, 3, 32, 32))
@@ -123,7 +127,8 @@ def test_vlm_placeholder_feature_count_mismatch_is_a_clear_error():
 
 def test_real_shapes_and_config_errors():
     c = SMOLLM2_360M
-    assert (c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size) == (32, 960, 15, 5, 64, 49152)
+    assert (c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim,
+            c.vocab_size) == (32, 960, 15, 5, 64, 49152)
     with pytest.raises(ValueError, match="must divide"):
         LMConfig(dim=100, n_heads=3)
 
@@ -144,14 +149,16 @@ def test_kv_comes_out_in_the_compute_dtype_bf16_under_autocast_fp32_without():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, kv = m(ids, use_cache=True)
         assert all(k.dtype == v.dtype == torch.bfloat16 for k, v in kv)
-        logits, kv2 = m(ids[:, :1], attention_mask=torch.ones(2, 7, dtype=torch.long), past_kv=kv, use_cache=True)
+        logits, kv2 = m(ids[:, :1], attention_mask=torch.ones(2, 7, dtype=torch.long), past_kv=kv,
+                        use_cache=True)
     assert all(k.dtype == v.dtype == torch.bfloat16 and k.shape[2] == 7 for k, v in kv2)
     assert torch.isfinite(logits.float()).all()
 
 
 def test_gradient_checkpointing_gives_the_same_loss_kv_and_grads():
     import copy
-    plain = VLM(LMConfig(vocab_size=50, dim=32, n_layers=3, n_heads=2, n_kv_heads=1, ffn_dim=64), VisionConfig(), 3)
+    plain = VLM(LMConfig(vocab_size=50, dim=32, n_layers=3, n_heads=2, n_kv_heads=1, ffn_dim=64),
+                VisionConfig(), 3)
     ckpt = copy.deepcopy(plain)
     ckpt.decoder.gradient_checkpointing = True
     ids = torch.cat([torch.full((2, plain.n_image_tokens), 3), torch.randint(4, 50, (2, 5))], 1)
@@ -159,13 +166,16 @@ def test_gradient_checkpointing_gives_the_same_loss_kv_and_grads():
     out = {}
     for name, m in (("plain", plain), ("ckpt", ckpt)):
         logits, kv = m(ids, images, use_cache=True, logits_start=4)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 4:].flatten()) + kv[-1][0].square().mean()
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1),
+                                                 ids[:, 4:].flatten()) + kv[-1][0].square().mean()
         loss.backward()
-        out[name] = (loss.detach(), [k.detach() for k, _ in kv], {n: p.grad for n, p in m.named_parameters()})
+        out[name] = (loss.detach(), [k.detach() for k, _ in kv],
+                     {n: p.grad for n, p in m.named_parameters()})
     torch.testing.assert_close(out["ckpt"][0], out["plain"][0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(out["ckpt"][1], out["plain"][1], atol=1e-6, rtol=1e-6)
     assert out["plain"][2].keys() == out["ckpt"][2].keys()
     for n, g in out["plain"][2].items():
         torch.testing.assert_close(out["ckpt"][2][n], g, atol=1e-6, rtol=1e-5, msg=n)
-    with torch.no_grad():                                        # no grad: plain forward, same output
-        torch.testing.assert_close(ckpt(ids, images)[0], plain(ids, images)[0], atol=1e-6, rtol=1e-6)
+    with torch.no_grad():                                      # no grad: plain forward, same output
+        torch.testing.assert_close(ckpt(ids, images)[0], plain(ids, images)[0], atol=1e-6,
+                                   rtol=1e-6)

@@ -13,7 +13,8 @@ from dataclasses import replace
 from model import LMConfig, VisionConfig, VLM, SMOLLM2_360M, SIGLIP2_B16_512
 from weights import load_nanovlm, save_nanovlm, nanovlm_configs, nanovlm_key_map
 
-LM = dict(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, rope_theta=10000.0)
+LM = dict(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
+          rope_theta=10000.0)
 VIS = dict(image_size=32, patch_size=4, dim=32, n_layers=2, n_heads=4, mlp_dim=64)
 IMAGE_TOKEN = 100          # the first (and only) extra token after a base vocabulary of 100
 SHUFFLE = 2                # 8x8 patches -> 16 image tokens
@@ -49,8 +50,11 @@ def nanovlm_files_by_hand(vlm, folder, tied=True):
             t[f"{b}mlp.fc1.{p}"], t[f"{b}mlp.fc2.{p}"] = sd[f"{o}fc1.{p}"], sd[f"{o}fc2.{p}"]
     for i in range(LM["n_layers"]):
         b, o = f"decoder.blocks.{i}.", f"decoder.layers.{i}."
-        t[b + "norm1.weight"], t[b + "norm2.weight"] = sd[o + "attn_norm.weight"], sd[o + "mlp_norm.weight"]
-        for ours, theirs in (("q_proj", "q_proj"), ("k_proj", "k_proj"), ("v_proj", "v_proj"), ("o_proj", "out_proj")):
+        t[b + "norm1.weight"], t[b + "norm2.weight"] = sd[o
+                                                          + "attn_norm.weight"], sd[
+                                                              o + "mlp_norm.weight"]
+        for ours, theirs in (("q_proj", "q_proj"), ("k_proj", "k_proj"), ("v_proj", "v_proj"),
+                             ("o_proj", "out_proj")):
             t[f"{b}attn.{theirs}.weight"] = sd[f"{o}attn.{ours}.weight"]
         for p in ("gate_proj", "up_proj", "down_proj"):
             t[f"{b}mlp.{p}.weight"] = sd[f"{o}mlp.{p}.weight"]
@@ -59,14 +63,16 @@ def nanovlm_files_by_hand(vlm, folder, tied=True):
     else:
         t["decoder.token_embedding.weight"] = sd["decoder.embed.weight"]
         t["decoder.head.weight"] = sd["decoder.lm_head.weight"]
-    cfg = {"vit_hidden_dim": 32, "vit_inter_dim": 64, "vit_patch_size": 4, "vit_img_size": 32, "vit_n_heads": 4,
+    cfg = {"vit_hidden_dim": 32, "vit_inter_dim": 64, "vit_patch_size": 4, "vit_img_size": 32,
+           "vit_n_heads": 4,
            "vit_dropout": 0.0, "vit_n_blocks": 2, "vit_ln_eps": 1e-6, "vit_cls_flag": False,
            "vit_model_type": "google/siglip2-base-patch16-512",
            "lm_hidden_dim": 64, "lm_inter_dim": 96, "lm_rms_eps": 1e-5, "lm_re_base": 10000,
            "lm_max_position_embeddings": 1024, "lm_base_vocab_size": 100, "extra_token_amount": 1,
-           "lm_vocab_size": 101, "lm_n_heads": 4, "lm_n_kv_heads": 2, "lm_dropout": 0.0, "lm_n_blocks": 2,
-           "lm_attn_scaling": 1.0, "lm_max_length": 4096, "lm_use_tokens": False, "lm_tie_weights": tied,
-           "mp_pixel_shuffle_factor": 2, "mp_image_token_length": 16,
+           "lm_vocab_size": 101, "lm_n_heads": 4, "lm_n_kv_heads": 2, "lm_dropout": 0.0,
+           "lm_n_blocks": 2,
+           "lm_attn_scaling": 1.0, "lm_max_length": 4096, "lm_use_tokens": False,
+           "lm_tie_weights": tied, "mp_pixel_shuffle_factor": 2, "mp_image_token_length": 16,
            "vlm_extra_tokens": {"image_token": "<|image|>"}}
     os.makedirs(folder, exist_ok=True)
     save_file({k: v.contiguous() for k, v in t.items()}, os.path.join(folder, "model.safetensors"))
@@ -139,22 +145,27 @@ def test_key_map_covers_every_parameter():
         assert len(set(m.values())) == len(m)
 
 
-PAPER = {"vit_hidden_dim": 768, "vit_inter_dim": 3072, "vit_patch_size": 16, "vit_img_size": 512, "vit_n_heads": 12,
+PAPER = {"vit_hidden_dim": 768, "vit_inter_dim": 3072, "vit_patch_size": 16, "vit_img_size": 512,
+         "vit_n_heads": 12,
          "vit_dropout": 0.0, "vit_n_blocks": 12, "vit_ln_eps": 1e-6, "vit_cls_flag": False,
          "lm_hidden_dim": 960, "lm_inter_dim": 2560, "lm_rms_eps": 1e-5, "lm_re_base": 100000,
          "lm_max_position_embeddings": 8192, "lm_base_vocab_size": 49152, "extra_token_amount": 66,
-         "lm_vocab_size": 49218, "lm_n_heads": 15, "lm_n_kv_heads": 5, "lm_dropout": 0.0, "lm_n_blocks": 32,
-         "lm_attn_scaling": 1.0, "lm_max_length": 4096, "lm_use_tokens": False, "lm_tie_weights": True,
-         "mp_pixel_shuffle_factor": 4, "mp_image_token_length": 64,
+         "lm_vocab_size": 49218, "lm_n_heads": 15, "lm_n_kv_heads": 5, "lm_dropout": 0.0,
+         "lm_n_blocks": 32,
+         "lm_attn_scaling": 1.0, "lm_max_length": 4096, "lm_use_tokens": False,
+         "lm_tie_weights": True, "mp_pixel_shuffle_factor": 4, "mp_image_token_length": 64,
          "vlm_extra_tokens": {"image_token": "<|image|>", "global_image_token": "<|global_image|>",
-                              **{f"r{i}c{j}": f"<row_{i}_col_{j}>" for i in range(1, 9) for j in range(1, 9)}}}
+                              **{f"r{i}c{j}": f"<row_{i}_col_{j}>" for i in range(1, 9)
+                                 for j in range(1, 9)}}}
 
 
 def test_paper_config_parses():
     lm, vis, s, image_token_id = nanovlm_configs(PAPER)
     assert lm == replace(SMOLLM2_360M, vocab_size=49218)
-    assert (lm.dim, lm.ffn_dim, lm.n_heads, lm.n_kv_heads, lm.n_layers, lm.head_dim) == (960, 2560, 15, 5, 32, 64)
-    assert lm.tie_embeddings and lm.rope_theta == 100000.0 and lm.rms_eps == 1e-5 and not lm.qkv_bias
+    assert (lm.dim, lm.ffn_dim, lm.n_heads, lm.n_kv_heads, lm.n_layers,
+            lm.head_dim) == (960, 2560, 15, 5, 32, 64)
+    assert (lm.tie_embeddings and lm.rope_theta == 100000.0 and lm.rms_eps == 1e-5
+            and not lm.qkv_bias)
     assert vis == SIGLIP2_B16_512
     assert s == 4 and vis.n_patches // s ** 2 == 64
     assert image_token_id == 49152
@@ -198,16 +209,20 @@ def rewrite(folder, fn):
 def test_missing_key_is_reported(tmp_path):
     nanovlm_files_by_hand(random_vlm(), tmp_path / "nv")
     rewrite(tmp_path / "nv", lambda t: t.pop("vision_encoder.blocks.1.attn.qkv_proj.weight"))
-    with pytest.raises(ValueError, match=r"missing key vision_encoder\.blocks\.1\.attn\.qkv_proj\.weight\[q\]"):
+    with pytest.raises(ValueError,
+                       match=r"missing key vision_encoder\.blocks\.1\.attn\.qkv_proj\.weight\[q\]"):
         load_nanovlm(tmp_path / "nv")
 
 
 @pytest.mark.parametrize("key,shape,message", [
-    ("MP.proj.weight", (64, 100), r"shape mismatch MP\.proj\.weight: file \(64, 100\) vs model \(64, 128\)"),
+    ("MP.proj.weight", (64, 100),
+     r"shape mismatch MP\.proj\.weight: file \(64, 100\) vs model \(64, 128\)"),
     ("vision_encoder.blocks.0.attn.qkv_proj.weight", (97, 32),
-     r"shape mismatch vision_encoder\.blocks\.0\.attn\.qkv_proj\.weight\[q\]: file \(97, 32\) vs model \(32, 32\)"),
+     r"shape mismatch vision_encoder\.blocks\.0\.attn\.qkv_proj\.weight\[q\]: file \(97, 32\) vs "
+     r"model \(32, 32\)"),
     ("vision_encoder.patch_embedding.position_embedding", (1, 65, 32),
-     r"shape mismatch vision_encoder\.patch_embedding\.position_embedding: file \(65, 32\) vs model \(64, 32\)"),
+     r"shape mismatch vision_encoder\.patch_embedding\.position_embedding: file \(65, 32\) vs "
+     r"model \(64, 32\)"),
 ])
 def test_wrong_shape_is_reported(tmp_path, key, shape, message):
     nanovlm_files_by_hand(random_vlm(), tmp_path / "nv")
@@ -235,6 +250,6 @@ def test_save_refuses_what_nanovlm_cannot_represent(tmp_path):
     vlm = VLM(LMConfig(**LM, qkv_bias=True), VisionConfig(**VIS), IMAGE_TOKEN, SHUFFLE)
     with pytest.raises(ValueError, match="no q/k/v biases"):
         save_nanovlm(vlm, tmp_path / "a")
-    vlm = VLM(LMConfig(**LM), VisionConfig(**VIS), 3, SHUFFLE)       # 98 tokens after the image token
+    vlm = VLM(LMConfig(**LM), VisionConfig(**VIS), 3, SHUFFLE)     # 98 tokens after the image token
     with pytest.raises(ValueError, match="more than nanoVLM's 66"):
         save_nanovlm(vlm, tmp_path / "b")

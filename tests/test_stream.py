@@ -139,7 +139,8 @@ def test_max_len_rule_cuts_the_response_tail_then_drops(files, tok):
 
 
 def test_order_is_a_pure_function_of_seed_and_step():
-    order = lambda seed: [data.StepBatchSampler(13, 4, seed).global_batch(k).tolist() for k in range(7)]
+    order = lambda seed: [data.StepBatchSampler(13, 4, seed).global_batch(k).tolist()
+                          for k in range(7)]
     batches = order(3)
     assert batches == order(3) and batches != order(4)
     stream = [i for b in batches for i in b]

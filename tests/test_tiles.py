@@ -45,7 +45,8 @@ def test_view_tokens_hand_worked(n_h, n_w, expected):
 def test_view_tokens_all_grids_match_nanovlm_and_limits():
     for n_h in range(1, 9):
         for n_w in range(1, 9):
-            s = "".join("<|image|>" if t == data.IMAGE_TOKEN else t for t in view_tokens(n_h, n_w, 3))
+            s = "".join("<|image|>" if t == data.IMAGE_TOKEN else t
+                        for t in view_tokens(n_h, n_w, 3))
             assert s == nanovlm_string(n_h, n_w, 3)
     assert data.VIEW_TOKENS == tuple(list(NANOVLM_EXTRA_TOKENS.values())[1:])     # nanoVLM's order
     with pytest.raises(ValueError, match="9x1 split has no grid tokens"):
@@ -63,7 +64,8 @@ def test_view_tokens_all_grids_match_nanovlm_and_limits():
     ((512, 512), False, (512, 512)),
     ((513, 512), False, (1024, 1024)),      # 513 -> 1024, 512 * 1.996 = 1022 -> 1024
     ((5, 1000), False, (512, 1024)),        # short side never below one tile
-    # resize_to_max_side_len = True (nanoVLM's default): long side becomes 2048, small images upscaled
+    # resize_to_max_side_len = True (nanoVLM's default): long side becomes 2048, small images
+    # upscaled
     ((300, 400), True, (1536, 2048)),       # 300 * 5.12 = 1536
     ((100, 1000), True, (512, 2048)),       # 100 * 2.048 = 204.8 -> 512
     ((2048, 2048), True, (2048, 2048)),
@@ -101,10 +103,13 @@ def test_image_views_global_first_then_tiles_row_major():
     for k, (r, c) in enumerate((r, c) for r in range(2) for c in range(3)):
         expected = data.image_to_tensor(Image.new("RGB", (32, 32), (40 * r, 40 * c, 200)), 32)
         torch.testing.assert_close(views[1 + k], expected)
-    torch.testing.assert_close(views[0], data.image_to_tensor(im.resize((32, 32), Image.BILINEAR), 32))
-    one, grid = image_views(Image.new("RGB", (20, 10), (9, 9, 9)), 32, split)    # 1x1: only the global view
+    torch.testing.assert_close(views[0],
+                               data.image_to_tensor(im.resize((32, 32), Image.BILINEAR), 32))
+    # 1x1: only the global view
+    one, grid = image_views(Image.new("RGB", (20, 10), (9, 9, 9)), 32, split)
     assert grid == (1, 1) and one.shape == (1, 3, 32, 32)
-    unit, _ = image_views(im, 32, ImageSplitting(max_side=96, resize_to_max_side=False, pixels="[0,1]"))
+    unit, _ = image_views(im, 32,
+                          ImageSplitting(max_side=96, resize_to_max_side=False, pixels="[0,1]"))
     torch.testing.assert_close(unit, (views + 1) / 2)
     plain, grid = image_views(im, 32, None)                        # splitting off: today's one view
     assert grid == (1, 1) and torch.equal(plain[0], data.image_to_tensor(im, 32))
@@ -138,17 +143,23 @@ def test_several_images_expand_in_order_with_nanovlm_image_labels(tok):
     ids = lambda t: tok.encode(t).ids
     name = {t: data.special_id(tok, t) for t in (data.IMAGE_TOKEN, *data.VIEW_TOKENS)}
     block = lambda g: [name[t] for t in view_tokens(*g, 4)]
-    assert ctx == ids("<image: 0>") + block((1, 1)) + ids(" and <image: 1>") + block((1, 2)) + ids(" what differs")
-    one = {**ex, "image": ex["image"][0], "prompt": "what differs"}             # no tag: image first, no label
-    assert data.encode_example(one, tok, 4, grids=[(2, 1)])[0] == block((2, 1)) + ids("what differs")
+    assert ctx == ids("<image: 0>") + block((1,
+                                             1)) + ids(
+                                                 " and <image: 1>") + block((1, 2)) + ids(" what "
+                                                                                          "differs")
+    one = {**ex, "image": ex["image"][0], "prompt": "what differs"}  # no tag: image first, no label
+    assert data.encode_example(one, tok, 4,
+                               grids=[(2, 1)])[0] == block((2, 1)) + ids("what differs")
     assert data.encode_example(one, tok, 4)[0] == [name[data.IMAGE_TOKEN]] * 4 + ids("what differs")
     with pytest.raises(ValueError, match="has 1 <image> tags for 2 image"):
         data.encode_example({**ex, "prompt": "<image> x"}, tok, 4, grids=[(1, 1), (1, 1)])
 
 
 def tiled_examples(several=True):
-    images = [Image.new("RGB", (60, 30), (200, 10, 10)), quadrant_image(32, 2, 2)][:2 if several else 1]
-    return [{"image": images, "source": "s", "prompt": "<image>" * len(images) + " what differs", "response": " a b ."},
+    images = [Image.new("RGB", (60, 30), (200, 10, 10)),
+              quadrant_image(32, 2, 2)][:2 if several else 1]
+    return [{"image": images, "source": "s", "prompt": "<image>" * len(images) + " what differs",
+             "response": " a b ."},
             {"image": None, "prompt": "the red circle eats", "response": " apples ."},
             {"image": quadrant_image(16, 1, 3), "prompt": "the red circle", "response": " eats ."}]
 
@@ -157,13 +168,14 @@ def test_collate_views_follow_token_order(tok):
     exs = [dict(e, source="s") for e in tiled_examples()]
     b = data.collate(exs, tok, 4, TILE, image_splitting=SPLIT)
     assert b["grids"] == [[(1, 2), (2, 2)], [], [(1, 2)]]         # 60x30 -> 64x32; 48x16 -> 64x32
-    assert b["images"].shape == (3 + 5 + 3, 3, TILE, TILE) and [len(g) > 0 for g in b["grids"]] == [True, False, True]
+    assert b["images"].shape == (3 + 5 + 3, 3, TILE,
+                                 TILE) and [len(g) > 0 for g in b["grids"]] == [True, False, True]
     n_slots = int((b["input_ids"] == data.special_id(tok, data.IMAGE_TOKEN)).sum())
     assert n_slots == b["images"].shape[0] * 4
     first = image_views(exs[0]["image"][0], TILE, SPLIT)[0]
     torch.testing.assert_close(b["images"][:3], first)
     torch.testing.assert_close(b["images"][8:], image_views(exs[2]["image"], TILE, SPLIT)[0])
-    off = data.collate(exs, tok, 4, TILE)                         # splitting off: one view per image
+    off = data.collate(exs, tok, 4, TILE)                        # splitting off: one view per image
     assert off["images"].shape[0] == 3 and off["grids"] == [[(1, 1), (1, 1)], [], [(1, 1)]]
 
 
@@ -172,9 +184,11 @@ def test_collate_views_follow_token_order(tok):
 
 def student_copy(tok):
     torch.manual_seed(0)
-    teacher = freeze(Decoder(LMConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96)))
+    teacher = freeze(Decoder(LMConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                      ffn_dim=96)))
     view_ids = [data.special_id(tok, t) for t in data.VIEW_TOKENS]
-    student = vlm_from_teacher(teacher, VIS, data.special_id(tok, data.IMAGE_TOKEN), SHUFFLE, view_ids, SPLIT).eval()
+    student = vlm_from_teacher(teacher, VIS, data.special_id(tok, data.IMAGE_TOKEN), SHUFFLE,
+                               view_ids, SPLIT).eval()
     return teacher, student
 
 
@@ -190,7 +204,7 @@ def test_identity_handoff_with_tiled_images(tok, scope):
         s_logits, t_logits = distill_forward(student, teacher, b, student.student_only_ids, scope)
     m = b["response_mask"].clone()
     if scope == "none":
-        m[[0, 2]] = False              # without image KV the teacher differs where the student saw images
+        m[[0, 2]] = False        # without image KV the teacher differs where the student saw images
     torch.testing.assert_close(t_logits[m], s_logits[..., :300][m], atol=1e-5, rtol=1e-5)
 
 
@@ -206,7 +220,8 @@ def test_view_tokens_must_be_declared_student_only(tok):
 def test_view_count_mismatch_is_a_clear_error(tok):
     _, student = student_copy(tok)
     b = data.collate([dict(tiled_examples()[2], source="s")], tok, 4, TILE, image_splitting=SPLIT)
-    with pytest.raises(ValueError, match="12 image placeholder tokens in input_ids but 8 image features"):
+    with pytest.raises(ValueError,
+                       match="12 image placeholder tokens in input_ids but 8 image features"):
         student(b["input_ids"], b["images"][:2])
 
 
@@ -230,7 +245,8 @@ def test_nanovlm_checkpoint_with_image_splitting_loads_and_runs(tmp_path):
     folder = nanovlm_splitting_folder(tmp_path, vlm)
     r = load_nanovlm(folder).eval()
     assert r.image_token_id == 100 and r.view_token_ids == tuple(range(101, 166))
-    assert r.image_splitting == ImageSplitting(max_side=96, resize_to_max_side=False, pixels="[0,1]")
+    assert r.image_splitting == ImageSplitting(max_side=96, resize_to_max_side=False,
+                                               pixels="[0,1]")
     # a tokenizer-free batch: nanoVLM ids, one 2x3 image then text
     names = {data.IMAGE_TOKEN: 100, **{t: 101 + i for i, t in enumerate(data.VIEW_TOKENS)}}
     views, grid = image_views(quadrant_image(32, 2, 3), 32, r.image_splitting)
@@ -262,7 +278,8 @@ def test_our_vlm_folder_keeps_view_tokens_and_splitting(tmp_path, tok):
 def test_jsonl_line_with_several_images(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     Image.new("RGB", (8, 4)).save(tmp_path / "b.png")
-    (tmp_path / "d.jsonl").write_text(json.dumps({"image": ["a.png", "b.png"], "prompt": "<image><image> x",
+    (tmp_path
+     / "d.jsonl").write_text(json.dumps({"image": ["a.png", "b.png"], "prompt": "<image><image> x",
                                                   "response": " y"}) + "\n")
     [ex] = data.load_jsonl(str(tmp_path / "d.jsonl"))
     assert [im.size for im in ex["image"]] == [(8, 8), (8, 4)]

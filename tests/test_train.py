@@ -17,7 +17,8 @@ def test_cli_overrides_preset_and_config_file(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"distill_steps": 7, "alpha": 0.5}))
     cfg = get_config(["--preset=smoke", str(path), "--alpha=2", "--compile=false"])
-    assert (cfg.preset, cfg.distill_steps, cfg.alpha, cfg.compile, cfg.lm_dim) == ("smoke", 7, 2.0, False, 32)
+    assert (cfg.preset, cfg.distill_steps, cfg.alpha, cfg.compile,
+            cfg.lm_dim) == ("smoke", 7, 2.0, False, 32)
     assert get_config([]).preset == "tiny"
 
 
@@ -59,20 +60,23 @@ def test_checkpoints_are_atomic_keep_last_and_reject_corrupt_files(tmp_path):
         f.truncate(40)
     with pytest.raises(ValueError, match="step_0000003.pt is truncated or corrupt"):
         ck.load(ck.paths()[-1], cfg)
-    with pytest.raises(ValueError, match="comes from another config:\n  lm_dim: checkpoint 128 vs run 64"):
+    with pytest.raises(ValueError,
+                       match="comes from another config:\n  lm_dim: checkpoint 128 vs run 64"):
         ck.load(ck.paths()[0], train.replace(cfg, lm_dim=64))
 
 
 # --------------------------------------------------------------------------- the smoke pipeline
 
 def read_log(out_dir, stage):
-    return [json.loads(l) for l in open(os.path.join(out_dir, "log.jsonl")) if json.loads(l)["stage"] == stage]
+    return [json.loads(l) for l in open(os.path.join(out_dir, "log.jsonl"))
+            if json.loads(l)["stage"] == stage]
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("smoke"))
-    models, world, tok = train.run(get_config(["--preset=smoke", f"--out_dir={out}", "--eval=false"]))
+    models, world, tok = train.run(get_config(["--preset=smoke", f"--out_dir={out}",
+                                               "--eval=false"]))
     return out, models, world, tok
 
 
@@ -99,8 +103,10 @@ def test_smoke_pipeline_checkpoints_reload_and_eval_gives_fractions(smoke_run):
 def test_adapt_stage_trains_only_vision_during_alignment(smoke_run):
     from weights import load_hf_lm, load_vlm
     out, models, _, _ = smoke_run
-    teacher, adapted = load_hf_lm(os.path.join(out, "teacher")), load_vlm(os.path.join(out, "adapted"))
-    # after align + full fine-tune the decoder moved away from the teacher, and KD losses were logged in distill
+    teacher, adapted = load_hf_lm(os.path.join(out,
+                                               "teacher")), load_vlm(os.path.join(out, "adapted"))
+    # after align + full fine-tune the decoder moved away from the teacher, and KD losses were
+    # logged in distill
     assert not torch.equal(teacher.embed.weight, adapted.decoder.embed.weight)
     assert all("kd" in r for r in read_log(out, "distill-selective-full"))
 
@@ -113,8 +119,8 @@ def copy_stage_inputs(src, dst):
 
 def test_resume_after_a_crash_gives_bit_identical_losses(smoke_run, tmp_path, monkeypatch):
     out, _, _, _ = smoke_run
-    argv = ["--preset=smoke", "--stage=distill", "--distill_steps=6", "--ckpt_every=2", "--eval=false",
-            "--policy=uniform"]
+    argv = ["--preset=smoke", "--stage=distill", "--distill_steps=6", "--ckpt_every=2",
+            "--eval=false", "--policy=uniform"]
     straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
     for d in (straight, crashed):
         copy_stage_inputs(out, d)
@@ -133,7 +139,8 @@ def test_resume_after_a_crash_gives_bit_identical_losses(smoke_run, tmp_path, mo
 
     a, b = read_log(straight, "distill-uniform-full"), read_log(crashed, "distill-uniform-full")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
-    assert [(r["loss"], r["kd"], r["grad_norm"]) for r in a] == [(r["loss"], r["kd"], r["grad_norm"]) for r in b]
+    assert [(r["loss"], r["kd"], r["grad_norm"])
+            for r in a] == [(r["loss"], r["kd"], r["grad_norm"]) for r in b]
 
 
 def test_resume_refuses_a_checkpoint_from_another_config(smoke_run, tmp_path):
@@ -141,7 +148,8 @@ def test_resume_refuses_a_checkpoint_from_another_config(smoke_run, tmp_path):
     copy_stage_inputs(out, tmp_path)
     argv = ["--preset=smoke", "--stage=distill", "--eval=false", f"--out_dir={tmp_path}"]
     train.run(get_config(argv))
-    with pytest.raises(ValueError, match="comes from another config:\n  alpha: checkpoint 1.0 vs run 0.5"):
+    with pytest.raises(ValueError,
+                       match="comes from another config:\n  alpha: checkpoint 1.0 vs run 0.5"):
         train.run(get_config(argv + ["--resume=true", "--alpha=0.5"]))
 
 
@@ -157,9 +165,11 @@ def test_non_finite_losses_are_skipped_counted_and_stop_the_run(smoke_run, tmp_p
             res["loss"] = res["loss"] * float("nan")
         return res
     monkeypatch.setattr(train.distill, "distill_loss", nan_on_second_step)
-    argv = ["--preset=smoke", "--stage=distill", "--eval=false", f"--out_dir={tmp_path}", "--distill_steps=4",
-            "--max_bad_steps=1"]
-    with pytest.raises(RuntimeError, match=r"2 steps with non-finite loss or gradients \(limit --max_bad_steps=1\)"):
+    argv = ["--preset=smoke", "--stage=distill", "--eval=false", f"--out_dir={tmp_path}",
+            "--distill_steps=4", "--max_bad_steps=1"]
+    with pytest.raises(RuntimeError,
+                       match=r"2 steps with non-finite loss or gradients \(limit "
+                       r"--max_bad_steps=1\)"):
         train.run(get_config(argv))
     log = read_log(str(tmp_path), "distill-selective-full")
     assert [r["step"] for r in log] == [1, 3] and log[-1]["bad_steps"] == 1
@@ -169,8 +179,8 @@ def test_non_finite_losses_are_skipped_counted_and_stop_the_run(smoke_run, tmp_p
 # --------------------------------------------------------------------------- DDP (gloo, CPU)
 
 def _ddp_worker(rank, world_size, port, argv):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
+                      RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
         train.run(get_config(argv))
@@ -192,8 +202,11 @@ def test_ddp_two_processes_match_one_process_with_double_batch(smoke_run, tmp_pa
     ddp, single = str(tmp_path / "ddp"), str(tmp_path / "single")
     for d in (ddp, single):
         copy_stage_inputs(out, d)
-    argv = ["--preset=smoke", "--stage=distill", "--distill_steps=3", "--grad_accum=2", "--eval=false"]
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), argv + ["--batch_size=2", f"--out_dir={ddp}"]),
+    argv = ["--preset=smoke", "--stage=distill", "--distill_steps=3", "--grad_accum=2",
+            "--eval=false"]
+    torch.multiprocessing.spawn(_ddp_worker,
+                                args=(2, free_port(),
+                                      argv + ["--batch_size=2", f"--out_dir={ddp}"]),
                                 nprocs=2)
     train.run(get_config(argv + ["--batch_size=4", f"--out_dir={single}"]))
     a, b = read_log(ddp, "distill-selective-full"), read_log(single, "distill-selective-full")
@@ -209,7 +222,8 @@ def test_checkpoints_are_saved_from_the_unwrapped_module():
     m = Decoder(LMConfig(vocab_size=11, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=8))
     compiled = torch.compile(m)                     # lazy: nothing is compiled until it is called
     assert train.unwrap(compiled) is m
-    assert not any(k.startswith(("_orig_mod.", "module.")) for k in train.unwrap(compiled).state_dict())
+    assert not any(k.startswith(("_orig_mod.", "module."))
+                   for k in train.unwrap(compiled).state_dict())
 
 
 # --------------------------------------------------------------------------- real-checkpoint path
@@ -222,16 +236,20 @@ def test_teacher_folder_and_jsonl_data_run_adapt_and_distill(tmp_path):
     teacher_dir, teacher, _ = make_teacher_and_jsonl(tmp_path)
     out = tmp_path / "out"
     models, _, tok2 = train.run(get_config([
-        "--preset=smoke", f"--teacher_path={teacher_dir}", f"--data_path={tmp_path / 'train.jsonl'}",
+        "--preset=smoke", f"--teacher_path={teacher_dir}",
+        f"--data_path={tmp_path / 'train.jsonl'}",
         "--kd_sources=knowledge_vqa,text_qa", f"--out_dir={out}", "--eval=false"]))
     student = models["distilled-selective-full"]
     assert student.decoder.cfg.vocab_size == tok2.get_vocab_size() > teacher.cfg.vocab_size
     assert tok2.token_to_id("<image>") >= teacher.cfg.vocab_size
     reloaded = load_hf_lm(teacher_dir)
-    assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in models["teacher"].state_dict().items())
+    assert all(torch.equal(v, reloaded.state_dict()[k]) for k,
+               v in models["teacher"].state_dict().items())
     log = read_log(str(out), "distill-selective-full")
     assert len(log) == 3 and all(math.isfinite(r["loss"]) for r in log)
-    assert {r["stage"] for r in map(json.loads, open(out / "log.jsonl"))} == {"align", "adapt", "distill-selective-full"}
+    assert {r["stage"]
+            for r in map(json.loads,
+                         open(out / "log.jsonl"))} == {"align", "adapt", "distill-selective-full"}
 
 
 def test_real_checkpoint_config_errors(tmp_path):
@@ -252,8 +270,10 @@ def test_command_line_bad_input_exits_with_the_message_not_a_traceback(tmp_path)
     bad.write_text('{"prompt": "a", "response": "b"}\n{not json\n')
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for argv, message in ((["--alpha=x"], "--alpha: expected float"),
-                          ([f"--data_path={bad}", f"--teacher_path={tmp_path}", "--stage=distill"], "data.jsonl line 2")):
-        r = subprocess.run([sys.executable, "train.py", *argv], cwd=root, capture_output=True, text=True, timeout=120)
+                          ([f"--data_path={bad}", f"--teacher_path={tmp_path}", "--stage=distill"],
+                           "data.jsonl line 2")):
+        r = subprocess.run([sys.executable, "train.py", *argv], cwd=root, capture_output=True,
+                           text=True, timeout=120)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 

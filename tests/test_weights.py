@@ -11,7 +11,8 @@ from model import LMConfig, VisionConfig, Decoder, VisionEncoder, vlm_from_teach
 from weights import (load_hf_lm, save_hf_lm, load_hf_siglip, save_hf_siglip, save_vlm,
                      load_vlm, lm_config_to_hf)
 
-LM = dict(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, rope_theta=10000.0)
+LM = dict(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
+          rope_theta=10000.0)
 
 
 def saved_lm(tmp_path, **kw):
@@ -76,7 +77,8 @@ def test_extra_key_is_reported(tmp_path):
 def test_wrong_shape_is_reported(tmp_path):
     _, folder = saved_lm(tmp_path)
     edit_weights(folder, lambda t: t.__setitem__("model.norm.weight", torch.zeros(65)))
-    with pytest.raises(ValueError, match=r"shape mismatch model.norm.weight: file \(65,\) vs model \(64,\)"):
+    with pytest.raises(ValueError,
+                       match=r"shape mismatch model.norm.weight: file \(65,\) vs model \(64,\)"):
         load_hf_lm(folder)
 
 
@@ -119,7 +121,8 @@ def test_missing_weights_file_is_a_clear_error(tmp_path):
 def test_siglip_round_trip_ignores_pooling_head(tmp_path):
     enc = VisionEncoder(VisionConfig()).eval()
     save_hf_siglip(enc, tmp_path / "vis")
-    edit_weights(tmp_path / "vis", lambda t: t.__setitem__("vision_model.head.probe", torch.zeros(1, 1, 64)))
+    edit_weights(tmp_path / "vis",
+                 lambda t: t.__setitem__("vision_model.head.probe", torch.zeros(1, 1, 64)))
     assert_same_params(enc, load_hf_siglip(tmp_path / "vis"))
 
 
@@ -141,7 +144,8 @@ def test_student_vlm_from_lm_and_vision_folders_and_vlm_round_trip(tmp_path):
 # Parity with transformers (optional dev dependency; CI installs it)
 
 def transformers_or_skip():
-    return pytest.importorskip("transformers", reason="parity tests need the optional `transformers` "
+    return pytest.importorskip("transformers",
+                               reason="parity tests need the optional `transformers` "
                                                       "(pip install -r requirements-dev.txt)")
 
 
@@ -162,7 +166,8 @@ def test_decoder_logits_match_transformers(tmp_path, arch):
     mask = torch.ones(2, 11, dtype=torch.long)
     mask[1, :3] = 0                                   # one left-padded row
     with torch.no_grad():
-        ref = hf(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        ref = hf(input_ids=ids, attention_mask=mask,
+                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
         ours = m(ids, attention_mask=mask)[0]
     torch.testing.assert_close(ours[0], ref[0], atol=1e-4, rtol=0)
     torch.testing.assert_close(ours[1, 3:], ref[1, 3:], atol=1e-4, rtol=0)
@@ -171,7 +176,8 @@ def test_decoder_logits_match_transformers(tmp_path, arch):
 def test_transformers_checkpoint_loads_into_our_decoder(tmp_path):
     transformers = transformers_or_skip()
     hf_cfg = transformers.LlamaConfig(**{k: v for k, v in lm_config_to_hf(LMConfig(**LM)).items()
-                                         if k not in ("architectures", "model_type", "torch_dtype")})
+                                         if k not in ("architectures", "model_type",
+                                                      "torch_dtype")})
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     hf.save_pretrained(tmp_path / "hf")
     ours = load_hf_lm(tmp_path / "hf")
@@ -182,9 +188,11 @@ def test_transformers_checkpoint_loads_into_our_decoder(tmp_path):
 
 def test_siglip_features_match_transformers(tmp_path):
     transformers = transformers_or_skip()
-    enc = VisionEncoder(VisionConfig(image_size=32, patch_size=8, dim=64, n_layers=2, n_heads=4, mlp_dim=128)).eval()
+    enc = VisionEncoder(VisionConfig(image_size=32, patch_size=8, dim=64, n_layers=2, n_heads=4,
+                                     mlp_dim=128)).eval()
     save_hf_siglip(enc, tmp_path / "vis")
-    hf = transformers.SiglipVisionModel.from_pretrained(tmp_path / "vis", attn_implementation="eager").eval()
+    hf = transformers.SiglipVisionModel.from_pretrained(tmp_path / "vis",
+                                                        attn_implementation="eager").eval()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref = hf(pixel_values=images).last_hidden_state

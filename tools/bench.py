@@ -1,11 +1,13 @@
 """
 Benchmarks (not tests): ratios measured side by side in one run, printed as a table.
 
-  python tools/bench.py                      # all benchmarks at tiny / SmolLM2-135M-like sizes on this machine
-  python tools/bench.py --only=handoff       # one of: handoff, kd_memory, step, hf_step, train, paper, loader
+  python tools/bench.py                      # all benchmarks at tiny / SmolLM2-135M-like sizes
+                                             # on this machine
+  python tools/bench.py --only=handoff       # one of: handoff, kd_memory, step, hf_step, train,
+                                             # paper, loader
   python tools/bench.py --device=cuda        # on a GPU: adds MFU for the training-stage tokens/s
-  python tools/bench.py --only=paper --device=cuda --B=8 --P=448 --R=64 --steps=10   # the paper's size
-  python tools/bench.py --only=paper --size=tiny --device=cpu --steps=3              # same code, CPU-sized
+  python tools/bench.py --only=paper --device=cuda --B=8 --P=448 --R=64 --steps=10  # paper's size
+  python tools/bench.py --only=paper --size=tiny --device=cpu --steps=3             # CPU-sized
   python tools/bench.py --only=loader --loader_workers=0,2,4,8   # data loader images/s at 512 px
 
 - handoff:  teacher continuation over the shared context KV vs the teacher recomputing the
@@ -83,19 +85,22 @@ def peak_memory(fn, device):
         return torch.cuda.max_memory_allocated(device) - base
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")                                                 # reset the peak RSS to the current RSS
+        f.write("5")                                         # reset the peak RSS to the current RSS
     base = _proc_status_kib("VmRSS")
     fn()
     return max(0, _proc_status_kib("VmHWM") - base) * 1024
 
 
-def make_batch(B, P, R, vocab, image_token_id, n_image_tokens, image_size, device, with_images=True):
+def make_batch(B, P, R, vocab, image_token_id, n_image_tokens, image_size, device,
+               with_images=True):
     ids = torch.randint(1, image_token_id, (B, P + R), device=device)
     if with_images:
         ids[:, :n_image_tokens] = image_token_id
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "context_len": P,
-            "images": torch.randn(B, 3, image_size, image_size, device=device) if with_images else None,
-            "labels": ids[:, P:], "response_mask": torch.ones(B, R, dtype=torch.bool, device=device),
+            "images": torch.randn(B, 3, image_size, image_size, device=device) if with_images
+            else None,
+            "labels": ids[:, P:],
+            "response_mask": torch.ones(B, R, dtype=torch.bool, device=device),
             "source": ["bench"] * B}
 
 
@@ -105,7 +110,8 @@ def bench_handoff(device, lm, B=8, P=448, R=64):
     batch = make_batch(B, P, R, lm.vocab_size, lm.vocab_size - 1, 0, 0, device, with_images=False)
     with torch.no_grad():
         _, kv = teacher(batch["input_ids"], use_cache=True)
-        t_cont = timeit(lambda: kvshare.teacher_continue(teacher, kv, batch, lm.vocab_size - 1, "full"), device)
+        t_cont = timeit(lambda: kvshare.teacher_continue(teacher, kv, batch, lm.vocab_size - 1,
+                                                         "full"), device)
         t_full = timeit(lambda: teacher(batch["input_ids"], logits_start=P - 1), device)
     return [("handoff", f"teacher continuation, B={B} P={P} R={R}, {lm.n_layers}x{lm.dim}",
              f"{t_cont * 1e3:.1f} ms", f"full recompute {t_full * 1e3:.1f} ms",
@@ -124,14 +130,18 @@ def bench_kd_memory(device, V=49152, N=2048, chunk=256):
             loss.backward()
             s.grad = None
             return loss
-        results[name] = (float(distill.kd_token_sum(s, t, w, chunk_size=c).detach()) / N, peak_memory(step, device))
+        results[name] = (float(distill.kd_token_sum(s, t, w, chunk_size=c).detach()) / N,
+                         peak_memory(step, device))
     (l_n, m_n), (l_c, m_c) = results["naive"], results["chunked"]
-    return [("kd_memory", f"KD fwd+bwd, {N} tokens x vocab {V} (bf16 logits)", f"chunked({chunk}) {m_c / 2**20:.0f} MiB",
-             f"naive {m_n / 2**20:.0f} MiB", f"memory ratio {m_c / m_n:.2f}; loss {l_c:.5f} vs {l_n:.5f}")]
+    return [("kd_memory", f"KD fwd+bwd, {N} tokens x vocab {V} (bf16 logits)",
+             f"chunked({chunk}) {m_c / 2**20:.0f} MiB",
+             f"naive {m_n / 2**20:.0f} MiB",
+             f"memory ratio {m_c / m_n:.2f}; loss {l_c:.5f} vs {l_n:.5f}")]
 
 
 def distill_step_ours(student, teacher, batch):
-    s_logits, t_logits = kvshare.distill_forward(student, teacher, batch, batch["image_token_id"], "full")
+    s_logits, t_logits = kvshare.distill_forward(student, teacher, batch, batch["image_token_id"],
+                                                 "full")
     out = distill.distill_loss(s_logits, batch["labels"], batch["response_mask"], t_logits,
                                sources=batch["source"], policy="uniform")
     out["loss"].backward()
@@ -156,7 +166,9 @@ def bench_step(device, lm, B=4, P=192, R=64, with_hf=True):
     batch["image_token_id"] = lm.vocab_size - 1
     t_ours = timeit(lambda: distill_step_ours(student, teacher, batch), device, repeat=3, warmup=1)
     m_ours = peak_memory(lambda: distill_step_ours(student, teacher, batch), device)
-    rows = [("step", f"distill step (ours), B={B} P={P} R={R}, {lm.n_layers}x{lm.dim}, vocab {lm.vocab_size}",
+    rows = [("step",
+             f"distill step (ours), B={B} P={P} R={R}, {lm.n_layers}x{lm.dim}, vocab "
+             f"{lm.vocab_size}",
              f"{t_ours * 1e3:.0f} ms", f"peak {m_ours / 2**20:.0f} MiB", "")]
     if not with_hf:
         return rows
@@ -167,8 +179,11 @@ def bench_step(device, lm, B=4, P=192, R=64, with_hf=True):
     with tempfile.TemporaryDirectory() as d:
         save_hf_lm(student.decoder, d + "/s")
         save_hf_lm(teacher, d + "/t")
-        hf_s = transformers.LlamaForCausalLM.from_pretrained(d + "/s", attn_implementation="sdpa").to(device)
-        hf_t = transformers.LlamaForCausalLM.from_pretrained(d + "/t", attn_implementation="sdpa").to(device).eval()
+        hf_s = transformers.LlamaForCausalLM.from_pretrained(d + "/s",
+                                                             attn_implementation="sdpa").to(device)
+        hf_t = transformers.LlamaForCausalLM.from_pretrained(d + "/t",
+                                                             attn_implementation="sdpa").to(
+                                                                 device).eval()
     hf_t.requires_grad_(False)
 
     def hf_step():
@@ -176,7 +191,7 @@ def bench_step(device, lm, B=4, P=192, R=64, with_hf=True):
         out = hf_s(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=R + 1)
         s_logits = out.logits[:, :R]
         cache = out.past_key_values
-        cache.crop(-(R + 1))                                # keep the shared context KV (P-1 columns)
+        cache.crop(-(R + 1))                              # keep the shared context KV (P-1 columns)
         with torch.no_grad():
             for layer in cache.layers:
                 layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
@@ -201,7 +216,8 @@ def bench_train(device, steps=20, peak_tflops=None):
     """Tokens/s of each `python train.py` stage (tiny preset, `steps` steps each); MFU on CUDA
     from the 6N rule (6 x trainable-path params per token, + 2N for the teacher's forward)."""
     with tempfile.TemporaryDirectory() as d:
-        argv = [f"--out_dir={d}", f"--device={device.type}", "--eval=false", "--ckpt_every=1000000"] + \
+        argv = [f"--out_dir={d}", f"--device={device.type}", "--eval=false",
+                "--ckpt_every=1000000"] + \
                [f"--{s}_steps={steps}" for s in ("pretrain", "align", "adapt", "distill")]
         models, _, _ = train.run(train.get_config(argv))
         log = [json.loads(line) for line in open(f"{d}/log.jsonl")]
@@ -214,8 +230,8 @@ def bench_train(device, steps=20, peak_tflops=None):
         recs = [r for r in log if r["stage"] == stage][3:]              # skip warm-up steps
         tok_s = sum(r["tokens"] for r in recs[1:]) / (recs[-1]["time"] - recs[0]["time"])
         mfu = f"MFU {100 * fpt * tok_s / (peak_tflops * 1e12):.3f}%" if peak_tflops else ""
-        rows.append(("train", f"stage {stage} (tiny preset, {len(recs)} timed steps)", f"{tok_s:,.0f} tokens/s",
-                     f"{fpt / 1e6:.1f} MFLOP/token", mfu))
+        rows.append(("train", f"stage {stage} (tiny preset, {len(recs)} timed steps)",
+                     f"{tok_s:,.0f} tokens/s", f"{fpt / 1e6:.1f} MFLOP/token", mfu))
     return rows
 
 
@@ -223,7 +239,7 @@ def bench_train(device, steps=20, peak_tflops=None):
 # The paper's size
 
 PAPER_SIZES = {   # (decoder config, vision config, pixel-shuffle factor)
-    "paper": (SMOLLM2_360M, SIGLIP2_B16_512, 4),                    # 1024 patches -> 64 image tokens
+    "paper": (SMOLLM2_360M, SIGLIP2_B16_512, 4),                   # 1024 patches -> 64 image tokens
     "tiny": (LMConfig(vocab_size=512), VisionConfig(), 4),          # 64 patches -> 4 image tokens
 }
 
@@ -242,7 +258,8 @@ def flops_per_step(student, teacher, B, P, R):
     N_head = vocab * dim whether or not the head is tied to the embedding."""
     def body_head(dec):
         head = dec.lm_head.weight.numel()
-        body = sum(p.numel() for n, p in dec.named_parameters() if not n.startswith(("embed.", "lm_head.")))
+        body = sum(p.numel() for n,
+                   p in dec.named_parameters() if not n.startswith(("embed.", "lm_head.")))
         return body, head
     nb_s, nh_s = body_head(student.decoder)
     nb_t, nh_t = body_head(teacher)
@@ -272,8 +289,8 @@ def _peak_bytes(fn, device):
     return _proc_status_kib("VmHWM") * 1024
 
 
-def bench_paper(device, size="paper", B=8, P=448, R=64, steps=5, warmup=2, amp=None, teacher_dtype=None,
-                grad_ckpt=False, kd_chunk=None, peak_tflops=None, seed=0):
+def bench_paper(device, size="paper", B=8, P=448, R=64, steps=5, warmup=2, amp=None,
+                teacher_dtype=None, grad_ckpt=False, kd_chunk=None, peak_tflops=None, seed=0):
     """One full distill step at the paper's size (random init, no weights needed): student
     prefill + teacher continuation (scope full) + distill.distill_loss (uniform KD) + backward
     + AdamW (fused on CUDA), as train.py's distill stage does it.
@@ -290,18 +307,22 @@ def bench_paper(device, size="paper", B=8, P=448, R=64, steps=5, warmup=2, amp=N
     amp = amp or ("bf16" if device.type == "cuda" else "fp32")
     compute = {"bf16": torch.bfloat16, "fp32": torch.float32}[amp]
     teacher_dtype = teacher_dtype or compute
-    autocast = (lambda: torch.autocast(device.type, dtype=compute)) if amp != "fp32" else contextlib.nullcontext
+    autocast = (lambda: torch.autocast(device.type,
+                                       dtype=compute)) if amp != "fp32" else contextlib.nullcontext
     torch.manual_seed(seed)
     teacher = Decoder(lm).to(device)
-    image_token_id = lm.vocab_size                                  # a new id: the student's vocab grows by one
+    image_token_id = lm.vocab_size                      # a new id: the student's vocab grows by one
     student = vlm_from_teacher(teacher, vis, image_token_id, shuffle_factor=factor).train()
     student.decoder.gradient_checkpointing = grad_ckpt
     teacher = kvshare.freeze(teacher, teacher_dtype)
     kvshare.check_compatible(teacher.cfg, student.decoder.cfg)
     if P <= student.n_image_tokens:
-        raise ValueError(f"P={P} must exceed the {student.n_image_tokens} image tokens (the context ends in text)")
-    batch = make_batch(B, P, R, lm.vocab_size, image_token_id, student.n_image_tokens, vis.image_size, device)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-5, betas=(0.9, 0.95), fused=device.type == "cuda")
+        raise ValueError(f"P={P} must exceed the {student.n_image_tokens} image tokens (the "
+                         "context ends in text)")
+    batch = make_batch(B, P, R, lm.vocab_size, image_token_id, student.n_image_tokens,
+                       vis.image_size, device)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5, betas=(0.9, 0.95),
+                            fused=device.type == "cuda")
     losses = []
 
     def step():
@@ -321,15 +342,19 @@ def bench_paper(device, size="paper", B=8, P=448, R=64, steps=5, warmup=2, amp=N
     with torch.no_grad(), autocast():
         _, kv = kvshare.student_prefill(student, batch)
         text_ids = batch["input_ids"].masked_fill(batch["input_ids"] == image_token_id, 0)
-        t_cont = timeit(lambda: kvshare.teacher_continue(teacher, kv, batch, image_token_id, "full"), device,
+        t_cont = timeit(lambda: kvshare.teacher_continue(teacher, kv, batch, image_token_id,
+                                                         "full"), device,
                         repeat=steps, warmup=warmup)
-        t_full = timeit(lambda: teacher(text_ids, logits_start=P), device, repeat=steps, warmup=warmup)
+        t_full = timeit(lambda: teacher(text_ids, logits_start=P), device, repeat=steps,
+                        warmup=warmup)
     f_student, f_teacher = flops_per_step(student, teacher, B, P, R)
     achieved = (f_student + f_teacher) / t_step / 1e12
     return {"ms_per_step": t_step * 1e3, "tokens_per_s": B * (P + R) / t_step,
             "tflop_per_step": (f_student + f_teacher) / 1e12, "achieved_tflops": achieved,
-            "mfu": achieved / peak_tflops if peak_tflops else float("nan"), "peak_mem_mib": peak / 2**20,
-            "teacher_cont_ms": t_cont * 1e3, "teacher_full_ms": t_full * 1e3, "cont_ratio": t_cont / t_full,
+            "mfu": achieved / peak_tflops if peak_tflops else float("nan"),
+            "peak_mem_mib": peak / 2**20,
+            "teacher_cont_ms": t_cont * 1e3, "teacher_full_ms": t_full * 1e3,
+            "cont_ratio": t_cont / t_full,
             "ideal_ratio": R / (P + R), "kv_mib": sum(k.nbytes + v.nbytes for k, v in kv) / 2**20,
             "loss": losses[-1], "n_student": sum(p.numel() for p in student.parameters()),
             "n_teacher": sum(p.numel() for p in teacher.parameters()),
@@ -340,12 +365,16 @@ def bench_paper(device, size="paper", B=8, P=448, R=64, steps=5, warmup=2, amp=N
 def paper_rows(r, size, B, P, R, peak_tflops):
     setting = (f"{size}: student {r['n_student'] / 1e6:.0f}M, teacher {r['n_teacher'] / 1e6:.0f}M, "
                f"B={B} P={P} R={R}, amp {r['amp']}, teacher {r['teacher_dtype']}")
-    mfu = f"MFU {100 * r['mfu']:.1f}% of {peak_tflops:g} TFLOP/s" if peak_tflops else "MFU n/a (no --peak_tflops)"
+    mfu = (f"MFU {100 * r['mfu']:.1f}% of {peak_tflops:g} TFLOP/s" if peak_tflops
+           else "MFU n/a (no --peak_tflops)")
     return [("paper", "distill step " + setting, f"{r['ms_per_step']:.1f} ms/step",
              f"{r['tokens_per_s']:,.0f} tokens/s, {r['achieved_tflops']:.3g} TFLOP/s",
              f"{mfu}; peak {r['peak_mem_mib']:,.0f} MiB; loss {r['loss']:.3f}"),
-            ("paper", f"teacher continuation (R tokens over shared {r['kv_dtype']} KV, {r['kv_mib']:.1f} MiB)",
-             f"{r['teacher_cont_ms']:.1f} ms", f"full teacher forward {r['teacher_full_ms']:.1f} ms",
+            ("paper",
+             f"teacher continuation (R tokens over shared {r['kv_dtype']} KV, {r['kv_mib']:.1f} "
+             "MiB)",
+             f"{r['teacher_cont_ms']:.1f} ms",
+             f"full teacher forward {r['teacher_full_ms']:.1f} ms",
              f"ratio {r['cont_ratio']:.3f} (ideal R/(P+R) = {r['ideal_ratio']:.3f})")]
 
 
@@ -362,14 +391,15 @@ def bench_loader(workers=(0, 2, 4, 8), image_size=512, n_images=64, batch_size=8
             for i in range(n_images):
                 pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(os.path.join(d, f"{i}.{fmt}"))
-                lines.append(json.dumps({"image": f"{i}.{fmt}", "prompt": "what is in the picture ?",
+                lines.append(json.dumps({"image": f"{i}.{fmt}",
+                                         "prompt": "what is in the picture ?",
                                          "response": " a picture ."}))
             path = os.path.join(d, f"{fmt}.jsonl")
             with open(path, "w") as f:
                 f.write("\n".join(lines) + "\n")
             ds = data.StreamDataset(path, tok, n_image_tokens=64, image_size=image_size)
             for w in workers:
-                t = time.perf_counter()                     # from the start: prefetch can't flatter it
+                t = time.perf_counter()                  # from the start: prefetch can't flatter it
                 it = iter(data.make_loader(ds, batch_size, seed=0, num_workers=w, timeout=300))
                 for _ in range(batches):
                     next(it)
@@ -381,25 +411,32 @@ def bench_loader(workers=(0, 2, 4, 8), image_size=512, n_images=64, batch_size=8
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["handoff", "kd_memory", "step", "hf_step", "train", "paper", "loader"])
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only",
+                    choices=["handoff", "kd_memory", "step", "hf_step", "train", "paper", "loader"])
     ap.add_argument("--loader_workers", default="0,2,4,8", help="worker counts for --only=loader")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--peak_tflops", type=float, default=None,
                     help="accelerator peak for MFU (default on CUDA: 989, H100 SXM dense bf16)")
-    g = ap.add_argument_group("paper", "--only=paper (MFU = flops_per_step / time / peak; see bench_paper)")
+    g = ap.add_argument_group("paper",
+                              "--only=paper (MFU = flops_per_step / time / peak; see bench_paper)")
     g.add_argument("--size", default="paper", choices=sorted(PAPER_SIZES))
     g.add_argument("--B", type=int, default=8)
     g.add_argument("--P", type=int, default=448, help="context columns (64 image tokens + prompt)")
     g.add_argument("--R", type=int, default=64, help="response columns")
     g.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup)")
     g.add_argument("--warmup", type=int, default=3)
-    g.add_argument("--amp", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    g.add_argument("--teacher_dtype", choices=["bf16", "fp32"], default=None, help="default: as --amp")
-    g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing of the student's blocks")
+    g.add_argument("--amp", choices=["bf16", "fp32"], default=None,
+                   help="default: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--teacher_dtype", choices=["bf16", "fp32"], default=None,
+                   help="default: as --amp")
+    g.add_argument("--grad_ckpt", action="store_true",
+                   help="activation checkpointing of the student's blocks")
     g.add_argument("--kd_chunk", type=int, default=None)
     args = ap.parse_args()
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if args.device == "cuda"
+                          or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     cuda = device.type == "cuda"
     peak = args.peak_tflops or (989.0 if cuda else None)
@@ -409,25 +446,28 @@ def main():
     rows = []
     run = lambda name: args.only in (None, name)
     if run("handoff"):
-        rows += bench_handoff(device, smol, **(dict(B=8, P=448, R=64) if cuda else dict(B=2, P=448, R=64)))
+        rows += bench_handoff(device, smol,
+                              **(dict(B=8, P=448, R=64) if cuda else dict(B=2, P=448, R=64)))
         rows += bench_handoff(device, tiny, B=32, P=24, R=8)
     if run("kd_memory"):
         rows += bench_kd_memory(device, N=8192 if cuda else 1024)
     if run("step") or run("hf_step"):
-        rows += bench_step(device, smol, **(dict(B=8, P=448, R=64) if cuda else dict(B=1, P=192, R=32)),
+        rows += bench_step(device, smol,
+                           **(dict(B=8, P=448, R=64) if cuda else dict(B=1, P=192, R=32)),
                            with_hf=args.only != "step")
     if run("paper") and (cuda or args.only == "paper"):
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = True                    # as train.Runtime
         td = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.teacher_dtype)
-        r = bench_paper(device, args.size, args.B, args.P, args.R, args.steps, args.warmup, args.amp, td,
-                        args.grad_ckpt, args.kd_chunk, peak)
+        r = bench_paper(device, args.size, args.B, args.P, args.R, args.steps, args.warmup,
+                        args.amp, td, args.grad_ckpt, args.kd_chunk, peak)
         rows += paper_rows(r, args.size, args.B, args.P, args.R, peak)
     if args.only == "loader":           # not in the default run: it measures the data pipeline
         rows += bench_loader(tuple(int(w) for w in args.loader_workers.split(",")))
     if run("train"):
         rows += bench_train(device, steps=40 if cuda else 20, peak_tflops=peak)
-    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    name = torch.cuda.get_device_name(
+        device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\nbench.py on {name}, torch {torch.__version__}\n")
     print("| bench | setting | ours | reference | ratio / note |\n|---|---|---|---|---|")
     for r in rows:

@@ -2,8 +2,9 @@
 BIG-bench multiple-choice tasks as items for eval.multiple_choice, read straight from the `bigbench`
 sdist on PyPI (it ships every JSON task):
 
-  pip download --no-deps bigbench==1.0.0 -d .weights          # .weights/bigbench-1.0.0.tar.gz, 358 MB
-  python tools/bigbench.py --tasks=dev --ckpt=FOLDER [--limit=N] [--source=TAR_OR_FOLDER] [--batch_size=16]
+  pip download --no-deps bigbench==1.0.0 -d .weights   # .weights/bigbench-1.0.0.tar.gz, 358 MB
+  python tools/bigbench.py --tasks=dev --ckpt=FOLDER [--limit=N] [--source=TAR_OR_FOLDER]
+  [--batch_size=16]
                            [--bigbench_spaces]
 
 --tasks=dev (DEV_TASKS) or a comma list of task names; FOLDER is a Hugging Face LM folder or our
@@ -36,7 +37,8 @@ have to call one of equally good options wrong. (BIG-bench takes the first one a
 "target" and grades multiple choice with partial credit: the target score of the chosen option.)
 Each item keeps its "scores" list, so that grade can be computed too (bigbench_grade).
 
-Normalisation: eval.multiple_choice picks the option with the highest MEAN log-probability per option
+Normalisation: eval.multiple_choice picks the option with the highest MEAN log-probability per
+option
 token (length-normalised). BIG-bench's multiple_choice_grade picks the highest SUM of
 log-probabilities (absolute_normalization; the softmax over options it applies by default does
 not change the argmax). The two differ when options have different token lengths.
@@ -59,17 +61,21 @@ import tarfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 DEV_TASKS = ("social_iqa", "phrase_relatedness", "physics", "disambiguation_qa")
-RESERVED_TASKS = ("movie_recommendation", "date_understanding", "understanding_fables", "emoji_movie", "timedial",
-                  "strategyqa", "sports_understanding", "hindu_knowledge", "winowhy", "causal_judgment")
-DEFAULT_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".weights",
-                              "bigbench-1.0.0.tar.gz")
-DEFAULTS = {"example_input_prefix": "\nQ: ", "example_output_prefix": "\nA: ", "choice_prefix": "\n  choice: ",
-            "append_choices_to_input": True, "task_prefix": ""}
-BIGBENCH_SEED = 42                    # json_task.JsonTask(random_seed=42): the choice order in the input
+RESERVED_TASKS = ("movie_recommendation", "date_understanding", "understanding_fables",
+                  "emoji_movie", "timedial",
+                  "strategyqa", "sports_understanding", "hindu_knowledge", "winowhy",
+                  "causal_judgment")
+DEFAULT_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              ".weights", "bigbench-1.0.0.tar.gz")
+DEFAULTS = {"example_input_prefix": "\nQ: ", "example_output_prefix": "\nA: ",
+            "choice_prefix": "\n  choice: ", "append_choices_to_input": True, "task_prefix": ""}
+BIGBENCH_SEED = 42               # json_task.JsonTask(random_seed=42): the choice order in the input
 # training_text skips tasks with any of these keywords: not English prose
-NON_LANGUAGE_KEYWORDS = ("non-language", "visual reasoning", "non-English", "low-resource language", "multilingual",
-                         "translation", "computer code", "arithmetic", "numerical response", "mathematics")
-MAX_MEMBER_BYTES = 20 << 20           # training_text skips larger task.json (ASCII art, base64 images, ...)
+NON_LANGUAGE_KEYWORDS = ("non-language", "visual reasoning", "non-English", "low-resource language",
+                         "multilingual",
+                         "translation", "computer code", "arithmetic", "numerical response",
+                         "mathematics")
+MAX_MEMBER_BYTES = 20 << 20   # training_text skips larger task.json (ASCII art, base64 images, ...)
 
 _MEMBER = re.compile(r"(?:^|/)benchmark_tasks/([^/]+)/(?:([^/]+)/)?task\.json$")
 
@@ -81,12 +87,14 @@ class ReservedTaskError(ValueError):
 def check_not_reserved(tasks):
     bad = [t for t in tasks if t.split(":")[0] in RESERVED_TASKS]
     if bad:
-        raise ReservedTaskError(f"{bad} {'is a' if len(bad) == 1 else 'are'} reserved BIG-bench task(s): held out "
-                                "for the final evaluation, never read during development")
+        raise ReservedTaskError(f"{bad} {'is a' if len(bad) == 1 else 'are'} reserved BIG-bench "
+                                "task(s): held out for the final evaluation, never read during "
+                                "development")
 
 
 def parse_member(path):
-    """'.../benchmark_tasks/<task>/task.json' -> (task, None); '.../<task>/<sub>/task.json' -> (task, sub);
+    """'.../benchmark_tasks/<task>/task.json' -> (task, None); '.../<task>/<sub>/task.json' ->
+    (task, sub);
     anything else -> None."""
     m = _MEMBER.search(path.replace(os.sep, "/"))
     return (m.group(1), m.group(2)) if m else None
@@ -97,25 +105,29 @@ def _iter_files(source, keep):
     read() returns the parsed JSON. keep() is called on the path before anything is read."""
     if os.path.isdir(source):
         roots = [source] if os.path.basename(os.path.normpath(source)) == "benchmark_tasks" else \
-            [os.path.join(d, "benchmark_tasks") for d, subs, _ in os.walk(source) if "benchmark_tasks" in subs]
+            [os.path.join(d, "benchmark_tasks") for d, subs,
+             _ in os.walk(source) if "benchmark_tasks" in subs]
         if not roots:
             raise FileNotFoundError(f"{source}: no benchmark_tasks/ folder under it")
         for root in roots:
             for task in sorted(os.listdir(root)):
                 cands = [(None, os.path.join(root, task, "task.json"))]
                 if os.path.isdir(os.path.join(root, task)):
-                    cands += [(s, os.path.join(root, task, s, "task.json")) for s in sorted(os.listdir(os.path.join(root, task)))]
+                    cands += [(s, os.path.join(root, task, s, "task.json"))
+                              for s in sorted(os.listdir(os.path.join(root, task)))]
                 for sub, path in cands:
                     if os.path.isfile(path) and keep(task, sub, os.path.getsize(path)):
                         yield task, sub, lambda p=path: _load_json(open(p, "rb").read(), p)
         return
     if not os.path.isfile(source):
-        raise FileNotFoundError(f"{source}: not found (pip download --no-deps bigbench==1.0.0 -d .weights)")
+        raise FileNotFoundError(f"{source}: not found (pip download --no-deps bigbench==1.0.0 -d "
+                                ".weights)")
     with tarfile.open(source, "r:*") as tar:            # streams: members in archive order
         for member in tar:
             parsed = parse_member(member.name) if member.isfile() else None
             if parsed and keep(parsed[0], parsed[1], member.size):
-                yield parsed[0], parsed[1], lambda m=member: _load_json(tar.extractfile(m).read(), m.name)
+                yield parsed[
+                    0], parsed[1], lambda m=member: _load_json(tar.extractfile(m).read(), m.name)
 
 
 def _load_json(raw, where):
@@ -133,7 +145,8 @@ def format_example(example, task_json, seed=BIGBENCH_SEED, move_spaces=True):
     import numpy as np
     ts = example.get("target_scores")
     if not isinstance(ts, dict) or len(ts) < 2 or not isinstance(example.get("input"), str):
-        raise ValueError(f"expected 'input' (str) and 'target_scores' (>= 2 options), found keys {sorted(example)}")
+        raise ValueError("expected 'input' (str) and 'target_scores' (>= 2 options), found keys "
+                         f"{sorted(example)}")
     opt = {k: task_json.get(k, v) for k, v in DEFAULTS.items()}
     text = example["input"]
     if opt["append_choices_to_input"]:
@@ -145,7 +158,8 @@ def format_example(example, task_json, seed=BIGBENCH_SEED, move_spaces=True):
         raise ValueError(f"no option scores above the others: {ts}")
     if scores.count(best) > 1:
         return None
-    context = str(opt["task_prefix"]) + opt["example_input_prefix"] + text + opt["example_output_prefix"]
+    context = str(
+        opt["task_prefix"]) + opt["example_input_prefix"] + text + opt["example_output_prefix"]
     if move_spaces:
         stripped = context.rstrip(" ")
         options, context = [context[len(stripped):] + o for o in options], stripped
@@ -196,7 +210,8 @@ def read_tasks(tasks, source=DEFAULT_SOURCE, limit=None, move_spaces=True):
             parts = [(f"{task}:{s}", found[s]) for s in sorted(k for k in found if k is not None)
                      if "examples" in found[s]]
             if not parts:
-                raise ValueError(f"{task}: task.json has no 'examples' and no subtask folder with examples")
+                raise ValueError(f"{task}: task.json has no 'examples' and no subtask folder with "
+                                 "examples")
         items, skipped = [], 0
         for name, tj in parts:
             its, sk = task_items(tj, name, move_spaces)
@@ -205,7 +220,8 @@ def read_tasks(tasks, source=DEFAULT_SOURCE, limit=None, move_spaces=True):
         if not items:
             raise ValueError(f"{task}: no multiple-choice examples (target_scores)")
         out[task] = items[:limit] if limit else items
-        report[task] = {"n": len(out[task]), "skipped": skipped, "subtasks": len(parts) if parts[0][0] != task else 0}
+        report[task] = {"n": len(out[task]), "skipped": skipped,
+                        "subtasks": len(parts) if parts[0][0] != task else 0}
     return out, report
 
 
@@ -214,17 +230,19 @@ def training_text(source=DEFAULT_SOURCE, max_per_task=200, exclude=()):
     DEV_TASKS nor in RESERVED_TASKS (nor in `exclude`) and has none of NON_LANGUAGE_KEYWORDS,
     up to max_per_task documents "<input> <correct answer>" (the unique best target_scores
     option, or the first "target" string of a generative example). Prefixes and listed choices
-    are not included; duplicates are dropped. Returns ([text, ...], {task: count}). Excluded tasks are skipped by path,
+    are not included; duplicates are dropped. Returns ([text, ...], {task: count}). Excluded tasks
+    are skipped by path,
     never read."""
     banned = set(DEV_TASKS) | set(RESERVED_TASKS) | {t.split(":")[0] for t in exclude}
     texts, counts, seen = [], {}, set()
-    for task, sub, read in _iter_files(source, lambda t, s, size: t not in banned and size <= MAX_MEMBER_BYTES):
+    for task, sub, read in _iter_files(source, lambda t, s,
+                                       size: t not in banned and size <= MAX_MEMBER_BYTES):
         tj = read()
         if "examples" not in tj or set(tj.get("keywords", ())) & set(NON_LANGUAGE_KEYWORDS):
             continue
         n = 0
         for ex in tj["examples"]:
-            if counts.get(task, 0) + n >= max_per_task:          # a parent task's subtasks share the cap
+            if counts.get(task, 0) + n >= max_per_task:     # a parent task's subtasks share the cap
                 break
             q = ex.get("input")
             ans = None
@@ -235,9 +253,11 @@ def training_text(source=DEFAULT_SOURCE, max_per_task=200, exclude=()):
                     ans = next(k for k, v in ts.items() if v == best)
             elif isinstance(ex.get("target"), str):
                 ans = ex["target"]
-            elif isinstance(ex.get("target"), list) and ex["target"] and isinstance(ex["target"][0], str):
+            elif isinstance(ex.get("target"),
+                            list) and ex["target"] and isinstance(ex["target"][0], str):
                 ans = ex["target"][0]
-            text = f"{q.strip()} {ans.strip()}" if isinstance(q, str) and q.strip() and ans else None
+            text = f"{q.strip()} {ans.strip()}" if isinstance(q,
+                                                              str) and q.strip() and ans else None
             if text and text not in seen:
                 seen.add(text)
                 texts.append(text)
@@ -255,7 +275,8 @@ def bigbench_grade(items, pred):
 
 
 def load_model_and_tokenizer(folder):
-    """A Hugging Face LM folder or our VLM folder (-> its decoder), and data.load_tokenizer of its tokenizer.json."""
+    """A Hugging Face LM folder or our VLM folder (-> its decoder), and data.load_tokenizer of its
+    tokenizer.json."""
     import data
     from weights import read_json, load_vlm, load_hf_lm
     kind = read_json(os.path.join(folder, "config.json")).get("model_type")
@@ -265,8 +286,8 @@ def load_model_and_tokenizer(folder):
 
 def main(argv):
     import time
-    opts = {"tasks": "dev", "ckpt": None, "limit": None, "source": DEFAULT_SOURCE, "batch_size": "16",
-            "bigbench_spaces": False}
+    opts = {"tasks": "dev", "ckpt": None, "limit": None, "source": DEFAULT_SOURCE,
+            "batch_size": "16", "bigbench_spaces": False}
     for arg in argv:
         key, eq, val = arg[2:].partition("=")
         if arg == "--bigbench_spaces":
@@ -282,19 +303,23 @@ def main(argv):
     import eval as ev
     import torch
     t0 = time.time()
-    by_task, report = read_tasks(tasks, opts["source"], int(opts["limit"]) if opts["limit"] else None,
+    by_task, report = read_tasks(tasks, opts["source"],
+                                 int(opts["limit"]) if opts["limit"] else None,
                                  move_spaces=not opts["bigbench_spaces"])
     t_read = time.time() - t0
     model, tok = load_model_and_tokenizer(opts["ckpt"])
-    print(f"read {len(by_task)} task(s) in {t_read:.1f}s; model {opts['ckpt']} ({torch.get_num_threads()} threads)")
-    print(f"{'task':<22} {'acc':>6} {'chance':>7} {'n':>5} {'skipped':>7} {'bb grade':>8} {'time':>6}")
+    print(f"read {len(by_task)} task(s) in {t_read:.1f}s; model {opts['ckpt']} "
+          f"({torch.get_num_threads()} threads)")
+    print(f"{'task':<22} {'acc':>6} {'chance':>7} {'n':>5} {'skipped':>7} {'bb grade':>8} "
+          f"{'time':>6}")
     for task, items in by_task.items():
         t1 = time.time()
         r = ev.multiple_choice(model, tok, items, int(opts["batch_size"]))
         grade, _ = bigbench_grade(items, r["pred"])
-        print(f"{task:<22} {100 * r['acc']:6.1f} {100 * r['chance']:7.1f} {r['n']:5d} {report[task]['skipped']:7d} "
-              f"{100 * grade:8.1f} {time.time() - t1:5.1f}s")
-    print(f"total {time.time() - t0:.1f}s wall (mean log-prob per option token; bb grade = target score of the pick)")
+        print(f"{task:<22} {100 * r['acc']:6.1f} {100 * r['chance']:7.1f} {r['n']:5d} "
+              f"{report[task]['skipped']:7d} {100 * grade:8.1f} {time.time() - t1:5.1f}s")
+    print(f"total {time.time() - t0:.1f}s wall (mean log-prob per option token; bb grade = target "
+          "score of the pick)")
 
 
 if __name__ == "__main__":

@@ -40,13 +40,15 @@ TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4  # llama.cpp token_type values
 def permute(w, n_heads):
     """llama.cpp's HF -> GGUF q/k row permutation (convert_hf_to_gguf.py, LlamaModel.permute).
     Within each head, rows [first half | second half] become interleaved pairs."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2,
+                     *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def unpermute(w, n_heads):
     """Inverse of permute(): GGUF q/k rows -> HF rows. View each head's rows as
     (head_dim/2, 2) pairs, swap back to (2, head_dim/2) halves."""
-    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2,
+                     *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _field(reader, key, default=None):
@@ -55,7 +57,8 @@ def _field(reader, key, default=None):
     if f is None:
         return default
     v = f.contents()
-    if isinstance(v, (np.floating, float)):  # stored as float32: 1e-5 -> 9.9999997e-06; keep the short form
+    # stored as float32: 1e-5 -> 9.9999997e-06; keep the short form
+    if isinstance(v, (np.floating, float)):
         v = float(str(np.float32(v)))
     return v.item() if isinstance(v, np.generic) else v
 
@@ -100,9 +103,11 @@ def key_map(cfg):
     """GGUF tensor name -> (HF name, expected torch shape)."""
     h, hd, f, v = cfg["hidden_size"], cfg["head_dim"], cfg["intermediate_size"], cfg["vocab_size"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    shapes = {"attn_norm": (h,), "ffn_norm": (h,), "attn_q": (q, h), "attn_k": (kv, h), "attn_v": (kv, h),
+    shapes = {"attn_norm": (h,), "ffn_norm": (h,), "attn_q": (q, h), "attn_k": (kv, h),
+              "attn_v": (kv, h),
               "attn_output": (h, q), "ffn_gate": (f, h), "ffn_up": (f, h), "ffn_down": (h, f)}
-    m = {"token_embd.weight": ("model.embed_tokens.weight", (v, h)), "output_norm.weight": ("model.norm.weight", (h,))}
+    m = {"token_embd.weight": ("model.embed_tokens.weight", (v, h)),
+         "output_norm.weight": ("model.norm.weight", (h,))}
     if not cfg["tie_word_embeddings"]:
         m["output.weight"] = ("lm_head.weight", (v, h))
     for i in range(cfg["num_hidden_layers"]):
@@ -117,7 +122,8 @@ def read_tensors(reader, cfg):
     kmap, have = key_map(cfg), {t.name: t for t in reader.tensors}
     missing, unknown = sorted(set(kmap) - set(have)), sorted(set(have) - set(kmap))
     if missing or unknown:
-        raise ValueError(f"GGUF tensors do not match the llama layout: missing {missing}, unknown/unused {unknown}")
+        raise ValueError(f"GGUF tensors do not match the llama layout: missing {missing}, "
+                         f"unknown/unused {unknown}")
     out, bad = {}, []
     for name, (hf_name, shape) in kmap.items():
         t = have[name]
@@ -143,24 +149,29 @@ def read_tensors(reader, cfg):
 def build_tokenizer(reader):
     """(tokenizers.Tokenizer, tokenizer_config dict) from tokenizer.ggml.*, or None if absent."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    tokens, merges = _field(reader, "tokenizer.ggml.tokens"), _field(reader, "tokenizer.ggml.merges")
+    tokens, merges = _field(reader,
+                            "tokenizer.ggml.tokens"), _field(reader, "tokenizer.ggml.merges")
     kind = _field(reader, "tokenizer.ggml.model")
     if not tokens or not merges or kind != "gpt2":
-        log.warning("GGUF has no byte-level BPE tokenizer (tokenizer.ggml.model=%r); skipping tokenizer files", kind)
+        log.warning("GGUF has no byte-level BPE tokenizer (tokenizer.ggml.model=%r); skipping "
+                    "tokenizer files", kind)
         return None
     types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
     bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)},
                      merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False)
     tok = Tokenizer(bpe)
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if _field(reader, "tokenizer.ggml.pre") == "smollm":  # llama.cpp's "smollm": digits split one by one
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    # llama.cpp's "smollm": digits split one by one
+    if _field(reader, "tokenizer.ggml.pre") == "smollm":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     byte_level])
     else:
         tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t, ty in zip(tokens, types) if ty == TOKEN_CONTROL])
-    tok.add_tokens([AddedToken(t, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_USER_DEFINED])
+    tok.add_tokens([AddedToken(t, normalized=False) for t,
+                    ty in zip(tokens, types) if ty == TOKEN_USER_DEFINED])
     ids = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
            "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
     special = {role: tokens[_field(reader, f"tokenizer.ggml.{key}")] for role, key in ids.items()
@@ -183,7 +194,8 @@ def open_gguf(gguf_path):
     try:
         return GGUFReader(gguf_path)
     except Exception as e:      # the library raises ValueError, IndexError, ... on bad bytes
-        raise ValueError(f"{gguf_path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        raise ValueError(
+            f"{gguf_path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
 def convert_gguf(gguf_path, out_dir):
@@ -206,7 +218,8 @@ def convert_gguf(gguf_path, out_dir):
         atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda p: tok.save(p))
         write_json(os.path.join(out_dir, "tokenizer_config.json"), tcfg)
         write_json(os.path.join(out_dir, "special_tokens_map.json"),
-                   {k: v for k, v in tcfg.items() if k in ("bos_token", "eos_token", "unk_token", "pad_token")})
+                   {k: v for k,
+                    v in tcfg.items() if k in ("bos_token", "eos_token", "unk_token", "pad_token")})
     return out_dir
 
 

@@ -61,7 +61,7 @@ def trailing_specials(tok_path):
         i -= 1
     keep = ids[0] if ids else i + 1
     if any(v >= keep for v in (j.get("model", {}).get("vocab") or {}).values()):
-        ids = []                                          # part of the BPE vocabulary: not ours to drop
+        ids = []                                      # part of the BPE vocabulary: not ours to drop
     else:
         j["added_tokens"] = [t for t in j.get("added_tokens", []) if t["id"] < keep]
     return ids, j, tok
@@ -72,7 +72,8 @@ def drop_rows(decoder, keep):
     from dataclasses import replace
     cfg = replace(decoder.cfg, vocab_size=keep)
     small = Decoder(cfg)
-    sd = {k: (v[:keep] if k in ("embed.weight", "lm_head.weight") else v) for k, v in decoder.state_dict().items()}
+    sd = {k: (v[:keep] if k in ("embed.weight", "lm_head.weight") else v) for k,
+          v in decoder.state_dict().items()}
     small.load_state_dict(sd)
     return small
 
@@ -89,16 +90,17 @@ def export(src, out, drop_image_row=False):
     V = decoder.cfg.vocab_size
     n_tok = tok.get_vocab_size(with_added_tokens=True)
     if n_tok > V:
-        raise ValueError(f"{src}: tokenizer has {n_tok} ids (with the ones load_tokenizer adds) but the model only "
-                         f"{V} rows")
+        raise ValueError(f"{src}: tokenizer has {n_tok} ids (with the ones load_tokenizer adds) "
+                         f"but the model only {V} rows")
     os.makedirs(out, exist_ok=True)
     if drop_image_row:
         if not extra or extra[-1] != V - 1:
-            raise ValueError(f"{src}: --drop_image_row: no appended <image>/<pad>/<eos> ids at the end of the "
-                             f"vocabulary (vocab_size {V}; the tokenizer's own tokens play those roles or sit "
-                             "inside its vocabulary, as in the tiny world): nothing to drop")
+            raise ValueError(f"{src}: --drop_image_row: no appended <image>/<pad>/<eos> ids at the "
+                             f"end of the vocabulary (vocab_size {V}; the tokenizer's own tokens "
+                             "play those roles or sit inside its vocabulary, as in the tiny "
+                             "world): nothing to drop")
         decoder = drop_rows(decoder, extra[0])
-        write_json(os.path.join(out, "tokenizer.json"), trimmed)              # the source file minus those ids
+        write_json(os.path.join(out, "tokenizer.json"), trimmed)   # the source file minus those ids
         roles = tok.role_tokens
     else:
         tok.save(os.path.join(out, "tokenizer.json"))
@@ -109,14 +111,16 @@ def export(src, out, drop_image_row=False):
     from tokenizers import Tokenizer
     written = Tokenizer.from_file(os.path.join(out, "tokenizer.json"))
     missing = [t for t in (eos, pad) if written.token_to_id(t) is None]
-    if missing:                    # --drop_image_row dropped an appended <eos>/<pad>: name no such token
+    if missing:               # --drop_image_row dropped an appended <eos>/<pad>: name no such token
         eos, pad = (None if eos in missing else eos), (None if pad in missing else pad)
     src_cfg = os.path.join(src, "tokenizer_config.json")
     tcfg = read_json(src_cfg) if os.path.isfile(src_cfg) else {}
     tcfg.pop("added_tokens_decoder", None)      # ids may have changed; tokenizer.json is the truth
-    tcfg.update({"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
-                 "clean_up_tokenization_spaces": False, "model_max_length": decoder.cfg.max_positions})
-    name = lambda v: v.get("content") if isinstance(v, dict) else v            # str or serialised AddedToken
+    tcfg.update({"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False,
+                 "add_eos_token": False,
+                 "clean_up_tokenization_spaces": False,
+                 "model_max_length": decoder.cfg.max_positions})
+    name = lambda v: v.get("content") if isinstance(v, dict) else v   # str or serialised AddedToken
     bos = name(tcfg.get("bos_token"))
     if bos is not None and written.token_to_id(bos) is None:
         tcfg.pop("bos_token")
@@ -133,8 +137,10 @@ def export(src, out, drop_image_row=False):
     ids["bos_token_id"] = written.token_to_id(bos) if bos else None
     cfg.update({k: v for k, v in ids.items() if v is not None})
     write_json(os.path.join(out, "config.json"), cfg)
-    write_json(os.path.join(out, "generation_config.json"), {k: v for k, v in ids.items() if v is not None})
-    return {"kind": kind, "vocab_size": decoder.cfg.vocab_size, "dropped_rows": extra if drop_image_row else [],
+    write_json(os.path.join(out, "generation_config.json"),
+               {k: v for k, v in ids.items() if v is not None})
+    return {"kind": kind, "vocab_size": decoder.cfg.vocab_size,
+            "dropped_rows": extra if drop_image_row else [],
             "eos_token": eos, "pad_token": pad, "out": out}
 
 
@@ -144,7 +150,8 @@ def main(argv):
     if len(pos) != 2 or any(f != "--drop_image_row" for f in flags):
         sys.exit(__doc__)
     info = export(pos[0], pos[1], drop_image_row="--drop_image_row" in flags)
-    print(f"{pos[0]} ({info['kind']}) -> {info['out']}: Hugging Face folder, vocab_size {info['vocab_size']}"
+    print(f"{pos[0]} ({info['kind']}) -> {info['out']}: Hugging Face folder, vocab_size "
+          f"{info['vocab_size']}"
           + (f", dropped rows {info['dropped_rows']}" if info["dropped_rows"] else "")
           + f"; eos {info['eos_token']!r}, pad {info['pad_token']!r}")
 

@@ -1,7 +1,9 @@
 """Talk to a trained model: generate an answer, streamed token by token.
 
-    python tools/generate.py --model=out/distilled-selective-full --image=a.png --prompt="<image> eats"
-    python tools/generate.py --model=nanoVLM-460M-8k/ --tokenizer=SmolLM2-360M-Instruct/tokenizer.json \\
+    python tools/generate.py --model=out/distilled-selective-full --image=a.png \\
+        --prompt="<image> eats"
+    python tools/generate.py --model=nanoVLM-460M-8k/ \\
+        --tokenizer=SmolLM2-360M-Instruct/tokenizer.json \\
         --image=a.png,b.png --prompt="What differs?" --teacher=SmolLM2-360M-Instruct/
 
 --model: one of our VLM folders (weights.load_vlm), a nanoVLM folder (weights.load_nanovlm; its
@@ -51,7 +53,8 @@ def load_model(folder):
         return weights.load_nanovlm(folder), "nanovlm", template
     if cfg.get("model_type", "llama") in ("llama", "qwen2", "mistral") and "hidden_size" in cfg:
         return weights.load_hf_lm(folder), "lm", data.load_chat_template(folder)
-    raise BadInput(f"{folder}: config.json is neither our VLM, a nanoVLM nor a Hugging Face Llama/Qwen2 config")
+    raise BadInput(f"{folder}: config.json is neither our VLM, a nanoVLM nor a Hugging Face "
+                   "Llama/Qwen2 config")
 
 
 def load_tok(path, model):
@@ -60,9 +63,10 @@ def load_tok(path, model):
     split = isinstance(model, VLM) and bool(model.view_token_ids)
     tok = data.load_tokenizer(path, image_splitting=split)
     if isinstance(model, VLM):
-        ids = {data.IMAGE_TOKEN: model.image_token_id, **dict(zip(data.VIEW_TOKENS, model.view_token_ids))}
-        wrong = [f"{t} is {tok.token_to_id(t)} in the tokenizer, {i} in the model" for t, i in ids.items()
-                 if tok.token_to_id(t) != i]
+        ids = {data.IMAGE_TOKEN: model.image_token_id,
+               **dict(zip(data.VIEW_TOKENS, model.view_token_ids))}
+        wrong = [f"{t} is {tok.token_to_id(t)} in the tokenizer, {i} in the model" for t,
+                 i in ids.items() if tok.token_to_id(t) != i]
         if wrong:
             raise BadInput(f"{path}: tokenizer and model disagree: {wrong[0]}")
     return tok
@@ -86,7 +90,8 @@ class Stream:
     """Prints tokens as they come: decodes all ids so far and prints the new suffix (byte-level BPE
     pieces of one character can span tokens)."""
     def __init__(self, tok, eos_id, out=None):
-        self.tok, self.eos_id, self.out, self.ids, self.shown, self.done = tok, eos_id, out, [], "", False
+        self.tok, self.eos_id, self.out, self.ids, self.shown, self.done = (tok, eos_id, out, [],
+                                                                            "", False)
 
     def __call__(self, t):
         t = int(t[0])
@@ -119,13 +124,15 @@ def main(argv=None):
         return run(args)
     except (BadInput, ValueError, FileNotFoundError, ImportError) as e:
         # one line, but all of it: check_compatible lists each difference on a line of its own
-        print(f"generate.py: {' '.join(line.strip() for line in str(e).splitlines() if line.strip())}",
+        print("generate.py: "
+              f"{' '.join(line.strip() for line in str(e).splitlines() if line.strip())}",
               file=sys.stderr)
         return 2
 
 
 def run(args):
-    if args.max_new_tokens < 1 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
+    if args.max_new_tokens < 1 or args.temperature < 0 or (args.top_k is not None
+                                                           and args.top_k < 1):
         raise BadInput("--max_new_tokens and --top_k must be >= 1, --temperature >= 0")
     torch.manual_seed(args.seed)
     model, kind, template = load_model(args.model)
@@ -138,8 +145,9 @@ def run(args):
     prompt = args.prompt
     n_tags = prompt.count(data.IMAGE_TOKEN)
     if n_tags and n_tags != len(images):
-        raise BadInput(f"the prompt has {n_tags} {data.IMAGE_TOKEN} tag(s) for {len(images)} image(s)")
-    prompt = data.IMAGE_TOKEN * (len(images) - n_tags) + prompt          # images inside the user turn
+        raise BadInput(f"the prompt has {n_tags} {data.IMAGE_TOKEN} tag(s) for {len(images)} "
+                       "image(s)")
+    prompt = data.IMAGE_TOKEN * (len(images) - n_tags) + prompt        # images inside the user turn
     if template is not None and args.raw == "false":
         prompt = data.chat_prompt(prompt, template)
     example = {"image": images or None, "prompt": prompt, "response": "", "source": "generate"}
@@ -154,8 +162,10 @@ def run(args):
     gen = torch.Generator().manual_seed(args.seed)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               eos_id=eos, pad_id=pad, generator=gen)
-    teacher = load_teacher(args.teacher, model, ids) if args.teacher else None   # bad teacher: before any work
-    views = "" if not images else f", {batch['images'].shape[0]} image view(s), grids {batch['grids'][0]}"
+    # bad teacher: before any work
+    teacher = load_teacher(args.teacher, model, ids) if args.teacher else None
+    views = ("" if not images
+             else f", {batch['images'].shape[0]} image view(s), grids {batch['grids'][0]}")
     print(f"[{kind} {args.model}: {P} context tokens{views}]", file=sys.stderr)
     if is_vlm:
         model.generate(ids, batch["images"], attention_mask=mask, on_token=Stream(tok, eos), **kw)
@@ -177,8 +187,9 @@ def load_teacher(folder, student, ids):
     kvshare.check_compatible(teacher.cfg, decoder.cfg)
     only = student.student_only_ids if isinstance(student, VLM) else ()
     if int(ids[0, -1]) in only or int(ids[0, -1]) >= teacher.cfg.vocab_size:
-        raise BadInput("with --teacher the prompt must end with a text token the teacher knows (it re-runs "
-                       "the last context token itself; an image token there has no teacher embedding)")
+        raise BadInput("with --teacher the prompt must end with a text token the teacher knows (it "
+                       "re-runs the last context token itself; an image token there has no teacher "
+                       "embedding)")
     return teacher
 
 
@@ -187,15 +198,16 @@ def teacher_via_handoff(args, teacher, student, tok, batch, ids, mask):
     t_tok = data.load_tokenizer(t_path) if os.path.isfile(t_path) else tok
     with torch.no_grad():
         if isinstance(student, VLM):
-            _, kv = student(ids, batch["images"], attention_mask=mask, use_cache=True, logits_start=-1)
+            _, kv = student(ids, batch["images"], attention_mask=mask, use_cache=True,
+                            logits_start=-1)
         else:
             _, kv = student(input_ids=ids, attention_mask=mask, use_cache=True, logits_start=-1)
     only = student.student_only_ids if isinstance(student, VLM) else ()
     eos = data.special_id(t_tok, data.EOS_TOKEN)
     eos = eos if eos < teacher.cfg.vocab_size else None
     print("[teacher via the KV handoff]", file=sys.stderr)
-    kvshare.teacher_generate(teacher, kv, ids, mask, only, max_new_tokens=args.max_new_tokens, eos_id=eos,
-                             pad_id=0, on_token=Stream(t_tok, eos))
+    kvshare.teacher_generate(teacher, kv, ids, mask, only, max_new_tokens=args.max_new_tokens,
+                             eos_id=eos, pad_id=0, on_token=Stream(t_tok, eos))
     print()
 
 

@@ -23,20 +23,26 @@ from weights import load_model_folder  # noqa: E402
 #
 # Zero-shot format (lm-eval's default MMLU template; the option is the letter, scored by its
 # log-likelihood after "Answer:"):
-#   The following are multiple choice questions (with answers) about {subject}.\n\n   (if a subject is known)
+# The following are multiple choice questions (with answers) about {subject}.\n\n   (if a subject is
+# known)
 #   {question}\nA. {choice 0}\nB. {choice 1}\nC. {choice 2}\nD. {choice 3}\nAnswer:
-# options " A", " B", " C", " D" (one token each for byte-level BPE: the space belongs to the letter).
+# options " A", " B", " C", " D" (one token each for byte-level BPE: the space belongs to the
+# letter).
 
 LETTERS = "ABCDEFGHIJ"
-_MMLU_HEADER = re.compile(r"\s*The following are multiple choice questions \(with answers\) about (.+?)\.\n\n")
+_MMLU_HEADER = re.compile(r"\s*The following are multiple choice questions \(with answers\) about "
+                          r"(.+?)\.\n\n")
 _ANSWER = re.compile(r"The answer is \(([A-J])\)")
 
 
 def mc_item(question, choices, answer, subject=None):
     """-> {"context", "options", "answer", ["subject"]} in the zero-shot format above."""
-    header = f"The following are multiple choice questions (with answers) about {subject}.\n\n" if subject else ""
-    context = header + question.strip() + "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(choices)) + "\nAnswer:"
-    item = {"context": context, "options": [f" {LETTERS[i]}" for i in range(len(choices))], "answer": answer}
+    header = (f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+              if subject else "")
+    context = header + question.strip() + "".join(f"\n{LETTERS[i]}. {c}" for i,
+                                                  c in enumerate(choices)) + "\nAnswer:"
+    item = {"context": context, "options": [f" {LETTERS[i]}" for i in range(len(choices))],
+            "answer": answer}
     return {**item, "subject": subject} if subject else item
 
 
@@ -45,7 +51,9 @@ def _split_options(text):
     A, B, C, ... each after a space or newline, so "E(X) = 37" in an option is not a marker."""
     cuts, k = [0], 1
     while k < len(LETTERS):
-        hits = [i + 1 for i in (text.find(f" ({LETTERS[k]}) ", cuts[-1]), text.find(f"\n({LETTERS[k]}) ", cuts[-1]))
+        hits = [i + 1
+                for i in (text.find(f" ({LETTERS[k]}) ", cuts[-1]),
+                          text.find(f"\n({LETTERS[k]}) ", cuts[-1]))
                 if i >= 0]
         if not hits:
             break
@@ -56,8 +64,9 @@ def _split_options(text):
 
 def _parse_mmlu_prompt(subject, text):
     """One subject of lm-eval's flan_cot_fewshot/_cot_prompts.json: a header, then blocks
-    "Q: {question}\\n(A) .. (B) .. (C) .. (D) ..\\nA: Let's think step by step. ... The answer is (X).".
-    Options sit on the question's last line(s), starting at its last line that begins with "(A) "."""
+    "Q: {question}\\n(A) .. (B) .. (C) .. (D) ..\\nA: Let's think step by step. ...
+    The answer is (X).". Options sit on the question's last line(s), starting at its last line
+    that begins with "(A) "."""
     m = _MMLU_HEADER.match(text)
     topic = m.group(1) if m else subject.replace("_", " ")
     blocks = re.split(r"\n\n(?=Q: )", "\n\n" + text[m.end() if m else 0:].strip())[1:]
@@ -75,8 +84,9 @@ def _parse_mmlu_prompt(subject, text):
         options = _split_options(q_part[start + 1:])
         answers = _ANSWER.findall(a_part)
         if len(options) < 2 or not answers:
-            raise ValueError(f"{where}: expected >= 2 options '(A) .. (B) ..' and 'The answer is (X)', found "
-                             f"{len(options)} option(s) and {'no' if not answers else 'an'} answer")
+            raise ValueError(f"{where}: expected >= 2 options '(A) .. (B) ..' and 'The answer is "
+                             f"(X)', found {len(options)} option(s) and "
+                             f"{'no' if not answers else 'an'} answer")
         answer = LETTERS.index(answers[-1])
         if answer >= len(options):
             raise ValueError(f"{where}: answer ({answers[-1]}) but only {len(options)} options")
@@ -88,7 +98,8 @@ def _generic_mc(obj):
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, found {type(obj).__name__}")
     q, choices, ans = obj.get("question"), obj.get("choices"), obj.get("answer")
-    if not isinstance(q, str) or not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS) \
+    if not isinstance(q, str) or not isinstance(choices,
+                                                list) or not 2 <= len(choices) <= len(LETTERS) \
             or not all(isinstance(c, str) for c in choices):
         raise ValueError(f"expected 'question' (str) and 'choices' (2-{len(LETTERS)} strings), "
                          f"found keys {sorted(obj)}")
@@ -98,7 +109,8 @@ def _generic_mc(obj):
         raise ValueError(f"'answer' must be a choice index 0..{len(choices) - 1} or a letter, "
                          f"found {obj.get('answer')!r}")
     subject = obj.get("subject")
-    return mc_item(q, choices, ans, subject.replace("_", " ") if isinstance(subject, str) and subject else None)
+    return mc_item(q, choices, ans,
+                   subject.replace("_", " ") if isinstance(subject, str) and subject else None)
 
 
 def load_mc_file(path):
@@ -112,15 +124,18 @@ def load_mc_file(path):
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); expected JSON or JSONL") from None
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte {err.start}); expected JSON or JSONL") from None
     try:
         whole, lines = json.loads(text), None
     except json.JSONDecodeError:
-        whole, lines = None, [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        whole, lines = None, [(n, line) for n,
+                              line in enumerate(text.splitlines(), 1) if line.strip()]
     items = []
     if isinstance(whole, dict):
         if not whole or not all(isinstance(v, str) for v in whole.values()):
-            raise ValueError(f"{path}: expected lm-eval's MMLU prompt shape (subject -> prompt text) or a list of "
+            raise ValueError(f"{path}: expected lm-eval's MMLU prompt shape (subject -> prompt "
+                             "text) or a list of "
                              "{'question', 'choices', 'answer'}")
         for subject, prompt in whole.items():
             try:
@@ -138,13 +153,15 @@ def load_mc_file(path):
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {n}: bad JSON ({err.msg}); expected JSON or JSONL") from None
+                raise ValueError(
+                    f"{path} line {n}: bad JSON ({err.msg}); expected JSON or JSONL") from None
             try:
                 items.append(_generic_mc(obj))
             except ValueError as err:
                 raise ValueError(f"{path} line {n}: {err}") from None
     else:
-        raise ValueError(f"{path}: expected a JSON object, a JSON list or JSONL, found {type(whole).__name__}")
+        raise ValueError(f"{path}: expected a JSON object, a JSON list or JSONL, found "
+                         f"{type(whole).__name__}")
     if not items:
         raise ValueError(f"{path}: no multiple-choice items")
     return items
