@@ -14,8 +14,9 @@ def test_smoke_pipeline_on_cuda_with_bf16_autocast(tmp_path):
                                                f"--out_dir={tmp_path}", "--eval=false"]))
     student = models["distilled-selective-full"]
     assert next(student.parameters()).device.type == "cuda"
-    # master weights stay fp32 under autocast
+    # master weights stay fp32 under autocast; the frozen teacher is held in bf16
     assert next(student.parameters()).dtype == torch.float32
+    assert next(models["teacher"].parameters()).dtype == torch.bfloat16
     import eval as evaluation
     rows = evaluation.evaluate_models(models, world, tok, 32)
     assert all(0 <= v <= 1 for r in rows.values() for v in r.values())
@@ -23,7 +24,7 @@ def test_smoke_pipeline_on_cuda_with_bf16_autocast(tmp_path):
 
 def test_runtime_uses_fused_adamw_pinned_memory_and_bf16():
     rt = train.Runtime(get_config(["--device=cuda"]))
-    batch = rt.to({"x": torch.ones(3), "s": ["a"]})
+    batch = rt.to_device({"x": torch.ones(3), "s": ["a"]})
     assert batch["x"].device.type == "cuda" and batch["s"] == ["a"]
     with rt.autocast():
         y = torch.nn.Linear(4, 4).cuda()(torch.ones(2, 4, device="cuda"))
