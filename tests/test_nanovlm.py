@@ -63,15 +63,12 @@ def nanovlm_files_by_hand(vlm, folder, tied=True):
     else:
         t["decoder.token_embedding.weight"] = sd["decoder.embed.weight"]
         t["decoder.head.weight"] = sd["decoder.lm_head.weight"]
-    cfg = {"vit_hidden_dim": 32, "vit_inter_dim": 64, "vit_patch_size": 4, "vit_img_size": 32,
-           "vit_n_heads": 4,
-           "vit_dropout": 0.0, "vit_n_blocks": 2, "vit_ln_eps": 1e-6, "vit_cls_flag": False,
-           "vit_model_type": "google/siglip2-base-patch16-512",
-           "lm_hidden_dim": 64, "lm_inter_dim": 96, "lm_rms_eps": 1e-5, "lm_re_base": 10000,
+    cfg = {**PAPER,                                 # the paper's config.json, shrunk
+           "vit_hidden_dim": 32, "vit_inter_dim": 64, "vit_patch_size": 4, "vit_img_size": 32,
+           "vit_n_heads": 4, "vit_n_blocks": 2, "vit_model_type": "google/siglip2-base-patch16-512",
+           "lm_hidden_dim": 64, "lm_inter_dim": 96, "lm_re_base": 10000,
            "lm_max_position_embeddings": 1024, "lm_base_vocab_size": 100, "extra_token_amount": 1,
-           "lm_vocab_size": 101, "lm_n_heads": 4, "lm_n_kv_heads": 2, "lm_dropout": 0.0,
-           "lm_n_blocks": 2,
-           "lm_attn_scaling": 1.0, "lm_max_length": 4096, "lm_use_tokens": False,
+           "lm_vocab_size": 101, "lm_n_heads": 4, "lm_n_kv_heads": 2, "lm_n_blocks": 2,
            "lm_tie_weights": tied, "mp_pixel_shuffle_factor": 2, "mp_image_token_length": 16,
            "vlm_extra_tokens": {"image_token": "<|image|>"}}
     os.makedirs(folder, exist_ok=True)

@@ -7,6 +7,7 @@ Real pixels, real teacher: the KV-handoff code path on photographs and SmolLM2 w
 The student is the real decoder + a tiny RANDOM vision tower: this shows the code path on
 real pixels and a real teacher, not image understanding.
 """
+import argparse
 import os
 import resource
 import sys
@@ -119,23 +120,19 @@ def demo_real_photo(lm_folder, image_paths, image_size=64, question="What is in 
 
 
 def main(argv):
-    opts = {"lm": None, "photos": None, "image_size": "64"}
-    for arg in argv:
-        key, eq, val = arg[2:].partition("=")
-        if not (arg.startswith("--") and key in opts and eq):
-            raise ValueError(f"unknown argument {arg!r}; expected --lm=FOLDER [--photos=...] "
-                             "[--image_size=N]")
-        opts[key] = val
+    ap = argparse.ArgumentParser(description="Real photos -> student VLM -> KV handoff -> teacher.")
+    ap.add_argument("--lm", help="a Hugging Face LM folder, e.g. SmolLM2-135M-Instruct")
+    ap.add_argument("--photos", help="a.png,b.jpg or a scikit-image wheel (default: skimage)")
+    ap.add_argument("--image_size", type=int, default=64)
+    opts = vars(ap.parse_args(argv))
     if not opts["lm"]:
         raise ValueError("expected --lm=FOLDER (a Hugging Face LM folder, e.g. SmolLM2-135M)")
-    if not opts["image_size"].isdigit():
-        raise ValueError(f"--image_size={opts['image_size']}: expected a positive integer")
     photos = opts["photos"]
     if photos and photos.endswith(".whl"):
         paths = skimage_photos(wheel=photos)
     else:
         paths = photos.split(",") if photos else skimage_photos()
-    return demo_real_photo(opts["lm"], paths, image_size=int(opts["image_size"]))
+    return demo_real_photo(opts["lm"], paths, image_size=opts["image_size"])
 
 
 if __name__ == "__main__":

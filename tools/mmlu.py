@@ -7,6 +7,7 @@ prompt file, or generic JSON / JSONL questions.
 (lm-eval 0.4.13's lm_eval/tasks/mmlu/flan_cot_fewshot/_cot_prompts.json works as is: README,
 "Run on real weights".)
 """
+import argparse
 import json
 import os
 import re
@@ -170,13 +171,12 @@ def load_mc_file(path):
 
 
 def main(argv):
-    opts = {"mc": None, "ckpt": None, "batch_size": "16", "limit": None}
-    for arg in argv:
-        key, eq, val = arg[2:].partition("=")
-        if not (arg.startswith("--") and key in opts and eq):
-            raise ValueError(f"unknown argument {arg!r}; expected --mc=FILE --ckpt=FOLDER "
-                             "[--batch_size=N] [--limit=N]")
-        opts[key] = val
+    ap = argparse.ArgumentParser(description="Multiple-choice file accuracy of a model folder.")
+    ap.add_argument("--mc", help="lm-eval's MMLU prompt file, or JSON / JSONL questions")
+    ap.add_argument("--ckpt", help="a model folder with its tokenizer.json")
+    ap.add_argument("--batch_size", default="16")
+    ap.add_argument("--limit", default=None, help="score the first N items only")
+    opts = vars(ap.parse_args(argv))
     if not opts["mc"] or not opts["ckpt"]:
         raise ValueError("expected --mc=FILE and --ckpt=MODEL_FOLDER (with its tokenizer.json)")
     for key in ("batch_size", "limit"):
