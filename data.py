@@ -356,7 +356,13 @@ def load_tokenizer(path, roles=None, image_splitting=False):
     embedding must cover added ids. The mapping is kept on the object (`tok.role_tokens`) and
     read by special_id. image_splitting=True also appends VIEW_TOKENS (global-image and grid
     tokens) after <image>, in nanoVLM's order, where the tokenizer lacks them."""
-    tok = Tokenizer.from_file(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: file not found; expected a tokenizer.json (every model "
+                                "folder needs one)")
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as e:                   # the tokenizers library raises its own Exception type
+        raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
     chosen = {}
     cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json")
     if os.path.isfile(cfg_path):

@@ -492,3 +492,37 @@ def test_streamed_data_resume_with_workers_gives_identical_losses(tmp_path, monk
     train.run(train.get_config(argv + [f"--out_dir={crashed}", "--resume=true"]))
     for stage in ("align", "adapt", "distill-selective-full"):
         assert _losses(straight, stage) == _losses(crashed, stage) and _losses(straight, stage)
+
+
+# --------------------------------------------------------------------------- model folders, tools
+
+def test_missing_or_broken_tokenizer_json_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json: file not found; expected a tokenizer"):
+        data.load_tokenizer(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer.json").write_text("{not a tokenizer")
+    with pytest.raises(ValueError, match=r"tokenizer\.json: not a readable tokenizer\.json"):
+        data.load_tokenizer(str(tmp_path / "tokenizer.json"))
+
+
+def test_a_checkpoint_without_the_train_keys_is_refused(tmp_path):
+    path = tmp_path / "step_0000001.pt"
+    torch.save({"weights": torch.ones(1)}, path)
+    with pytest.raises(ValueError, match=r"step_0000001\.pt is not a train\.py checkpoint: missing "
+                                         r"\['bad_steps', 'config', 'model'"):
+        train.Checkpoints(str(tmp_path), 2).load(str(path), train.TrainConfig())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch_size=0"], "--batch_size=0: expected a positive integer"),
+    (["--batch_size=-1"], "--batch_size=-1: expected a positive integer"),
+    (["--limit=abc"], "--limit=abc: expected a positive integer"),
+])
+def test_mmlu_tool_flags_and_non_utf8_files(tmp_path, flags, message):
+    import mmlu
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text('{"question": "q", "choices": ["a", "b"], "answer": 0}\n')
+    with pytest.raises(ValueError, match=re.escape(message)):
+        mmlu.main([f"--mc={mc}", f"--ckpt={tmp_path}", *flags])
+    mc.write_bytes(b'{"question": "caf\xe9", "choices": ["a", "b"], "answer": 0}\n')
+    with pytest.raises(ValueError, match=r"mc\.jsonl: not UTF-8 text \(byte 17\)"):
+        mmlu.load_mc_file(str(mc))

@@ -475,4 +475,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:      # bad input: one line, not a traceback
+        sys.exit(f"tools/bench.py: {e}")
