@@ -497,7 +497,8 @@ def test_streamed_data_resume_with_workers_gives_identical_losses(tmp_path, monk
 # --------------------------------------------------------------------------- model folders, tools
 
 def test_missing_or_broken_tokenizer_json_names_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json: file not found; expected a tokenizer"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"tokenizer\.json: file not found; expected a tokenizer"):
         data.load_tokenizer(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer.json").write_text("{not a tokenizer")
     with pytest.raises(ValueError, match=r"tokenizer\.json: not a readable tokenizer\.json"):
