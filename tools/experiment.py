@@ -68,8 +68,10 @@ def merge_toward_teacher(vlm, teacher, lam):
 def run_seed(seed, train_argv, out_dir, merge_lams=MERGE_LAMS):
     """Pretrain + adapt once, then every distill variant from the same adapted model, and the
     merges of the adapted model toward the teacher; eval all."""
-    base = train_argv + [f"--seed={seed}", f"--out_dir={os.path.join(out_dir, f'seed{seed}')}",
-                         "--eval=false"]
+    # --resume: a re-run in the same --out_dir continues where an interrupted one stopped
+    resume = [] if any(a.startswith("--resume") for a in train_argv) else ["--resume=true"]
+    seed_dir = os.path.join(out_dir, f"seed{seed}")
+    base = train_argv + resume + [f"--seed={seed}", f"--out_dir={seed_dir}", "--eval=false"]
     models, world, tok = train.run(train.get_config(base + ["--stage=pretrain"]))
     teacher = models["teacher"]
     models, _, _ = train.run(train.get_config(base + ["--stage=adapt"]))
