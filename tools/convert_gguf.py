@@ -1,7 +1,7 @@
 """
 Convert a llama-architecture GGUF file (llama.cpp's format) into a Hugging Face Llama folder.
 
-    python tools/convert_gguf.py SmolLM2-135M-Instruct.Q4_1.gguf /tmp/smollm2-135m-hf
+    python tools/convert_gguf.py SmolLM2-135M-Instruct.Q4_1.gguf .weights/smollm2-135m
 
 Writes config.json (LlamaForCausalLM layout), model.safetensors (float32, HF key names),
 and, when the GGUF carries tokenizer metadata, tokenizer.json, tokenizer_config.json and
