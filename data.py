@@ -489,9 +489,10 @@ def encode_example(example, tokenizer, n_image_tokens, grids=None):
             text += f"<image: {i}>"
         context += tokenizer.encode(text).ids if text else []
         if i < n_images:
-            names = [
-                IMAGE_TOKEN] * n_image_tokens if grids is None else view_tokens(
-                    *grids[i], n_image_tokens)
+            if grids is None:
+                names = [IMAGE_TOKEN] * n_image_tokens
+            else:
+                names = view_tokens(*grids[i], n_image_tokens)
             ids = {t: special_id(tokenizer, t) for t in set(names)}
             context += [ids[t] for t in names]
     if not context:

@@ -28,21 +28,20 @@ from model import VLM
 from weights import load_model_folder, read_json
 
 
-def batches(examples, tok, n_image_tokens, image_size, batch_size, device, image_splitting=None):
-    """data.collate over consecutive slices of `examples`, moved to `device`."""
+def batches(examples, tok, model, image_size, batch_size, device):
+    """data.collate over consecutive slices of `examples` in `model`'s image layout (image
+    tokens per view, image splitting; none for a text-only Decoder), moved to `device`."""
+    n_image_tokens = model.n_image_tokens if isinstance(model, VLM) else 0
+    splitting = getattr(model, "image_splitting", None)
     for i in range(0, len(examples), batch_size):
         b = data.collate(examples[i:i + batch_size], tok, n_image_tokens, image_size,
-                         image_splitting=image_splitting)
+                         image_splitting=splitting)
         yield {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
 
 
 def response_logits(model, batch):
     """(B, R, V) float32 logits predicting each response token (VLM or text-only Decoder)."""
     return kvshare.student_prefill(model, batch, keep_kv=False)[0].float()
-
-
-def n_image_tokens(model):
-    return model.n_image_tokens if isinstance(model, VLM) else 0
 
 
 @torch.no_grad()
@@ -59,7 +58,7 @@ def multiple_choice(model, tok, items, batch_size=64, image_size=32):
             for it in items for opt in it["options"]]
     scores = []
     try:
-        for b in batches(rows, tok, n_image_tokens(model), image_size, batch_size, device):
+        for b in batches(rows, tok, model, image_size, batch_size, device):
             logp = F.log_softmax(response_logits(model, b), -1)                 # (B, R, V)
             logp = logp.gather(-1, b["labels"][..., None])[..., 0]              # (B, R)
             scored = b["response_mask"].clone()
@@ -94,7 +93,7 @@ def vqa_accuracy(model, items, tok, image_size=32, batch_size=64):
     """Exact match of greedy generation (see the module docstring) over VQA examples."""
     device = next(model.parameters()).device
     hits = []
-    for b in batches(items, tok, n_image_tokens(model), image_size, batch_size, device):
+    for b in batches(items, tok, model, image_size, batch_size, device):
         hits += _exact_match(response_logits(model, b), b)
     return sum(hits) / max(1, len(hits))
 
@@ -105,7 +104,7 @@ def teacher_handoff_accuracy(student, teacher, items, tok, image_size=32, scope=
     """Exact match of the frozen teacher's greedy answer when it reads the student's KV."""
     device = next(student.parameters()).device
     hits = []
-    for b in batches(items, tok, student.n_image_tokens, image_size, batch_size, device):
+    for b in batches(items, tok, student, image_size, batch_size, device):
         _, kv = kvshare.student_prefill(student, b)
         teacher_logits = kvshare.teacher_continue(teacher, kv, b, student.student_only_ids, scope,
                                                   student_cfg=student.decoder.cfg)
@@ -121,7 +120,7 @@ def perplexity(model, texts, tok, batch_size=32):
     examples = [{"image": None, "prompt": t.split(" ", 1)[0], "response": " " + t.split(" ", 1)[1],
                  "source": "text"} for t in texts if " " in t]
     nll, n = 0.0, 0
-    for b in batches(examples, tok, n_image_tokens(model), 32, batch_size, device):
+    for b in batches(examples, tok, model, 32, batch_size, device):
         logits = response_logits(model, b)
         loss = F.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), reduction="none")
         nll += float((loss * b["response_mask"].flatten()).sum())

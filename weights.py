@@ -148,9 +148,8 @@ def config_from_fields(cls, f: ConfigFields):
 def read_safetensors_folder(folder, origin=None):
     """All tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`.
     origin: an optional dict, filled with tensor name -> the file it came from (for errors)."""
-    single, index = os.path.join(folder,
-                                 "model.safetensors"), os.path.join(
-                                     folder, "model.safetensors.index.json")
+    single = os.path.join(folder, "model.safetensors")
+    index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(single):
         files = [single]
     elif os.path.exists(index):
@@ -536,9 +535,9 @@ def nanovlm_image_splitting(cfg_dict, source="config.json"):
     names = list(extra)
     ids = tuple(base + names.index(k) for k in keys)
     try:
+        to_max = bool(cfg_dict.get("resize_to_max_side_len", True))
         split = ImageSplitting(max_side=int(cfg_dict.get("max_img_size", 2048)),
-                               resize_to_max_side=bool(
-                                   cfg_dict.get("resize_to_max_side_len", True)), pixels="[0,1]")
+                               resize_to_max_side=to_max, pixels="[0,1]")
         split.check_tile(int(cfg_dict["vit_img_size"]))
     except (ValueError, KeyError) as e:
         raise ValueError(f"{source}: image splitting: {e}") from None
@@ -709,9 +708,8 @@ def save_nanovlm(vlm: VLM, folder):
     for key, parts in qkv.items():
         tensors[key] = torch.cat(parts, dim=0)
     hd = vlm.decoder.cfg.head_dim
-    tensors[
-        "decoder.rotary_embd.inv_freq"] = 1.0 / (
-            vlm.decoder.cfg.rope_theta ** (torch.arange(0, hd, 2).float() / hd))
+    inv_freq = 1.0 / (vlm.decoder.cfg.rope_theta ** (torch.arange(0, hd, 2).float() / hd))
+    tensors["decoder.rotary_embd.inv_freq"] = inv_freq
     os.makedirs(folder, exist_ok=True)
     save_safetensors(os.path.join(folder, "model.safetensors"), tensors)
     write_json(os.path.join(folder, "config.json"), config)

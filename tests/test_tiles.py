@@ -143,10 +143,8 @@ def test_several_images_expand_in_order_with_nanovlm_image_labels(tok):
     ids = lambda t: tok.encode(t).ids
     name = {t: data.special_id(tok, t) for t in (data.IMAGE_TOKEN, *data.VIEW_TOKENS)}
     block = lambda g: [name[t] for t in view_tokens(*g, 4)]
-    assert ctx == ids("<image: 0>") + block((1,
-                                             1)) + ids(
-                                                 " and <image: 1>") + block((1, 2)) + ids(" what "
-                                                                                          "differs")
+    assert ctx == (ids("<image: 0>") + block((1, 1)) + ids(" and <image: 1>") + block((1, 2))
+                   + ids(" what differs"))
     one = {**ex, "image": ex["image"][0], "prompt": "what differs"}  # no tag: image first, no label
     assert data.encode_example(one, tok, 4,
                                grids=[(2, 1)])[0] == block((2, 1)) + ids("what differs")
@@ -283,3 +281,18 @@ def test_jsonl_line_with_several_images(tmp_path):
                                                   "response": " y"}) + "\n")
     [ex] = data.load_jsonl(str(tmp_path / "d.jsonl"))
     assert [im.size for im in ex["image"]] == [(8, 8), (8, 4)]
+
+
+def test_eval_batches_follow_the_models_image_splitting(tok):
+    """eval.py builds batches in the model's own layout: a student with image splitting is
+    scored on its tiles + global view (else the image-token count would not match)."""
+    import eval as evaluation
+    from model import ImageSplitting
+    vlm = VLM(LMConfig(vocab_size=400, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=8),
+              VisionConfig(image_size=TILE, patch_size=4, dim=16, n_layers=1, n_heads=2),
+              tok.token_to_id(data.IMAGE_TOKEN), 2, view_token_ids=tuple(range(300, 365)),
+              image_splitting=ImageSplitting(max_side=2 * TILE)).eval()
+    example = {"image": Image.new("RGB", (2 * TILE, TILE)), "prompt": "<image> is",
+               "response": " x", "source": "s"}
+    b = next(evaluation.batches([example], tok, vlm, TILE, 4, "cpu"))
+    assert b["grids"] == [[(1, 2)]] and b["images"].shape[0] == 3        # global view + 2 tiles

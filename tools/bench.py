@@ -179,11 +179,9 @@ def bench_step(device, lm, B=4, P=192, R=64, with_hf=True):
     with tempfile.TemporaryDirectory() as d:
         save_hf_lm(student.decoder, d + "/s")
         save_hf_lm(teacher, d + "/t")
-        hf_s = transformers.LlamaForCausalLM.from_pretrained(d + "/s",
-                                                             attn_implementation="sdpa").to(device)
-        hf_t = transformers.LlamaForCausalLM.from_pretrained(d + "/t",
-                                                             attn_implementation="sdpa").to(
-                                                                 device).eval()
+        load = transformers.LlamaForCausalLM.from_pretrained
+        hf_s = load(d + "/s", attn_implementation="sdpa").to(device)
+        hf_t = load(d + "/t", attn_implementation="sdpa").to(device).eval()
     hf_t.requires_grad_(False)
 
     def hf_step():
@@ -466,8 +464,8 @@ def main():
         rows += bench_loader(tuple(int(w) for w in args.loader_workers.split(",")))
     if run("train"):
         rows += bench_train(device, steps=40 if cuda else 20, peak_tflops=peak)
-    name = torch.cuda.get_device_name(
-        device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    cpu = f"CPU ({torch.get_num_threads()} threads)"
+    name = torch.cuda.get_device_name(device) if cuda else cpu
     print(f"\nbench.py on {name}, torch {torch.__version__}\n")
     print("| bench | setting | ours | reference | ratio / note |\n|---|---|---|---|---|")
     for r in rows:

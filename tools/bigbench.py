@@ -158,8 +158,8 @@ def format_example(example, task_json, seed=BIGBENCH_SEED, move_spaces=True):
         raise ValueError(f"no option scores above the others: {ts}")
     if scores.count(best) > 1:
         return None
-    context = str(
-        opt["task_prefix"]) + opt["example_input_prefix"] + text + opt["example_output_prefix"]
+    prefix = str(opt["task_prefix"]) + opt["example_input_prefix"]
+    context = prefix + text + opt["example_output_prefix"]
     if move_spaces:
         stripped = context.rstrip(" ")
         options, context = [context[len(stripped):] + o for o in options], stripped

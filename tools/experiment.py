@@ -255,9 +255,9 @@ def report(seeds, train_argv, per_seed, seconds):
             f"drop, (model - adapted) / (teacher - adapted): {rec}\n\n"
             f"{format_differences(diffs, mean)}\n\n{format_per_seed(per_seed, seeds)}\n\n"
             f"seeds {seeds}; train.py {' '.join(train_argv)}; {seconds:.0f}s\n")
+    has_merges = any(n.startswith("merge ") for n in mean)
     return text, {"seeds": seeds, "train_argv": train_argv, "per_seed": per_seed, "mean": mean,
-                  "std": std, "best_merge": best_merge(mean) if any(
-                      n.startswith("merge ") for n in mean) else None,
+                  "std": std, "best_merge": best_merge(mean) if has_merges else None,
                   "paired_differences": diffs}
 
 
