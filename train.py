@@ -40,8 +40,8 @@ import kvshare
 import eval as evaluation           # `eval` is a Python builtin: keep the module under another name
 from model import (SIGLIP2_B16_512, Decoder, ImageSplitting, LMConfig, VisionConfig, grow_vocab,
                    unwrap, vlm_from_teacher)
-from weights import (atomic_write, load_hf_lm, load_hf_siglip, load_model_folder, save_hf_lm,
-                     save_vlm)
+from weights import (atomic_write, current_umask, load_hf_lm, load_hf_siglip, load_model_folder,
+                     save_hf_lm, save_vlm)
 
 
 # ----------------------------------------------------------------------------------------
@@ -475,10 +475,11 @@ class Run:
     kd_table: dict = None                 # stage 3: source -> KD weight
 
 
-def get_batch(run, stage, step, micro, student=None):
+def get_batch(run, stage, step, micro, student=None, mixture=None):
     """Stage 1: random windows of seq_len + 1 tokens of the corpus -> {"tokens": (B, L+1)}.
-    Stages 2-3: image-text examples, each example's source drawn from the stage's mixture,
-    in the layout of data.collate (contexts left-padded to P, responses right-padded to R)."""
+    Stages 2-3: image-text examples, each example's source drawn from `mixture` (the stage's
+    stage_mixture), in the layout of data.collate (contexts left-padded to P, responses
+    right-padded to R) for `student`."""
     cfg, rt = run.cfg, run.rt
     rng = batch_rng(cfg, stage, step, micro)
     global_batch = cfg.batch_size * rt.world_size
@@ -486,7 +487,6 @@ def get_batch(run, stage, step, micro, student=None):
         starts = rng.integers(0, len(run.text_stream) - cfg.seq_len - 1, size=global_batch)
         windows = [run.text_stream[s:s + cfg.seq_len + 1] for s in rank_slice(starts, rt)]
         return {"tokens": torch.stack(windows)}                             # (B, L+1)
-    mixture = stage_mixture(run.world, stage)
     names = sorted(mixture)
     probs = np.array([mixture[s] for s in names], dtype=np.float64)
     probs /= probs.sum()
@@ -497,16 +497,16 @@ def get_batch(run, stage, step, micro, student=None):
                         image_splitting=student.image_splitting)
 
 
-def stream_batches(run, stage, student, start_step):
+def stream_batches(run, stage, student, mixture, start_step):
     """Streamed real data: this rank's micro-batches from optimizer step start_step on. The
     examples of global micro-batch k are a pure function of (seed, stage, k) (data.make_loader),
     so a resumed run reads exactly the batches the uninterrupted run would have."""
     cfg, rt = run.cfg, run.rt
     dataset = run.world.open(student, run.tok)
-    indices = dataset.indices_of(stage_mixture(run.world, stage))
+    indices = dataset.indices_of(mixture)
     if not indices:
         raise ValueError(f"--data_path has no examples for stage {stage} (sources "
-                         f"{sorted(stage_mixture(run.world, stage))})")
+                         f"{sorted(mixture)})")
     loader = data.make_loader(torch.utils.data.Subset(dataset, indices), cfg.batch_size,
                               seed=[cfg.seed, STAGE_IDS[stage]],
                               start_step=start_step * cfg.grad_accum, rank=rt.rank,
@@ -586,15 +586,16 @@ def train_stage(run, stage, model, param_groups, steps, name=None):
     if cfg.compile:
         torch.compiler.reset()
     forward_model = torch.compile(model) if cfg.compile else model
-    student = unwrap(model) if stage != "pretrain" else None
-    stream = None
-    if isinstance(run.world, data.RealData) and stage != "pretrain":
-        stream = stream_batches(run, stage, student, start)
+    student, mixture, stream = None, None, None
+    if stage != "pretrain":
+        student, mixture = unwrap(model), stage_mixture(run.world, stage)   # once per stage
+        if isinstance(run.world, data.RealData):
+            stream = stream_batches(run, stage, student, mixture, start)
     bar = tqdm(range(start, steps), desc=name, initial=start, total=steps,
                disable=not rt.is_main, leave=False)
     history, t_start = [], time.time()
     for step in bar:
-        batches = [get_batch(run, stage, step, micro, student) if stream is None else next(stream)
+        batches = [next(stream) if stream else get_batch(run, stage, step, micro, student, mixture)
                    for micro in range(cfg.grad_accum)]
         skipped_examples += sum(b.pop("skipped", 0) + b.pop("dropped", 0) for b in batches)
         batches = [rt.to_device(b) for b in batches]
@@ -660,9 +661,9 @@ def drop_log_records(log_path, name, after_step):
         return
     with open(log_path) as f:
         lines = f.readlines()
-    keep = [line for line in lines
-            if not (json.loads(line).get("stage") == name
-                    and json.loads(line)["step"] > after_step)]
+    records = [json.loads(line) for line in lines]
+    keep = [line for line, r in zip(lines, records)
+            if not (r.get("stage") == name and r["step"] > after_step)]
     if len(keep) != len(lines):
         atomic_write(log_path, lambda tmp: open(tmp, "w").writelines(keep))
 
@@ -689,7 +690,7 @@ def save_model_folder(run, folder, save_weights):
     parent = os.path.dirname(os.path.abspath(folder))
     tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(folder)}-", dir=parent)
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         save_weights(tmp)
         data.save_tokenizer(run.tok, tmp)
         atomic_write(os.path.join(tmp, "train_config.json"),
@@ -704,12 +705,6 @@ def save_model_folder(run, folder, save_weights):
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def stage_pretrain(run):

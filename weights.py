@@ -22,7 +22,7 @@ from model import MAX_GRID, LMConfig, VisionConfig, Decoder, ImageSplitting, Vis
 # ----------------------------------------------------------------------------------------
 # Files
 
-def _current_umask():
+def current_umask():
     mask = os.umask(0o022)      # reading the umask means setting it; put it straight back
     os.umask(mask)
     return mask
@@ -39,7 +39,7 @@ def atomic_write(path, write_fn):
     os.close(fd)
     try:
         write_fn(tmp)
-        os.chmod(tmp, 0o644 & ~_current_umask())
+        os.chmod(tmp, 0o644 & ~current_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

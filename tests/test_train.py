@@ -32,6 +32,17 @@ def test_cli_overrides_preset_and_config_file(tmp_path):
     (["--batch_size=0"], "--batch_size must be >= 1"),
     (["--alpha"], "expected --alpha=value"),
     (["missing.json"], "config file missing.json"),
+    # values that make no sense, refused by name before any work
+    (["--alpha=-1"], "--alpha must be a finite number >= 0"),
+    (["--grad_clip=0"], "--grad_clip must be a finite number > 0"),
+    (["--pretrain_lr=nan"], "--pretrain_lr must be a finite number > 0"),
+    (["--distill_lr=-1e-3"], "--distill_lr must be a finite number > 0"),
+    (["--preset=smoke", "--preset=tiny"], "--preset given twice"),
+    (["--kd_chunk=-1"], "--kd_chunk must be >= 0"),
+    (["--shuffle_factor=3"], "--shuffle_factor=3 must divide the patch grid 8"),
+    (["--lm_heads=3"], "--lm_dim=128 must be divisible by --lm_heads=3"),
+    (["--n_entities=99"], "--n_entities must be in"),
+    (["--warmup_frac=1"], "--warmup_frac must be in"),
 ])
 def test_bad_config_is_a_clear_error(argv, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
