@@ -57,8 +57,16 @@ import os
 import re
 import sys
 import tarfile
+import time
+
+import numpy as np
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import data  # noqa: E402
+import eval as ev  # noqa: E402
+from weights import load_model_folder  # noqa: E402
 
 DEV_TASKS = ("social_iqa", "phrase_relatedness", "physics", "disambiguation_qa")
 RESERVED_TASKS = ("movie_recommendation", "date_understanding", "understanding_fables",
@@ -142,7 +150,6 @@ def format_example(example, task_json, seed=BIGBENCH_SEED, move_spaces=True):
     docstring), or None if several options share the highest score. move_spaces: trailing
     spaces of the context move to the front of every option (same text). ValueError if it has no
     target_scores or no option scores above the others."""
-    import numpy as np
     ts = example.get("target_scores")
     if not isinstance(ts, dict) or len(ts) < 2 or not isinstance(example.get("input"), str):
         raise ValueError("expected 'input' (str) and 'target_scores' (>= 2 options), found keys "
@@ -277,15 +284,12 @@ def bigbench_grade(items, pred):
 def load_model_and_tokenizer(folder):
     """A Hugging Face LM folder or our VLM folder (-> its decoder), and data.load_tokenizer of its
     tokenizer.json."""
-    import data
-    from weights import read_json, load_vlm, load_hf_lm
-    kind = read_json(os.path.join(folder, "config.json")).get("model_type")
-    model = load_vlm(folder).decoder if kind == "lingudistill_vlm" else load_hf_lm(folder)
+    model = load_model_folder(folder)
+    model = getattr(model, "decoder", model)                 # a VLM is scored by its decoder
     return model, data.load_tokenizer(os.path.join(folder, "tokenizer.json"))
 
 
 def main(argv):
-    import time
     opts = {"tasks": "dev", "ckpt": None, "limit": None, "source": DEFAULT_SOURCE,
             "batch_size": "16", "bigbench_spaces": False}
     for arg in argv:
@@ -300,8 +304,6 @@ def main(argv):
         sys.exit("bigbench.py: --ckpt=MODEL_FOLDER is required")
     tasks = DEV_TASKS if opts["tasks"] == "dev" else tuple(t for t in opts["tasks"].split(",") if t)
     check_not_reserved(tasks)
-    import eval as ev
-    import torch
     t0 = time.time()
     by_task, report = read_tasks(tasks, opts["source"],
                                  int(opts["limit"]) if opts["limit"] else None,

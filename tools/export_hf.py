@@ -32,20 +32,21 @@ dropped; anything else is an error.
 import json
 import os
 import sys
+from dataclasses import replace
+
+from tokenizers import Tokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data                                     # noqa: E402
-from model import Decoder                       # noqa: E402
-from weights import read_json, write_json, load_vlm, load_hf_lm, save_hf_lm   # noqa: E402
+from model import VLM, Decoder  # noqa: E402
+from weights import load_model_folder, read_json, save_hf_lm, write_json  # noqa: E402
 
 
 def load_decoder(folder):
     """(decoder, kind): our VLM folder -> its decoder; a Hugging Face LM folder -> the decoder."""
-    kind = read_json(os.path.join(folder, "config.json")).get("model_type")
-    if kind == "lingudistill_vlm":
-        return load_vlm(folder).decoder, "vlm"
-    return load_hf_lm(folder), "hf"
+    model = load_model_folder(folder)
+    return (model.decoder, "vlm") if isinstance(model, VLM) else (model, "hf")
 
 
 def trailing_specials(tok_path):
@@ -69,7 +70,6 @@ def trailing_specials(tok_path):
 
 def drop_rows(decoder, keep):
     """A Decoder with only the first `keep` vocabulary rows (embedding and, if untied, head)."""
-    from dataclasses import replace
     cfg = replace(decoder.cfg, vocab_size=keep)
     small = Decoder(cfg)
     sd = {k: (v[:keep] if k in ("embed.weight", "lm_head.weight") else v) for k,
@@ -108,7 +108,6 @@ def export(src, out, drop_image_row=False):
     save_hf_lm(decoder, out)
     eos = roles.get(data.EOS_TOKEN, data.EOS_TOKEN)
     pad = roles.get(data.PAD_TOKEN, data.PAD_TOKEN)
-    from tokenizers import Tokenizer
     written = Tokenizer.from_file(os.path.join(out, "tokenizer.json"))
     missing = [t for t in (eos, pad) if written.token_to_id(t) is None]
     if missing:               # --drop_image_row dropped an appended <eos>/<pad>: name no such token

@@ -30,6 +30,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 import data  # noqa: E402
 import kvshare  # noqa: E402
@@ -45,16 +46,13 @@ def load_model(folder):
     """(model, kind, chat template or None); kind in {"vlm", "nanovlm", "lm"}."""
     if not os.path.isdir(folder):
         raise BadInput(f"model folder not found: {folder}")
+    # the one loader that picks the layout (and refuses a config that is none of them)
+    model = weights.load_model_folder(folder)
     cfg = weights.read_json(os.path.join(folder, "config.json"))
-    if cfg.get("model_type") == "lingudistill_vlm":
-        return weights.load_vlm(folder), "vlm", data.load_chat_template(folder)
-    if "vit_hidden_dim" in cfg:
-        template = cfg.get("lm_chat_template") or data.load_chat_template(folder)
-        return weights.load_nanovlm(folder), "nanovlm", template
-    if cfg.get("model_type", "llama") in ("llama", "qwen2", "mistral") and "hidden_size" in cfg:
-        return weights.load_hf_lm(folder), "lm", data.load_chat_template(folder)
-    raise BadInput(f"{folder}: config.json is neither our VLM, a nanoVLM nor a Hugging Face "
-                   "Llama/Qwen2 config")
+    nanovlm = "vit_hidden_dim" in cfg
+    template = (cfg.get("lm_chat_template") if nanovlm else None) or data.load_chat_template(folder)
+    kind = ("nanovlm" if nanovlm else "vlm") if isinstance(model, VLM) else "lm"
+    return model, kind, template
 
 
 def load_tok(path, model):
@@ -73,7 +71,6 @@ def load_tok(path, model):
 
 
 def read_images(spec):
-    from PIL import Image
     images = []
     for path in [p for p in (spec or "").split(",") if p]:
         if not os.path.isfile(path):
