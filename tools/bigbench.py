@@ -232,18 +232,20 @@ def read_tasks(tasks, source=DEFAULT_SOURCE, limit=None, move_spaces=True):
     return out, report
 
 
-def training_text(source=DEFAULT_SOURCE, max_per_task=200, exclude=()):
+def training_text(source=DEFAULT_SOURCE, max_per_task=200, exclude=(), keep_task=None):
     """Language-intensive training text from BIG-bench: for every JSON task that is neither in
     DEV_TASKS nor in RESERVED_TASKS (nor in `exclude`) and has none of NON_LANGUAGE_KEYWORDS,
     up to max_per_task documents "<input> <correct answer>" (the unique best target_scores
     option, or the first "target" string of a generative example). Prefixes and listed choices
     are not included; duplicates are dropped. Returns ([text, ...], {task: count}). Excluded tasks
     are skipped by path,
-    never read."""
+    never read. keep_task(task) -> bool, if given, also selects tasks by name (before reading), e.g.
+    to split the tasks into training text and held-out text."""
     banned = set(DEV_TASKS) | set(RESERVED_TASKS) | {t.split(":")[0] for t in exclude}
+    keep_task = keep_task or (lambda task: True)
     texts, counts, seen = [], {}, set()
-    for task, sub, read in _iter_files(source, lambda t, s,
-                                       size: t not in banned and size <= MAX_MEMBER_BYTES):
+    for task, sub, read in _iter_files(source, lambda t, s, size: t not in banned and keep_task(t)
+                                       and size <= MAX_MEMBER_BYTES):
         tj = read()
         if "examples" not in tj or set(tj.get("keywords", ())) & set(NON_LANGUAGE_KEYWORDS):
             continue

@@ -1,0 +1,280 @@
+"""
+LinguDistill on a real language model: SmolLM2-135M-Instruct is the teacher; the student is its
+decoder + a small fresh vision tower. Vision adaptation degrades the decoder's language, the
+distill variants try to restore it; every model is measured on real benchmarks (BIG-bench dev
+tasks, perplexity on held-out real text) and on VQA, over several seeds, with the same
+baselines and paired statistics as tools/experiment.py.
+
+  python tools/real_experiment.py --teacher=.weights/smollm2-135m --seeds=0,1,2
+      [--bigbench=.weights/bigbench-1.0.0.tar.gz] [--out_dir=out/real] [--items=50]
+      [--merge_lams=0.25,0.5] [TRAIN FLAGS, e.g. --adapt_steps=120 --device=cuda]
+
+The data (written once to <out_dir>/data, the same for every seed):
+- vision-heavy sources (CE only in LinguDistill): the tiny world's renders (data.build_world,
+  world seed 0, 32 px) with English questions in SmolLM2's chat format (ChatML, no system
+  prompt): "What colour is the shape in the image?" -> "red", likewise shape, count, position,
+  caption; the vision benchmark is the world's fresh renders asked the same way (exact match).
+- the language-intensive source "text" (KD in LinguDistill): real English from BIG-bench tasks
+  that are neither dev nor reserved (bigbench.training_text: "<input> <answer>"), raw text, the
+  first quarter of its words the context, the rest the response. One task in ten (by a hash of
+  its name) is held out of training: its texts are the perplexity set.
+Evaluation: the BIG-bench dev tasks (bigbench.DEV_TASKS; the first --items of each, file order;
+mean log-probability per option token), their mean = "language"; perplexity on the held-out
+texts; VQA exact match. The reserved BIG-bench tasks are never read.
+
+Per seed (the seed sets the tower's init and the data order; teacher and data are fixed): one
+align + adapt run (train.py --stage=adapt), the four distill variants from that adapted model
+(experiment.VARIANTS), and the weight merges of the adapted decoder toward the teacher.
+Recovery = (model - adapted) / (teacher - adapted) on the dev-task mean. Writes real.md,
+real.json and (with matplotlib) real.png to --out_dir; a re-run in the same --out_dir resumes
+(finished seeds are read back from seed<N>.json).
+"""
+import json
+import os
+import sys
+import time
+import zlib
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bigbench  # noqa: E402
+import data  # noqa: E402
+import eval as ev  # noqa: E402
+import experiment  # noqa: E402
+import train  # noqa: E402
+from model import VLM  # noqa: E402
+from weights import atomic_write, load_hf_lm, load_model_folder, write_json  # noqa: E402
+
+# The student: the teacher's decoder + this tower (train.py flags); the run's defaults.
+TRAIN_DEFAULTS = ["--image_size=32", "--patch_size=4", "--shuffle_factor=2", "--vision_dim=64",
+                  "--vision_layers=2", "--vision_heads=4", "--batch_size=8", "--max_len=48",
+                  "--num_workers=0", "--align_steps=30", "--align_lr=3e-3", "--adapt_steps=60",
+                  "--adapt_lr=3e-4", "--adapt_vision_lr=1e-3", "--distill_steps=60",
+                  "--distill_lr=1e-4", "--warmup_frac=0.1", "--ckpt_every=1000", "--keep_last=1",
+                  "--log_every=10"]
+QUESTIONS = {"colour": "What colour is the shape in the image?",
+             "shape": "What shape is in the image?",
+             "count": "How many shapes are in the image?",
+             "position": "On which side of the image is the shape?",
+             "caption": "Describe the image in a few words."}
+WORLD_SEED, IMAGE_SIZE = 0, 32
+
+
+def held_out_task(task):
+    """One BIG-bench task in ten (by a hash of its name) is perplexity text, never trained on."""
+    return zlib.crc32(task.encode()) % 10 == 0
+
+
+def vision_example(ex):
+    """A tiny-world VQA example -> the same image asked in English, in SmolLM2's chat format."""
+    answer = ex["response"].strip().removesuffix(" .").strip()
+    return {"image": ex["image"], "prompt": data.chat_prompt(data.IMAGE_TOKEN
+                                                             + QUESTIONS[ex["source"]]),
+            "response": answer, "source": ex["source"]}
+
+
+def text_example(text):
+    """Raw text -> context = its first quarter of words (at least 3), response = the rest."""
+    words = text.split()
+    k = min(max(3, len(words) // 4), len(words) - 1)
+    return {"image": None, "prompt": " ".join(words[:k]), "response": " " + " ".join(words[k:]),
+            "source": "text"}
+
+
+def build_data(folder, source, n_vision=400, n_text=2000, n_heldout=200):
+    """Write vision.jsonl (+ images/), text.jsonl and heldout_text.json to folder, once.
+    Returns the JSONL paths and the held-out texts."""
+    paths = [os.path.join(folder, "vision.jsonl"), os.path.join(folder, "text.jsonl")]
+    heldout_path = os.path.join(folder, "heldout_text.json")
+    if not os.path.isfile(heldout_path):
+        os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+        world = data.build_world(WORLD_SEED, image_size=IMAGE_SIZE)
+        lines = []
+        for src in QUESTIONS:
+            for i, ex in enumerate(world.sources[src][:n_vision]):
+                name = f"images/{src}-{i:04d}.png"
+                ex["image"].save(os.path.join(folder, name))
+                lines.append({**vision_example(ex), "image": name})
+        texts, _ = bigbench.training_text(source, max_per_task=40,
+                                          keep_task=lambda t: not held_out_task(t))
+        texts = [t for t in texts if len(t.split()) >= 8][:n_text]
+        heldout, _ = bigbench.training_text(source, max_per_task=20, keep_task=held_out_task)
+        heldout = [" ".join(t.split()[:64]) for t in heldout if len(t.split()) >= 8][:n_heldout]
+        for path, rows in zip(paths, (lines, [text_example(t) for t in texts])):
+            atomic_write(path, lambda tmp, rows=rows: open(tmp, "w", encoding="utf-8").write(
+                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)))
+        write_json(heldout_path, heldout)
+    with open(heldout_path, encoding="utf-8") as f:
+        return paths, json.load(f)
+
+
+def vision_bench():
+    """The tiny world's fresh-render VQA benchmark, asked in English."""
+    world = data.build_world(WORLD_SEED, image_size=IMAGE_SIZE)
+    return [vision_example(ex) for ex in world.vision_bench]
+
+
+def evaluate(model, tok, bench, vqa, heldout):
+    """{"acc": dev-task mean, "acc_<task>", "ppl"[, "vision"]} for a VLM or a text-only Decoder."""
+    decoder = model.decoder if isinstance(model, VLM) else model
+    model.eval()
+    row = {f"acc_{task}": ev.multiple_choice(decoder, tok, items, batch_size=16,
+                                             )["acc"]
+           for task, items in bench.items()}
+    row["acc"] = sum(row.values()) / len(row)
+    row["ppl"] = ev.perplexity(decoder, heldout, tok, batch_size=16)
+    if isinstance(model, VLM):
+        row["vision"] = ev.vqa_accuracy(model, vqa, tok, IMAGE_SIZE, batch_size=32)
+    return row
+
+
+def run_seed(seed, opts, train_argv, paths, heldout, bench, vqa, teacher_row):
+    """Adapt once, every distill variant and merge from it; evaluate all -> rows."""
+    seed_dir = os.path.join(opts["out_dir"], f"seed{seed}")
+    base = [f"--teacher_path={opts['teacher']}", f"--data_path={','.join(paths)}",
+            "--kd_sources=text", f"--seed={seed}", f"--out_dir={seed_dir}", "--eval=false",
+            "--resume=true"] + TRAIN_DEFAULTS + train_argv
+    times, t0 = {}, time.time()
+    models, _, tok = train.run(train.get_config(base + ["--stage=adapt"]))
+    teacher, adapted = models["teacher"], models["adapted"]
+    times["adapt"] = time.time() - t0
+    rows = {"teacher": teacher_row, "adapted": evaluate(adapted, tok, bench, vqa, heldout)}
+    for name in opts["variants"]:
+        argv = experiment.VARIANTS[name]
+        t0 = time.time()
+        slug = name.lower().replace(" ", "-")
+        models, _, _ = train.run(train.get_config(base + ["--stage=distill", f"--variant={slug}"]
+                                                  + argv))
+        rows[name] = evaluate(models[f"distilled-{slug}"], tok, bench, vqa, heldout)
+        times[name] = time.time() - t0
+    for lam in opts["merge_lams"]:
+        merged = experiment.merge_toward_teacher(adapted, teacher, lam)
+        rows[experiment.merge_name(lam)] = evaluate(merged, tok, bench, vqa, heldout)
+    drop = rows["teacher"]["acc"] - rows["adapted"]["acc"]
+    for row in rows.values():
+        row["recovery"] = (row["acc"] - rows["adapted"]["acc"]) / drop if drop > 0 else float("nan")
+    print(f"seed {seed}: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()), flush=True)
+    return rows
+
+
+COLUMNS = [("acc", "BIG-bench dev mean"), ("ppl", "held-out ppl"), ("vision", "vision"),
+           ("recovery", "recovery")]
+
+
+def format_rows(mean, std, tasks):
+    cols = COLUMNS[:1] + [(f"acc_{t}", t) for t in tasks] + COLUMNS[1:]
+    lines = ["| model | " + " | ".join(h for _, h in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, r in mean.items():
+        cells = []
+        for k, _ in cols:
+            if k not in r:
+                cells.append("—")
+            elif k == "ppl":
+                cells.append(f"{r[k]:.2f} ± {std[name][k]:.2f}")
+            else:
+                cells.append(f"{100 * r[k]:.1f} ± {100 * std[name][k]:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(mean, std, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, r in mean.items():
+        if "vision" in r:
+            ax.errorbar(100 * r["vision"], 100 * r["acc"], xerr=100 * std[name]["vision"],
+                        yerr=100 * std[name]["acc"], fmt="o", capsize=3, label=name)
+    ax.axhline(100 * mean["teacher"]["acc"], ls="--", c="grey", label="teacher (language)")
+    ax.set_xlabel("vision (VQA exact match, %)")
+    ax.set_ylabel("BIG-bench dev mean accuracy (%)")
+    ax.set_title("SmolLM2-135M: language vs vision (mean ± std over seeds)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    return True
+
+
+def parse_args(argv):
+    opts = {"teacher": "", "seeds": "0,1,2", "out_dir": os.path.join("out", "real"),
+            "bigbench": bigbench.DEFAULT_SOURCE, "items": "50", "merge_lams": "0.25,0.5",
+            "variants": ",".join(experiment.VARIANTS)}
+    train_argv = []
+    for arg in argv:
+        key, eq, val = arg[2:].partition("=")
+        if arg.startswith("--") and key in opts and eq:
+            opts[key] = val
+        else:
+            train_argv.append(arg)
+    if not opts["teacher"] or not os.path.isdir(opts["teacher"]):
+        raise ValueError(f"--teacher={opts['teacher']!r}: expected a Hugging Face SmolLM2 folder "
+                         "(tools/convert_gguf.py, README 'Real weights and real data')")
+    try:
+        opts["seeds"] = [int(s) for s in opts["seeds"].split(",") if s]
+        opts["items"] = int(opts["items"])
+        opts["merge_lams"] = [float(x) for x in opts["merge_lams"].split(",") if x]
+    except ValueError as e:
+        raise ValueError(f"--seeds, --items, --merge_lams: {e}") from None
+    if not opts["seeds"] or opts["items"] < 1:
+        raise ValueError("expected --seeds=0,1,... (at least one) and --items >= 1")
+    opts["variants"] = [v for v in opts["variants"].split(",") if v]
+    unknown = sorted(set(opts["variants"]) - set(experiment.VARIANTS))
+    if unknown:
+        raise ValueError(f"--variants: unknown {unknown}; expected names from "
+                         f"{list(experiment.VARIANTS)}")
+    if not all(0 <= x <= 1 for x in opts["merge_lams"]):
+        raise ValueError(f"--merge_lams: each must be in [0, 1], got {opts['merge_lams']}")
+    train.get_config([f"--teacher_path={opts['teacher']}"] + TRAIN_DEFAULTS + train_argv)
+    return opts, train_argv
+
+
+def main(argv):
+    opts, train_argv = parse_args(argv)
+    out = opts["out_dir"]
+    os.makedirs(out, exist_ok=True)
+    t_start = time.time()
+    paths, heldout = build_data(os.path.join(out, "data"), opts["bigbench"])
+    bench, _ = bigbench.read_tasks(bigbench.DEV_TASKS, opts["bigbench"], limit=opts["items"])
+    vqa = vision_bench()
+    teacher_path = os.path.join(out, "teacher.json")
+    tok = data.load_tokenizer(os.path.join(opts["teacher"], "tokenizer.json"))
+    if not os.path.isfile(teacher_path):
+        write_json(teacher_path, evaluate(load_hf_lm(opts["teacher"]), tok, bench, vqa, heldout))
+    with open(teacher_path, encoding="utf-8") as f:
+        teacher_row = json.load(f)
+    per_seed = []
+    for seed in opts["seeds"]:
+        path = os.path.join(out, f"seed{seed}.json")
+        if not os.path.isfile(path):
+            write_json(path, run_seed(seed, opts, train_argv, paths, heldout, bench, vqa,
+                                      teacher_row))
+        with open(path, encoding="utf-8") as f:
+            per_seed.append(json.load(f))
+    mean, std = experiment.aggregate(per_seed)
+    diffs = experiment.paired_differences(per_seed, mean)
+    report = [f"seeds {opts['seeds']}, {opts['items']} items per dev task, "
+              f"{len(heldout)} held-out texts; {time.time() - t_start:.0f}s in this call", "",
+              format_rows(mean, std, list(bench)), "",
+              experiment.format_differences(diffs, mean)]
+    text = "\n".join(report)
+    atomic_write(os.path.join(out, "real.md"),
+                 lambda tmp: open(tmp, "w", encoding="utf-8").write(text + "\n"))
+    write_json(os.path.join(out, "real.json"), {"per_seed": per_seed, "mean": mean, "std": std,
+                                                "paired": diffs})
+    plot(mean, std, os.path.join(out, "real.png"))
+    print(text)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError, train.TrainingError) as e:
+        sys.exit(f"real_experiment.py: {e}")
