@@ -185,9 +185,10 @@ class Attention(nn.Module):
         if past_kv is not None:
             k = torch.cat([past_kv[0].to(k.dtype), k], dim=2)                   # (B, nkv, Tp+T, hd)
             v = torch.cat([past_kv[1].to(v.dtype), v], dim=2)
-        groups = self.n_heads // self.n_kv_heads
-        y = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, dim=1),
-                                           v.repeat_interleave(groups, dim=1), attn_mask=mask)
+        # enable_gqa: query head h reads K/V head h // (n_heads / n_kv_heads), without K/V copied
+        # n_heads / n_kv_heads times. mask None = plain causal (Decoder.forward: no past, no pads).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, -1)                                      # (B, T, nh*hd)
         return self.o_proj(y), (k, v)
 
@@ -258,6 +259,11 @@ class Decoder(nn.Module):
         if past_kv is not None and len(past_kv) != self.cfg.n_layers:
             raise ValueError(f"past_kv has {len(past_kv)} layers, the decoder has "
                              f"{self.cfg.n_layers}")
+        # No past and no mask: every key is real, so the mask is plain causal and SDPA can take
+        # is_causal=True instead (a flash kernel on CUDA). A given mask is not checked for padding:
+        # bool(attention_mask.all()) would cost a device sync per forward (a graph break under
+        # torch.compile), and the masks that training passes (left-padded contexts) have pads.
+        plain_causal = attention_mask is None and past_kv is None
         if attention_mask is None:
             attention_mask = torch.ones(B, past_len + T, dtype=torch.long, device=x.device)
         if attention_mask.shape != (B, past_len + T):
@@ -272,7 +278,7 @@ class Decoder(nn.Module):
                 raise ValueError(f"sequence of {longest} positions (past {past_len} + new {T} "
                                  f"columns) is longer than max_positions {self.cfg.max_positions}")
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        mask = build_attention_mask(attention_mask, T, past_len)
+        mask = None if plain_causal else build_attention_mask(attention_mask, T, past_len)
         new_kv = []
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):

@@ -55,7 +55,7 @@ class TrainConfig:
     out_dir: str = "out"
     seed: int = 0
     device: str = "auto"          # auto | cpu | cuda
-    compile: bool = False         # torch.compile the trained model (checkpoints stay loadable)
+    compile: bool = False         # torch.compile the trained model and the distill teacher
     resume: bool = False          # continue each stage from its last checkpoint in out_dir/ckpt
     eval: bool = True             # print the evaluation table after the stages
     # tiny world
@@ -530,8 +530,10 @@ def token_counts(run, stage, batch):
     return {"ce": float(real.sum()), "kd": kd}
 
 
-def compute_loss(run, stage, model, batch, counts):
-    """The loss of one micro-batch, already divided by the global token counts."""
+def compute_loss(run, stage, model, batch, counts, teacher=None):
+    """The loss of one micro-batch, already divided by the global token counts. teacher: the
+    frozen teacher to call in stage 3 (default run.teacher; train_stage passes its compiled
+    wrapper under --compile)."""
     if stage == "pretrain":                                                 # next-token CE
         x, y = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
         logits, _ = model(x)                                                # (B, L, V)
@@ -544,8 +546,8 @@ def compute_loss(run, stage, model, batch, counts):
         return {"loss": out["loss"], "ce": out["ce"]}
     cfg = run.cfg                                                          # CE + KD via the handoff
     student_logits, teacher_logits = kvshare.distill_forward(
-        model, run.teacher, batch, unwrap(model).student_only_ids, cfg.scope,
-        need_teacher=cfg.policy != "none")
+        model, run.teacher if teacher is None else teacher, batch, unwrap(model).student_only_ids,
+        cfg.scope, need_teacher=cfg.policy != "none")
     out = distill.distill_loss(
         student_logits, batch["labels"], batch["response_mask"], teacher_logits,
         sources=batch["source"], policy=cfg.policy, table=run.kd_table, alpha=cfg.alpha,
@@ -583,9 +585,14 @@ def train_stage(run, stage, model, param_groups, steps, name=None):
         if rt.is_main:
             drop_log_records(log_path, name, after_step=start)   # steps the crash had logged
     # A fresh compile per stage: no graph traced while other parameters were frozen is reused.
+    # Stage 3 also compiles the frozen teacher's forward (its continuation over the student's KV);
+    # the wrapper is local to the stage: run.teacher stays the plain module.
     if cfg.compile:
         torch.compiler.reset()
     forward_model = torch.compile(model) if cfg.compile else model
+    teacher = run.teacher
+    if cfg.compile and stage == "distill" and teacher is not None:
+        teacher = torch.compile(teacher)
     student, mixture, stream = None, None, None
     if stage != "pretrain":
         student, mixture = unwrap(model), stage_mixture(run.world, stage)   # once per stage
@@ -608,7 +615,7 @@ def train_stage(run, stage, model, param_groups, steps, name=None):
         logs = {}
         for micro, batch in enumerate(batches):
             with rt.no_sync(forward_model, micro < len(batches) - 1), rt.autocast():
-                out = compute_loss(run, stage, forward_model, batch, counts)
+                out = compute_loss(run, stage, forward_model, batch, counts, teacher)
                 (out["loss"] * rt.world_size).backward()      # DDP averages grads over ranks
             for k, v in out.items():
                 logs[k] = logs.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)

@@ -309,7 +309,6 @@ def test_convert_gguf_cli_bad_file_is_one_line(tmp_path, monkeypatch, content, e
 # --------------------------------------------------------------------------- train.py: flags and
 # runs
 
-import functools  # noqa: E402
 import shutil  # noqa: E402
 
 import train  # noqa: E402
@@ -433,12 +432,16 @@ def _losses(out_dir, stage):
 def test_compiled_training_trains_what_eager_training_trains(tmp_path, monkeypatch):
     """--compile=true vs eager on the smoke preset (aot_eager backend: dynamo + AOTAutograd, the
     part that decides which parameters get gradients, without a C++ build): the same losses at
-    every step of every stage, and the adapt stage moves the same decoder parameters."""
-    runs = {}
+    every step of every stage, and the adapt stage moves the same decoder parameters. The distill
+    stage compiles the frozen teacher too (its continuation over the student's KV)."""
+    runs, compiled, real_compile = {}, [], torch.compile
+
+    def compile_aot_eager(module):
+        compiled.append(module)
+        return real_compile(module, backend="aot_eager")
     for mode in ("eager", "compiled"):
         if mode == "compiled":
-            monkeypatch.setattr(train.torch, "compile",
-                                functools.partial(torch.compile, backend="aot_eager"))
+            monkeypatch.setattr(train.torch, "compile", compile_aot_eager)
         out = str(tmp_path / mode)
         models, _, _ = train.run(train.get_config(SMOKE
                                                   + [f"--out_dir={out}",
@@ -447,6 +450,7 @@ def test_compiled_training_trains_what_eager_training_trains(tmp_path, monkeypat
         moved = {n for n, p in models["adapted"].decoder.named_parameters()
                  if p.shape == teacher[n].shape and not torch.equal(p, teacher[n])}
         runs[mode] = (out, moved)
+    assert compiled[-1] is models["teacher"]                  # compiled last: by the distill stage
     assert runs["eager"][1] == runs["compiled"][1] and len(runs["eager"][1]) > 10
     for stage in ("pretrain", "align", "adapt", "distill-selective-full"):
         a, b = _losses(runs["eager"][0], stage), _losses(runs["compiled"][0], stage)

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from model import (LMConfig, VisionConfig, Decoder, VLM, VisionEncoder, SMOLLM2_360M,
-                   pixel_shuffle, positions_from_mask, build_attention_mask)
+from model import (LMConfig, VisionConfig, Decoder, VLM, VisionEncoder, SMOLLM2_360M, Attention,
+                   pixel_shuffle, positions_from_mask, build_attention_mask, rope_cos_sin,
+                   apply_rope)
 
 
 def tiny_lm(**kw):
@@ -60,6 +61,69 @@ def test_gqa_equals_full_attention_with_repeated_kv_heads():
     mha.load_state_dict(sd)
     ids = torch.randint(0, 97, (2, 9))
     torch.testing.assert_close(gqa(ids)[0], mha(ids)[0], atol=1e-5, rtol=1e-5)
+
+
+def repeat_kv_attention(attn, x, cos, sin, mask, past_kv=None):
+    """The reference GQA formulation: K/V heads copied n_heads / n_kv_heads times, then SDPA with
+    an explicit boolean mask (mask None: the plain causal mask)."""
+    B, T, _ = x.shape
+    q = attn.q_proj(x).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if past_kv is not None:
+        k, v = torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2)
+    if mask is None:
+        mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None]
+    groups = attn.n_heads // attn.n_kv_heads
+    y = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), attn_mask=mask)
+    return attn.o_proj(y.transpose(1, 2).reshape(B, T, -1)), (k, v)
+
+
+@pytest.mark.parametrize("past_len", [0, 4])
+@pytest.mark.parametrize("padded", [False, True])
+def test_gqa_attention_equals_the_repeated_kv_formulation(past_len, padded):
+    torch.manual_seed(0)
+    attn = Attention(LMConfig(vocab_size=97, dim=96, n_layers=1, n_heads=6, n_kv_heads=2,
+                              ffn_dim=128))
+    B, T = 2, 5
+    att = torch.ones(B, past_len + T, dtype=torch.long)
+    if padded:
+        att[0, :3] = 0                                              # left padding in row 0
+    pos = positions_from_mask(att)[:, past_len:]
+    cos, sin = rope_cos_sin(pos, 16, 10000.0, torch.float32)
+    past = (torch.randn(B, 2, past_len, 16), torch.randn(B, 2, past_len, 16)) if past_len else None
+    masks = [build_attention_mask(att, T, past_len)]
+    if not padded and not past_len:
+        masks.append(None)                                          # the is_causal path
+    for mask in masks:
+        x = torch.randn(B, T, 96, requires_grad=True)
+        y, (k, v) = attn(x, cos, sin, mask, past)
+        y_ref, (k_ref, v_ref) = repeat_kv_attention(attn, x, cos, sin, mask, past)
+        assert k.shape == (B, 2, past_len + T, 16)                  # K/V stay un-expanded
+        for a, b in ((y, y_ref), (k, k_ref), (v, v_ref)):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        g, = torch.autograd.grad(y.square().sum(), x)
+        g_ref, = torch.autograd.grad(y_ref.square().sum(), x)
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_no_mask_is_causal_path_equals_the_explicit_all_ones_mask():
+    """attention_mask=None and no past: SDPA is_causal=True, no (B, 1, T, T) mask; the logits,
+    KV and grads equal those of the explicit all-ones mask (the masked path)."""
+    m = tiny_lm(n_heads=4, n_kv_heads=2)
+    ids = torch.randint(0, 97, (3, 11))
+    out = {}
+    for name, att in (("causal", None), ("masked", torch.ones(3, 11, dtype=torch.long))):
+        m.zero_grad()
+        logits, kv = m(ids, attention_mask=att, use_cache=True)
+        logits.square().mean().backward()
+        out[name] = (logits.detach(), [k.detach() for k, _ in kv],
+                     [p.grad.clone() for p in m.parameters()])
+    torch.testing.assert_close(out["causal"][0], out["masked"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["causal"][1], out["masked"][1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["causal"][2], out["masked"][2], atol=1e-5, rtol=1e-5)
 
 
 def test_left_padded_batched_generation_equals_generating_each_prompt_alone():

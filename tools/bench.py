@@ -8,6 +8,7 @@ Benchmarks (not tests): ratios measured side by side in one run, printed as a ta
   python tools/bench.py --device=cuda        # on a GPU: adds MFU for the training-stage tokens/s
   python tools/bench.py --only=paper --device=cuda --B=8 --P=448 --R=64 --steps=10  # paper's size
   python tools/bench.py --only=paper --size=tiny --device=cpu --steps=3             # CPU-sized
+  python tools/bench.py --only=paper --device=cuda --compile    # the same step, torch.compile'd
   python tools/bench.py --only=loader --loader_workers=0,2,4,8   # data loader images/s at 512 px
 
 - handoff:  teacher continuation over the shared context KV vs the teacher recomputing the
@@ -288,13 +289,16 @@ def _peak_bytes(fn, device):
 
 
 def bench_paper(device, size="paper", B=8, P=448, R=64, steps=5, warmup=2, amp=None,
-                teacher_dtype=None, grad_ckpt=False, kd_chunk=None, peak_tflops=None, seed=0):
+                teacher_dtype=None, grad_ckpt=False, kd_chunk=None, peak_tflops=None, seed=0,
+                compile=False):
     """One full distill step at the paper's size (random init, no weights needed): student
     prefill + teacher continuation (scope full) + distill.distill_loss (uniform KD) + backward
     + AdamW (fused on CUDA), as train.py's distill stage does it.
 
     amp: "bf16" (autocast; default on CUDA) or "fp32" (default on CPU). teacher_dtype: the dtype
     kvshare.freeze holds the teacher in (default bf16 under bf16 autocast, else fp32).
+    compile: torch.compile the student and the frozen teacher, as train.py --compile does (the
+    compile time falls in the `warmup` steps; the teacher timings below use the compiled teacher).
     Returns a dict of numbers (times are medians over `steps` after `warmup`):
       ms_per_step, tokens_per_s (B*(P+R) student tokens per step), tflop_per_step (flops_per_step),
       achieved_tflops, mfu (achieved / peak_tflops; NaN without a peak), peak_mem_mib,
@@ -322,11 +326,16 @@ def bench_paper(device, size="paper", B=8, P=448, R=64, steps=5, warmup=2, amp=N
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5, betas=(0.9, 0.95),
                             fused=device.type == "cuda")
     losses = []
+    if compile:
+        torch.compiler.reset()
+    # the modules to call: plain, or their torch.compile wrappers (same parameters)
+    student_fwd = torch.compile(student) if compile else student
+    teacher_fwd = torch.compile(teacher) if compile else teacher
 
     def step():
         with autocast():
-            s_logits, kv = kvshare.student_prefill(student, batch)
-            t_logits = kvshare.teacher_continue(teacher, kv, batch, image_token_id, "full")
+            s_logits, kv = kvshare.student_prefill(student_fwd, batch)
+            t_logits = kvshare.teacher_continue(teacher_fwd, kv, batch, image_token_id, "full")
             out = distill.distill_loss(s_logits, batch["labels"], batch["response_mask"], t_logits,
                                        sources=batch["source"], policy="uniform",
                                        chunk_size=kd_chunk)
@@ -338,12 +347,12 @@ def bench_paper(device, size="paper", B=8, P=448, R=64, steps=5, warmup=2, amp=N
     t_step = timeit(step, device, repeat=steps, warmup=warmup)
     peak = _peak_bytes(step, device)
     with torch.no_grad(), autocast():
-        _, kv = kvshare.student_prefill(student, batch)
+        _, kv = kvshare.student_prefill(student_fwd, batch)
         text_ids = batch["input_ids"].masked_fill(batch["input_ids"] == image_token_id, 0)
-        t_cont = timeit(lambda: kvshare.teacher_continue(teacher, kv, batch, image_token_id,
+        t_cont = timeit(lambda: kvshare.teacher_continue(teacher_fwd, kv, batch, image_token_id,
                                                          "full"), device,
                         repeat=steps, warmup=warmup)
-        t_full = timeit(lambda: teacher(text_ids, logits_start=P), device, repeat=steps,
+        t_full = timeit(lambda: teacher_fwd(text_ids, logits_start=P), device, repeat=steps,
                         warmup=warmup)
     f_student, f_teacher = flops_per_step(student, teacher, B, P, R)
     achieved = (f_student + f_teacher) / t_step / 1e12
@@ -357,12 +366,13 @@ def bench_paper(device, size="paper", B=8, P=448, R=64, steps=5, warmup=2, amp=N
             "loss": losses[-1], "n_student": sum(p.numel() for p in student.parameters()),
             "n_teacher": sum(p.numel() for p in teacher.parameters()),
             "kv_dtype": str(kv[0][0].dtype).replace("torch.", ""), "amp": amp,
-            "teacher_dtype": str(teacher_dtype).replace("torch.", "")}
+            "teacher_dtype": str(teacher_dtype).replace("torch.", ""), "compiled": compile}
 
 
 def paper_rows(r, size, B, P, R, peak_tflops):
     setting = (f"{size}: student {r['n_student'] / 1e6:.0f}M, teacher {r['n_teacher'] / 1e6:.0f}M, "
-               f"B={B} P={P} R={R}, amp {r['amp']}, teacher {r['teacher_dtype']}")
+               f"B={B} P={P} R={R}, amp {r['amp']}, teacher {r['teacher_dtype']}"
+               + (", torch.compile" if r.get("compiled") else ", eager"))
     mfu = (f"MFU {100 * r['mfu']:.1f}% of {peak_tflops:g} TFLOP/s" if peak_tflops
            else "MFU n/a (no --peak_tflops)")
     return [("paper", "distill step " + setting, f"{r['ms_per_step']:.1f} ms/step",
@@ -432,6 +442,9 @@ def main():
     g.add_argument("--grad_ckpt", action="store_true",
                    help="activation checkpointing of the student's blocks")
     g.add_argument("--kd_chunk", type=int, default=None)
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the student and the teacher (as train.py --compile); "
+                        "compile time falls in --warmup")
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "cuda"
                           or (args.device == "auto" and torch.cuda.is_available())
@@ -458,7 +471,7 @@ def main():
             torch.backends.cuda.matmul.allow_tf32 = True                    # as train.Runtime
         td = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.teacher_dtype)
         r = bench_paper(device, args.size, args.B, args.P, args.R, args.steps, args.warmup,
-                        args.amp, td, args.grad_ckpt, args.kd_chunk, peak)
+                        args.amp, td, args.grad_ckpt, args.kd_chunk, peak, compile=args.compile)
         rows += paper_rows(r, args.size, args.B, args.P, args.R, peak)
     if args.only == "loader":           # not in the default run: it measures the data pipeline
         rows += bench_loader(tuple(int(w) for w in args.loader_workers.split(",")))
