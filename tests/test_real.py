@@ -265,6 +265,48 @@ def test_scores_match_a_direct_computation(tok, tmp_path):
         assert r["pred"] == [int(np.argmax(w)) for w in want]
 
 
+def test_share_context_matches_the_plain_path(tok):
+    """share_context=True (each context prefilled once, options continued from its K/V) gives the
+    plain path's scores, picks and accuracy: contexts of different lengths (one of a single token,
+    so its prefix is all padding), 2-5 options of different token lengths (an empty one too), and
+    batch sizes below, at and above the number of items / rows."""
+    model = tiny_lm(tok)
+    items = [
+        {"context": "Question: what is two plus two?\nA. three\nB. four\nC. five\nD. six\n"
+                    "Answer:", "options": [" A", " B", " C", " D"], "answer": 1, "split": "x"},
+        {"context": "Answer", "options": [":", " cat", " picture of a cat."], "answer": 0},
+        {"context": "The following are multiple choice questions (with answers) about",
+         "options": [" algebra.", " the red circle eats apples", "", " four", " B"], "answer": 0,
+         "split": "y"},
+        {"context": "What is in this picture? This is a", "options": [" picture of a cat.", " dog"],
+         "answer": 1},
+        {"context": "the blue square lives in the", "options": [" forest .", " apples", " five"],
+         "answer": 0, "split": "x"},
+    ]
+    lengths = {len(tok.encode(o).ids) for it in items for o in it["options"]}
+    assert {0, 1}.issubset(lengths) and max(lengths) >= 4
+    assert len({len(tok.encode(it["context"]).ids) for it in items}) == len(items)
+    assert len(tok.encode("Answer").ids) == 1
+    want = evaluation.multiple_choice(model, tok, items, batch_size=64)
+    for batch_size in (1, 2, 3, 64):
+        got = evaluation.multiple_choice(model, tok, items, batch_size=batch_size,
+                                         share_context=True)
+        assert {k for k in got} == {k for k in want}
+        for a, b in zip(got["scores"], want["scores"]):
+            assert np.allclose(a, b, atol=1e-5)
+        assert got["pred"] == want["pred"]
+        assert {k: v for k, v in got.items() if k != "scores"} == \
+            {k: v for k, v in want.items() if k != "scores"}
+    # every context a single token: no prefix at all (past_kv None)
+    short = [{"context": "Answer", "options": [" A", " B plus", ":"], "answer": 2},
+             {"context": "Question", "options": [":", " what is two"], "answer": 0}]
+    assert all(len(tok.encode(it["context"]).ids) == 1 for it in short)
+    want = evaluation.multiple_choice(model, tok, short)
+    got = evaluation.multiple_choice(model, tok, short, batch_size=2, share_context=True)
+    assert np.allclose(sum(got["scores"], []), sum(want["scores"], []), atol=1e-5)
+    assert got["pred"] == want["pred"] and not model.training
+
+
 def test_multiple_choice_picks_the_option_the_model_is_forced_to_prefer(tok, tmp_path):
     """Zero every attention/MLP output: the residual stream is the token's embedding, so the
     next-token

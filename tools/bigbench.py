@@ -9,6 +9,10 @@ sdist on PyPI (it ships every JSON task):
 
 --tasks=dev (DEV_TASKS) or a comma list of task names; FOLDER is a Hugging Face LM folder or our
 VLM folder (its decoder is scored) with its tokenizer.json. Prints accuracy, chance and n per task.
+Scoring uses eval.multiple_choice(share_context=True): the decoder is text-only, so each item's
+context (BIG-bench's are long, its options short) is run once and every option continues from its
+K/V; the same scores as the plain per-(context, option) path up to float rounding, and faster.
+--batch_size is then items per context prefill and (item, option) rows per continuation.
 
 Source: the .tar.gz (members streamed with tarfile; nothing extracted to disk) or an extracted
 folder (any folder with a benchmark_tasks/ under it, or benchmark_tasks/ itself). A task is
@@ -318,7 +322,7 @@ def main(argv):
           f"{'time':>6}")
     for task, items in by_task.items():
         t1 = time.time()
-        r = ev.multiple_choice(model, tok, items, int(opts["batch_size"]))
+        r = ev.multiple_choice(model, tok, items, int(opts["batch_size"]), share_context=True)
         grade, _ = bigbench_grade(items, r["pred"])
         print(f"{task:<22} {100 * r['acc']:6.1f} {100 * r['chance']:7.1f} {r['n']:5d} "
               f"{report[task]['skipped']:7d} {100 * grade:8.1f} {time.time() - t1:5.1f}s")
