@@ -2,9 +2,11 @@
 Does the KV handoff matter? One seed of the tiny world, measured at three points (after ALIGN,
 after ADAPT, after DISTILL) and under three interventions.
 
-  python tools/handoff_study.py [--seed=0] [--out_dir=out/handoff] [--only=NAME] [TRAIN FLAGS]
+  python tools/handoff_study.py [--seed=0] [--out_dir=out/handoff] [--only=NAME]
+                                [--pipelines=NAME,NAME] [TRAIN FLAGS]
 
-NAME (train one pipeline and stop; the default trains every one, then measures): base,
+--only=NAME trains one pipeline and stops; --pipelines= picks which are trained and measured
+(default: all, in this order). NAMEs: base,
 "align x3" (--align_steps x 3), "adapt lr /3" (--adapt_lr / 3), "scope image" (distill the base
 adapted model with --scope=image). Every other flag goes to train.py (e.g. --preset=smoke,
 --distill_steps=100). Runs use --resume=true in <out_dir>/seed<N>/<pipeline>, so a re-run (or a
@@ -19,6 +21,8 @@ needs the image AND the text-only knowledge; chance about 10):
   = only the image-column KV, the teacher computes its own prompt KV. After ALIGN the student's
   decoder IS the teacher's, so handoff full == kvqa exactly: whatever the teacher misses there,
   alignment missed, not drift.
+- seen / unseen: the same two on entities whose knowledge VQA is / is not in the training
+  mix (align and distill train on seen entities' knowledge VQA; unseen ones need transfer).
 - K drift / V drift: on text-only inputs (the language benchmark's contexts + correct answers),
   per decoder layer, ||KV_student - KV_teacher|| / ||KV_teacher|| over real tokens, both decoders
   running the same ids (K after RoPE). 0 for the aligned model; the table shows the layer mean,
@@ -149,6 +153,11 @@ def measure(model, teacher, world, tok, image_size, text):
     row = evaluation.evaluate_models({"m": model}, world, tok, image_size, teacher=teacher)["m"]
     row["handoff_image"] = evaluation.teacher_handoff_accuracy(
         model, teacher, world.knowledge_bench, tok, image_size, scope="image")
+    for split in ("seen", "unseen"):       # seen: the entity's knowledge VQA is in training
+        items = [it for it in world.knowledge_bench if it["split"] == split]
+        row[f"kvqa_{split}"] = evaluation.vqa_accuracy(model, items, tok, image_size)
+        row[f"handoff_{split}"] = evaluation.teacher_handoff_accuracy(model, teacher, items, tok,
+                                                                      image_size)
     row["drift"] = kv_drift(model, teacher, text)
     row["img_desc"] = image_desc_match(model, teacher, world, tok, image_size)
     return row
@@ -158,11 +167,13 @@ def format_results(rows):
     cols = [("acc", "language"), ("vision", "vision"), ("knowledge_vqa", "kvqa (student)"),
             ("teacher_handoff", "handoff full"), ("handoff_image", "handoff image")]
     lines = ["| pipeline / point | " + " | ".join(h for _, h in cols)
-             + " | K drift | V drift | img->desc (best layer) |",
-             "|---" * (len(cols) + 4) + "|"]
+             + " | kvqa seen/unseen | handoff seen/unseen | K drift | V drift"
+             " | img->desc (best layer) |", "|---" * (len(cols) + 6) + "|"]
     for name, r in rows.items():
         mean = {k: sum(v) / len(v) for k, v in r["drift"].items()}
         lines.append(f"| {name} | " + " | ".join(f"{100 * r[k]:.1f}" for k, _ in cols)
+                     + f" | {100 * r['kvqa_seen']:.0f} / {100 * r['kvqa_unseen']:.0f}"
+                     + f" | {100 * r['handoff_seen']:.0f} / {100 * r['handoff_unseen']:.0f}"
                      + f" | {mean['k']:.3f} | {mean['v']:.3f} | {100 * max(r['img_desc']):.1f} |")
     lines += ["", "Per-layer drift (K / V, layer 0 first) and img->desc per layer:", ""]
     for name, r in rows.items():
@@ -173,7 +184,8 @@ def format_results(rows):
 
 
 def main(argv):
-    opts, train_argv = {"seed": "0", "out_dir": "out/handoff", "only": ""}, []
+    opts, train_argv = {"seed": "0", "out_dir": "out/handoff", "only": "",
+                        "pipelines": ",".join(PIPELINES)}, []
     for arg in argv:
         key, _, val = arg[2:].partition("=")
         if key in opts:
@@ -186,15 +198,18 @@ def main(argv):
             raise ValueError(f"--only={opts['only']!r}; expected one of {PIPELINES}")
         train_pipeline(opts["only"], seed, out_dir, train_argv)
         return None
+    pipelines = [p for p in opts["pipelines"].split(",") if p]
+    if not pipelines or any(p not in PIPELINES for p in pipelines):
+        raise ValueError(f"--pipelines={opts['pipelines']!r}; expected names from {PIPELINES}")
     t0, rows = time.time(), {}
-    for name in PIPELINES:
+    for name in pipelines:
         points, teacher, world, tok, cfg = train_pipeline(name, seed, out_dir, train_argv)
         kvshare.freeze(teacher)
         text = text_batches(world, tok, teacher, cfg.image_size)
         for point, model in points.items():
             rows[f"{name} / {point}"] = measure(model, teacher, world, tok, cfg.image_size, text)
     table = format_results(rows)
-    note = (f"\n\nseed {seed}, train flags {train_argv or '(defaults)'}; "
+    note = (f"\n\nseed {seed}, train flags {train_argv or '(defaults)'}, pipelines {pipelines}; "
             f"{time.time() - t0:.0f} s (measuring, and training what was not yet trained)\n")
     print(table + note)
     os.makedirs(out_dir, exist_ok=True)
