@@ -29,7 +29,8 @@ needs the image AND the text-only knowledge; chance about 10):
   handoff.md also the per-layer values.
 - img->desc: does the image KV look like the words for the same entity? For each entity, the
   student's layer-mean V over its image columns (a fresh single-object render) against the
-  teacher's mean V over "the <colour> <shape>"; top-1 cosine retrieval among all entities
+  teacher's mean V over "the <colour> <shape>", each centred over entities; top-1 cosine
+  retrieval among all entities
   (chance 1/n_entities), the best layer.
 - language / vision: eval.evaluate_models (4-way MC on held-out text facts; vision VQA).
 """
@@ -85,7 +86,8 @@ def text_batches(world, tok, teacher, image_size):
 @torch.no_grad()
 def image_desc_match(student, teacher, world, tok, image_size):
     """Top-1 retrieval, per layer, of each entity's description ("the red circle", teacher V)
-    from the student's V at that entity's image columns (cosine of token-mean V)."""
+    from the student's V at that entity's image columns (cosine of token-mean V, each side
+    centred over entities)."""
     student.eval()
     captions = [it for it in world.vision_bench if it["source"] == "caption"]  # entity order
     assert len(captions) == len(world.entities)
@@ -103,6 +105,7 @@ def image_desc_match(student, teacher, world, tok, image_size):
     for (_, v_s), (_, v_t) in zip(kv, kv_t):
         a = ((v_s * img).sum(2) / img.sum(2)).flatten(1)                # (N, nkv * hd)
         d = ((v_t * ctx).sum(2) / ctx.sum(2)).flatten(1)
+        a, d = a - a.mean(0), d - d.mean(0)          # centred: what tells entities apart
         sim = torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(d, dim=1).T
         hits.append(float((sim.argmax(1) == torch.arange(len(a))).float().mean()))
     return hits
