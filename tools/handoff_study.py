@@ -222,7 +222,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)               # a small model: one thread each, the cores are shared
+    # one thread: the README's numbers were measured so (CPU float results, hence the trained
+    # models, depend on the thread count), and --only= runs can share the cores in parallel
+    torch.set_num_threads(1)
     try:
         main(sys.argv[1:])
     except (ValueError, FileNotFoundError, train.TrainingError) as e:

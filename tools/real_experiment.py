@@ -6,7 +6,7 @@ tasks, perplexity on held-out real text) and on VQA, over several seeds, with th
 baselines and paired statistics as tools/experiment.py.
 
   python tools/real_experiment.py --teacher=.weights/smollm2-135m --seeds=0,1,2
-      [--bigbench=.weights/bigbench-1.0.0.tar.gz] [--out_dir=out/real] [--items=50]
+      [--bigbench=.weights/bigbench-1.0.0.tar.gz] [--out_dir=out/real] [--items=60]
       [--merge_lams=0.25,0.5] [TRAIN FLAGS, e.g. --adapt_steps=120 --device=cuda]
 
 The data (written once to <out_dir>/data, the same for every seed):
@@ -52,8 +52,8 @@ from weights import atomic_write, load_hf_lm, load_model_folder, write_json  # n
 TRAIN_DEFAULTS = ["--image_size=32", "--patch_size=4", "--shuffle_factor=2", "--vision_dim=64",
                   "--vision_layers=2", "--vision_heads=4", "--batch_size=8", "--max_len=48",
                   "--num_workers=0", "--align_steps=30", "--align_lr=3e-3", "--adapt_steps=60",
-                  "--adapt_lr=3e-4", "--adapt_vision_lr=1e-3", "--distill_steps=60",
-                  "--distill_lr=1e-4", "--warmup_frac=0.1", "--ckpt_every=1000", "--keep_last=1",
+                  "--adapt_lr=1e-3", "--adapt_vision_lr=3e-3", "--distill_steps=40",
+                  "--distill_lr=2e-4", "--warmup_frac=0.1", "--ckpt_every=1000", "--keep_last=1",
                   "--log_every=10"]
 QUESTIONS = {"colour": "What colour is the shape in the image?",
              "shape": "What shape is in the image?",
@@ -61,6 +61,12 @@ QUESTIONS = {"colour": "What colour is the shape in the image?",
              "position": "On which side of the image is the shape?",
              "caption": "Describe the image in a few words."}
 WORLD_SEED, IMAGE_SIZE = 0, 32
+
+
+def train_flags(train_argv):
+    """TRAIN_DEFAULTS, each overridden by the same flag in train_argv, then train_argv."""
+    given = {a.split("=", 1)[0] for a in train_argv}
+    return [d for d in TRAIN_DEFAULTS if d.split("=", 1)[0] not in given] + train_argv
 
 
 def held_out_task(task):
@@ -122,7 +128,7 @@ def evaluate(model, tok, bench, vqa, heldout):
     decoder = model.decoder if isinstance(model, VLM) else model
     model.eval()
     row = {f"acc_{task}": ev.multiple_choice(decoder, tok, items, batch_size=16,
-                                             )["acc"]
+                                             share_context=True)["acc"]
            for task, items in bench.items()}
     row["acc"] = sum(row.values()) / len(row)
     row["ppl"] = ev.perplexity(decoder, heldout, tok, batch_size=16)
@@ -136,7 +142,7 @@ def run_seed(seed, opts, train_argv, paths, heldout, bench, vqa, teacher_row):
     seed_dir = os.path.join(opts["out_dir"], f"seed{seed}")
     base = [f"--teacher_path={opts['teacher']}", f"--data_path={','.join(paths)}",
             "--kd_sources=text", f"--seed={seed}", f"--out_dir={seed_dir}", "--eval=false",
-            "--resume=true"] + TRAIN_DEFAULTS + train_argv
+            "--resume=true"] + train_flags(train_argv)
     times, t0 = {}, time.time()
     models, _, tok = train.run(train.get_config(base + ["--stage=adapt"]))
     teacher, adapted = models["teacher"], models["adapted"]
@@ -205,7 +211,7 @@ def plot(mean, std, path):
 
 def parse_args(argv):
     opts = {"teacher": "", "seeds": "0,1,2", "out_dir": os.path.join("out", "real"),
-            "bigbench": bigbench.DEFAULT_SOURCE, "items": "50", "merge_lams": "0.25,0.5",
+            "bigbench": bigbench.DEFAULT_SOURCE, "items": "60", "merge_lams": "0.25,0.5",
             "variants": ",".join(experiment.VARIANTS)}
     train_argv = []
     for arg in argv:
@@ -232,7 +238,7 @@ def parse_args(argv):
                          f"{list(experiment.VARIANTS)}")
     if not all(0 <= x <= 1 for x in opts["merge_lams"]):
         raise ValueError(f"--merge_lams: each must be in [0, 1], got {opts['merge_lams']}")
-    train.get_config([f"--teacher_path={opts['teacher']}"] + TRAIN_DEFAULTS + train_argv)
+    train.get_config([f"--teacher_path={opts['teacher']}"] + train_flags(train_argv))
     return opts, train_argv
 
 

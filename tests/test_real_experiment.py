@@ -1,0 +1,110 @@
+"""tools/real_experiment.py: its data (English VQA in chat format, BIG-bench text split into
+training and held-out tasks), and the whole experiment end to end with a tiny teacher."""
+import json
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tools"))
+
+import bigbench  # noqa: E402
+import real_experiment as rx  # noqa: E402
+from conftest import make_teacher_and_jsonl  # noqa: E402
+
+
+def write_task(root, name, examples):
+    os.makedirs(root / name, exist_ok=True)
+    (root / name / "task.json").write_text(json.dumps({"name": name, "keywords": ["reading"],
+                                                       "examples": examples}))
+
+
+def mc_examples(n, words):
+    return [{"input": f"question {i} about {words} ?",
+             "target_scores": {f"{words} {i}": 1, f"other {i}": 0, "neither": 0}}
+            for i in range(n)]
+
+
+def text_examples(n, words):
+    return [{"input": f"the {words} story number {i} goes on and on for a while", "target":
+             f"and it ends with {words} {i}"} for i in range(n)]
+
+
+@pytest.fixture
+def bench_folder(tmp_path):
+    root = tmp_path / "bigbench" / "benchmark_tasks"
+    for task in bigbench.DEV_TASKS:
+        write_task(root, task, mc_examples(4, task))
+    train_tasks = [t for t in (f"story_{i}" for i in range(200)) if not rx.held_out_task(t)][:3]
+    held = [t for t in (f"story_{i}" for i in range(200)) if rx.held_out_task(t)][:1]
+    for t in train_tasks + held:
+        write_task(root, t, text_examples(5, t))
+    return tmp_path / "bigbench", train_tasks, held
+
+
+def test_vision_example_asks_in_english_in_chat_format():
+    ex = {"image": None, "prompt": "<image> is coloured", "response": " red .",
+          "source": "colour"}
+    out = rx.vision_example(ex)
+    assert out["prompt"] == ("<|im_start|>user\n<image>What colour is the shape in the image?"
+                             "<|im_end|>\n<|im_start|>assistant\n")
+    assert out["response"] == "red" and out["source"] == "colour"
+
+
+def test_text_example_splits_at_a_quarter_of_the_words():
+    out = rx.text_example("one two three four five six seven eight nine ten eleven twelve")
+    assert out == {"image": None, "prompt": "one two three", "response":
+                   " four five six seven eight nine ten eleven twelve", "source": "text"}
+    assert rx.text_example("a b c d")["prompt"] == "a b c"      # at least 3 words, 1 left
+
+
+def test_build_data_keeps_held_out_tasks_out_of_training(bench_folder, tmp_path):
+    source, train_tasks, held = bench_folder
+    paths, heldout = rx.build_data(tmp_path / "data", str(source), n_vision=3)
+    text = (tmp_path / "data" / "text.jsonl").read_text()
+    assert all(t in text for t in train_tasks) and not any(t in text for t in held)
+    assert heldout and all(held[0] in h for h in heldout)
+    assert not any(d in text or any(d in h for h in heldout) for d in bigbench.DEV_TASKS)
+    vision = [json.loads(line) for line in open(paths[0])]
+    assert len(vision) == 3 * len(rx.QUESTIONS)
+    assert all(os.path.isfile(tmp_path / "data" / v["image"]) for v in vision)
+
+
+def test_experiment_end_to_end_with_a_tiny_teacher(bench_folder, tmp_path):
+    source, _, _ = bench_folder
+    teacher_dir, _, _ = make_teacher_and_jsonl(tmp_path)
+    # like SmolLM2's folder: its own token is EOS and pad (no ids appended past the teacher's)
+    (teacher_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+    out = tmp_path / "real"
+    argv = [f"--teacher={teacher_dir}", "--seeds=0,1", f"--out_dir={out}",
+            f"--bigbench={source}", "--items=3", "--merge_lams=0.5", "--align_steps=2",
+            "--adapt_steps=2", "--distill_steps=2", "--batch_size=4", "--max_len=400"]
+    rx.main(argv)
+    result = json.loads((out / "real.json").read_text())
+    names = {"teacher", "adapted", *rx.experiment.VARIANTS, "merge λ=0.5"}
+    assert len(result["per_seed"]) == 2 and set(result["mean"]) == names
+    for row in result["per_seed"][0].values():
+        assert 0 <= row["acc"] <= 1 and row["ppl"] > 1
+    recovery = result["per_seed"][0]["adapted"]["recovery"]   # 0, or NaN if nothing dropped
+    assert recovery == 0 or math.isnan(recovery)
+    assert "LinguDistill − CE-only" in result["paired"]
+    assert (out / "real.md").read_text().startswith("seeds [0, 1]")
+    # a re-run reads the finished seeds back instead of training again
+    before = (out / "seed0.json").stat().st_mtime_ns
+    rx.main(argv)
+    assert (out / "seed0.json").stat().st_mtime_ns == before
+
+
+def test_bad_flags_are_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="--teacher"):
+        rx.parse_args(["--teacher=" + str(tmp_path / "missing")])
+    teacher_dir, _, _ = make_teacher_and_jsonl(tmp_path)
+    with pytest.raises(ValueError, match="--variants"):
+        rx.parse_args([f"--teacher={teacher_dir}", "--variants=LinguDistill,nope"])
+    with pytest.raises(ValueError, match="--merge_lams"):
+        rx.parse_args([f"--teacher={teacher_dir}", "--merge_lams=1.5"])
+    with pytest.raises(ValueError, match="unknown config key"):
+        rx.parse_args([f"--teacher={teacher_dir}", "--no_such_flag=1"])
