@@ -242,19 +242,22 @@ COLUMNS = [("acc", "language"), ("acc_seen", "lang seen"), ("acc_unseen", "lang 
            ("teacher_handoff", "teacher via handoff"), ("recovery", "recovery")]
 
 
-def format_table(rows, std=None):
-    """Markdown table; `std` (same shape as rows) adds ± columns for multi-seed means."""
-    cols = [(k, h) for k, h in COLUMNS if any(k in r for r in rows.values())]
+def format_table(rows, std=None, columns=COLUMNS, plain=("ppl",)):
+    """Markdown table; `std` (same shape as rows) adds ± columns for multi-seed means.
+    columns: (key, header) pairs, shown if any row has the key; keys in `plain` are printed as
+    they are (e.g. perplexity), the others as percentages."""
+    cols = [(k, h) for k, h in columns if any(k in r for r in rows.values())]
     lines = ["| model | " + " | ".join(h for _, h in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in rows.items():
         cells = []
         for k, _ in cols:
+            scale, digits = (1, 2) if k in plain else (100, 1)
             if k not in r:
                 cells.append("—")
             elif std is not None:
-                cells.append(f"{100 * r[k]:.1f} ± {100 * std[name][k]:.1f}")
+                cells.append(f"{scale * r[k]:.{digits}f} ± {scale * std[name][k]:.{digits}f}")
             else:
-                cells.append(f"{100 * r[k]:.1f}")
+                cells.append(f"{scale * r[k]:.{digits}f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

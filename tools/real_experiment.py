@@ -172,18 +172,7 @@ COLUMNS = [("acc", "BIG-bench dev mean"), ("ppl", "held-out ppl"), ("vision", "v
 
 def format_rows(mean, std, tasks):
     cols = COLUMNS[:1] + [(f"acc_{t}", t) for t in tasks] + COLUMNS[1:]
-    lines = ["| model | " + " | ".join(h for _, h in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, r in mean.items():
-        cells = []
-        for k, _ in cols:
-            if k not in r:
-                cells.append("—")
-            elif k == "ppl":
-                cells.append(f"{r[k]:.2f} ± {std[name][k]:.2f}")
-            else:
-                cells.append(f"{100 * r[k]:.1f} ± {100 * std[name][k]:.1f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return ev.format_table(mean, std, columns=cols)
 
 
 def plot(mean, std, path):
