@@ -41,7 +41,7 @@ import eval as evaluation           # `eval` is a Python builtin: keep the modul
 from model import (SIGLIP2_B16_512, Decoder, ImageSplitting, LMConfig, VisionConfig, grow_vocab,
                    unwrap, vlm_from_teacher)
 from weights import (atomic_write, current_umask, load_hf_lm, load_hf_siglip, load_model_folder,
-                     save_hf_lm, save_vlm)
+                     save_hf_lm, save_vlm, write_json, write_text)
 
 
 # ----------------------------------------------------------------------------------------
@@ -672,7 +672,7 @@ def drop_log_records(log_path, name, after_step):
     keep = [line for line, r in zip(lines, records)
             if not (r.get("stage") == name and r["step"] > after_step)]
     if len(keep) != len(lines):
-        atomic_write(log_path, lambda tmp: open(tmp, "w").writelines(keep))
+        write_text(log_path, "".join(keep))
 
 
 # ----------------------------------------------------------------------------------------
@@ -700,8 +700,7 @@ def save_model_folder(run, folder, save_weights):
         os.chmod(tmp, 0o777 & ~current_umask())
         save_weights(tmp)
         data.save_tokenizer(run.tok, tmp)
-        atomic_write(os.path.join(tmp, "train_config.json"),
-                     lambda t: open(t, "w").write(json.dumps(asdict(run.cfg), indent=2)))
+        write_json(os.path.join(tmp, "train_config.json"), asdict(run.cfg))
         old = None
         if os.path.exists(folder):
             old = tempfile.mkdtemp(prefix=f".old-{os.path.basename(folder)}-", dir=parent)

@@ -53,11 +53,16 @@ def atomic_write(path, write_fn):
         os.close(dir_fd)
 
 
-def write_json(path, obj):
+def write_text(path, text):
+    """atomic_write of a UTF-8 text file (closed before the fsync)."""
     def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
     atomic_write(path, write)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2))
 
 
 def read_json(path):

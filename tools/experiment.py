@@ -16,7 +16,6 @@ experiment.md, experiment.json (per seed, mean, std, paired differences) and, if
 is installed, experiment.png (language vs vision per model) to --out_dir.
 """
 import copy
-import math
 import multiprocessing as mp
 import os
 import sys
@@ -28,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import eval as evaluation  # noqa: E402
 import train  # noqa: E402
-from weights import atomic_write, write_json  # noqa: E402
+from weights import write_json, write_text  # noqa: E402
 
 VARIANTS = {                                   # name -> train.py overrides for stage 3
     "CE-only": ["--policy=none", "--scope=full"],
@@ -65,6 +64,15 @@ def merge_toward_teacher(vlm, teacher, lam):
     return merged
 
 
+def train_variant(base_argv, name):
+    """Stage 3 of one VARIANTS entry from the adapted model in base_argv's --out_dir -> the
+    distilled model (folder distilled-<name as a slug>)."""
+    slug = name.lower().replace(" ", "-")
+    models, _, _ = train.run(train.get_config(base_argv + ["--stage=distill", f"--variant={slug}"]
+                                              + VARIANTS[name]))
+    return models[f"distilled-{slug}"]
+
+
 def run_seed(seed, train_argv, out_dir, merge_lams=MERGE_LAMS):
     """Pretrain + adapt once, then every distill variant from the same adapted model, and the
     merges of the adapted model toward the teacher; eval all."""
@@ -76,11 +84,8 @@ def run_seed(seed, train_argv, out_dir, merge_lams=MERGE_LAMS):
     teacher = models["teacher"]
     models, _, _ = train.run(train.get_config(base + ["--stage=adapt"]))
     rows_models = {"teacher": teacher, "adapted": models["adapted"]}
-    for name, argv in VARIANTS.items():
-        slug = name.lower().replace(" ", "-")
-        models, _, _ = train.run(train.get_config(base + ["--stage=distill", f"--variant={slug}"]
-                                                  + argv))
-        rows_models[name] = models[f"distilled-{slug}"]
+    for name in VARIANTS:
+        rows_models[name] = train_variant(base, name)
     for lam in merge_lams:
         rows_models[merge_name(lam)] = merge_toward_teacher(rows_models["adapted"], teacher, lam)
     cfg = train.get_config(base)
@@ -271,7 +276,7 @@ def experiment(seeds, train_argv, out_dir, jobs=1, merge_lams=MERGE_LAMS):
     else:
         per_seed = [_run_seed_to_file(a) for a in args]
     text, result = report(seeds, train_argv, per_seed, time.time() - t0)
-    atomic_write(os.path.join(out_dir, "experiment.md"), lambda tmp: open(tmp, "w").write(text))
+    write_text(os.path.join(out_dir, "experiment.md"), text)
     plot(result["mean"], result["std"], os.path.join(out_dir, "experiment.png"))
     write_json(os.path.join(out_dir, "experiment.json"), result)
     return text

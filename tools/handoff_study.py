@@ -34,7 +34,6 @@ needs the image AND the text-only knowledge; chance about 10):
   (chance 1/n_entities), the best layer.
 - language / vision: eval.evaluate_models (4-way MC on held-out text facts; vision VQA).
 """
-import json
 import os
 import shutil
 import sys
@@ -47,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import eval as evaluation  # noqa: E402
 import kvshare  # noqa: E402
 import train  # noqa: E402
-from weights import atomic_write, write_json  # noqa: E402
+from weights import write_json, write_text  # noqa: E402
 
 PIPELINES = ("base", "align x3", "adapt lr /3", "scope image")
 FOLDERS = {"base": "base", "align x3": "align-x3", "adapt lr /3": "adapt-lr-div3",
@@ -62,7 +61,8 @@ def kv_drift(student, teacher, batches):
     decoder = getattr(student, "decoder", student)
     decoder.eval()
     n = teacher.cfg.n_layers
-    num, den = {"k": torch.zeros(n), "v": torch.zeros(n)}, {"k": torch.zeros(n), "v": torch.zeros(n)}
+    num = {"k": torch.zeros(n), "v": torch.zeros(n)}          # sum of squared differences
+    den = {"k": torch.zeros(n), "v": torch.zeros(n)}          # sum of squared teacher values
     for b in batches:
         ids, mask = b["input_ids"], b["attention_mask"]
         last = ids.shape[1] - 1                                  # logits are not needed
@@ -216,7 +216,7 @@ def main(argv):
             f"{time.time() - t0:.0f} s (measuring, and training what was not yet trained)\n")
     print(table + note)
     os.makedirs(out_dir, exist_ok=True)
-    atomic_write(os.path.join(out_dir, "handoff.md"), lambda t: open(t, "w").write(table + note))
+    write_text(os.path.join(out_dir, "handoff.md"), table + note)
     write_json(os.path.join(out_dir, "handoff.json"), rows)
     return rows
 

@@ -35,7 +35,6 @@ import sys
 import time
 import zlib
 
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +45,7 @@ import eval as ev  # noqa: E402
 import experiment  # noqa: E402
 import train  # noqa: E402
 from model import VLM  # noqa: E402
-from weights import atomic_write, load_hf_lm, load_model_folder, write_json  # noqa: E402
+from weights import atomic_write, load_hf_lm, write_json, write_text  # noqa: E402
 
 # The student: the teacher's decoder + this tower (train.py flags); the run's defaults.
 TRAIN_DEFAULTS = ["--image_size=32", "--patch_size=4", "--shuffle_factor=2", "--vision_dim=64",
@@ -110,8 +109,7 @@ def build_data(folder, source, n_vision=400, n_text=2000, n_heldout=200):
         heldout, _ = bigbench.training_text(source, max_per_task=20, keep_task=held_out_task)
         heldout = [" ".join(t.split()[:64]) for t in heldout if len(t.split()) >= 8][:n_heldout]
         for path, rows in zip(paths, (lines, [text_example(t) for t in texts])):
-            atomic_write(path, lambda tmp, rows=rows: open(tmp, "w", encoding="utf-8").write(
-                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)))
+            write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         write_json(heldout_path, heldout)
     with open(heldout_path, encoding="utf-8") as f:
         return paths, json.load(f)
@@ -149,12 +147,8 @@ def run_seed(seed, opts, train_argv, paths, heldout, bench, vqa, teacher_row):
     times["adapt"] = time.time() - t0
     rows = {"teacher": teacher_row, "adapted": evaluate(adapted, tok, bench, vqa, heldout)}
     for name in opts["variants"]:
-        argv = experiment.VARIANTS[name]
         t0 = time.time()
-        slug = name.lower().replace(" ", "-")
-        models, _, _ = train.run(train.get_config(base + ["--stage=distill", f"--variant={slug}"]
-                                                  + argv))
-        rows[name] = evaluate(models[f"distilled-{slug}"], tok, bench, vqa, heldout)
+        rows[name] = evaluate(experiment.train_variant(base, name), tok, bench, vqa, heldout)
         times[name] = time.time() - t0
     for lam in opts["merge_lams"]:
         merged = experiment.merge_toward_teacher(adapted, teacher, lam)
@@ -260,8 +254,7 @@ def main(argv):
               format_rows(mean, std, list(bench)), "",
               experiment.format_differences(diffs, mean)]
     text = "\n".join(report)
-    atomic_write(os.path.join(out, "real.md"),
-                 lambda tmp: open(tmp, "w", encoding="utf-8").write(text + "\n"))
+    write_text(os.path.join(out, "real.md"), text + "\n")
     write_json(os.path.join(out, "real.json"), {"per_seed": per_seed, "mean": mean, "std": std,
                                                 "paired": diffs})
     plot(mean, std, os.path.join(out, "real.png"))
