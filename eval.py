@@ -44,88 +44,58 @@ def response_logits(model, batch):
     return kvshare.student_prefill(model, batch, keep_kv=False)[0].float()
 
 
-def _mc_encode(item, tok):
-    """One item's token ids exactly as the plain path's data.collate rows get them
-    (data.encode_example on each (context, option) pair): (context_ids, [option_ids, ...]),
-    each option without the EOS that encode_example appends (the EOS is not scored)."""
-    pairs = [data.encode_example({"image": None, "prompt": item["context"], "response": opt,
-                                  "source": "mc"}, tok, 0) for opt in item["options"]]
-    return pairs[0][0], [r[:-1] for _, r in pairs]
+def _mc_rows(items):
+    """Every (context, option) pair as one data.collate example (the option is the response)."""
+    return [{"image": None, "prompt": it["context"], "response": opt, "source": "mc"}
+            for it in items for opt in it["options"]]
+
+
+def _option_scores(logits, batch):
+    """Mean log-probability of each row's option tokens: the response columns without the EOS
+    that data.collate appends after them. logits (B, R, V) predict the R response tokens."""
+    logp = F.log_softmax(logits.float(), -1)                                # (B, R, V)
+    logp = logp.gather(-1, batch["labels"][..., None])[..., 0]              # (B, R)
+    scored = batch["response_mask"].clone()
+    last = scored.sum(1) - 1                                                # the EOS column
+    scored[torch.arange(scored.shape[0], device=scored.device), last] = False
+    return ((logp * scored).sum(1) / scored.sum(1).clamp(min=1)).tolist()
 
 
 def _plain_scores(model, tok, items, batch_size, image_size, device):
     """Every (context, option) pair is one data.collate row, run over context + option."""
-    rows = [{"image": None, "prompt": it["context"], "response": opt, "source": "mc"}
-            for it in items for opt in it["options"]]
     scores = []
-    for b in batches(rows, tok, model, image_size, batch_size, device):
-        logp = F.log_softmax(response_logits(model, b), -1)                 # (B, R, V)
-        logp = logp.gather(-1, b["labels"][..., None])[..., 0]              # (B, R)
-        scored = b["response_mask"].clone()
-        last = scored.sum(1) - 1                                            # the EOS column
-        scored[torch.arange(scored.shape[0], device=device), last] = False
-        scores += ((logp * scored).sum(1) / scored.sum(1).clamp(min=1)).tolist()
+    for b in batches(_mc_rows(items), tok, model, image_size, batch_size, device):
+        scores += _option_scores(response_logits(model, b), b)
     return scores
 
 
-def _shared_context_scores(model, tok, items, batch_size, device):
+def _shared_context_scores(model, tok, items, batch_size, image_size, device):
     """The same scores as _plain_scores with each item's context run once (text-only Decoder).
 
-    Per slice of batch_size items: one prefill of every context WITHOUT its last token, left-
-    padded to P-1 columns (as data.collate lays contexts out), keeping the per-layer K/V. Then,
-    batch_size (item, option) rows at a time, a continuation over that item's K/V (index_select
-    on the batch dim) of [last context token + option tokens except the last], right-padded:
-    the logits at its columns predict exactly the option's tokens (as in
-    kvshare.teacher_continue). Positions come from the attention mask (past + new columns), so
-    every token sits at the position it has in the plain path."""
-    pad = data.special_id(tok, data.PAD_TOKEN)
+    Per slice of batch_size items, all their (context, option) rows are laid out by data.collate
+    as in the plain path: P context columns, left-padded, so the rows of one item share columns
+    0..P-2. Those columns run once per item (its first row), keeping the per-layer K/V; every row
+    then continues from its item's K/V over columns P-1..P+R-2, the last context token and the
+    option, as kvshare.teacher_continue does (positions from the attention mask), and is scored
+    like the plain path."""
     scores = []
     for i in range(0, len(items), batch_size):
-        encoded = [_mc_encode(it, tok) for it in items[i:i + batch_size]]
-        contexts = [c for c, _ in encoded]
-        rows = [(j, opt) for j, (_, opts) in enumerate(encoded) for opt in opts]
-        # continuation chunks of similar option lengths (less right padding); scores go back
-        # to the items' order below
-        order = sorted(range(len(rows)), key=lambda r: len(rows[r][1]))
-        sorted_rows, slice_scores = [rows[r] for r in order], [0.0] * len(rows)
-        Pm = max(len(c) for c in contexts) - 1              # prefix columns: contexts minus last
-        prefix_ids = torch.full((len(contexts), Pm), pad, dtype=torch.long)    # (N, P-1)
-        prefix_mask = torch.zeros((len(contexts), Pm), dtype=torch.long)     # (N, P-1)
-        for j, c in enumerate(contexts):
-            if len(c) > 1:
-                prefix_ids[j, Pm - len(c) + 1:] = torch.tensor(c[:-1])
-                prefix_mask[j, Pm - len(c) + 1:] = 1
-        prefix_mask = prefix_mask.to(device)
+        chunk = items[i:i + batch_size]
+        rows = _mc_rows(chunk)
+        b = next(batches(rows, tok, model, image_size, len(rows), device))
+        ids, mask, P = b["input_ids"], b["attention_mask"], b["context_len"]        # (N, P+R)
+        T = ids.shape[1]
+        item_of = torch.tensor([j for j, it in enumerate(chunk) for _ in it["options"]],
+                               device=device)                                      # (N,)
+        first = torch.tensor([0] + [len(it["options"]) for it in chunk[:-1]],
+                             device=device).cumsum(0)                  # each item's first row
         past = None
-        if Pm > 0:         # per layer (K, V), each (N, n_kv_heads, P-1, head_dim); no logits
-            _, past = model(prefix_ids.to(device), attention_mask=prefix_mask, use_cache=True,
-                            logits_start=Pm)
-        for s in range(0, len(rows), batch_size):
-            chunk = sorted_rows[s:s + batch_size]
-            W = max(max(len(opt), 1) for _, opt in chunk)
-            new_ids = torch.full((len(chunk), W), pad, dtype=torch.long)      # (B, W)
-            new_mask = torch.zeros((len(chunk), W), dtype=torch.long)       # (B, W)
-            targets = torch.full((len(chunk), W), pad, dtype=torch.long)      # (B, W)
-            scored = torch.zeros((len(chunk), W), dtype=torch.bool)         # (B, W)
-            for r, (j, opt) in enumerate(chunk):
-                seq = [contexts[j][-1]] + opt[:-1]
-                new_ids[r, :len(seq)] = torch.tensor(seq)
-                new_mask[r, :len(seq)] = 1
-                targets[r, :len(opt)] = torch.tensor(opt, dtype=torch.long)
-                scored[r, :len(opt)] = True
-            idx = torch.tensor([j for j, _ in chunk], device=device)
-            kv = None if past is None else [(k.index_select(0, idx), v.index_select(0, idx))
-                                            for k, v in past]
-            logits, _ = model(new_ids.to(device), past_kv=kv,        # mask: (B, P-1 + W)
-                              attention_mask=torch.cat([prefix_mask.index_select(0, idx),
-                                                        new_mask.to(device)], 1))
-            logp = F.log_softmax(logits.float(), -1)                          # (B, W, V)
-            logp = logp.gather(-1, targets.to(device)[..., None])[..., 0]      # (B, W)
-            scored = scored.to(device)
-            chunk_scores = ((logp * scored).sum(1) / scored.sum(1).clamp(min=1)).tolist()
-            for r, score in zip(order[s:s + batch_size], chunk_scores):
-                slice_scores[r] = score
-        scores += slice_scores
+        if P > 1:         # per layer (K, V), each (N, n_kv_heads, P-1, head_dim); no logits
+            _, kv = model(ids[first, :P - 1], attention_mask=mask[first, :P - 1], use_cache=True,
+                          logits_start=P - 1)
+            past = [(k.index_select(0, item_of), v.index_select(0, item_of)) for k, v in kv]
+        logits, _ = model(ids[:, P - 1:T - 1], attention_mask=mask[:, :T - 1], past_kv=past)
+        scores += _option_scores(logits, b)                                # logits (N, R, V)
     return scores
 
 
@@ -139,15 +109,16 @@ def multiple_choice(model, tok, items, batch_size=64, image_size=32, share_conte
 
     share_context=True (faster on long contexts with short options, e.g. BIG-bench): each
     item's context is run once and every option continues from its K/V; the same scores up to
-    float rounding. batch_size is then items per context prefill and (item, option) rows per
-    continuation. Only for a text-only model (a model.Decoder, e.g. a VLM's .decoder): for a
-    VLM it falls back to the plain path (batch_size = rows), which stays the reference."""
+    float rounding. batch_size is then items per slice (one prefill of their contexts, one
+    continuation of all their options). Only for a text-only model (a model.Decoder, e.g. a
+    VLM's .decoder): for a VLM it falls back to the plain path (batch_size = rows), which stays
+    the reference."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
         if share_context and isinstance(unwrap(model), Decoder):
-            scores = _shared_context_scores(model, tok, items, batch_size, device)
+            scores = _shared_context_scores(model, tok, items, batch_size, image_size, device)
         else:
             scores = _plain_scores(model, tok, items, batch_size, image_size, device)
     finally:

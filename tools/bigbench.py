@@ -12,7 +12,8 @@ VLM folder (its decoder is scored) with its tokenizer.json. Prints accuracy, cha
 Scoring uses eval.multiple_choice(share_context=True): the decoder is text-only, so each item's
 context (BIG-bench's are long, its options short) is run once and every option continues from its
 K/V; the same scores as the plain per-(context, option) path up to float rounding, and faster.
---batch_size is then items per context prefill and (item, option) rows per continuation.
+--batch_size is then items per slice (one prefill of their contexts, one continuation of
+all their options).
 
 Source: the .tar.gz (members streamed with tarfile; nothing extracted to disk) or an extracted
 folder (any folder with a benchmark_tasks/ under it, or benchmark_tasks/ itself). A task is
