@@ -108,3 +108,22 @@ def test_bad_flags_are_refused_before_any_work(tmp_path):
         rx.parse_args([f"--teacher={teacher_dir}", "--merge_lams=1.5"])
     with pytest.raises(ValueError, match="unknown config key"):
         rx.parse_args([f"--teacher={teacher_dir}", "--no_such_flag=1"])
+
+
+@pytest.mark.parametrize("tool,argv,message", [
+    ("real_experiment.py", ["--teacher=no/such/folder"], "--teacher='no/such/folder'"),
+    ("handoff_study.py", ["--only=nope"], "--only='nope'"),
+    ("handoff_study.py", ["--pipelines=base,nope"], "--pipelines='base,nope'"),
+])
+def test_tool_bad_flags_exit_with_one_line(tool, argv, message, tmp_path):
+    """Bad flags of the research tools: one line naming the flag on stderr, exit status 1,
+    before any work (nothing written to --out_dir)."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, os.path.join(root, "tools", tool), *argv,
+                           f"--out_dir={out}"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{tool}: ") and message in lines[0]
+    assert not out.exists()
