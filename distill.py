@@ -106,9 +106,14 @@ def kd_token_sum(student_logits, teacher_logits, weights, divergence="fkl", temp
     return total
 
 
+# ----------------------------------------------------------------------------------------
+# The source gate (the "selective" of LinguDistill): built once per run as a table
+# source -> KD weight (table_from_kinds), applied once per micro-batch (source_weights).
+
 def table_from_kinds(source_kinds, kind_weights=KIND_WEIGHTS):
-    """Source -> KD weight table from a source -> kind mapping (data.SOURCE_KINDS):
-    "language" -> 1.0, "vision" -> 0.0 by default; pass kind_weights to try others."""
+    """Source -> KD weight table from a source -> kind mapping (world.SOURCE_KINDS for the tiny
+    world, stream.RealData.source_kinds for --data_path): "language" -> 1.0, "vision" -> 0.0
+    by default; pass kind_weights to try others."""
     bad = {s: k for s, k in source_kinds.items() if k not in kind_weights}
     if bad:
         raise ValueError(f"source kinds must be one of {sorted(kind_weights)}, found {bad}")
@@ -136,8 +141,14 @@ def source_weights(policy, sources, table=None):
     return w
 
 
+# ----------------------------------------------------------------------------------------
+# The loss
+
 def _normalise(total, count, override, name):
-    """total / (override or count); a batch with no tokens gives exactly 0 (graph kept)."""
+    """The one normaliser rule: total / (override or count). `count` is this batch's own
+    (weighted) token count; `override` is the count over every micro-batch and DDP rank of the
+    optimizer step, which a training loop passes so that the summed micro-batch losses are the
+    exact global token mean. A batch with no tokens gives exactly 0 (graph kept)."""
     denom = count if override is None else float(override)
     if count == 0:
         return total          # an empty sum: 0 with a grad_fn, zero gradients
@@ -147,7 +158,21 @@ def _normalise(total, count, override, name):
     return total / denom
 
 
-def _check_loss_inputs(student_logits, labels, response_mask, teacher_logits, sources, policy):
+def cross_entropy(logits, labels, response_mask, normalizer=None):
+    """Mean float32 cross-entropy over the real response tokens (B, R, V) vs (B, R): the CE term
+    of distill_loss, and the whole loss of the align / adapt stages. The real tokens are
+    gathered first, so pad logits and pad labels never enter."""
+    real = response_mask.bool()                                              # (B, R)
+    if real.any() and not 0 <= int(labels[real].min()) <= int(labels[real].max()) < logits.shape[-1]:
+        raise ValueError(f"labels must be token ids in [0, {logits.shape[-1]}) (the student's "
+                         f"vocabulary), found {int(labels[real].min())}..{int(labels[real].max())}")
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    total = F.cross_entropy(logits[real].to(dtype), labels[real], reduction="sum")
+    return _normalise(total, float(real.sum()), normalizer, "ce_normalizer")
+
+
+def _check_loss_inputs(student_logits, labels, response_mask, teacher_logits, sources, policy,
+                       kd_weight):
     """The shape and argument checks of distill_loss, each naming what was expected."""
     if labels.dim() != 2:
         raise ValueError(f"labels must be (B, R), found {tuple(labels.shape)}")
@@ -158,9 +183,14 @@ def _check_loss_inputs(student_logits, labels, response_mask, teacher_logits, so
     if response_mask.shape != (B, R):
         raise ValueError(f"response_mask must be (B, R) = ({B}, {R}) like labels, "
                          f"found {tuple(response_mask.shape)}")
-    if sources is None and policy == "selective":
+    if kd_weight is not None:
+        if kd_weight.shape != (B,) or not bool((kd_weight >= 0).all()):
+            raise ValueError(f"kd_weight must be (B,) = ({B},) weights >= 0, found "
+                             f"{kd_weight.tolist()}")
+        policy = "uniform" if bool((kd_weight > 0).any()) else "none"
+    elif sources is None and policy == "selective":
         raise ValueError("policy 'selective' needs sources (one string per example), found None")
-    if sources is not None and len(sources) != B:
+    if kd_weight is None and sources is not None and len(sources) != B:
         raise ValueError(f"len(sources) must equal B = {B}, found {len(sources)}")
     if policy != "none":
         if teacher_logits is None:
@@ -172,41 +202,40 @@ def _check_loss_inputs(student_logits, labels, response_mask, teacher_logits, so
 
 
 def distill_loss(student_logits, labels, response_mask, teacher_logits=None, *, sources=None,
-                 policy="selective", table=None, alpha=1.0, divergence="fkl", temperature=1.0,
-                 beta=0.5, chunk_size=None, ce_normalizer=None, kd_normalizer=None):
+                 policy="selective", table=None, kd_weight=None, alpha=1.0, divergence="fkl",
+                 temperature=1.0, beta=0.5, chunk_size=None, ce_normalizer=None,
+                 kd_normalizer=None):
     """Total = CE + alpha * KD. Returns {"loss", "ce", "kd", "n_ce_tokens", "n_kd_tokens"}.
 
     student_logits (B, R, Vs); labels (B, R) long (pads arbitrary); response_mask (B, R),
     1 for answer + EOS; teacher_logits (B, R, Vt) (detached here; may be None for policy
-    "none"); sources: B strings (may be None for policies "none" / "uniform"); table: source
-    -> KD weight (policy "selective"); divergence, temperature, beta: see kd_divergence.
-    CE  = sum of float32 cross-entropy over real response tokens / n_ce_tokens.
-    KD  = kd_token_sum with weight response_mask * source_weight / n_kd_tokens, where
-          n_kd_tokens is the weighted token count, computed once here.
-    ce_normalizer / kd_normalizer replace those counts: a training loop passes the global
-    counts over all grad-accumulation micro-batches and DDP ranks, so that summing the
-    micro-batch losses (and DDP's gradient mean times world size) gives the exact global
-    token mean. No KD-eligible token -> KD is exactly 0 and the loss still backpropagates."""
-    _check_loss_inputs(student_logits, labels, response_mask, teacher_logits, sources, policy)
+    "none"). The source gate: kd_weight, the (B,) KD weight per example that the caller got
+    from source_weights once per micro-batch, or else source_weights(policy, sources, table)
+    here (sources: B strings; table: source -> KD weight, for policy "selective").
+    divergence, temperature, beta: see kd_divergence.
+    CE  = cross_entropy over the real response tokens.
+    KD  = kd_token_sum with weight response_mask * kd_weight, over the weighted token count.
+    ce_normalizer / kd_normalizer: the step's global counts (see _normalise).
+    No KD-eligible token -> KD is exactly 0 and the loss still backpropagates."""
+    _check_loss_inputs(student_logits, labels, response_mask, teacher_logits, sources, policy,
+                       kd_weight)
     _check_kd_args(divergence, temperature, beta)
-    sources = sources if sources is not None else [""] * labels.shape[0]
-
-    # CE: gather the real response tokens first, so pad logits and pad labels never enter.
+    if not (math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha must be a finite number >= 0, found {alpha}")
     real = response_mask.bool()                                              # (B, R)
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    ce_sum = F.cross_entropy(student_logits[real].to(dtype), labels[real], reduction="sum")
-    n_ce = float(real.sum())
-    ce = _normalise(ce_sum, n_ce, ce_normalizer, "ce_normalizer")
+    ce = cross_entropy(student_logits, labels, real, ce_normalizer)
 
-    # KD: per-token weight = response_mask * source weight of the example.
-    gate = source_weights(policy, sources, table).to(real.device)           # (B,)
-    weights = real.float() * gate[:, None]                                   # (B, R)
+    if kd_weight is None:
+        kd_weight = source_weights(policy, sources if sources is not None
+                                   else [""] * labels.shape[0], table)
+    weights = real.float() * kd_weight.to(real.device)[:, None]              # (B, R)
     n_kd = float(weights.sum())
     if n_kd > 0:
         kd_sum = kd_token_sum(student_logits, teacher_logits.detach(), weights, divergence,
                               temperature, beta, chunk_size)
-    else:
-        kd_sum = student_logits.reshape(-1)[:0].to(dtype).sum()           # exactly 0, graph kept
+    else:                                                     # exactly 0, graph kept
+        kd_sum = student_logits.reshape(-1)[:0].to(torch.promote_types(student_logits.dtype,
+                                                                       torch.float32)).sum()
     kd = _normalise(kd_sum, n_kd, kd_normalizer, "kd_normalizer")
     return {"loss": ce + alpha * kd, "ce": ce.detach(), "kd": kd.detach(),
-            "n_ce_tokens": n_ce, "n_kd_tokens": n_kd}
+            "n_ce_tokens": float(real.sum()), "n_kd_tokens": n_kd}

@@ -23,9 +23,11 @@ import torch
 import torch.nn.functional as F
 
 import data
+import world
 import kvshare
 from model import VLM, Decoder, unwrap
-from weights import load_model_folder, read_json
+from runtime import read_json
+from weights import load_model_folder
 
 
 def batches(examples, tok, model, image_size, batch_size, device):
@@ -162,8 +164,7 @@ def teacher_handoff_accuracy(student, teacher, items, tok, image_size=32, scope=
     hits = []
     for b in batches(items, tok, student, image_size, batch_size, device):
         _, kv = kvshare.student_prefill(student, b)
-        teacher_logits = kvshare.teacher_continue(teacher, kv, b, student.student_only_ids, scope,
-                                                  student_cfg=student.decoder.cfg)
+        teacher_logits = kvshare.teacher_continue(teacher, kv, b, student.student_only_ids, scope)
         hits += _exact_match(teacher_logits.float(), b)
     return sum(hits) / max(1, len(hits))
 
@@ -187,23 +188,25 @@ def perplexity(model, texts, tok, batch_size=32):
 # ----------------------------------------------------------------------------------------
 # The table: every model on the tiny world's benchmarks
 
-def evaluate_models(models, world, tok, image_size, teacher=None):
-    """One row per model: language MC (overall, seen/unseen), vision VQA, knowledge VQA and
-    the teacher-through-handoff diagnostic (for every VLM)."""
+def evaluate_models(models, tiny, tok, image_size, teacher=None):
+    """One row per model on the tiny world `tiny`: language MC (overall, seen/unseen), vision
+    VQA, knowledge VQA and the teacher-through-handoff diagnostic (for every VLM)."""
     teacher = teacher or models.get("teacher")
     if teacher is not None:
         kvshare.freeze(teacher)
     rows = {}
     for name, model in models.items():
+        if isinstance(model, VLM) and teacher is not None:
+            kvshare.check_compatible(teacher.cfg, model.decoder.cfg)
         model.eval()
-        mc = multiple_choice(model, tok, world.language_bench, image_size=image_size)
+        mc = multiple_choice(model, tok, tiny.language_bench, image_size=image_size)
         row = {k: v for k, v in mc.items() if k.startswith("acc")}
         if isinstance(model, VLM):
-            row["vision"] = vqa_accuracy(model, world.vision_bench, tok, image_size)
-            row["knowledge_vqa"] = vqa_accuracy(model, world.knowledge_bench, tok, image_size)
+            row["vision"] = vqa_accuracy(model, tiny.vision_bench, tok, image_size)
+            row["knowledge_vqa"] = vqa_accuracy(model, tiny.knowledge_bench, tok, image_size)
             if teacher is not None:
                 row["teacher_handoff"] = teacher_handoff_accuracy(
-                    model, teacher, world.knowledge_bench, tok, image_size)
+                    model, teacher, tiny.knowledge_bench, tok, image_size)
         rows[name] = row
     return rows
 
@@ -240,15 +243,15 @@ def evaluate_folder(folder, teacher_folder=None):
     if cfg.get("data_path"):
         raise ValueError(f"{folder} was trained on --data_path={cfg['data_path']}, which has no "
                          "built-in benchmarks; use tools/mmlu.py or tools/bigbench.py")
-    world = data.build_world(cfg["seed"], n_entities=cfg["n_entities"],
-                             image_size=cfg["image_size"])
+    tiny = world.build_world(cfg["seed"], n_entities=cfg["n_entities"],
+                            image_size=cfg["image_size"])
     tok = data.load_tokenizer(os.path.join(folder, "tokenizer.json"))
     teacher_folder = teacher_folder or os.path.join(os.path.dirname(os.path.abspath(folder)),
                                                     "teacher")
     teacher = load_model_folder(teacher_folder) if os.path.isdir(teacher_folder) else None
     name, model = os.path.basename(os.path.normpath(folder)), load_model_folder(folder)
-    rows = evaluate_models({name: model}, world, tok, cfg["image_size"], teacher=teacher)
-    held_out = [it["context"] + it["options"][it["answer"]] for it in world.language_bench]
+    rows = evaluate_models({name: model}, tiny, tok, cfg["image_size"], teacher=teacher)
+    held_out = [it["context"] + it["options"][it["answer"]] for it in tiny.language_bench]
     return (format_table(rows) + "\nperplexity on the language benchmark's correct sentences: "
             f"{perplexity(model, held_out, tok):.3f}")
 

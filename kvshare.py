@@ -35,8 +35,6 @@ SmolLM2). Their columns behave like image columns everywhere: the teacher reads 
 (scope "full" and "image" share them all), never runs them, and scope "none" drops them.
 Callers pass VLM.student_only_ids (an int, a single image token id, is accepted too).
 """
-from types import SimpleNamespace
-
 import torch
 
 from model import VLM, positions_from_mask, unwrap
@@ -46,7 +44,8 @@ SCOPES = ("full", "image", "none")
 
 def check_compatible(teacher_cfg, student_cfg):
     """The teacher can only read the student's KV if its attention has the same shape and
-    the same RoPE. One error lists every difference."""
+    the same RoPE. One error lists every difference. Run once, at setup (train.py, eval.py,
+    the tools); teacher_continue itself re-checks only what the KV tensors can tell."""
     diffs = [f"{name}: teacher {getattr(teacher_cfg, name)} vs student {getattr(student_cfg, name)}"
              for name in ("n_layers", "n_kv_heads", "head_dim", "rope_theta")
              if getattr(teacher_cfg, name) != getattr(student_cfg, name)]
@@ -101,13 +100,6 @@ def student_prefill(student, batch, keep_kv=True):
     return logits[:, :R], kv                                                  # (B, R, V)
 
 
-def decoder_config(student):
-    """The decoder LMConfig of a student VLM or Decoder, also through DDP / torch.compile
-    wrappers."""
-    student = unwrap(student)
-    return getattr(student, "decoder", student).cfg
-
-
 def student_only_mask(ids, student_only_ids):
     """True where ids is one of student_only_ids (an int or a collection of ints)."""
     only = [student_only_ids] if isinstance(student_only_ids, int) else list(student_only_ids)
@@ -123,16 +115,14 @@ def _check_teacher_vocab(teacher, text_ids):
 
 
 @torch.no_grad()
-def teacher_continue(teacher, student_kv, batch, student_only_ids, scope="full", student_cfg=None):
+def teacher_continue(teacher, student_kv, batch, student_only_ids, scope="full"):
     """Steps 2-3. Teacher logits (B, R, V_teacher) for the response tokens, detached.
     student_only_ids: VLM.student_only_ids (or one image token id): ids the teacher reads as
     KV but never embeds (<image>, and the image-splitting view tokens).
 
-    For the scopes that read the student's KV ("full", "image") this runs check_compatible
-    itself, on a student side made of the KV tensors' own shapes (n_layers = len(student_kv),
-    n_kv_heads and head_dim from K's shape) and the RoPE theta of `student_cfg` (the student's
-    decoder LMConfig; distill_forward passes it). RoPE theta cannot be read from tensors: a
-    caller that passes no student_cfg must have run check_compatible on the configs itself.
+    The teacher must be compatible with the student (check_compatible, run once at setup);
+    for the scopes that read the student's KV this re-checks what the tensors themselves show
+    (layers, KV heads, head size), not the RoPE theta, which no tensor carries.
 
     Dtypes: student_kv may be in any floating dtype (fp32 without autocast, bf16 under it);
     the teacher casts the shared K/V to the dtype its own K/V come out in (its weights' dtype,
@@ -145,10 +135,13 @@ def teacher_continue(teacher, student_kv, batch, student_only_ids, scope="full",
         raise ValueError("teacher_continue: the teacher must be frozen (call "
                          "kvshare.freeze(teacher))")
     if scope != "none":
-        k = student_kv[0][0]
-        check_compatible(teacher.cfg, SimpleNamespace(
-            n_layers=len(student_kv), n_kv_heads=k.shape[1], head_dim=k.shape[3],
-            rope_theta=(student_cfg or teacher.cfg).rope_theta))
+        k, c = student_kv[0][0], teacher.cfg        # k: (B, n_kv_heads, P+R, head_dim)
+        diffs = [f"{name}: teacher {ours} vs student {theirs}" for name, ours, theirs in (
+            ("n_layers", c.n_layers, len(student_kv)), ("n_kv_heads", c.n_kv_heads, k.shape[1]),
+            ("head_dim", c.head_dim, k.shape[3])) if ours != theirs]
+        if diffs:
+            raise ValueError("teacher and student decoders are incompatible for KV sharing:\n  "
+                             + "\n  ".join(diffs))
     # ids, mask: (B, P+R)
     ids, mask, P = batch["input_ids"], batch["attention_mask"], batch["context_len"]
     T = ids.shape[1]                       # P + R; the teacher never needs the last column as input
@@ -199,8 +192,8 @@ def distill_forward(student, teacher, batch, student_only_ids, scope="full", nee
     """Student prefill + teacher continuation: (student logits with grad, teacher logits or
     None)."""
     student_logits, kv = student_prefill(student, batch)
-    teacher_logits = (teacher_continue(teacher, kv, batch, student_only_ids, scope,
-                                       decoder_config(student)) if need_teacher else None)
+    teacher_logits = (teacher_continue(teacher, kv, batch, student_only_ids, scope)
+                      if need_teacher else None)
     return student_logits, teacher_logits
 
 

@@ -67,45 +67,7 @@ class VisionConfig:
                              f"({self.n_heads})")
 
 
-MAX_GRID = 8          # nanoVLM's largest tile grid: <row_1_col_1> .. <row_8_col_8>
-
-
-@dataclass(frozen=True)
-class ImageSplitting:
-    """nanoVLM's image splitting (data/custom_transforms.py DynamicResize, GlobalAndSplitImages;
-    data/processors.py get_image_string). The tile is the vision tower's image_size (512 for the
-    paper's student). None instead of an ImageSplitting = one view per image, resized to the tile
-    (the tiny world).
-
-    max_side: nanoVLM's max_img_size (2048): the longest side after resizing, a multiple of the
-        tile, at most MAX_GRID tiles (there are grid tokens up to <row_8_col_8>).
-    resize_to_max_side: nanoVLM's resize_to_max_side_len (True in its VLMConfig): the long side
-        becomes exactly max_side (small images are upscaled); False: the long side rounds UP to a
-        multiple of the tile, capped at max_side.
-    pixels: "[-1,1]" ((x - 0.5) / 0.5, SigLIP's processor; our towers) or "[0,1]" (nanoVLM feeds
-        torchvision's ToTensor output unnormalised, so its checkpoints expect [0, 1])."""
-    max_side: int = 2048
-    resize_to_max_side: bool = True
-    pixels: str = "[-1,1]"
-
-    def __post_init__(self):
-        if self.pixels not in ("[-1,1]", "[0,1]"):
-            raise ValueError(f"ImageSplitting.pixels {self.pixels!r}; expected '[-1,1]' or '[0,1]'")
-
-    def check_tile(self, tile):
-        if self.max_side % tile or not 1 <= self.max_side // tile <= MAX_GRID:
-            raise ValueError(f"image splitting: max_side {self.max_side} must be 1..{MAX_GRID} "
-                             f"tiles of {tile} px")
-
-
-
-# The real checkpoints' shapes (the paper: SmolLM2-360M-Instruct decoder, SigLIP2-B/16-512
-# tower; SmolLM2-135M ships on PyPI). Loaders read them from config.json; these are for
-# benchmarks and tests that need the shapes without the weights.
-SMOLLM2_135M = LMConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
-                        ffn_dim=1536, rope_theta=100000.0, max_positions=8192)
-SMOLLM2_360M = LMConfig(vocab_size=49152, dim=960, n_layers=32, n_heads=15, n_kv_heads=5,
-                        ffn_dim=2560, rope_theta=100000.0, max_positions=8192)
+# The paper's vision tower (SigLIP2-B/16-512); train.py's paper preset uses its shape.
 SIGLIP2_B16_512 = VisionConfig(image_size=512, patch_size=16, dim=768, n_layers=12, n_heads=12,
                                mlp_dim=3072, ln_eps=1e-6)
 

@@ -10,69 +10,16 @@ Weights are read with safetensors only (no pickle); files are written atomically
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, fields
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import MAX_GRID, LMConfig, VisionConfig, Decoder, ImageSplitting, VisionEncoder, VLM
+from data import MAX_GRID, ImageSplitting
+from model import LMConfig, VisionConfig, Decoder, VisionEncoder, VLM
+from runtime import atomic_write, read_json, write_json
 
 
-# ----------------------------------------------------------------------------------------
-# Files
-
-def current_umask():
-    mask = os.umask(0o022)      # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path, write_fn):
-    """Write via a temp file in the same folder, fsync, rename over `path`, then fsync the
-    folder (so the rename itself survives a crash): a crash never leaves a half-written file
-    under the final name. The file gets mode 0644 minus the umask, like a plain open() would
-    give (tempfile creates 0600)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        os.chmod(tmp, 0o644 & ~current_umask())
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def write_text(path, text):
-    """atomic_write of a UTF-8 text file (closed before the fsync)."""
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    atomic_write(path, write)
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2))
-
-
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def _json_type(value):
@@ -376,10 +323,6 @@ def load_hf_siglip(folder):
                        hf_vision_key_map(cfg), SIGLIP_IGNORED, source=folder, origin=origin)
 
 
-def save_hf_siglip(encoder: VisionEncoder, folder):
-    save_mapped(encoder, folder, hf_vision_key_map(encoder.cfg), vision_config_to_hf(encoder.cfg))
-
-
 # ----------------------------------------------------------------------------------------
 # Our VLM folders: config.json {lm, vision, image_token_id, shuffle_factor} + model.safetensors
 
@@ -655,69 +598,6 @@ def load_nanovlm(folder, image_token_id=None):
                    for key in [_nanovlm_qkv_part(name)[0]] if key in origin})
     return load_mapped(vlm, _nanovlm_tensors_for_map(tensors, key_map, lm.tie_embeddings), key_map,
                        NANOVLM_IGNORED, source=folder, origin=origin)
-
-
-def nanovlm_config_dict(vlm: VLM):
-    """The nanoVLM config.json fields for our VLM (names as in nanoVLM's VLMConfig)."""
-    lm, vis = vlm.decoder.cfg, vlm.vision.cfg
-    n_extra = lm.vocab_size - vlm.image_token_id
-    if n_extra > len(NANOVLM_EXTRA_TOKENS):
-        raise ValueError("nanoVLM numbers <|image|> lm_base_vocab_size (the first extra token); "
-                         f"with image_token_id {vlm.image_token_id} and vocab_size {lm.vocab_size} "
-                         f"that needs {n_extra} extra tokens, more than nanoVLM's "
-                         f"{len(NANOVLM_EXTRA_TOKENS)}")
-    n_views = len(NANOVLM_EXTRA_TOKENS) - 1
-    if vlm.view_token_ids and vlm.view_token_ids != tuple(range(vlm.image_token_id + 1,
-                                                                vlm.image_token_id + 1 + n_views)):
-        raise ValueError("nanoVLM numbers the global-image and grid tokens right after <|image|>; "
-                         "view_token_ids must be image_token_id + 1 .. image_token_id + 65")
-    split = vlm.image_splitting
-    if split is not None and split.pixels != "[0,1]":
-        raise ValueError("nanoVLM feeds [0, 1] pixels; image_splitting.pixels must be '[0,1]' to "
-                         "save as nanoVLM")
-    extra = {} if split is None else {"max_img_size": split.max_side,
-                                      "resize_to_max_side_len": split.resize_to_max_side}
-    theta = int(lm.rope_theta) if float(lm.rope_theta).is_integer() else lm.rope_theta
-    return {**extra, "vit_hidden_dim": vis.dim, "vit_inter_dim": vis.mlp_dim,
-            "vit_patch_size": vis.patch_size,
-            "vit_img_size": vis.image_size, "vit_n_heads": vis.n_heads, "vit_dropout": 0.0,
-            "vit_n_blocks": vis.n_layers, "vit_ln_eps": vis.ln_eps, "vit_cls_flag": False,
-            "lm_hidden_dim": lm.dim, "lm_inter_dim": lm.ffn_dim, "lm_rms_eps": lm.rms_eps,
-            "lm_re_base": theta,
-            "lm_max_position_embeddings": lm.max_positions,
-            "lm_base_vocab_size": vlm.image_token_id,
-            "extra_token_amount": n_extra, "lm_vocab_size": lm.vocab_size, "lm_n_heads": lm.n_heads,
-            "lm_n_kv_heads": lm.n_kv_heads, "lm_dropout": 0.0, "lm_n_blocks": lm.n_layers,
-            "lm_attn_scaling": 1.0, "lm_use_tokens": False, "lm_tie_weights": lm.tie_embeddings,
-            "mp_pixel_shuffle_factor": vlm.projector.factor,
-            "mp_image_token_length": vlm.n_image_tokens,
-            "vlm_extra_tokens": dict(list(NANOVLM_EXTRA_TOKENS.items())[:n_extra])}
-
-
-def save_nanovlm(vlm: VLM, folder):
-    """Write our VLM as a nanoVLM folder (config.json + model.safetensors, both atomic), with the
-    keys nanoVLM's save_model writes: concatenated qkv_proj, (1, N, D) position embedding, the
-    RoPE inv_freq buffer, and for tied embeddings only decoder.head.weight. The image token
-    must be the first extra token (image_token_id = lm_base_vocab_size), as in nanoVLM."""
-    config = nanovlm_config_dict(vlm)
-    sd = vlm.state_dict()
-    tensors, qkv = {}, {}
-    for ours, name in nanovlm_key_map(vlm).items():
-        key, part = _nanovlm_qkv_part(name)
-        if part is not None:
-            qkv.setdefault(key, [None] * 3)[part] = sd[ours]
-        elif ours == "vision.pos_embed":
-            tensors[key] = sd[ours][None]
-        else:
-            tensors[key] = sd[ours]
-    for key, parts in qkv.items():
-        tensors[key] = torch.cat(parts, dim=0)
-    hd = vlm.decoder.cfg.head_dim
-    inv_freq = 1.0 / (vlm.decoder.cfg.rope_theta ** (torch.arange(0, hd, 2).float() / hd))
-    tensors["decoder.rotary_embd.inv_freq"] = inv_freq
-    os.makedirs(folder, exist_ok=True)
-    save_safetensors(os.path.join(folder, "model.safetensors"), tensors)
-    write_json(os.path.join(folder, "config.json"), config)
 
 
 # ----------------------------------------------------------------------------------------

@@ -24,9 +24,10 @@ def make_teacher_and_jsonl(tmp_path):
     import json
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
     import data
+    import world
     from model import Decoder, LMConfig
     from weights import save_hf_lm
-    world = data.build_world(0, n_entities=8, image_size=32, examples_per_source=20)
+    world = world.build_world(0, n_entities=8, image_size=32, examples_per_source=20)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(
         add_prefix_space=False), decoders.ByteLevel()
@@ -49,3 +50,56 @@ def make_teacher_and_jsonl(tmp_path):
             lines.append(json.dumps(line))
     (tmp_path / "train.jsonl").write_text("\n".join(lines))
     return teacher_dir, teacher, tmp_path / "train.jsonl"
+
+
+# ----------------------------------------------------------------------------------------
+# Test-only helpers: an eager JSONL reader (the reference the streaming loader is checked
+# against) and a SigLIP folder writer (for loader round trips).
+
+def _parse_line(raw, image_root):
+    """One JSONL line (bytes) -> the example of its last turn, its image decoded."""
+    from stream import _decode_utf8, _open_image, _parse_record, conversation_examples
+    rec = _parse_record(_decode_utf8(raw), image_root)
+    (prompt, response), = conversation_examples(rec["turns"], last_only=True)
+    paths = rec["image"] if isinstance(rec["image"],
+                                       list) else [rec["image"]] * (rec["image"] is not None)
+    images = [_open_image(path, f"image {path}") for path in paths]
+    image = images if isinstance(rec["image"], list) else (images[0] if images else None)
+    return {"image": image, "prompt": prompt, "response": response, "source": rec["source"]}
+
+
+def load_jsonl(path, image_root=None, skip_bad=False):
+    """LLaVA-style JSONL -> examples. Per line: {"image"?: path or [paths], "conversations":
+    [{"from":
+    "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...}, ...]} (earlier turns
+    join the prompt, the last gpt turn is the response) or {"prompt", "response"}; optional
+    "source" (default "unknown"). Image paths are relative to image_root (default: the
+    file's folder); images are loaded eagerly. A bad line (bad JSON or UTF-8, a missing or
+    wrong-typed field, an empty context, <image> in a response, an unreadable or
+    decompression-bomb image) is a ValueError naming the file and line; with skip_bad=True bad
+    lines are skipped and summarised on stderr. The file is read as bytes and decoded line by
+    line, so bad UTF-8 is one bad line too."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory; expected a JSONL file")
+    root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
+    examples, bad = [], []
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                examples.append(_parse_line(line, root))
+            except ValueError as err:
+                if not skip_bad:
+                    raise ValueError(f"{path} line {n}: {err}") from None
+                bad.append(f"line {n}: {err}")
+    if bad:
+        print(f"load_jsonl: skipped {len(bad)} bad line(s) of {path}, kept {len(examples)} (first: "
+              f"{bad[0]})",
+              file=sys.stderr)
+    return examples
+
+
+def save_hf_siglip(encoder, folder):
+    from weights import hf_vision_key_map, save_mapped, vision_config_to_hf
+    save_mapped(encoder, folder, hf_vision_key_map(encoder.cfg), vision_config_to_hf(encoder.cfg))

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import bench
-from model import SIGLIP2_B16_512, SMOLLM2_360M, Decoder, vlm_from_teacher
+from bench import SMOLLM2_360M
+from model import SIGLIP2_B16_512, Decoder, vlm_from_teacher
 
 KEYS = {"ms_per_step", "tokens_per_s", "tflop_per_step", "achieved_tflops", "mfu", "peak_mem_mib",
         "teacher_cont_ms", "teacher_full_ms", "cont_ratio", "ideal_ratio", "kv_mib", "loss",

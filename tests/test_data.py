@@ -9,11 +9,13 @@ import torch
 from PIL import Image
 
 import data
+import world
+from conftest import load_jsonl
 
 
 @pytest.fixture(scope="module")
 def world():
-    return data.build_world(0)            # the defaults train.py uses: the data actually trained on
+    return world.build_world(0)            # the defaults train.py uses: the data actually trained on
 
 
 @pytest.fixture(scope="module")
@@ -41,22 +43,22 @@ def training_examples(world):
 # --------------------------------------------------------------------------- the world
 
 def test_same_seed_same_bytes_other_seed_other_bytes(world):
-    assert digest(data.build_world(0)) == digest(world)
-    assert digest(data.build_world(1)) != digest(world)
+    assert digest(world.build_world(0)) == digest(world)
+    assert digest(world.build_world(1)) != digest(world)
 
 
 def test_source_kinds_cover_every_source(world):
-    assert set(world.sources) == set(data.SOURCE_KINDS)
-    assert set(data.SOURCE_KINDS.values()) == {"vision", "language"}
+    assert set(world.sources) == set(world.SOURCE_KINDS)
+    assert set(world.SOURCE_KINDS.values()) == {"vision", "language"}
     for name, examples in world.sources.items():
         assert examples and all(ex["source"] == name for ex in examples)
     assert {ex["source"] for ex in world.vision_bench} == {s for s,
-                                                           k in data.SOURCE_KINDS.items()
+                                                           k in world.SOURCE_KINDS.items()
                                                            if k == "vision"}
     with_image = {s for s,
                   exs in world.sources.items() if all(ex["image"] is not None for ex in exs)}
     text_only = {s for s, exs in world.sources.items() if all(ex["image"] is None for ex in exs)}
-    language = {s for s, k in data.SOURCE_KINDS.items() if k == "language"}
+    language = {s for s, k in world.SOURCE_KINDS.items() if k == "language"}
     assert language & with_image and language & text_only     # a handoff source and a text-only one
 
 
@@ -75,15 +77,15 @@ def test_benchmark_items_never_appear_in_training(world):
 def test_benchmark_facts_are_taught_in_the_other_templates(world):
     corpus = set(world.corpus)
     for e in world.entities:
-        for rel, kind in data.BENCH_FACTS:
-            for t, template in enumerate(data.TEMPLATES[rel]):
-                sentence = "".join(data.fact(template, e.subject(kind), e.value(rel)))
+        for rel, kind in world.BENCH_FACTS:
+            for t, template in enumerate(world.TEMPLATES[rel]):
+                sentence = "".join(world.fact(template, e.subject(kind), e.value(rel)))
                 assert (sentence in corpus) == (t != e.held_out[rel, kind]), sentence
 
 
 def test_language_sources_name_only_seen_entities(world):
     language_text = " ".join(ex["prompt"] + ex["response"] for s, exs in world.sources.items()
-                             if data.SOURCE_KINDS[s] == "language" for ex in exs)
+                             if world.SOURCE_KINDS[s] == "language" for ex in exs)
     words = set(re.findall(r"[a-z]+", language_text))
     for e in world.entities:
         assert (e.name in words) == e.seen, e.name
@@ -119,9 +121,9 @@ def test_every_document_and_response_ends_a_sentence(world, tok):
 
 def test_world_arguments_are_checked():
     with pytest.raises(ValueError, match="n_entities must be in"):
-        data.build_world(0, n_entities=49)
+        world.build_world(0, n_entities=49)
     with pytest.raises(ValueError, match="image_size must be >= 16"):
-        data.build_world(0, image_size=8)
+        world.build_world(0, image_size=8)
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -259,7 +261,7 @@ def write_jsonl(path, lines):
 
 
 def test_load_jsonl_reads_llava_and_prompt_response_lines(jsonl_dir):
-    examples = data.load_jsonl(write_jsonl(jsonl_dir / "good.jsonl", GOOD))
+    examples = load_jsonl(write_jsonl(jsonl_dir / "good.jsonl", GOOD))
     assert [(ex["prompt"], ex["response"], ex["source"]) for ex in examples] == [
         ("<image>\nWhat colour?", "Blue.", "vqa"), ("2+2=", "4", "unknown"),
         ("Hi\nHello\nBye", "Ciao", "unknown")]
@@ -279,7 +281,7 @@ def test_load_jsonl_reads_llava_and_prompt_response_lines(jsonl_dir):
 def test_load_jsonl_bad_line_names_file_and_line(jsonl_dir, bad_line, expected):
     path = write_jsonl(jsonl_dir / "bad.jsonl", [GOOD[1], bad_line, GOOD[1]])
     with pytest.raises(ValueError) as err:
-        data.load_jsonl(path)
+        load_jsonl(path)
     assert "bad.jsonl line 2: " in str(err.value) and expected in str(err.value)
 
 
@@ -287,7 +289,7 @@ def test_load_jsonl_skip_bad_counts_skipped_lines(jsonl_dir, capsys):
     path = write_jsonl(jsonl_dir / "mixed.jsonl", [GOOD[1], "{oops", {"prompt": 1}, GOOD[0],
                                                    {"image": "corrupt.png", "prompt": "a",
                                                     "response": "b"}])
-    examples = data.load_jsonl(path, skip_bad=True)
+    examples = load_jsonl(path, skip_bad=True)
     assert len(examples) == 2
     assert "skipped 3 bad line(s)" in capsys.readouterr().err
 

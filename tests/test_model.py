@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from model import (LMConfig, VisionConfig, Decoder, VLM, VisionEncoder, SMOLLM2_360M, Attention,
+from bench import SMOLLM2_360M
+from model import (LMConfig, VisionConfig, Decoder, VLM, VisionEncoder, Attention,
                    pixel_shuffle, positions_from_mask, build_attention_mask, rope_cos_sin,
                    apply_rope)
 

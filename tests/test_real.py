@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import data
+import chat
 import demo_photo
 import eval as evaluation
 import mmlu
@@ -107,20 +108,20 @@ def test_special_tokens_encode_to_single_ids(tok):
 
 
 def test_chat_prompt_formats(smol_dir, tok):
-    assert data.chat_prompt("hi") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    assert data.chat_prompt("hi", system="be brief") == (
+    assert chat.chat_prompt("hi") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert chat.chat_prompt("hi", system="be brief") == (
         "<|im_start|>system\nbe "
         "brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
-    template = data.load_chat_template(smol_dir)
+    template = chat.load_chat_template(smol_dir)
     assert template == SMOL_TEMPLATE
     pytest.importorskip("jinja2", reason="jinja2 renders Hugging Face chat templates")
     default_system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-    assert data.chat_prompt("hi", template) == data.chat_prompt("hi", system=default_system)
-    assert data.chat_prompt("hi", template, system="S") == data.chat_prompt("hi", system="S")
+    assert chat.chat_prompt("hi", template) == chat.chat_prompt("hi", system=default_system)
+    assert chat.chat_prompt("hi", template, system="S") == chat.chat_prompt("hi", system="S")
 
 
 def test_chat_example_encodes_and_collates(tok):
-    prompt = data.chat_prompt(data.IMAGE_TOKEN + "\nWhat is in this picture?")
+    prompt = chat.chat_prompt(data.IMAGE_TOKEN + "\nWhat is in this picture?")
     ex = {"image": Image.new("RGB", (20, 10), (9, 99, 199)), "prompt": prompt, "response": " a cat",
           "source": "s"}
     context, response = data.encode_example(ex, tok, 4)
@@ -129,7 +130,7 @@ def test_chat_example_encodes_and_collates(tok):
     assert context[:len(head)] == head and context[len(head):len(head) + 4] == [img] * 4
     assert context[-3:] == tok.encode("<|im_end|>\n<|im_start|>assistant\n").ids[-3:]
     assert response == tok.encode(" a cat").ids + [2]                         # ends with <|im_end|>
-    text = {"image": None, "prompt": data.chat_prompt("hi"), "response": " a long answer here",
+    text = {"image": None, "prompt": chat.chat_prompt("hi"), "response": " a long answer here",
             "source": "s"}
     b = data.collate([ex, text], tok, 4, 16)
     assert (b["input_ids"][b["attention_mask"] == 0] == 2).all()                  # pad = <|im_end|>

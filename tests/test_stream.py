@@ -1,4 +1,4 @@
-"""Streaming real data (data.StreamDataset, StepBatchSampler, make_loader): a lazy index that
+"""Streaming real data (stream.StreamDataset, StepBatchSampler, make_loader): a lazy index that
 decodes no image, JSONL and Parquet giving the same examples, one example per assistant turn,
 the max_len rule, a batch order that is a pure function of (seed, step) for any worker count,
 resume, DDP slices, and bad data that names its file and line/row (also from a worker)."""
@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 import data
+import stream
+from conftest import load_jsonl
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200),
            (90, 90, 90)]
@@ -66,7 +68,7 @@ def files(tmp_path_factory):
 
 
 def dataset(path, tok, **kw):
-    return data.StreamDataset(str(path), tok, **{"n_image_tokens": 4, "image_size": 16, **kw})
+    return stream.StreamDataset(str(path), tok, **{"n_image_tokens": 4, "image_size": 16, **kw})
 
 
 def test_index_decodes_no_image_and_holds_only_integers(files, tok, monkeypatch):
@@ -111,7 +113,7 @@ def test_every_assistant_turn_is_an_example_with_the_earlier_turns_as_context(fi
     last = dataset(files / "train.jsonl", tok, turns="last")
     assert len(last) == len(CONVS)
     # the last turn is exactly what load_jsonl makes of each line
-    eager = data.load_jsonl(str(files / "train.jsonl"))
+    eager = load_jsonl(str(files / "train.jsonl"))
     for i, ex in enumerate(eager):
         context, response = data.encode_example(ex, tok, 4)
         it = last[i]
@@ -119,11 +121,11 @@ def test_every_assistant_turn_is_an_example_with_the_earlier_turns_as_context(fi
 
 
 def test_max_len_rule_cuts_the_response_tail_then_drops(files, tok):
-    assert data.fit_to_max_len(5, 3, None) == 3
-    assert data.fit_to_max_len(5, 3, 8) == 3
-    assert data.fit_to_max_len(5, 3, 7) == 2              # response tail cut, context whole
-    assert data.fit_to_max_len(5, 3, 6) == 1
-    assert data.fit_to_max_len(5, 3, 5) == 0              # no room for one response token: drop
+    assert stream.fit_to_max_len(5, 3, None) == 3
+    assert stream.fit_to_max_len(5, 3, 8) == 3
+    assert stream.fit_to_max_len(5, 3, 7) == 2              # response tail cut, context whole
+    assert stream.fit_to_max_len(5, 3, 6) == 1
+    assert stream.fit_to_max_len(5, 3, 5) == 0              # no room for one response token: drop
     full = dataset(files / "train.jsonl", tok)
     n_ctx, n_resp = len(full[0]["context"]), len(full[0]["response"])
     cut = dataset(files / "train.jsonl", tok, max_len=n_ctx + 1)
@@ -139,22 +141,22 @@ def test_max_len_rule_cuts_the_response_tail_then_drops(files, tok):
 
 
 def test_order_is_a_pure_function_of_seed_and_step():
-    order = lambda seed: [data.StepBatchSampler(13, 4, seed).global_batch(k).tolist()
+    order = lambda seed: [stream.StepBatchSampler(13, 4, seed).global_batch(k).tolist()
                           for k in range(7)]
     batches = order(3)
     assert batches == order(3) and batches != order(4)
     stream = [i for b in batches for i in b]
     assert sorted(stream[:13]) == sorted(stream[13:26]) == list(range(13))     # epoch = permutation
     assert stream[:13] != stream[13:26]
-    in_order = data.StepBatchSampler(13, 4, seed=3, shuffle=False)
+    in_order = stream.StepBatchSampler(13, 4, seed=3, shuffle=False)
     assert in_order.global_batch(3).tolist() == [12, 0, 1, 2]
 
 
 def test_ddp_ranks_are_disjoint_and_make_up_the_global_batch():
     world = 3
     for step in (0, 5):
-        glob = data.StepBatchSampler(20, 2, seed=1, world_size=world).global_batch(step).tolist()
-        parts = [next(iter(data.StepBatchSampler(20, 2, 1, step, rank=r, world_size=world)))
+        glob = stream.StepBatchSampler(20, 2, seed=1, world_size=world).global_batch(step).tolist()
+        parts = [next(iter(stream.StepBatchSampler(20, 2, 1, step, rank=r, world_size=world)))
                  for r in range(world)]
         assert sum(parts, []) == glob and len(set(glob)) == len(glob) == 2 * world
 
@@ -170,13 +172,13 @@ def batches(loader, n):
 
 def test_loader_same_batches_for_0_and_2_workers_and_on_resume(files, tok):
     ds = dataset(files / "train.parquet", tok)
-    plain = batches(data.make_loader(ds, 3, seed=7), 8)
-    assert batches(data.make_loader(ds, 3, seed=7, num_workers=2, timeout=30), 8) == plain
-    resumed = data.make_loader(ds, 3, seed=7, start_step=5, num_workers=2, timeout=30)
+    plain = batches(stream.make_loader(ds, 3, seed=7), 8)
+    assert batches(stream.make_loader(ds, 3, seed=7, num_workers=2, timeout=30), 8) == plain
+    resumed = stream.make_loader(ds, 3, seed=7, start_step=5, num_workers=2, timeout=30)
     assert batches(resumed, 3) == plain[5:]
-    sampler = data.StepBatchSampler(len(ds), 3, seed=7)
+    sampler = stream.StepBatchSampler(len(ds), 3, seed=7)
     assert [b[0] for b in plain] == [sampler.global_batch(k).tolist() for k in range(8)]
-    b = next(iter(data.make_loader(ds, 4, seed=7, steps=1)))
+    b = next(iter(stream.make_loader(ds, 4, seed=7, steps=1)))
     P = b["context_len"]
     assert (b["attention_mask"][:, P - 1] == 1).all() and (b["attention_mask"][:, P] == 1).all()
     assert b["images"].shape[0] == sum(len(g) for g in b["grids"]) and b["skipped"] == 0
@@ -201,7 +203,7 @@ def test_corrupt_image_in_a_worker_names_file_and_line_and_stops(files, tok):
     bad = {"image": "corrupt.png", "prompt": "a", "response": "b"}
     path = write_bad_jsonl(files, json.dumps(bad))
     ds = dataset(path, tok)                       # the file exists: indexing accepts the line
-    loader = data.make_loader(ds, 2, seed=0, steps=4, num_workers=2, timeout=30)
+    loader = stream.make_loader(ds, 2, seed=0, steps=4, num_workers=2, timeout=30)
     with pytest.raises(ValueError, match=r"bad\.jsonl line 3: cannot read image .*corrupt\.png"):
         for _ in loader:
             pass
@@ -221,9 +223,9 @@ def test_corrupt_parquet_image_names_the_row(files, tok):
     item = ds[2]
     assert item["index"] == 3 and item["skipped"] == 1 and "row 2" in item["errors"][0]
     seen = 0
-    for b in data.make_loader(ds, 2, seed=0, steps=4, num_workers=2, timeout=30):
+    for b in stream.make_loader(ds, 2, seed=0, steps=4, num_workers=2, timeout=30):
         assert 2 not in b["index"].tolist()
         seen += b["skipped"]
-    sampler = data.StepBatchSampler(4, 2, seed=0)
+    sampler = stream.StepBatchSampler(4, 2, seed=0)
     order = [i for k in range(4) for i in sampler.global_batch(k).tolist()]
     assert seen == order.count(2) > 0          # every draw of the bad row was replaced and counted

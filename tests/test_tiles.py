@@ -11,10 +11,12 @@ import torch
 from PIL import Image
 
 import data
+from conftest import load_jsonl
 from data import ImageSplitting, split_size, tile_grid, view_tokens, image_views
 from kvshare import freeze, distill_forward, teacher_continue
 from model import LMConfig, VisionConfig, Decoder, VLM, vlm_from_teacher
-from weights import load_nanovlm, save_nanovlm, save_vlm, load_vlm, NANOVLM_EXTRA_TOKENS
+from export_nanovlm import save_nanovlm
+from weights import load_nanovlm, save_vlm, load_vlm, NANOVLM_EXTRA_TOKENS
 
 
 # ---------------------------------------------------------------------------------------
@@ -279,7 +281,7 @@ def test_jsonl_line_with_several_images(tmp_path):
     (tmp_path
      / "d.jsonl").write_text(json.dumps({"image": ["a.png", "b.png"], "prompt": "<image><image> x",
                                                   "response": " y"}) + "\n")
-    [ex] = data.load_jsonl(str(tmp_path / "d.jsonl"))
+    [ex] = load_jsonl(str(tmp_path / "d.jsonl"))
     assert [im.size for im in ex["image"]] == [(8, 8), (8, 4)]
 
 
@@ -287,7 +289,6 @@ def test_eval_batches_follow_the_models_image_splitting(tok):
     """eval.py builds batches in the model's own layout: a student with image splitting is
     scored on its tiles + global view (else the image-token count would not match)."""
     import eval as evaluation
-    from model import ImageSplitting
     vlm = VLM(LMConfig(vocab_size=400, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=8),
               VisionConfig(image_size=TILE, patch_size=4, dim=16, n_layers=1, n_heads=2),
               tok.token_to_id(data.IMAGE_TOKEN), 2, view_token_ids=tuple(range(300, 365)),

@@ -22,7 +22,7 @@ Benchmarks (not tests): ratios measured side by side in one run, printed as a ta
             + a copy of the teacher's decoder; ms/step, tokens/s, MFU, peak memory, and the
             teacher continuation vs a full teacher forward. Runs with `python bench.py` on CUDA
             only; --only=paper runs it anywhere (--size=tiny on a CPU).
-- loader:   images/s of data.make_loader at 512 px (JPEG and PNG files, 0/2/4/8 workers;
+- loader:   images/s of stream.make_loader at 512 px (JPEG and PNG files, 0/2/4/8 workers;
             only with --only=loader, --loader_workers=0,2 to choose).
 """
 import argparse
@@ -42,13 +42,20 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data
+import stream
 import distill
 import kvshare
 import train
 from weights import save_hf_lm
-from model import (SIGLIP2_B16_512, SMOLLM2_135M, SMOLLM2_360M, Decoder, LMConfig, VisionConfig,
+from model import (SIGLIP2_B16_512, Decoder, LMConfig, VisionConfig,
                    vlm_from_teacher)
 
+# The real decoders' shapes (the paper's SmolLM2-360M-Instruct; SmolLM2-135M ships on PyPI), for
+# benchmarks (and tests) that need the shapes without the weights. Loaders read config.json.
+SMOLLM2_135M = LMConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                        ffn_dim=1536, rope_theta=100000.0, max_positions=8192)
+SMOLLM2_360M = LMConfig(vocab_size=49152, dim=960, n_layers=32, n_heads=15, n_kv_heads=5,
+                        ffn_dim=2560, rope_theta=100000.0, max_positions=8192)
 
 def timeit(fn, device, repeat=5, warmup=2):
     """Median wall time of fn() in seconds."""
@@ -387,7 +394,7 @@ def paper_rows(r, size, B, P, R, peak_tflops):
 
 
 def bench_loader(workers=(0, 2, 4, 8), image_size=512, n_images=64, batch_size=8, batches=8):
-    """Images/s of data.make_loader at image_size px: synthetic JPEG and PNG files (noise,
+    """Images/s of stream.make_loader at image_size px: synthetic JPEG and PNG files (noise,
     1.5 x image_size, so every image is decoded and resized) in a temp folder, JSONL-indexed.
     Timed from the loader's creation (worker start-up included) over `batches` batches."""
     rows = []
@@ -405,10 +412,10 @@ def bench_loader(workers=(0, 2, 4, 8), image_size=512, n_images=64, batch_size=8
             path = os.path.join(d, f"{fmt}.jsonl")
             with open(path, "w") as f:
                 f.write("\n".join(lines) + "\n")
-            ds = data.StreamDataset(path, tok, n_image_tokens=64, image_size=image_size)
+            ds = stream.StreamDataset(path, tok, n_image_tokens=64, image_size=image_size)
             for w in workers:
                 t = time.perf_counter()                  # from the start: prefetch can't flatter it
-                it = iter(data.make_loader(ds, batch_size, seed=0, num_workers=w, timeout=300))
+                it = iter(stream.make_loader(ds, batch_size, seed=0, num_workers=w, timeout=300))
                 for _ in range(batches):
                     next(it)
                 rate = batches * batch_size / (time.perf_counter() - t)

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from weights import atomic_write, write_json
+from runtime import atomic_write, write_json
 
 log = logging.getLogger(__name__)
 

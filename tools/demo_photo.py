@@ -22,6 +22,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
+import chat  # noqa: E402
 import kvshare  # noqa: E402
 from model import VisionConfig, vlm_from_teacher  # noqa: E402
 from weights import load_hf_lm  # noqa: E402
@@ -68,8 +69,8 @@ def demo_real_photo(lm_folder, image_paths, image_size=64, question="What is in 
                                image_id).eval()
     kvshare.check_compatible(teacher.cfg, student.decoder.cfg)
     t_load = time.time() - t0
-    prompt = data.chat_prompt(data.IMAGE_TOKEN + "\n" + question,
-                              data.load_chat_template(lm_folder))
+    prompt = chat.chat_prompt(data.IMAGE_TOKEN + "\n" + question,
+                              chat.load_chat_template(lm_folder))
     examples = []
     for path in image_paths:
         with Image.open(path) as im:

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import eval as evaluation  # noqa: E402
 import train  # noqa: E402
-from weights import write_json, write_text  # noqa: E402
+from runtime import write_json, write_text  # noqa: E402
 
 VARIANTS = {                                   # name -> train.py overrides for stage 3
     "CE-only": ["--policy=none", "--scope=full"],

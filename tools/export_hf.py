@@ -40,7 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data                                     # noqa: E402
 from model import VLM, Decoder  # noqa: E402
-from weights import load_model_folder, read_json, save_hf_lm, write_json  # noqa: E402
+from runtime import read_json, write_json  # noqa: E402
+from weights import load_model_folder, save_hf_lm  # noqa: E402
 
 
 def load_decoder(folder):

@@ -33,7 +33,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import data  # noqa: E402
+import chat  # noqa: E402
 import kvshare  # noqa: E402
+import runtime  # noqa: E402
 import weights  # noqa: E402
 from model import VLM  # noqa: E402
 
@@ -48,9 +50,9 @@ def load_model(folder):
         raise BadInput(f"model folder not found: {folder}")
     # the one loader that picks the layout (and refuses a config that is none of them)
     model = weights.load_model_folder(folder)
-    cfg = weights.read_json(os.path.join(folder, "config.json"))
+    cfg = runtime.read_json(os.path.join(folder, "config.json"))
     nanovlm = "vit_hidden_dim" in cfg
-    template = (cfg.get("lm_chat_template") if nanovlm else None) or data.load_chat_template(folder)
+    template = (cfg.get("lm_chat_template") if nanovlm else None) or chat.load_chat_template(folder)
     kind = ("nanovlm" if nanovlm else "vlm") if isinstance(model, VLM) else "lm"
     return model, kind, template
 
@@ -146,7 +148,7 @@ def run(args):
                        "image(s)")
     prompt = data.IMAGE_TOKEN * (len(images) - n_tags) + prompt        # images inside the user turn
     if template is not None and args.raw == "false":
-        prompt = data.chat_prompt(prompt, template)
+        prompt = chat.chat_prompt(prompt, template)
     example = {"image": images or None, "prompt": prompt, "response": "", "source": "generate"}
     if is_vlm:
         batch = data.collate([example], tok, model.n_image_tokens, model.vision.cfg.image_size,

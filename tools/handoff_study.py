@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import eval as evaluation  # noqa: E402
 import kvshare  # noqa: E402
 import train  # noqa: E402
-from weights import write_json, write_text  # noqa: E402
+from runtime import write_json, write_text  # noqa: E402
 
 PIPELINES = ("base", "align x3", "adapt lr /3", "scope image")
 FOLDERS = {"base": "base", "align x3": "align-x3", "adapt lr /3": "adapt-lr-div3",

@@ -10,7 +10,7 @@ baselines and paired statistics as tools/experiment.py.
       [--merge_lams=0.25,0.5] [TRAIN FLAGS, e.g. --adapt_steps=120 --device=cuda]
 
 The data (written once to <out_dir>/data, the same for every seed):
-- vision-heavy sources (CE only in LinguDistill): the tiny world's renders (data.build_world,
+- vision-heavy sources (CE only in LinguDistill): the tiny world's renders (world.build_world,
   world seed 0, 32 px) with English questions in SmolLM2's chat format (ChatML, no system
   prompt): "What colour is the shape in the image?" -> "red", likewise shape, count, position,
   caption; the vision benchmark is the world's fresh renders asked the same way (exact match).
@@ -41,11 +41,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bigbench  # noqa: E402
 import data  # noqa: E402
+import world  # noqa: E402
+import chat  # noqa: E402
 import eval as ev  # noqa: E402
 import experiment  # noqa: E402
 import train  # noqa: E402
 from model import VLM  # noqa: E402
-from weights import atomic_write, load_hf_lm, write_json, write_text  # noqa: E402
+from runtime import atomic_write, write_json, write_text  # noqa: E402
+from weights import load_hf_lm  # noqa: E402
 
 # The student: the teacher's decoder + this tower (train.py flags); the run's defaults.
 TRAIN_DEFAULTS = ["--image_size=32", "--patch_size=4", "--shuffle_factor=2", "--vision_dim=64",
@@ -76,7 +79,7 @@ def held_out_task(task):
 def vision_example(ex):
     """A tiny-world VQA example -> the same image asked in English, in SmolLM2's chat format."""
     answer = ex["response"].strip().removesuffix(" .").strip()
-    return {"image": ex["image"], "prompt": data.chat_prompt(data.IMAGE_TOKEN
+    return {"image": ex["image"], "prompt": chat.chat_prompt(data.IMAGE_TOKEN
                                                              + QUESTIONS[ex["source"]]),
             "response": answer, "source": ex["source"]}
 
@@ -96,7 +99,7 @@ def build_data(folder, source, n_vision=400, n_text=2000, n_heldout=200):
     heldout_path = os.path.join(folder, "heldout_text.json")
     if not os.path.isfile(heldout_path):
         os.makedirs(os.path.join(folder, "images"), exist_ok=True)
-        world = data.build_world(WORLD_SEED, image_size=IMAGE_SIZE)
+        world = world.build_world(WORLD_SEED, image_size=IMAGE_SIZE)
         lines = []
         for src in QUESTIONS:
             for i, ex in enumerate(world.sources[src][:n_vision]):
@@ -117,7 +120,7 @@ def build_data(folder, source, n_vision=400, n_text=2000, n_heldout=200):
 
 def vision_bench():
     """The tiny world's fresh-render VQA benchmark, asked in English."""
-    world = data.build_world(WORLD_SEED, image_size=IMAGE_SIZE)
+    world = world.build_world(WORLD_SEED, image_size=IMAGE_SIZE)
     return [vision_example(ex) for ex in world.vision_bench]
 
 

@@ -1,0 +1,405 @@
+"""
+Run-time plumbing for train.py and the tools, kept out of the method's reading path: atomic file
+writes, a dataclass config read from --key=value flags and JSON files (with --help), the device /
+DDP runtime, RNG state, checkpoints and interrupts. Imports no module of this repository.
+"""
+import ast
+import difflib
+import inspect
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import tempfile
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, fields, replace
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+
+# ----------------------------------------------------------------------------------------
+# Files: every write is atomic (temp file + fsync + rename), with normal permissions
+
+def current_umask():
+    mask = os.umask(0o022)      # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path, write_fn):
+    """Write via a temp file in the same folder, fsync, rename over `path`, then fsync the
+    folder (so the rename itself survives a crash): a crash never leaves a half-written file
+    under the final name. The file gets mode 0644 minus the umask, like a plain open() would
+    give (tempfile creates 0600)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.chmod(tmp, 0o644 & ~current_umask())
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_text(path, text):
+    """atomic_write of a UTF-8 text file (closed before the fsync)."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2))
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def replace_folder(folder, fill):
+    """Write a whole folder atomically: fill(tmp) writes into a temp folder beside `folder`,
+    which is then renamed into place, so `folder` is always complete (an older one at that path
+    is replaced only once the new one is whole)."""
+    parent = os.path.dirname(os.path.abspath(folder))
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(folder)}-", dir=parent)
+    try:
+        os.chmod(tmp, 0o777 & ~current_umask())
+        fill(tmp)
+        old = None
+        if os.path.exists(folder):
+            old = tempfile.mkdtemp(prefix=f".old-{os.path.basename(folder)}-", dir=parent)
+            os.replace(folder, os.path.join(old, "model"))
+        os.replace(tmp, folder)
+        if old:
+            shutil.rmtree(old)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+
+
+# ----------------------------------------------------------------------------------------
+# A dataclass config from the command line: defaults < preset < JSON files < --key=value
+
+def field_docs(cls):
+    """{field: its trailing comment} and the section comments, read from the class's source:
+    the dataclass's own comments are its --help (one source of truth)."""
+    docs, sections, section = {}, {}, ""
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [\w\[\], ]+ = .*?(?:#\s*(.*))?$", line)
+        if m:
+            docs[m.group(1)], sections[m.group(1)] = (m.group(2) or "").strip(), section
+        elif re.match(r"\s+# ", line):
+            section = line.strip()[2:]
+    return docs, sections
+
+
+def config_help(cls, presets, usage):
+    docs, sections = field_docs(cls)
+    lines, section = [usage, "", f"presets: {', '.join(presets)} (--preset=NAME sets the "
+                              "defaults below; JSON files, then flags, override them)"], None
+    for f in fields(cls):
+        if sections[f.name] != section:
+            section = sections[f.name]
+            lines += ["", f"{section}:"]
+        value = (str(f.default).lower() if isinstance(f.default, bool)
+                 else f.default if f.default != "" else '""')
+        flag = f"  --{f.name}={value}"
+        lines.append(f"{flag:<34} {docs[f.name]}" if len(flag) < 34 else f"{flag}\n{'':34} "
+                     f"{docs[f.name]}")
+    return "\n".join(lines)
+
+
+def _type(f):
+    return {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type)
+
+
+def parse_value(f, text):
+    if _type(f) is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"--{f.name}: expected true/false, got {text!r}")
+        return text.lower() in ("true", "1")
+    try:
+        return _type(f)(text)
+    except ValueError:
+        raise ValueError(f"--{f.name}: expected {_type(f).__name__}, got {text!r}") from None
+
+
+def check_json_value(f, value, path):
+    """A value from a JSON config file must already have the field's type (no "false" strings)."""
+    typ = _type(f)
+    if not (type(value) is typ or (typ is float and type(value) is int)):
+        raise ValueError(
+            f"config file {path}: {f.name!r} is {json.dumps(value)}, expected a JSON "
+            f"{ {int: 'integer', float: 'number', str: 'string', bool: 'true/false'}[typ] }")
+    return float(value) if typ is float else value
+
+
+def unknown_key(key, known, where):
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean --{close[0]}?" if close else "see --help for every key"
+    return ValueError(f"{where}unknown config key --{key}; {hint}")
+
+
+def read_config_file(path, known):
+    try:
+        with open(path, encoding="utf-8") as fh:
+            d = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"config file {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"config file {path}: expected a JSON object of config keys, found "
+                         f"{type(d).__name__}")
+    for k in d:
+        if k not in known:
+            raise unknown_key(k, known, f"config file {path}: ")
+    return {k: check_json_value(known[k], v, path) for k, v in d.items()}
+
+
+def parse_flags(argv, cls):
+    """--key=value flags and JSON config file paths -> ({key: value}, [file paths])."""
+    known = {f.name: f for f in fields(cls)}
+    overrides, files = {}, []
+    for arg in argv:
+        if not arg.startswith("--"):
+            files.append(arg)
+            continue
+        key, eq, val = arg[2:].partition("=")
+        if key not in known:
+            raise unknown_key(key, known, "")
+        if not eq:
+            raise ValueError(f"--{key}: expected --{key}=value")
+        if key in overrides:
+            raise ValueError(f"--{key} given twice; give each flag once")
+        overrides[key] = parse_value(known[key], val)
+    return overrides, files
+
+
+def build_config(cls, presets, overrides, files, base=None):
+    """The config: base (default: the dataclass defaults + the preset) < files < overrides."""
+    known = {f.name: f for f in fields(cls)}
+    from_files = {}
+    for path in files:
+        from_files.update(read_config_file(path, known))
+    if base is not None:
+        return replace(base, **{**from_files, **overrides})
+    preset = overrides.get("preset", from_files.get("preset", "tiny"))
+    if preset not in presets:
+        raise ValueError(f"--preset={preset!r}; expected one of {sorted(presets)}")
+    return replace(cls(), **{**presets[preset], **from_files, **overrides, "preset": preset})
+
+
+def wants_help(argv):
+    return any(a in ("-h", "--help") for a in argv)
+
+
+# ----------------------------------------------------------------------------------------
+# Device, precision and DDP
+
+class Runtime:
+    """Device, precision and (under torchrun) the DDP process group."""
+
+    def __init__(self, device="auto"):
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device=cuda but no CUDA device is available")
+        self.cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        self.ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.rank, self.world_size = 0, 1
+        if self.ddp:
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.cuda else "gloo")
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(f"cuda:{local}" if self.cuda else "cpu")
+        if self.cuda:
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+        self.is_main = self.rank == 0
+
+    def autocast(self):
+        """bf16 autocast on CUDA, plain fp32 on CPU."""
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else nullcontext()
+
+    def to_device(self, batch):
+        """Move a batch to the device (pinned host memory + async copy on CUDA)."""
+        def move(v):
+            if not torch.is_tensor(v) or not self.cuda:
+                return v
+            return v.pin_memory().to(self.device, non_blocking=True)
+        return {k: move(v) for k, v in batch.items()}
+
+    def wrap(self, model):
+        if not self.ddp:
+            return model
+        # text-only batches leave the vision tower without gradients: let DDP allow that
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.cuda else None,
+                                       find_unused_parameters=True)
+
+    def no_sync(self, model, skip_sync):
+        """Gradient accumulation under DDP: all-reduce gradients only on the last micro-batch."""
+        return model.no_sync() if self.ddp and skip_sync else nullcontext()
+
+    def sum_over_ranks(self, values):
+        """{name: float} summed over DDP ranks (unchanged without DDP)."""
+        if not self.ddp:
+            return values
+        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return dict(zip(values, t.tolist()))
+
+    def barrier(self):
+        if self.ddp:
+            dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------
+# RNG state
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    state = {"python": repr(random.getstate()),
+             "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+             "numpy_pos": np_state[2], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(ast.literal_eval(state["python"]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32),
+                         state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints: {model, optimizer, scheduler, step, config, rng, bad_steps}, written atomically
+
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "step", "config", "rng", "bad_steps"}
+
+
+class TrainingError(RuntimeError):
+    """A stage cannot go on (non-finite losses past --max_bad_steps, no good step at all)."""
+
+
+class Checkpoints:
+    """ckpt/<stage>/step_NNNNNNN.pt, written atomically; the newest keep_last are kept.
+    run_keys: config keys that may differ between a checkpoint and the run resuming it."""
+
+    def __init__(self, folder, keep_last, run_keys=()):
+        self.folder, self.keep_last, self.run_keys = folder, keep_last, set(run_keys)
+
+    def paths(self):
+        if not os.path.isdir(self.folder):
+            return []
+        return sorted(os.path.join(self.folder, f) for f in os.listdir(self.folder)
+                      if f.startswith("step_") and f.endswith(".pt"))
+
+    def remove_orphans(self):
+        """Temp files a kill left behind mid-write (never a complete checkpoint)."""
+        if os.path.isdir(self.folder):
+            for f in os.listdir(self.folder):
+                if f.startswith(".tmp-"):
+                    os.remove(os.path.join(self.folder, f))
+
+    def save(self, step, state):
+        os.makedirs(self.folder, exist_ok=True)
+        path = os.path.join(self.folder, f"step_{step:07d}.pt")
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        older = [p for p in self.paths() if p < path]          # never the one just written
+        for old in older[:max(0, len(older) - (self.keep_last - 1))]:
+            os.remove(old)
+
+    def load(self, path, cfg):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"checkpoint {path} is truncated or corrupt "
+                             f"({type(e).__name__}: {e})") from None
+        missing = sorted(CHECKPOINT_KEYS - set(state)) if isinstance(state, dict) else ["all"]
+        if missing:
+            raise ValueError(f"checkpoint {path} is not a train.py checkpoint: missing {missing}")
+        ours = asdict(cfg)
+        diffs = [f"{k}: checkpoint {v!r} vs run {ours.get(k)!r}"
+                 for k, v in state["config"].items() if k not in self.run_keys and ours.get(k) != v]
+        if diffs:
+            raise ValueError(f"checkpoint {path} comes from another config:\n  "
+                             + "\n  ".join(diffs))
+        return state
+
+
+def drop_log_records(log_path, name, after_step):
+    """Remove the log lines of stage `name` past `after_step` (a resumed run logs them again)."""
+    if not os.path.isfile(log_path):
+        return
+    with open(log_path) as f:
+        lines = f.readlines()
+    keep = [line for line in lines
+            if not (json.loads(line).get("stage") == name and json.loads(line)["step"] > after_step)]
+    if len(keep) != len(lines):
+        write_text(log_path, "".join(keep))
+
+
+# ----------------------------------------------------------------------------------------
+# Interrupts: Ctrl-C and SIGTERM end a stage at a step boundary with a checkpoint
+
+class Interrupted(Exception):
+    """Raised by train.py after it saved the checkpoint of the step an interrupt arrived in."""
+
+
+@contextmanager
+def stop_requests():
+    """While inside: Ctrl-C (SIGINT) and SIGTERM (a scheduler's kill) only set
+    `.requested` on the yielded flag, so the training loop can finish its step, save a
+    checkpoint and stop cleanly; a second Ctrl-C interrupts at once. Signal handlers can be set
+    only in the main thread; elsewhere the flag just stays False."""
+    flag = SimpleNamespace(requested=False)
+
+    def handler(signum, frame):
+        if flag.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+              "(Ctrl-C again to stop at once)", file=sys.stderr)
+    old = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, handler)
+    except ValueError:                       # not the main thread
+        pass
+    try:
+        yield flag
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
