@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from runtime import atomic_write, write_json
+from runtime import atomic_write
 
 PAD_TOKEN, EOS_TOKEN, IMAGE_TOKEN = "<pad>", "<eos>", "<image>"
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, IMAGE_TOKEN)
@@ -231,7 +231,10 @@ def save_tokenizer(tokenizer, folder):
                 cfg = json.load(f)
         cfg.update({key: roles[role] for role,
                     key in ((EOS_TOKEN, "eos_token"), (PAD_TOKEN, "pad_token")) if role in roles})
-        write_json(path, cfg)
+        def write(tmp):
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(cfg, f, indent=2, ensure_ascii=False)
+        atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ Metrics
   student's image KV (kvshare.teacher_continue). If it is at chance, KD on image-grounded
   sources cannot help.
 """
+import argparse
 import math
 import os
 import sys
@@ -257,19 +258,20 @@ def evaluate_folder(folder, teacher_folder=None):
 
 
 def main(argv):
-    opts = {"ckpt": None, "teacher": None}
-    for arg in argv:
-        key, eq, val = arg[2:].partition("=")
-        if not (arg.startswith("--") and key in opts and eq and val):
-            raise ValueError(f"unknown argument {arg!r}; expected --ckpt=FOLDER [--teacher=FOLDER]")
-        opts[key] = val
-    if not opts["ckpt"]:
-        raise ValueError("expected --ckpt=FOLDER (a model folder written by train.py)")
-    print(evaluate_folder(opts["ckpt"], opts["teacher"]))
+    p = argparse.ArgumentParser(description="Evaluate a model folder train.py wrote on the tiny "
+                                "world it was trained in (its train_config.json): the table row "
+                                "and the perplexity of the language benchmark's answers.")
+    p.add_argument("--ckpt", required=True, metavar="FOLDER",
+                   help="a model folder written by train.py (teacher/, adapted/, distilled-*/)")
+    p.add_argument("--teacher", default=None, metavar="FOLDER",
+                   help="the frozen teacher for the handoff column (default: teacher/ beside "
+                        "--ckpt)")
+    args = p.parse_args(argv)
+    print(evaluate_folder(args.ckpt, args.teacher))
 
 
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as e:      # bad input: one line, not a traceback
+    except (ValueError, FileNotFoundError) as e:
         sys.exit(f"eval.py: {e}")

@@ -18,6 +18,7 @@ by "\\n"; its response is the k-th assistant text. The image belongs to every tu
 import io
 import json
 import os
+import sys
 import warnings
 
 import numpy as np

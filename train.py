@@ -288,11 +288,13 @@ def lr_lambda(steps, warmup_frac):
     return f
 
 
-def train_stage(setup, stage, model, param_groups, steps, loss_fn, name=None, kd_table=None):
+def train_stage(setup, stage, model, param_groups, steps, loss_fn, name=None, teacher=None,
+                kd_table=None):
     """Train `model` (the parameters in `param_groups`) for `steps` optimizer steps of `stage`
     ("pretrain" | "align" | "adapt" | "distill") with loss_fn(model, batch, counts). `name`
-    names its checkpoint folder and log lines (default: the stage); kd_table (stage 3) is the
-    source gate, applied once to each micro-batch as batch["kd_weight"]. A step whose loss or
+    names its checkpoint folder and log lines (default: the stage). Stage 3 also passes the
+    frozen `teacher` (given to loss_fn; compiled with the model under --compile) and kd_table,
+    the source gate, applied once to each micro-batch as batch["kd_weight"]. A step whose loss or
     gradient is not finite is skipped (never saved); past --max_bad_steps skipped steps, or
     with no good step at all, the stage stops with a TrainingError. Ctrl-C / SIGTERM end the
     stage after the current step, with a checkpoint, by raising Interrupted."""
@@ -329,6 +331,9 @@ def train_stage(setup, stage, model, param_groups, steps, loss_fn, name=None, kd
     if cfg.compile:
         torch.compiler.reset()
     forward_model = torch.compile(model) if cfg.compile else model
+    if teacher is not None:
+        loss_fn = functools.partial(loss_fn, teacher=torch.compile(teacher) if cfg.compile
+                                    else teacher)
     student, mixture, batches_of_stream = None, None, None
     if stage != "pretrain":
         student, mixture = unwrap(model), stage_mixture(setup.data, stage)  # once per stage
@@ -376,7 +381,8 @@ def train_stage(setup, stage, model, param_groups, steps, loss_fn, name=None, kd
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            record = {"stage": name, "step": step + 1, "time": round(time.time() - t_start, 4),
+            record = {"stage": name, "step": step + 1,                 # time: s since stage start
+                      "time": round(time.time() - t_start, 4),
                       "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
                       "bad_steps": bad_steps, "skipped_examples": skipped_examples, **logs}
             if rt.cuda:
@@ -395,11 +401,8 @@ def train_stage(setup, stage, model, param_groups, steps, loss_fn, name=None, kd
     if bad_steps >= steps:
         raise TrainingError(f"{name}: all {steps} steps had a non-finite loss or gradients; "
                             "no model folder saved for this stage")
-    wall = time.time() - t_start
+    wall = time.time() - t_start        # also the "time" of the stage's last log.jsonl record
     if rt.is_main:
-        with open(log_path, "a") as f:
-            f.write(json.dumps({"stage": name, "step": steps, "done": True,
-                                "wall_s": round(wall, 1)}) + "\n")
         print(f"{name}: {steps - start} steps in {wall:.1f}s, {bad_steps} skipped (non-finite "
               "loss or gradients)" + (f", {skipped_examples} examples replaced (bad or too long)"
                                       if skipped_examples else ""))
@@ -473,11 +476,10 @@ def stage_distill(setup, teacher, student):
     kd_table = distill.table_from_kinds(setup.data.source_kinds)  # the source gate, once per run
     student.to(rt.device).requires_grad_(True)
     student.decoder.gradient_checkpointing = cfg.grad_checkpointing
-    loss_fn = functools.partial(lingudistill_loss, cfg=cfg,
-                                teacher=torch.compile(teacher) if cfg.compile else teacher)
     train_stage(setup, "distill", rt.wrap(student),
-                [{"params": list(student.parameters()), "lr": cfg.distill_lr}],
-                cfg.distill_steps, loss_fn, name=f"distill-{variant_name(cfg)}", kd_table=kd_table)
+                [{"params": list(student.parameters()), "lr": cfg.distill_lr}], cfg.distill_steps,
+                functools.partial(lingudistill_loss, cfg=cfg), name=f"distill-{variant_name(cfg)}",
+                teacher=teacher, kd_table=kd_table)
     if rt.is_main:
         save_model_folder(setup, os.path.join(cfg.out_dir, f"distilled-{variant_name(cfg)}"),
                           lambda d: save_vlm(student, d))
@@ -655,23 +657,17 @@ def check_out_dir(cfg):
 
 
 def get_config(argv):
-    """The run's config from the command line. --resume=true reads the run's own config from
-    out_dir/run_config.json; flags given with it must agree with it or be run keys (RUN_KEYS)."""
+    """The run's config from the command line. With --resume=true the run's own config
+    (out_dir/run_config.json) takes the place of the preset defaults, so `--out_dir=X
+    --resume=true` alone continues run X; flags given with it still apply, and a stage's
+    checkpoint refuses a config that changes what it trains (Checkpoints.load, RUN_KEYS)."""
     overrides, files = parse_flags(argv, TrainConfig)
     saved = None
-    if overrides.get("resume"):
-        path = os.path.join(overrides.get("out_dir", TrainConfig.out_dir), "run_config.json")
-        if os.path.isfile(path):
-            saved = TrainConfig(**{f.name: read_json(path)[f.name] for f in fields(TrainConfig)
-                                   if f.name in read_json(path)})
+    path = os.path.join(overrides.get("out_dir", TrainConfig.out_dir), "run_config.json")
+    if overrides.get("resume") and os.path.isfile(path):
+        saved = read_json(path)
+        saved = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
     cfg = build_config(TrainConfig, PRESETS, overrides, files, base=saved)
-    if saved is not None:
-        diffs = [f"--{k}={getattr(cfg, k)!r} (the run has {getattr(saved, k)!r})"
-                 for k in asdict(cfg) if k not in RUN_KEYS and getattr(cfg, k) != getattr(saved, k)]
-        if diffs:
-            raise ValueError("--resume=true continues the run in --out_dir with its own config; "
-                             f"these flags change what it trains: {', '.join(diffs)}. Drop them, "
-                             "or start a fresh run in another --out_dir")
     check_config(cfg)
     return cfg
 

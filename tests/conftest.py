@@ -23,7 +23,6 @@ def make_teacher_and_jsonl(tmp_path):
     --data_path runs. Returns (teacher folder, teacher Decoder, jsonl path)."""
     import json
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
-    import data
     import world
     from model import Decoder, LMConfig
     from weights import save_hf_lm

@@ -27,7 +27,7 @@ from model import LMConfig, VisionConfig, Decoder, VLM, VisionEncoder
 from runtime import atomic_write
 from conftest import save_hf_siglip
 from weights import (load_hf_lm, load_hf_siglip, load_vlm, nanovlm_configs,
-                     save_hf_lm, save_hf_siglip, save_vlm)
+                     save_hf_lm, save_vlm)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LM = LMConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
@@ -473,18 +473,17 @@ def test_streamed_data_resume_with_workers_gives_identical_losses(tmp_path, monk
             "--distill_steps=6", "--ckpt_every=2", "--stage=all"]
     straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
     train.run(train.get_config(argv + [f"--out_dir={straight}"]))
-    real, calls = train.compute_loss, []
+    real, calls = train.lingudistill_loss, []
 
-    def crash_in_distill_step_5(run, stage, *a, **k):
-        if stage == "distill":
-            calls.append(1)
-            if len(calls) == 5:
-                raise KeyboardInterrupt("killed")
-        return real(run, stage, *a, **k)
-    monkeypatch.setattr(train, "compute_loss", crash_in_distill_step_5)
+    def crash_in_distill_step_5(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+    monkeypatch.setattr(train, "lingudistill_loss", crash_in_distill_step_5)
     with pytest.raises(KeyboardInterrupt):
         train.run(train.get_config(argv + [f"--out_dir={crashed}"]))
-    monkeypatch.setattr(train, "compute_loss", real)
+    monkeypatch.setattr(train, "lingudistill_loss", real)
     train.run(train.get_config(argv + [f"--out_dir={crashed}", "--resume=true"]))
     for stage in ("align", "adapt", "distill-selective-full"):
         assert _losses(straight, stage) == _losses(crashed, stage) and _losses(straight, stage)

@@ -9,13 +9,13 @@ import torch
 from PIL import Image
 
 import data
-import world
+import world as tinyworld
 from conftest import load_jsonl
 
 
 @pytest.fixture(scope="module")
 def world():
-    return world.build_world(0)            # the defaults train.py uses: the data actually trained on
+    return tinyworld.build_world(0)            # the defaults train.py uses: the data actually trained on
 
 
 @pytest.fixture(scope="module")
@@ -43,22 +43,22 @@ def training_examples(world):
 # --------------------------------------------------------------------------- the world
 
 def test_same_seed_same_bytes_other_seed_other_bytes(world):
-    assert digest(world.build_world(0)) == digest(world)
-    assert digest(world.build_world(1)) != digest(world)
+    assert digest(tinyworld.build_world(0)) == digest(world)
+    assert digest(tinyworld.build_world(1)) != digest(world)
 
 
 def test_source_kinds_cover_every_source(world):
-    assert set(world.sources) == set(world.SOURCE_KINDS)
-    assert set(world.SOURCE_KINDS.values()) == {"vision", "language"}
+    assert set(world.sources) == set(tinyworld.SOURCE_KINDS)
+    assert set(tinyworld.SOURCE_KINDS.values()) == {"vision", "language"}
     for name, examples in world.sources.items():
         assert examples and all(ex["source"] == name for ex in examples)
     assert {ex["source"] for ex in world.vision_bench} == {s for s,
-                                                           k in world.SOURCE_KINDS.items()
+                                                           k in tinyworld.SOURCE_KINDS.items()
                                                            if k == "vision"}
     with_image = {s for s,
                   exs in world.sources.items() if all(ex["image"] is not None for ex in exs)}
     text_only = {s for s, exs in world.sources.items() if all(ex["image"] is None for ex in exs)}
-    language = {s for s, k in world.SOURCE_KINDS.items() if k == "language"}
+    language = {s for s, k in tinyworld.SOURCE_KINDS.items() if k == "language"}
     assert language & with_image and language & text_only     # a handoff source and a text-only one
 
 
@@ -77,15 +77,15 @@ def test_benchmark_items_never_appear_in_training(world):
 def test_benchmark_facts_are_taught_in_the_other_templates(world):
     corpus = set(world.corpus)
     for e in world.entities:
-        for rel, kind in world.BENCH_FACTS:
-            for t, template in enumerate(world.TEMPLATES[rel]):
-                sentence = "".join(world.fact(template, e.subject(kind), e.value(rel)))
+        for rel, kind in tinyworld.BENCH_FACTS:
+            for t, template in enumerate(tinyworld.TEMPLATES[rel]):
+                sentence = "".join(tinyworld.fact(template, e.subject(kind), e.value(rel)))
                 assert (sentence in corpus) == (t != e.held_out[rel, kind]), sentence
 
 
 def test_language_sources_name_only_seen_entities(world):
     language_text = " ".join(ex["prompt"] + ex["response"] for s, exs in world.sources.items()
-                             if world.SOURCE_KINDS[s] == "language" for ex in exs)
+                             if tinyworld.SOURCE_KINDS[s] == "language" for ex in exs)
     words = set(re.findall(r"[a-z]+", language_text))
     for e in world.entities:
         assert (e.name in words) == e.seen, e.name
@@ -121,9 +121,9 @@ def test_every_document_and_response_ends_a_sentence(world, tok):
 
 def test_world_arguments_are_checked():
     with pytest.raises(ValueError, match="n_entities must be in"):
-        world.build_world(0, n_entities=49)
+        tinyworld.build_world(0, n_entities=49)
     with pytest.raises(ValueError, match="image_size must be >= 16"):
-        world.build_world(0, image_size=8)
+        tinyworld.build_world(0, image_size=8)
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -292,12 +292,3 @@ def test_load_jsonl_skip_bad_counts_skipped_lines(jsonl_dir, capsys):
     examples = load_jsonl(path, skip_bad=True)
     assert len(examples) == 2
     assert "skipped 3 bad line(s)" in capsys.readouterr().err
-
-
-def test_load_text_one_document_per_paragraph(tmp_path):
-    path = tmp_path / "t.txt"
-    path.write_text("first line\nsame doc\n\n  \nsecond doc\n\n\n")
-    assert data.load_text(str(path)) == ["first line\nsame doc", "second doc"]
-    path.write_text("\n \n")
-    with pytest.raises(ValueError, match="no text found"):
-        data.load_text(str(path))

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import signal
 
 import pytest
 import torch
@@ -137,21 +138,56 @@ def test_resume_after_a_crash_gives_bit_identical_losses(smoke_run, tmp_path, mo
         copy_stage_inputs(out, d)
     train.run(get_config(argv + [f"--out_dir={straight}"]))
 
-    real_rng = train.batch_rng
-    def crash_at_step_4(cfg, stage, step, micro):
+    real_get_batch = train.get_batch
+    def crash_at_step_4(setup, stage, step, *a, **k):
         if step == 4:
-            raise KeyboardInterrupt("killed")
-        return real_rng(cfg, stage, step, micro)
-    monkeypatch.setattr(train, "batch_rng", crash_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
+            raise RuntimeError("killed")        # a crash: no checkpoint but the periodic ones
+        return real_get_batch(setup, stage, step, *a, **k)
+    monkeypatch.setattr(train, "get_batch", crash_at_step_4)
+    with pytest.raises(RuntimeError, match="killed"):
         train.run(get_config(argv + [f"--out_dir={crashed}"]))
-    monkeypatch.setattr(train, "batch_rng", real_rng)
+    monkeypatch.setattr(train, "get_batch", real_get_batch)
     train.run(get_config(argv + [f"--out_dir={crashed}", "--resume=true"]))
 
     a, b = read_log(straight, "distill-uniform-full"), read_log(crashed, "distill-uniform-full")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     assert [(r["loss"], r["kd"], r["grad_norm"])
             for r in a] == [(r["loss"], r["kd"], r["grad_norm"]) for r in b]
+
+
+def test_ctrl_c_saves_and_out_dir_plus_resume_alone_reproduces_the_run(smoke_run, tmp_path,
+                                                                      monkeypatch, capsys):
+    """SIGINT in the middle of a stage: the step finishes, a checkpoint is saved, main() exits
+    with one line giving the resume command; `--out_dir=X --resume=true` alone (the run's config
+    is read from X/run_config.json) then reproduces the uninterrupted run's losses."""
+    out, _, _, _ = smoke_run
+    argv = ["--preset=smoke", "--stage=distill", "--distill_steps=6", "--ckpt_every=100",
+            "--eval=false", "--policy=uniform", "--kd=jsd"]
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    for d in (straight, stopped):
+        copy_stage_inputs(out, d)
+    train.run(get_config(argv + [f"--out_dir={straight}"]))
+
+    real_get_batch = train.get_batch
+    def signal_at_step_2(setup, stage, step, *a, **k):
+        if step == 2 and stage == "distill":
+            os.kill(os.getpid(), signal.SIGINT)     # Ctrl-C while step 3 is being prepared
+        return real_get_batch(setup, stage, step, *a, **k)
+    monkeypatch.setattr(train, "get_batch", signal_at_step_2)
+    with pytest.raises(SystemExit) as e:
+        train.main(argv + [f"--out_dir={stopped}"])
+    assert str(e.value) == (f"train.py: interrupted: distill-uniform-jsd stopped at step 3 of 6; "
+                            f"checkpoint saved in {stopped}/ckpt/distill-uniform-jsd. Resume "
+                            f"with: python train.py --out_dir={stopped} --resume=true")
+    assert os.listdir(os.path.join(stopped, "ckpt", "distill-uniform-jsd")) == ["step_0000003.pt"]
+    assert not os.path.exists(os.path.join(stopped, "distilled-uniform-jsd"))
+    monkeypatch.setattr(train, "get_batch", real_get_batch)
+    train.run(get_config([f"--out_dir={stopped}", "--resume=true"]))
+    a, b = read_log(straight, "distill-uniform-jsd"), read_log(stopped, "distill-uniform-jsd")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert [(r["loss"], r["kd"], r["grad_norm"])
+            for r in a] == [(r["loss"], r["kd"], r["grad_norm"]) for r in b]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler    # handler restored
 
 
 def test_resume_refuses_a_checkpoint_from_another_config(smoke_run, tmp_path):

@@ -57,6 +57,7 @@ before it opens anything; training_text skips dev and reserved members by their 
 reading their bytes (a .tar.gz is one gzip stream, so their compressed bytes are decompressed
 in passing, never parsed). Task names here are lower-case folder names.
 """
+import argparse
 import json
 import os
 import re
@@ -297,18 +298,21 @@ def load_model_and_tokenizer(folder):
 
 
 def main(argv):
-    opts = {"tasks": "dev", "ckpt": None, "limit": None, "source": DEFAULT_SOURCE,
-            "batch_size": "16", "bigbench_spaces": False}
-    for arg in argv:
-        key, eq, val = arg[2:].partition("=")
-        if arg == "--bigbench_spaces":
-            opts[key] = True
-        elif not (arg.startswith("--") and key in opts and eq and key != "bigbench_spaces"):
-            sys.exit(f"bigbench.py: unknown argument {arg!r}\n{__doc__}")
-        else:
-            opts[key] = val
-    if not opts["ckpt"]:
-        sys.exit("bigbench.py: --ckpt=MODEL_FOLDER is required")
+    p = argparse.ArgumentParser(description="Score a model on BIG-bench multiple-choice tasks "
+                                "by log-likelihood, offline.", epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="dev", help="dev (the dev tasks) or a comma list of task "
+                   "names; reserved tasks are refused (default: dev)")
+    p.add_argument("--ckpt", required=True, metavar="FOLDER",
+                   help="a Hugging Face LM folder or one of our model folders")
+    p.add_argument("--limit", default=None, type=int, help="the first N items of each task")
+    p.add_argument("--source", default=DEFAULT_SOURCE,
+                   help=f"the bigbench sdist .tar.gz or its extracted folder (default: "
+                        f"{DEFAULT_SOURCE})")
+    p.add_argument("--batch_size", default="16", help="items per batch (default: 16)")
+    p.add_argument("--bigbench_spaces", action="store_true",
+                   help="keep BIG-bench's trailing context spaces (default: moved to the options)")
+    opts = vars(p.parse_args(argv))
     tasks = DEV_TASKS if opts["tasks"] == "dev" else tuple(t for t in opts["tasks"].split(",") if t)
     check_not_reserved(tasks)
     t0 = time.time()

@@ -44,3 +44,4 @@ def chat_prompt(user_text, template=None, system=None):
                           "template=None writes ChatML without it") from None
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=["jinja2.ext.loopcontrols"])
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True)

@@ -29,6 +29,7 @@ log-probabilities differ from the student's by log(1 - p(dropped ids)) per token
 student has learnt never to emit <image> in text, but not zero). Only trailing ids can be
 dropped; anything else is an error.
 """
+import argparse
 import json
 import os
 import sys
@@ -145,10 +146,16 @@ def export(src, out, drop_image_row=False):
 
 
 def main(argv):
-    flags = [a for a in argv if a.startswith("--")]
-    pos = [a for a in argv if not a.startswith("--")]
-    if len(pos) != 2 or any(f != "--drop_image_row" for f in flags):
-        sys.exit(__doc__)
+    p = argparse.ArgumentParser(description="Write a model folder's decoder as a Hugging Face "
+                                "Llama folder (for lm-eval).", epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="our VLM / LM folder (train.py's teacher/, adapted/, "
+                   "distilled-*/)")
+    p.add_argument("out", help="the Hugging Face folder to write")
+    p.add_argument("--drop_image_row", action="store_true",
+                   help="drop the <image> row(s) the VLM added to the embedding")
+    args = p.parse_args(argv)
+    pos, flags = [args.model, args.out], ["--drop_image_row"] * args.drop_image_row
     info = export(pos[0], pos[1], drop_image_row="--drop_image_row" in flags)
     print(f"{pos[0]} ({info['kind']}) -> {info['out']}: Hugging Face folder, vocab_size "
           f"{info['vocab_size']}"

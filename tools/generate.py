@@ -204,7 +204,7 @@ def teacher_via_handoff(args, teacher, student, tok, batch, ids, mask):
     only = student.student_only_ids if isinstance(student, VLM) else ()
     eos = data.special_id(t_tok, data.EOS_TOKEN)
     eos = eos if eos < teacher.cfg.vocab_size else None
-    print("[teacher via the KV handoff]", file=sys.stderr)
+    print("[teacher via the KV handoff]", flush=True)
     kvshare.teacher_generate(teacher, kv, ids, mask, only, max_new_tokens=args.max_new_tokens,
                              eos_id=eos, pad_id=0, on_token=Stream(t_tok, eos))
     print()

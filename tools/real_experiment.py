@@ -99,10 +99,10 @@ def build_data(folder, source, n_vision=400, n_text=2000, n_heldout=200):
     heldout_path = os.path.join(folder, "heldout_text.json")
     if not os.path.isfile(heldout_path):
         os.makedirs(os.path.join(folder, "images"), exist_ok=True)
-        world = world.build_world(WORLD_SEED, image_size=IMAGE_SIZE)
+        tiny = world.build_world(WORLD_SEED, image_size=IMAGE_SIZE)
         lines = []
         for src in QUESTIONS:
-            for i, ex in enumerate(world.sources[src][:n_vision]):
+            for i, ex in enumerate(tiny.sources[src][:n_vision]):
                 name = f"images/{src}-{i:04d}.png"
                 ex["image"].save(os.path.join(folder, name))
                 lines.append({**vision_example(ex), "image": name})
@@ -120,8 +120,8 @@ def build_data(folder, source, n_vision=400, n_text=2000, n_heldout=200):
 
 def vision_bench():
     """The tiny world's fresh-render VQA benchmark, asked in English."""
-    world = world.build_world(WORLD_SEED, image_size=IMAGE_SIZE)
-    return [vision_example(ex) for ex in world.vision_bench]
+    tiny = world.build_world(WORLD_SEED, image_size=IMAGE_SIZE)
+    return [vision_example(ex) for ex in tiny.vision_bench]
 
 
 def evaluate(model, tok, bench, vqa, heldout):
