@@ -591,12 +591,12 @@ def check_config(cfg):
     if (cfg.image_size // cfg.patch_size) % cfg.shuffle_factor:
         raise ValueError(f"--shuffle_factor={cfg.shuffle_factor} must divide the patch grid "
                          f"{cfg.image_size // cfg.patch_size} (--image_size / --patch_size)")
-    needs_teacher = {"preset": cfg.preset == "paper", "image_splitting": cfg.image_splitting,
-                     "data_path": bool(cfg.data_path)}
-    for key, needed in needs_teacher.items():
+    needs_teacher = {"--preset=paper": cfg.preset == "paper",
+                     "--image_splitting": cfg.image_splitting, "--data_path": bool(cfg.data_path)}
+    for flag, needed in needs_teacher.items():
         if needed and not cfg.teacher_path:
-            raise ValueError(f"--{key}={getattr(cfg, key)} needs --teacher_path=FOLDER (a HF "
-                             "SmolLM2/Llama folder): the tiny world's teacher has no real tokenizer")
+            raise ValueError(f"{flag} needs --teacher_path=FOLDER (a HF SmolLM2/Llama folder): "
+                             "the tiny world's tokenizer has no chat or grid tokens")
     if cfg.image_splitting:
         try:
             data.ImageSplitting(max_side=cfg.image_max_side).check_tile(cfg.image_size)
@@ -609,7 +609,7 @@ def check_config(cfg):
         path = getattr(cfg, key)
         if path and not os.path.isdir(path):
             raise ValueError(f"--{key}={path}: " + ("a file; expected a folder"
-                                                    if os.path.exists(path) else "no such folder"))
+                                                    if os.path.exists(path) else "no such file or folder"))
     for path in filter(None, cfg.data_path.split(",")):
         if not path.endswith((".jsonl", ".parquet")):
             raise ValueError(f"--data_path: {path} is not a .jsonl or .parquet file")

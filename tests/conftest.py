@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 
 import pytest
@@ -15,6 +16,31 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _tree(root):
+    """(path, size, mtime) of every file under the repository root but caches: a test that
+    wrote into the working tree (out/, a stray file) changes it."""
+    skip = {"__pycache__", ".pytest_cache", ".git"}
+    return {(os.path.relpath(os.path.join(d, f), root), st.st_size, st.st_mtime_ns)
+            for d, dirs, files in os.walk(root) if not dirs.__setitem__(slice(None), [
+                x for x in dirs if x not in skip]) for f in files
+            for st in [os.stat(os.path.join(d, f))]}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _outside_the_working_tree(tmp_path_factory):
+    """Tests never read or write the working tree: they run from a temporary folder (so a
+    relative path such as train.py's default --out_dir=out lands there, whatever the repository
+    holds, e.g. the out/ of an earlier `python train.py`), the tree is unchanged at the end, and
+    the temporary folders are removed."""
+    before, cwd = _tree(ROOT), os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(cwd)
+    changed = sorted({p for p, _, _ in before ^ _tree(ROOT)})
+    shutil.rmtree(tmp_path_factory.getbasetemp(), ignore_errors=True)
+    assert not changed, f"tests changed the working tree: {changed[:10]}"
 
 
 def make_teacher_and_jsonl(tmp_path):

@@ -319,8 +319,8 @@ def test_command_line_bad_input_exits_with_the_message_not_a_traceback(tmp_path)
     for argv, message in ((["--alpha=x"], "--alpha: expected float"),
                           ([f"--data_path={bad}", f"--teacher_path={tmp_path}", "--stage=distill"],
                            "data.jsonl line 2")):
-        r = subprocess.run([sys.executable, "train.py", *argv], cwd=root, capture_output=True,
-                           text=True, timeout=120)
+        r = subprocess.run([sys.executable, os.path.join(root, "train.py"), *argv], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 

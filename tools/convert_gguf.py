@@ -15,6 +15,7 @@ Three things differ between GGUF and HF and are undone here:
   * q/k rows: llama.cpp's converter permutes the rows of q_proj and k_proj so that its RoPE
     rotates adjacent pairs (x0, x1) instead of HF's halves (x_i, x_{i+d/2}); see unpermute().
 """
+import argparse
 import logging
 import os
 import sys
@@ -223,11 +224,19 @@ def convert_gguf(gguf_path, out_dir):
     return out_dir
 
 
-if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python tools/convert_gguf.py PATH.gguf OUT_DIR")
+def main(argv):
+    p = argparse.ArgumentParser(description="Convert a llama-architecture GGUF file into a "
+                                "Hugging Face Llama folder.", epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("gguf", help="the .gguf file (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)")
+    p.add_argument("out_dir", help="the Hugging Face folder to write")
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    print(convert_gguf(args.gguf, args.out_dir))
+
+
+if __name__ == "__main__":
     try:
-        print(convert_gguf(sys.argv[1], sys.argv[2]))
+        main(sys.argv[1:])
     except (ValueError, FileNotFoundError) as e:        # bad input: one line, exit status 1
         sys.exit(f"convert_gguf.py: {e}")
