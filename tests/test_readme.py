@@ -1,0 +1,34 @@
+"""README's example commands run as written (at smoke size: the out/ they read is made by
+`train.py --preset=smoke` in a temporary folder)."""
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme_block(heading):
+    """The commands of the first ```bash block after `heading`, continuation lines joined,
+    comments dropped."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    block = re.search(r"```bash\n(.*?)```", text[text.index(heading):], re.S).group(1)
+    block = re.sub(r"\\\n\s*", " ", block)
+    return [shlex.split(line, comments=True) for line in block.splitlines()
+            if shlex.split(line, comments=True)]
+
+
+def test_readme_examples_run_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train.run(train.get_config(["--preset=smoke", "--eval=false"]))       # out/, as README's run
+    commands = readme_block("## Examples")
+    assert len(commands) >= 4
+    for argv in commands:
+        assert argv[0] == "python" and argv[1].endswith(".py"), argv
+        r = subprocess.run([sys.executable, os.path.join(ROOT, argv[1]), *argv[2:]],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (argv, r.stderr[-3000:])
+    assert os.path.isfile(tmp_path / "examples" / "colour.png")
