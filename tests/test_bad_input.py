@@ -522,3 +522,44 @@ def test_mmlu_tool_flags_and_non_utf8_files(tmp_path, flags, message):
     mc.write_bytes(b'{"question": "caf\xe9", "choices": ["a", "b"], "answer": 0}\n')
     with pytest.raises(ValueError, match=r"mc\.jsonl: not UTF-8 text \(byte 17\)"):
         mmlu.load_mc_file(str(mc))
+
+
+def test_a_later_stage_without_the_earlier_one_names_the_stage_to_run(tmp_path):
+    out = tmp_path / "out"
+    for stage, first in (("distill", "pretrain"), ("adapt", "pretrain")):
+        with pytest.raises(ValueError, match=rf"--stage={stage} needs .*teacher, which stage "
+                                             rf"{first} writes: run --stage={first} \(or "
+                                             r"--stage=all\)"):
+            train.run(train.get_config(SMOKE + [f"--stage={stage}", f"--out_dir={out}"]))
+    assert not out.exists()                                   # nothing left behind
+    train.run(train.get_config(SMOKE + ["--stage=pretrain", f"--out_dir={out}"]))
+    with pytest.raises(ValueError, match=r"--stage=distill needs .*adapted, which stage adapt "
+                                         r"writes: run --stage=adapt"):
+        train.run(train.get_config(SMOKE + ["--stage=distill", f"--out_dir={out}"]))
+
+
+def test_bad_data_leaves_no_out_dir_and_a_missing_file_is_named(tmp_path):
+    teacher_dir, _, _ = make_teacher_and_jsonl(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{not json\n')
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="bad.jsonl line 2"):
+        train.run(train.get_config(SMOKE + [f"--teacher_path={teacher_dir}",
+                                            f"--data_path={bad}", f"--out_dir={out}"]))
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"--data_path: nothere\.jsonl: no such file"):
+        train.get_config(SMOKE + [f"--teacher_path={teacher_dir}", "--data_path=nothere.jsonl"])
+
+
+def test_used_out_dir_refusal_names_the_three_choices_and_a_longer_resume_says_so(tmp_path,
+                                                                                   capsys):
+    argv = SMOKE + ["--stage=pretrain", f"--out_dir={tmp_path}"]
+    train.run(train.get_config(argv))
+    with pytest.raises(ValueError) as e:
+        train.run(train.get_config(argv))
+    assert all(choice in str(e.value) for choice in ("--resume=true", "--variant=NAME",
+                                                     "another --out_dir"))
+    capsys.readouterr()
+    train.run(train.get_config([f"--out_dir={tmp_path}", "--resume=true", "--pretrain_steps=8"]))
+    assert ("pretrain: resuming at step 6 of a run planned for 6 steps; training on to 8 steps"
+            in capsys.readouterr().out)

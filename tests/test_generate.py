@@ -62,7 +62,8 @@ def test_student_answer_and_teacher_via_handoff(folders, capsys):
     # resize_to_max_side: the long side becomes 32 = 2 tiles; 40x20 -> 32x16 (1x2), 10x10 -> 32x32
     # (2x2)
     assert "8 image view(s), grids [(1, 2), (2, 2)]" in err
-    student_answer, teacher_answer = out.split("\n")[:2]
+    student_answer, label, teacher_answer = out.split("\n")[:3]
+    assert label == "[teacher via the KV handoff]"          # labelled on stdout, with the answers
     assert student_answer.strip()
     # the student's decoder IS the teacher: reading the student's KV, the teacher says the same
     assert teacher_answer == student_answer
