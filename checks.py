@@ -80,8 +80,8 @@ def check_config(cfg):
     for key in ("teacher_path", "student_path", "vision_path", "image_root"):
         path = getattr(cfg, key)
         if path and not os.path.isdir(path):
-            raise ValueError(f"--{key}={path}: " + ("a file; expected a folder"
-                                                    if os.path.exists(path) else "no such file or folder"))
+            what = "a file; expected a folder" if os.path.exists(path) else "no such file or folder"
+            raise ValueError(f"--{key}={path}: {what}")
     for path in filter(None, cfg.data_path.split(",")):
         if not path.endswith((".jsonl", ".parquet")):
             raise ValueError(f"--data_path: {path} is not a .jsonl or .parquet file")

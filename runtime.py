@@ -365,8 +365,9 @@ def drop_log_records(log_path, name, after_step):
         return
     with open(log_path) as f:
         lines = f.readlines()
-    keep = [line for line in lines
-            if not (json.loads(line).get("stage") == name and json.loads(line)["step"] > after_step)]
+    records = [json.loads(line) for line in lines]
+    keep = [line for line, r in zip(lines, records)
+            if not (r.get("stage") == name and r["step"] > after_step)]
     if len(keep) != len(lines):
         write_text(log_path, "".join(keep))
 

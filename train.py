@@ -191,19 +191,19 @@ def get_batch(setup, stage, step, micro, student=None, mixture=None):
     """Stage 1: random windows of seq_len + 1 tokens of the corpus -> {"tokens": (B, L+1)}.
     Stages 2-3: tiny-world examples, each example's source drawn from `mixture`, in the
     layout of data.collate (contexts left-padded to P, responses right-padded to R)."""
-    cfg, rt = setup.cfg, setup.runtime
+    cfg, runtime = setup.cfg, setup.runtime
     rng = np.random.default_rng([cfg.seed, STAGE_IDS[stage], step, micro])
-    global_batch = cfg.batch_size * rt.world_size
+    global_batch = cfg.batch_size * runtime.world_size
     if stage == "pretrain":
         starts = rng.integers(0, len(setup.text_stream) - cfg.seq_len - 1, size=global_batch)
-        windows = [setup.text_stream[s:s + cfg.seq_len + 1] for s in rank_slice(starts, rt)]
+        windows = [setup.text_stream[s:s + cfg.seq_len + 1] for s in rank_slice(starts, runtime)]
         return {"tokens": torch.stack(windows)}                             # (B, L+1)
     names = sorted(mixture)
     probs = np.array([mixture[s] for s in names], dtype=np.float64)
     probs /= probs.sum()
     picks = [(names[i], rng.random()) for i in rng.choice(len(names), size=global_batch, p=probs)]
     sources = setup.data.sources
-    examples = [sources[s][int(u * len(sources[s]))] for s, u in rank_slice(picks, rt)]
+    examples = [sources[s][int(u * len(sources[s]))] for s, u in rank_slice(picks, runtime)]
     return data.collate(examples, setup.tok, student.n_image_tokens, cfg.image_size,
                         image_splitting=student.image_splitting)
 
@@ -211,7 +211,7 @@ def get_batch(setup, stage, step, micro, student=None, mixture=None):
 def stream_batches(setup, stage, student, mixture, start_step):
     """Streamed real data: this rank's micro-batches from optimizer step start_step on, the
     examples of global micro-batch k a pure function of (seed, stage, k) (stream.make_loader)."""
-    cfg, rt = setup.cfg, setup.runtime
+    cfg, runtime = setup.cfg, setup.runtime
     dataset = setup.data.open(student, setup.tok)
     indices = dataset.indices_of(mixture)
     if not indices:
@@ -219,9 +219,9 @@ def stream_batches(setup, stage, student, mixture, start_step):
                          f"{sorted(mixture)})")
     loader = stream.make_loader(torch.utils.data.Subset(dataset, indices), cfg.batch_size,
                                 seed=[cfg.seed, STAGE_IDS[stage]],
-                                start_step=start_step * cfg.grad_accum, rank=rt.rank,
-                                world_size=rt.world_size, num_workers=cfg.num_workers,
-                                collate_fn=dataset.collate, pin_memory=rt.cuda,
+                                start_step=start_step * cfg.grad_accum, rank=runtime.rank,
+                                world_size=runtime.world_size, num_workers=cfg.num_workers,
+                                collate_fn=dataset.collate, pin_memory=runtime.cuda,
                                 timeout=600 if cfg.num_workers else 0)
     for batch in loader:
         yield {k: v for k, v in batch.items() if k not in ("index", "errors")}
@@ -295,15 +295,15 @@ def train_stage(setup, stage, model, param_groups, steps, loss_fn, name=None, te
     gradient is not finite is skipped (never saved); past --max_bad_steps skipped steps, or
     with no good step at all, the stage stops with a TrainingError. Ctrl-C / SIGTERM end the
     stage after the current step, with a checkpoint, by raising Interrupted."""
-    cfg, rt, name = setup.cfg, setup.runtime, name or stage
+    cfg, runtime, name = setup.cfg, setup.runtime, name or stage
     params = [p for g in param_groups for p in g["params"]]
     opt = torch.optim.AdamW(param_groups, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
-                            fused=rt.cuda)
+                            fused=runtime.cuda)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, cfg.warmup_frac))
     ckpts = Checkpoints(os.path.join(cfg.out_dir, "ckpt", name), cfg.keep_last, RUN_KEYS)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     start, bad_steps, skipped_examples = 0, 0, 0
-    if rt.is_main:
+    if runtime.is_main:
         ckpts.remove_orphans()
     if cfg.resume and ckpts.paths():
         state = ckpts.load(ckpts.paths()[-1], cfg)
@@ -312,7 +312,7 @@ def train_stage(setup, stage, model, param_groups, steps, loss_fn, name=None, te
         sched.load_state_dict(state["scheduler"])
         start, bad_steps = state["step"], state["bad_steps"]
         set_rng_state(state["rng"])
-        if rt.is_main:
+        if runtime.is_main:
             drop_log_records(log_path, name, after_step=start)   # steps the crash had logged
             was = state["config"][f"{stage}_steps"]
             if was != steps:
@@ -337,7 +337,7 @@ def train_stage(setup, stage, model, param_groups, steps, loss_fn, name=None, te
         if isinstance(setup.data, stream.RealData):
             batches_of_stream = stream_batches(setup, stage, student, mixture, start)
     bar = tqdm(range(start, steps), desc=name, initial=start, total=steps,
-               disable=not rt.is_main, leave=False)
+               disable=not runtime.is_main, leave=False)
     t_start = time.time()
     with stop_requests() as stop:
         for step in bar:
@@ -348,22 +348,22 @@ def train_stage(setup, stage, model, param_groups, steps, loss_fn, name=None, te
             for b in batches:
                 if kd_table is not None:                    # the source gate, once per micro-batch
                     b["kd_weight"] = distill.source_weights(cfg.policy, b["source"], kd_table)
-            batches = [rt.to_device(b) for b in batches]
+            batches = [runtime.to_device(b) for b in batches]
             counts = {"ce": 0.0, "kd": 0.0}     # the normalisers: over micro-batches and ranks
             for batch in batches:
                 for k, v in token_counts(batch).items():
                     counts[k] += v
-            counts = rt.sum_over_ranks(counts)
+            counts = runtime.sum_over_ranks(counts)
             logs = {}
             for micro, batch in enumerate(batches):
-                with rt.no_sync(forward_model, micro < len(batches) - 1), rt.autocast():
+                with runtime.no_sync(forward_model, micro < len(batches) - 1), runtime.autocast():
                     out = loss_fn(forward_model, batch, counts)
-                    (out["loss"] * rt.world_size).backward()   # DDP averages grads over ranks
+                    (out["loss"] * runtime.world_size).backward()   # DDP averages grads over ranks
                 for k, v in out.items():
                     logs[k] = logs.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
             logs["tokens"] = float(sum(b["attention_mask"].sum() if "attention_mask" in b
                                        else b["tokens"][:, 1:].numel() for b in batches))
-            logs = rt.sum_over_ranks(logs)    # each rank's loss is its share of the global mean
+            logs = runtime.sum_over_ranks(logs)  # each rank's loss: its share of the global mean
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             if not (math.isfinite(logs["loss"]) and torch.isfinite(grad_norm)):
                 bad_steps += 1
@@ -382,16 +382,16 @@ def train_stage(setup, stage, model, param_groups, steps, loss_fn, name=None, te
                       "time": round(time.time() - t_start, 4),
                       "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
                       "bad_steps": bad_steps, "skipped_examples": skipped_examples, **logs}
-            if rt.cuda:
-                record["max_mem_gib"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
-            if rt.is_main:
+            if runtime.cuda:
+                record["max_mem_gib"] = torch.cuda.max_memory_allocated(runtime.device) / 2**30
+            if runtime.is_main:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 if (step + 1) % cfg.log_every == 0:
                     bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k != "tokens"})
                 if (step + 1) % cfg.ckpt_every == 0 or step + 1 == steps or stop.requested:
                     save(step + 1)                     # (a stop on another rank: see below)
-            if rt.sum_over_ranks({"stop": float(stop.requested)})["stop"] and step + 1 < steps:
+            if runtime.sum_over_ranks({"stop": float(stop.requested)})["stop"] and step + 1 < steps:
                 bar.close()
                 raise Interrupted(f"{name} stopped at step {step + 1} of {steps}; checkpoint "
                                   f"saved in {ckpts.folder}")
@@ -399,7 +399,7 @@ def train_stage(setup, stage, model, param_groups, steps, loss_fn, name=None, te
         raise TrainingError(f"{name}: all {steps} steps had a non-finite loss or gradients; "
                             "no model folder saved for this stage")
     wall = time.time() - t_start        # also the "time" of the stage's last log.jsonl record
-    if rt.is_main:
+    if runtime.is_main:
         print(f"{name}: {steps - start} steps in {wall:.1f}s, {bad_steps} skipped (non-finite "
               "loss or gradients)" + (f", {skipped_examples} examples replaced (bad or too long)"
                                       if skipped_examples else ""))
@@ -432,12 +432,12 @@ def save_model_folder(setup, folder, save_weights):
 
 def stage_pretrain(setup):
     """Stage 1: the teacher LM, trained on text only."""
-    cfg, rt = setup.cfg, setup.runtime
-    model = Decoder(lm_config(cfg, setup.tok)).to(rt.device)
-    train_stage(setup, "pretrain", rt.wrap(model),
+    cfg, runtime = setup.cfg, setup.runtime
+    model = Decoder(lm_config(cfg, setup.tok)).to(runtime.device)
+    train_stage(setup, "pretrain", runtime.wrap(model),
                 [{"params": list(model.parameters()), "lr": cfg.pretrain_lr}], cfg.pretrain_steps,
                 lm_loss)
-    if rt.is_main:
+    if runtime.is_main:
         save_model_folder(setup, os.path.join(cfg.out_dir, "teacher"),
                           lambda d: save_hf_lm(model, d))
     return model
@@ -446,20 +446,20 @@ def stage_pretrain(setup):
 def stage_adapt(setup, teacher):
     """Stage 2: teacher copy + vision tower + projector. Align (decoder frozen), then full
     fine-tune with CE on vision-heavy data: the language ability erodes."""
-    cfg, rt = setup.cfg, setup.runtime
-    vlm = initial_student(cfg, teacher, setup.tok).to(rt.device)
+    cfg, runtime = setup.cfg, setup.runtime
+    vlm = initial_student(cfg, teacher, setup.tok).to(runtime.device)
     vlm.decoder.gradient_checkpointing = cfg.grad_checkpointing
     vision_params = list(vlm.vision.parameters()) + list(vlm.projector.parameters())
     vlm.decoder.requires_grad_(False)
     if cfg.align_steps:
-        train_stage(setup, "align", rt.wrap(vlm), [{"params": vision_params, "lr": cfg.align_lr}],
-                    cfg.align_steps, response_loss)
+        train_stage(setup, "align", runtime.wrap(vlm),
+                    [{"params": vision_params, "lr": cfg.align_lr}], cfg.align_steps, response_loss)
     vlm.decoder.requires_grad_(True)
-    train_stage(setup, "adapt", rt.wrap(vlm),
+    train_stage(setup, "adapt", runtime.wrap(vlm),
                 [{"params": list(vlm.decoder.parameters()), "lr": cfg.adapt_lr},
                  {"params": vision_params, "lr": cfg.adapt_vision_lr}], cfg.adapt_steps,
                 response_loss)
-    if rt.is_main:
+    if runtime.is_main:
         save_model_folder(setup, os.path.join(cfg.out_dir, "adapted"), lambda d: save_vlm(vlm, d))
     return vlm
 
@@ -467,17 +467,17 @@ def stage_adapt(setup, teacher):
 def stage_distill(setup, teacher, student):
     """Stage 3: CE + source-selective KD from the frozen teacher through the KV handoff. On
     CUDA the teacher is held in bf16 (cast once; no per-step weight casts under autocast)."""
-    cfg, rt = setup.cfg, setup.runtime
+    cfg, runtime = setup.cfg, setup.runtime
     kvshare.check_compatible(teacher.cfg, student.decoder.cfg)    # once, before any step
-    teacher = kvshare.freeze(teacher.to(rt.device), torch.bfloat16 if rt.cuda else None)
+    teacher = kvshare.freeze(teacher.to(runtime.device), torch.bfloat16 if runtime.cuda else None)
     kd_table = distill.table_from_kinds(setup.data.source_kinds)  # the source gate, once per run
-    student.to(rt.device).requires_grad_(True)
+    student.to(runtime.device).requires_grad_(True)
     student.decoder.gradient_checkpointing = cfg.grad_checkpointing
-    train_stage(setup, "distill", rt.wrap(student),
+    train_stage(setup, "distill", runtime.wrap(student),
                 [{"params": list(student.parameters()), "lr": cfg.distill_lr}], cfg.distill_steps,
                 functools.partial(lingudistill_loss, cfg=cfg), name=f"distill-{variant_name(cfg)}",
                 teacher=teacher, kd_table=kd_table)
-    if rt.is_main:
+    if runtime.is_main:
         save_model_folder(setup, os.path.join(cfg.out_dir, f"distilled-{variant_name(cfg)}"),
                           lambda d: save_vlm(student, d))
     return student
@@ -534,7 +534,8 @@ def get_config(argv):
     path = os.path.join(overrides.get("out_dir", TrainConfig.out_dir), "run_config.json")
     if overrides.get("resume") and os.path.isfile(path):
         saved = read_json(path)
-        saved = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
+        saved = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig)
+                               if f.name in saved})
     cfg = build_config(TrainConfig, PRESETS, overrides, files, base=saved)
     check_config(cfg)
     return cfg
@@ -544,28 +545,28 @@ def run(cfg):
     """Run the configured stages. Returns (models, data, tok): models maps "teacher",
     "adapted" and "distilled-<variant>" to what the stages trained or loaded."""
     check_out_dir(cfg)
-    rt = Runtime(cfg.device)
+    runtime = Runtime(cfg.device)
     seed_everything(cfg.seed)
     examples, tok = build_data_and_tokenizer(cfg)
-    setup = Setup(cfg, rt, examples, tok)
+    setup = Setup(cfg, runtime, examples, tok)
     if "pretrain" in stages_to_train(cfg):
         setup.text_stream = data.encode_corpus(examples.corpus, tok)           # (N,)
         if len(setup.text_stream) < cfg.seq_len + 2:
             raise ValueError(f"--seq_len={cfg.seq_len} is longer than the whole text corpus "
                              f"({len(setup.text_stream)} tokens)")
     os.makedirs(cfg.out_dir, exist_ok=True)          # only once the data and the inputs are good
-    if rt.is_main:
+    if runtime.is_main:
         write_json(os.path.join(cfg.out_dir, "run_config.json"), asdict(cfg))
     t0 = time.time()
     models = {}
     teacher_dir = os.path.join(cfg.out_dir, "teacher")
     adapted_dir = os.path.join(cfg.out_dir, "adapted")
     if cfg.teacher_path:
-        models["teacher"] = load_hf_lm(cfg.teacher_path).to(rt.device)
+        models["teacher"] = load_hf_lm(cfg.teacher_path).to(runtime.device)
     elif cfg.stage in ("pretrain", "all"):
         models["teacher"] = stage_pretrain(setup)
     else:
-        models["teacher"] = load_hf_lm(teacher_dir).to(rt.device)
+        models["teacher"] = load_hf_lm(teacher_dir).to(runtime.device)
     if cfg.stage in ("adapt", "all"):
         models["adapted"] = stage_adapt(setup, models["teacher"])
     elif cfg.stage == "distill":
@@ -575,13 +576,13 @@ def run(cfg):
             check_student_tokens(start, tok, adapted_dir)
         else:
             start = initial_student(cfg, models["teacher"], tok)
-        models["adapted"] = start.to(rt.device)
+        models["adapted"] = start.to(runtime.device)
     if cfg.stage in ("distill", "all"):
         student = copy.deepcopy(models["adapted"]) if cfg.stage == "all" else models.pop("adapted")
         models[f"distilled-{variant_name(cfg)}"] = stage_distill(setup, models["teacher"], student)
-    rt.barrier()                        # every rank waits for rank 0's saves before going on
-    if rt.is_main:
-        print(f"stages {cfg.stage} done in {time.time() - t0:.1f}s on {rt.device}; "
+    runtime.barrier()                        # every rank waits for rank 0's saves before going on
+    if runtime.is_main:
+        print(f"stages {cfg.stage} done in {time.time() - t0:.1f}s on {runtime.device}; "
               f"models in {cfg.out_dir}/")
     return models, examples, tok
 
