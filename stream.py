@@ -18,13 +18,14 @@ by "\\n"; its response is the k-th assistant text. The image belongs to every tu
 import io
 import json
 import os
+import sys
 import warnings
 
 import numpy as np
 import torch
 from PIL import Image
 
-from data import IMAGE_TOKEN, PAD_TOKEN, encode_example, image_views, pad_pairs, special_id
+from data import IMAGE_TOKEN, PAD_TOKEN, encode_example, image_views, lay_out, special_id
 
 # ----------------------------------------------------------------------------------------
 # Real data
@@ -401,12 +402,16 @@ class StreamDataset(torch.utils.data.Dataset):
                          f"max_len={self.max_len}"
                          + (f"; first error: {errors[0]}" if errors else ""))
 
-    def collate(self, items):
-        """dataset[i] items -> a batch in data.collate's layout, plus "index" (LongTensor),
-        "skipped" / "dropped" (ints: bad / too-long examples replaced) and "errors" (messages)."""
-        views = [it["image"] for it in items if it["image"] is not None]
-        return {**pad_pairs([(it["context"], it["response"]) for it in items], self.pad_id),
-                "images": torch.cat(views) if views else None,  # (N_views, 3, S, S)
+    def collate(self, items, pack=False):
+        """dataset[i] items -> a batch in data.collate's layout (pack=True: data.pack's, rows of
+        max_len tokens), plus "index" (LongTensor), "skipped" / "dropped" (ints: bad / too-long
+        examples replaced) and "errors" (messages)."""
+        if pack and self.max_len is None:
+            raise ValueError("StreamDataset.collate: pack=True needs max_len (the tokens of one "
+                             "packed row)")
+        views = [[] if it["image"] is None else [it["image"]] for it in items]
+        return {**lay_out([(it["context"], it["response"]) for it in items], views, self.pad_id,
+                          self.max_len if pack else None),      # images: (N_views, 3, S, S)
                 "grids": [it["grids"] for it in items],
                 "source": [it["source"] for it in items],
                 "index": torch.tensor([it["index"] for it in items]),

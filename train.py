@@ -105,6 +105,8 @@ class TrainConfig:
     skip_bad: bool = False        # skip (and count) bad lines of data_path instead of stopping
     num_workers: int = 2          # DataLoader workers decoding data_path images (0: in-process)
     max_len: int = 2048           # data_path: context + response tokens; longer responses are cut
+    pack: bool = False            # stages 2-3: several examples per row of --max_len tokens, each
+                                  # attending only to itself (off: one example per row, padded)
     image_splitting: bool = False  # nanoVLM's tiles + global view per image (needs --teacher_path)
     image_max_side: int = 2048    # image splitting: the long side after resizing (nanoVLM's 2048)
     grad_checkpointing: bool = False  # recompute the student decoder's blocks in backward
@@ -208,7 +210,8 @@ def get_batch(setup, stage, step, micro, student=None, mixture=None):
     sources = setup.data.sources
     examples = [sources[s][int(u * len(sources[s]))] for s, u in rank_slice(picks, rt)]
     return data.collate(examples, setup.tok, student.n_image_tokens, cfg.image_size,
-                        image_splitting=student.image_splitting)
+                        max_len=cfg.max_len if cfg.pack else None,
+                        image_splitting=student.image_splitting, pack=cfg.pack)
 
 
 def stream_batches(setup, stage, student, mixture, start_step):
@@ -224,7 +227,8 @@ def stream_batches(setup, stage, student, mixture, start_step):
                                 seed=[cfg.seed, STAGE_IDS[stage]],
                                 start_step=start_step * cfg.grad_accum, rank=rt.rank,
                                 world_size=rt.world_size, num_workers=cfg.num_workers,
-                                collate_fn=dataset.collate, pin_memory=rt.cuda,
+                                collate_fn=functools.partial(dataset.collate, pack=cfg.pack),
+                                pin_memory=rt.cuda,
                                 timeout=600 if cfg.num_workers else 0)
     for batch in loader:
         yield {k: v for k, v in batch.items() if k not in ("index", "errors")}
@@ -240,7 +244,8 @@ def token_counts(batch):
     if "tokens" in batch:
         return {"ce": batch["tokens"][:, 1:].numel(), "kd": 0.0}
     real = batch["response_mask"].float()                                   # (B, R)
-    kd = float((real * batch["kd_weight"][:, None]).sum()) if "kd_weight" in batch else 0.0
+    w = batch.get("kd_weight")                              # (B,) per example or (B, R) per token
+    kd = 0.0 if w is None else float((real * (w[:, None] if w.dim() == 1 else w)).sum())
     return {"ce": float(real.sum()), "kd": kd}
 
 
@@ -345,7 +350,9 @@ def train_stage(setup, stage, model, param_groups, steps, loss_fn, name=None, kd
             skipped_examples += sum(b.pop("skipped", 0) + b.pop("dropped", 0) for b in batches)
             for b in batches:
                 if kd_table is not None:                    # the source gate, once per micro-batch
-                    b["kd_weight"] = distill.source_weights(cfg.policy, b["source"], kd_table)
+                    w = distill.source_weights(cfg.policy, b["source"], kd_table)   # (B,)
+                    # packed: per response token, (1, N)
+                    b["kd_weight"] = w[b["token_example"]] if "token_example" in b else w
             batches = [rt.to_device(b) for b in batches]
             counts = {"ce": 0.0, "kd": 0.0}     # the normalisers: over micro-batches and ranks
             for batch in batches:
@@ -570,6 +577,8 @@ def check_config(cfg):
         if not (math.isfinite(v) and (v >= 0 if low == 0 else v > 0)):
             raise ValueError(f"--{key} must be a finite number {'>=' if low == 0 else '>'} 0, "
                              f"got {v}")
+    if cfg.pack and cfg.max_len < 1:
+        raise ValueError("--pack=true needs --max_len >= 1: the tokens of one packed row")
     if not 0 <= cfg.warmup_frac < 1:
         raise ValueError(f"--warmup_frac must be in [0, 1), got {cfg.warmup_frac}")
     if cfg.kd == "jsd" and not 0 < cfg.jsd_beta < 1:

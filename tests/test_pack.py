@@ -1,0 +1,107 @@
+"""Packed batches (data.pack, --pack=true): several examples per row, positions restarting at 0,
+block-diagonal attention in the student prefill and in the teacher continuation. Per example,
+packed == padded: student logits, teacher logits, loss and gradients, for every scope, with
+text-only, one-image and image-splitting (tiles) examples in one batch."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+import data
+import distill
+import stream
+from kvshare import distill_forward, freeze
+from model import VLM, Decoder, LMConfig, VisionConfig
+
+V, IMG, GLOBAL, T11, T12, PAD = 61, 60, 59, 58, 57, 0
+LM = LMConfig(vocab_size=V, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96)
+
+
+def models():
+    teacher = freeze(Decoder(LM))
+    student = VLM(LM, VisionConfig(), IMG, view_token_ids=(GLOBAL, T11, T12))
+    student.decoder.load_state_dict(teacher.state_dict())
+    with torch.no_grad():                                   # the student is not the teacher
+        for p in student.decoder.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return teacher, student
+
+
+def text(n):
+    return torch.randint(1, T12, (n,)).tolist()          # no student-only id
+
+
+def examples(n_img):
+    """(pairs, views, kd weights): text-only, one-view and tiled (global + 2 tiles) examples."""
+    kinds = ["text", "image", "tiles", "text", "tiles", "image", "text"]
+    pairs, views = [], []
+    for k, kind in enumerate(kinds):
+        if kind == "text":
+            ctx, v = text(3 + 2 * k), []
+        elif kind == "image":
+            ctx, v = [IMG] * n_img + text(2 + k), [torch.randn(1, 3, 32, 32)]
+        else:
+            ctx = [GLOBAL] + [IMG] * n_img + [T11] + [IMG] * n_img + [T12] + [IMG] * n_img + text(k)
+            v = [torch.randn(3, 3, 32, 32)]
+        pairs.append((ctx, text(1 + (5 * k) % 7)))
+        views.append(v)
+    return pairs, views, torch.tensor([1.0, 0.0, 1.0, 0.5, 0.0, 1.0, 1.0])
+
+
+def per_example(x, batch):
+    """Response rows of (B, R, ...) padded or (1, N, ...) packed outputs, example by example."""
+    if "token_example" not in batch:
+        return x[batch["response_mask"]]
+    return x[0][torch.argsort(batch["token_example"][0], stable=True)]
+
+
+def forward_and_grads(student, teacher, batch, w, scope):
+    student.zero_grad()
+    s, t = distill_forward(student, teacher, batch, student.student_only_ids, scope)
+    kd_weight = w[batch["token_example"]] if "token_example" in batch else w
+    out = distill.distill_loss(s, batch["labels"], batch["response_mask"], t, kd_weight=kd_weight)
+    out["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    return per_example(s, batch), per_example(t, batch), out, grads
+
+
+def test_pack_layout_positions_segments_and_real_fraction():
+    pairs = [([5] * c, [6] * r) for c, r in [(7, 3), (2, 9), (4, 4), (12, 1), (3, 2)]]
+    b = data.pack(pairs, PAD, max_len=20)
+    lengths = [c + r for c, r in [(7, 3), (2, 9), (4, 4), (12, 1), (3, 2)]]
+    assert b["input_ids"].shape[0] == 3 and b["input_ids"].shape[1] <= 20      # ceil(47 / 20)
+    assert int(b["attention_mask"].sum()) == sum(lengths)
+    for i, n in enumerate(lengths):
+        where = b["segment_ids"] == i
+        assert int(where.sum()) == n
+        assert b["position_ids"][where].tolist() == list(range(n))          # restarts at 0
+        assert int((b["context_mask"] & where).sum()) == len(pairs[i][0])
+    flat = b["input_ids"].reshape(-1)
+    assert torch.equal(flat[b["logit_index"] + 1], b["labels"][0])           # next-token columns
+    assert b["token_example"][0].tolist() == [i for i in b["order"] for _ in pairs[i][1]]
+    with pytest.raises(ValueError, match=r"an example is 13 tokens, longer than the packed row "
+                                         r"\(max_len 12\)"):
+        data.pack(pairs, PAD, max_len=12)
+
+
+@pytest.mark.parametrize("scope", ["full", "image", "none"])
+def test_packed_equals_padded_per_example(scope):
+    teacher, student = models()
+    pairs, views, w = examples(student.n_image_tokens)
+    padded = data.lay_out(pairs, views, PAD)
+    packed = data.lay_out(pairs, views, PAD, pack_len=80)
+    rows, L = packed["input_ids"].shape
+    assert rows >= 2 and (packed["segment_ids"] >= 0).sum(1).min() > 0
+    assert len(set(packed["segment_ids"][0].tolist()) - {-1}) >= 2         # several per row
+    ref = forward_and_grads(student, teacher, padded, w, scope)
+    out = forward_and_grads(student, teacher, packed, w, scope)
+    for a, b in zip(ref[:2], out[:2]):                       # student, teacher logits
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-5)
+    for key in ("loss", "ce", "kd", "n_ce_tokens", "n_kd_tokens"):
+        torch.testing.assert_close(torch.as_tensor(out[2][key]), torch.as_tensor(ref[2][key]),
+                                   atol=1e-5, rtol=1e-5)
+    assert ref[2]["kd"] > 0 and ref[3].keys() == out[3].keys()
+    for name, g in ref[3].items():
+        torch.testing.assert_close(out[3][name], g, atol=1e-5, rtol=1e-4, msg=name)
