@@ -105,3 +105,63 @@ def test_packed_equals_padded_per_example(scope):
     assert ref[2]["kd"] > 0 and ref[3].keys() == out[3].keys()
     for name, g in ref[3].items():
         torch.testing.assert_close(out[3][name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_train_stages_packed_train_like_padded(tmp_path):
+    """The tiny world's adapt and distill stages with --pack=true (rows of --max_len=64 tokens)
+    log the same losses and gradient norms as the padded layout: same examples, same source
+    gate (kd_weight per token), same normalisers."""
+    import train
+    from runtime import Runtime
+    cfg = train.get_config(["--preset=smoke", "--eval=false", "--align_steps=0",
+                            "--adapt_steps=1", "--distill_steps=2", "--max_len=64"])
+    examples, tok = train.build_data_and_tokenizer(cfg)
+    teacher = Decoder(train.lm_config(cfg, tok))
+    logs = {}
+    for pack in (False, True):
+        out = tmp_path / f"pack{pack}"
+        out.mkdir()
+        setup = train.Setup(train.TrainConfig(**{**cfg.__dict__, "pack": pack,
+                                                 "out_dir": str(out)}), Runtime("cpu"),
+                            examples, tok)
+        torch.manual_seed(0)
+        adapted = train.stage_adapt(setup, copy.deepcopy(teacher))
+        train.stage_distill(setup, copy.deepcopy(teacher), adapted)
+        logs[pack] = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert len(logs[False]) == len(logs[True]) == 5             # 2 stages, steps + done lines
+    for a, b in zip(logs[False], logs[True]):
+        assert a["stage"] == b["stage"]
+        for key in ("loss", "ce", "kd", "grad_norm", "tokens"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["stage"], key)
+    assert logs[True][-2]["kd"] > 0
+
+
+def test_streamed_examples_pack_like_they_pad(tmp_path):
+    """StreamDataset.collate(pack=True): the same examples, tokens and image views as the padded
+    batch, rows of at most max_len tokens; pack without a max_len is refused."""
+    from PIL import Image
+    Image.new("RGB", (12, 12), (200, 30, 30)).save(tmp_path / "a.png")
+    lines = [{"image": "a.png", "prompt": "<image> what colour?", "response": "red red red"},
+             {"prompt": "two plus two", "response": "four"},
+             {"prompt": "hello there friend", "response": "hi"},
+             {"image": "a.png", "prompt": "and this one", "response": "also red"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    tok = data.train_tokenizer([x["prompt"] + " " + x["response"] for x in lines] * 3, 300)
+    ds = stream.StreamDataset(str(tmp_path / "d.jsonl"), tok, 4, 16, max_len=40)
+    items = [ds[i] for i in range(len(ds))]
+    padded, packed = ds.collate(items), ds.collate(items, pack=True)
+    assert packed["input_ids"].shape[1] <= 40 and packed["input_ids"].shape[0] < len(items)
+    assert int(packed["attention_mask"].sum()) == int(padded["attention_mask"].sum())
+    for i, it in enumerate(items):
+        assert packed["input_ids"][packed["segment_ids"] == i].tolist() == \
+            it["context"] + it["response"]
+    assert sorted(packed["labels"][0].tolist()) == sorted(padded["labels"][padded["response_mask"]]
+                                                          .tolist())
+    first = packed["segment_ids"].reshape(-1)[(packed["segment_ids"].reshape(-1) >= 0)]
+    seen = list(dict.fromkeys(first.tolist()))                 # examples in row order
+    with_image = [i for i in seen if items[i]["image"] is not None]
+    torch.testing.assert_close(packed["images"], torch.cat([items[i]["image"] for i in with_image]))
+    ds.max_len = None
+    with pytest.raises(ValueError, match="pack=True needs max_len"):
+        ds.collate(items, pack=True)
