@@ -502,7 +502,8 @@ def make_loader(dataset, batch_size, seed, start_step=0, rank=0, world_size=1, n
     is per rank). Workers (num_workers > 0) decode, resize and collate; they persist across
     epochs and prefetch prefetch_factor batches each. timeout (seconds, workers only): a
     worker that produces nothing for that long is an error instead of a hang. A worker's
-    ValueError (bad line, corrupt image) is re-raised in this process with its message."""
+    ValueError (bad line, corrupt image) is re-raised in this process with its one-line message
+    (naming the file and line/row), without the worker's traceback."""
     sampler = StepBatchSampler(len(dataset), batch_size, seed, start_step, rank, world_size, steps,
                                shuffle)
     extra = {}
@@ -523,9 +524,16 @@ class _StoppingLoader(torch.utils.data.DataLoader):
         it = super().__iter__()
         try:
             yield from it
-        except BaseException:
+        except BaseException as err:
             stop = getattr(it, "_shutdown_workers", None)       # private DataLoader API
             if stop is not None:
                 stop()
                 self._iterator = None                           # persistent workers: start anew
+            # A worker's ValueError comes back as "Caught ValueError in DataLoader worker process
+            # k.\nOriginal Traceback ...\nValueError: <message>": keep the one-line message
+            # (it names the file and line/row), not the worker's traceback.
+            head, sep, tb = str(err).partition("\nOriginal Traceback")
+            if isinstance(err, ValueError) and sep and "DataLoader worker" in head:
+                raise ValueError(tb.rstrip().splitlines()[-1].removeprefix("ValueError: ")) \
+                    from None
             raise

@@ -165,3 +165,31 @@ def test_streamed_examples_pack_like_they_pad(tmp_path):
     ds.max_len = None
     with pytest.raises(ValueError, match="pack=True needs max_len"):
         ds.collate(items, pack=True)
+
+
+# --------------------------------------------------------------------------- bad inputs (issue 21)
+
+def test_corrupt_image_in_a_loader_worker_is_one_line_naming_file_and_line(tmp_path):
+    """train.py --data_path with --num_workers=2: a corrupt image ends the run with one stderr
+    line naming the JSONL file and line, no worker traceback; --skip_bad counts it instead."""
+    import subprocess
+    import sys
+    from conftest import make_teacher_and_jsonl
+    teacher_dir, _, jsonl = make_teacher_and_jsonl(tmp_path)
+    for png in tmp_path.glob("*.png"):
+        png.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = [sys.executable, "train.py", "--preset=smoke", f"--teacher_path={teacher_dir}",
+            f"--data_path={jsonl}", "--kd_sources=text_qa", "--stage=distill", "--eval=false",
+            "--num_workers=2", "--distill_steps=2", "--pack=true", "--max_len=128"]
+    r = subprocess.run(argv + [f"--out_dir={tmp_path / 'out'}"], cwd=root, capture_output=True,
+                       text=True, timeout=120)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert last.startswith("train.py: ") and "train.jsonl line " in last \
+        and "cannot read image" in last and "worker" not in last, last
+    r = subprocess.run(argv + [f"--out_dir={tmp_path / 'skip'}", "--skip_bad=true"], cwd=root,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    log = [json.loads(line) for line in open(tmp_path / "skip" / "log.jsonl")]
+    assert log[-2]["skipped_examples"] > 0
