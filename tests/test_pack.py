@@ -193,3 +193,43 @@ def test_corrupt_image_in_a_loader_worker_is_one_line_naming_file_and_line(tmp_p
     assert r.returncode == 0, r.stderr
     log = [json.loads(line) for line in open(tmp_path / "skip" / "log.jsonl")]
     assert log[-2]["skipped_examples"] > 0
+
+
+def _ddp_worker(rank, port, ddp_argv, single_argv):
+    """Ranks 0 and 1: one DDP run (gloo); rank 2, at the same time: the single-process run."""
+    import train
+    torch.set_num_threads(1)
+    if rank == 2:
+        train.run(train.get_config(single_argv))
+        return
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    try:
+        train.run(train.get_config(ddp_argv))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_packed_two_ranks_match_one_padded_process(tmp_path):
+    """Streamed data, stage 3: 2 gloo ranks x 2 examples, packed, train like 1 process x 4
+    examples, padded: the CE / KD normalisers (real tokens, per-token source gate) are summed
+    over ranks and micro-batches."""
+    import socket
+    from conftest import make_teacher_and_jsonl
+    teacher_dir, _, jsonl = make_teacher_and_jsonl(tmp_path)
+    argv = ["--preset=smoke", f"--teacher_path={teacher_dir}", f"--data_path={jsonl}",
+            "--kd_sources=knowledge_vqa,text_qa", "--stage=distill", "--eval=false",
+            "--num_workers=0", "--distill_steps=2", "--grad_accum=2", "--max_len=96"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    import torch._dynamo     # noqa: F401  (AdamW imports it, ~5 s): once, before forking
+    torch.multiprocessing.start_processes(_ddp_worker, nprocs=3, start_method="fork", args=(
+        port, argv + ["--batch_size=2", "--pack=true", f"--out_dir={ddp}"],
+        argv + ["--batch_size=4", f"--out_dir={single}"]))
+    a, b = ([json.loads(line) for line in open(d / "log.jsonl")][:-1] for d in (ddp, single))
+    assert len(a) == len(b) == 2 and b[-1]["kd"] > 0       # the student starts as the teacher
+    for ra, rb in zip(a, b):
+        for key in ("loss", "ce", "kd", "grad_norm", "tokens"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-7), (ra["step"], key)
