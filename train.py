@@ -104,9 +104,8 @@ class TrainConfig:
     kd_sources: str = ""          # comma list of data_path sources that get KD
     skip_bad: bool = False        # skip (and count) bad lines of data_path instead of stopping
     num_workers: int = 2          # DataLoader workers decoding data_path images (0: in-process)
-    max_len: int = 2048           # data_path: context + response tokens; longer responses are cut
-    pack: bool = False            # stages 2-3: several examples per row of --max_len tokens, each
-                                  # attending only to itself (off: one example per row, padded)
+    max_len: int = 2048           # context + response tokens (responses cut); --pack row size
+    pack: bool = False            # stages 2-3: examples end to end in --max_len rows, not padded
     image_splitting: bool = False  # nanoVLM's tiles + global view per image (needs --teacher_path)
     image_max_side: int = 2048    # image splitting: the long side after resizing (nanoVLM's 2048)
     grad_checkpointing: bool = False  # recompute the student decoder's blocks in backward
