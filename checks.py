@@ -44,6 +44,8 @@ def check_config(cfg):
         if not (math.isfinite(v) and (v >= 0 if low == 0 else v > 0)):
             raise ValueError(f"--{key} must be a finite number {'>=' if low == 0 else '>'} 0, "
                              f"got {v}")
+    if cfg.pack and cfg.max_len < 1:
+        raise ValueError("--pack=true needs --max_len >= 1: the tokens of one packed row")
     if not 0 <= cfg.warmup_frac < 1:
         raise ValueError(f"--warmup_frac must be in [0, 1), got {cfg.warmup_frac}")
     if cfg.kd == "jsd" and not 0 < cfg.jsd_beta < 1:

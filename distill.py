@@ -185,9 +185,9 @@ def _check_loss_inputs(student_logits, labels, response_mask, teacher_logits, so
         raise ValueError(f"response_mask must be (B, R) = ({B}, {R}) like labels, "
                          f"found {tuple(response_mask.shape)}")
     if kd_weight is not None:
-        if kd_weight.shape != (B,) or not bool((kd_weight >= 0).all()):
-            raise ValueError(f"kd_weight must be (B,) = ({B},) weights >= 0, found "
-                             f"{kd_weight.tolist()}")
+        if kd_weight.shape not in ((B,), (B, R)) or not bool((kd_weight >= 0).all()):
+            raise ValueError(f"kd_weight must be (B,) = ({B},) per example or (B, R) = ({B}, {R}) "
+                             f"per token, weights >= 0, found {kd_weight.tolist()}")
         policy = "uniform" if bool((kd_weight > 0).any()) else "none"
     elif sources is None and policy == "selective":
         raise ValueError("policy 'selective' needs sources (one string per example), found None")
@@ -211,7 +211,8 @@ def distill_loss(student_logits, labels, response_mask, teacher_logits=None, *, 
     student_logits (B, R, Vs); labels (B, R) long (pads arbitrary); response_mask (B, R),
     1 for answer + EOS; teacher_logits (B, R, Vt) (detached here; may be None for policy
     "none"). The source gate: kd_weight, the (B,) KD weight per example that the caller got
-    from source_weights once per micro-batch, or else source_weights(policy, sources, table)
+    from source_weights once per micro-batch (or (B, R), per token: a packed batch's tokens come
+    from several examples), or else source_weights(policy, sources, table)
     here (sources: B strings; table: source -> KD weight, for policy "selective").
     divergence, temperature, beta: see kd_divergence.
     CE  = cross_entropy over the real response tokens.
@@ -229,7 +230,8 @@ def distill_loss(student_logits, labels, response_mask, teacher_logits=None, *, 
     if kd_weight is None:
         kd_weight = source_weights(policy, sources if sources is not None
                                    else [""] * labels.shape[0], table)
-    weights = real.float() * kd_weight.to(real.device)[:, None]              # (B, R)
+    kd_weight = kd_weight.to(real.device)
+    weights = real.float() * (kd_weight[:, None] if kd_weight.dim() == 1 else kd_weight)  # (B, R)
     n_kd = float(weights.sum())
     if n_kd > 0:
         kd_sum = kd_token_sum(student_logits, teacher_logits.detach(), weights, divergence,

@@ -125,6 +125,18 @@ def build_attention_mask(attention_mask, q_len, past_len):
     return mask | (k_idx == q_idx)[None, None]
 
 
+def segment_mask(q_seg, q_col, k_seg, k_col):
+    """The block-diagonal causal mask of packed rows (data.pack), (B, 1, Tq, Tk), True = may
+    attend: a query sees the keys of its own segment (example) at or before its column.
+
+    q_seg, q_col: (B, Tq) segment id and column of each query; k_seg, k_col: (B, Tk) of each
+    key (past keys first, then the new ones, as Attention concatenates them). A key that no
+    query may see gets a segment id no query has; a padding query gets one of its own, so that
+    it sees only itself (no all-masked row, no NaN)."""
+    same = q_seg[:, :, None] == k_seg[:, None, :]                              # (B, Tq, Tk)
+    return (same & (k_col[:, None, :] <= q_col[:, :, None]))[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
@@ -204,14 +216,18 @@ class Decoder(nn.Module):
         """Returns (logits, kv).
 
         input_ids (B, T) or inputs_embeds (B, T, D): the new tokens.
-        attention_mask (B, Tp+T): 1 real / 0 pad over past AND new keys (default: all real).
+        attention_mask (B, Tp+T): 1 real / 0 pad over past AND new keys (default: all real);
+            or an explicit boolean mask (B, 1, T, Tp+T), True = may attend (packed rows:
+            segment_mask), which needs position_ids.
         position_ids (B, T): RoPE positions of the new tokens (default: from attention_mask).
             A position >= cfg.max_positions is an error. Checked only when past + new columns
             exceed max_positions (cheap: no device sync otherwise), so explicit position_ids
             must stay below past + new, as positions counted from a mask always do.
         past_kv: list of per-layer (K, V), each (B, n_kv_heads, Tp, head_dim), K after RoPE.
         use_cache: also return per-layer (K, V) over past + new positions (else kv is None).
-        logits_start: compute logits only for new positions >= this (saves memory at 49k vocab).
+        logits_start: compute logits only for new positions >= this (saves memory at 49k vocab);
+            or a LongTensor (N,) of flat indices into the B*T new positions: logits (1, N, V)
+            at just those (packed rows: the columns that predict a response token).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Decoder.forward: pass exactly one of input_ids or inputs_embeds")
@@ -226,9 +242,14 @@ class Decoder(nn.Module):
         # bool(attention_mask.all()) would cost a device sync per forward (a graph break under
         # torch.compile), and the masks that training passes (left-padded contexts) have pads.
         plain_causal = attention_mask is None and past_kv is None
+        explicit = attention_mask is not None and attention_mask.dim() == 4
+        if explicit and (attention_mask.shape != (B, 1, T, past_len + T) or position_ids is None):
+            raise ValueError(f"an explicit attention_mask must be (B, 1, T, past+T) = "
+                             f"{(B, 1, T, past_len + T)} and come with position_ids, got "
+                             f"{tuple(attention_mask.shape)}")
         if attention_mask is None:
             attention_mask = torch.ones(B, past_len + T, dtype=torch.long, device=x.device)
-        if attention_mask.shape != (B, past_len + T):
+        if not explicit and attention_mask.shape != (B, past_len + T):
             raise ValueError(f"attention_mask must be (B, past+new) = {(B, past_len + T)}, "
                              f"got {tuple(attention_mask.shape)}")
         if position_ids is None:
@@ -240,14 +261,19 @@ class Decoder(nn.Module):
                 raise ValueError(f"sequence of {longest} positions (past {past_len} + new {T} "
                                  f"columns) is longer than max_positions {self.cfg.max_positions}")
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        mask = None if plain_causal else build_attention_mask(attention_mask, T, past_len)
+        mask = (attention_mask if explicit else None if plain_causal
+                else build_attention_mask(attention_mask, T, past_len))
         new_kv = []
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             args = (x, cos, sin, mask, None if past_kv is None else past_kv[i])
             x, kv = checkpoint(layer, *args, use_reentrant=False) if ckpt else layer(*args)
             new_kv.append(kv)
-        logits = self.lm_head(self.norm(x[:, logits_start:]))                           # (B, T', V)
+        if torch.is_tensor(logits_start):
+            x = x.reshape(B * T, -1)[logits_start][None]                                # (1, N, D)
+        else:
+            x = x[:, logits_start:]                                                     # (B, T', D)
+        logits = self.lm_head(self.norm(x))                                        # (B, T', V)
         return logits, (new_kv if use_cache else None)
 
     @torch.no_grad()

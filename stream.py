@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data import IMAGE_TOKEN, PAD_TOKEN, encode_example, image_views, pad_pairs, special_id
+from data import IMAGE_TOKEN, PAD_TOKEN, encode_example, image_views, lay_out, special_id
 
 # ----------------------------------------------------------------------------------------
 # Real data
@@ -402,12 +402,16 @@ class StreamDataset(torch.utils.data.Dataset):
                          f"max_len={self.max_len}"
                          + (f"; first error: {errors[0]}" if errors else ""))
 
-    def collate(self, items):
-        """dataset[i] items -> a batch in data.collate's layout, plus "index" (LongTensor),
-        "skipped" / "dropped" (ints: bad / too-long examples replaced) and "errors" (messages)."""
-        views = [it["image"] for it in items if it["image"] is not None]
-        return {**pad_pairs([(it["context"], it["response"]) for it in items], self.pad_id),
-                "images": torch.cat(views) if views else None,  # (N_views, 3, S, S)
+    def collate(self, items, pack=False):
+        """dataset[i] items -> a batch in data.collate's layout (pack=True: data.pack's, rows of
+        max_len tokens), plus "index" (LongTensor), "skipped" / "dropped" (ints: bad / too-long
+        examples replaced) and "errors" (messages)."""
+        if pack and self.max_len is None:
+            raise ValueError("StreamDataset.collate: pack=True needs max_len (the tokens of one "
+                             "packed row)")
+        views = [[] if it["image"] is None else [it["image"]] for it in items]
+        return {**lay_out([(it["context"], it["response"]) for it in items], views, self.pad_id,
+                          self.max_len if pack else None),      # images: (N_views, 3, S, S)
                 "grids": [it["grids"] for it in items],
                 "source": [it["source"] for it in items],
                 "index": torch.tensor([it["index"] for it in items]),
@@ -498,7 +502,8 @@ def make_loader(dataset, batch_size, seed, start_step=0, rank=0, world_size=1, n
     is per rank). Workers (num_workers > 0) decode, resize and collate; they persist across
     epochs and prefetch prefetch_factor batches each. timeout (seconds, workers only): a
     worker that produces nothing for that long is an error instead of a hang. A worker's
-    ValueError (bad line, corrupt image) is re-raised in this process with its message."""
+    ValueError (bad line, corrupt image) is re-raised in this process with its one-line message
+    (naming the file and line/row), without the worker's traceback."""
     sampler = StepBatchSampler(len(dataset), batch_size, seed, start_step, rank, world_size, steps,
                                shuffle)
     extra = {}
@@ -519,9 +524,16 @@ class _StoppingLoader(torch.utils.data.DataLoader):
         it = super().__iter__()
         try:
             yield from it
-        except BaseException:
+        except BaseException as err:
             stop = getattr(it, "_shutdown_workers", None)       # private DataLoader API
             if stop is not None:
                 stop()
                 self._iterator = None                           # persistent workers: start anew
+            # A worker's ValueError comes back as "Caught ValueError in DataLoader worker process
+            # k.\nOriginal Traceback ...\nValueError: <message>": keep the one-line message
+            # (it names the file and line/row), not the worker's traceback.
+            head, sep, tb = str(err).partition("\nOriginal Traceback")
+            if isinstance(err, ValueError) and sep and "DataLoader worker" in head:
+                raise ValueError(tb.rstrip().splitlines()[-1].removeprefix("ValueError: ")) \
+                    from None
             raise

@@ -106,7 +106,8 @@ class TrainConfig:
     kd_sources: str = ""          # comma list of data_path sources that get KD
     skip_bad: bool = False        # skip (and count) bad lines of data_path instead of stopping
     num_workers: int = 2          # DataLoader workers decoding data_path images (0: in-process)
-    max_len: int = 2048           # data_path: context + response tokens; longer responses are cut
+    max_len: int = 2048           # context + response tokens (responses cut); --pack row size
+    pack: bool = False            # stages 2-3: examples end to end in --max_len rows, not padded
     image_splitting: bool = False  # nanoVLM's tiles + global view per image (needs --teacher_path)
     image_max_side: int = 2048    # image splitting: the long side after resizing (nanoVLM's 2048)
     grad_checkpointing: bool = False  # recompute the student decoder's blocks in backward
@@ -205,7 +206,8 @@ def get_batch(setup, stage, step, micro, student=None, mixture=None):
     sources = setup.data.sources
     examples = [sources[s][int(u * len(sources[s]))] for s, u in rank_slice(picks, runtime)]
     return data.collate(examples, setup.tok, student.n_image_tokens, cfg.image_size,
-                        image_splitting=student.image_splitting)
+                        max_len=cfg.max_len if cfg.pack else None,
+                        image_splitting=student.image_splitting, pack=cfg.pack)
 
 
 def stream_batches(setup, stage, student, mixture, start_step):
@@ -221,7 +223,8 @@ def stream_batches(setup, stage, student, mixture, start_step):
                                 seed=[cfg.seed, STAGE_IDS[stage]],
                                 start_step=start_step * cfg.grad_accum, rank=runtime.rank,
                                 world_size=runtime.world_size, num_workers=cfg.num_workers,
-                                collate_fn=dataset.collate, pin_memory=runtime.cuda,
+                                collate_fn=functools.partial(dataset.collate, pack=cfg.pack),
+                                pin_memory=runtime.cuda,
                                 timeout=600 if cfg.num_workers else 0)
     for batch in loader:
         yield {k: v for k, v in batch.items() if k not in ("index", "errors")}
@@ -237,7 +240,8 @@ def token_counts(batch):
     if "tokens" in batch:
         return {"ce": batch["tokens"][:, 1:].numel(), "kd": 0.0}
     real = batch["response_mask"].float()                                   # (B, R)
-    kd = float((real * batch["kd_weight"][:, None]).sum()) if "kd_weight" in batch else 0.0
+    w = batch.get("kd_weight")                              # (B,) per example or (B, R) per token
+    kd = 0.0 if w is None else float((real * (w[:, None] if w.dim() == 1 else w)).sum())
     return {"ce": float(real.sum()), "kd": kd}
 
 
@@ -347,7 +351,9 @@ def train_stage(setup, stage, model, param_groups, steps, loss_fn, name=None, te
             skipped_examples += sum(b.pop("skipped", 0) + b.pop("dropped", 0) for b in batches)
             for b in batches:
                 if kd_table is not None:                    # the source gate, once per micro-batch
-                    b["kd_weight"] = distill.source_weights(cfg.policy, b["source"], kd_table)
+                    w = distill.source_weights(cfg.policy, b["source"], kd_table)   # (B,)
+                    # packed: per response token, (1, N)
+                    b["kd_weight"] = w[b["token_example"]] if "token_example" in b else w
             batches = [runtime.to_device(b) for b in batches]
             counts = {"ce": 0.0, "kd": 0.0}     # the normalisers: over micro-batches and ranks
             for batch in batches:

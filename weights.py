@@ -140,9 +140,10 @@ def save_mapped(module, folder, key_map, config):
 
 def load_mapped(module, tensors, key_map, ignore_prefixes=(), source="weights", origin=None):
     """Copy file tensors into module. key_map: our state-dict key -> file key.
-    Fails with one error listing missing keys, unused keys, shape mismatches and non-float
-    tensors where a float weight is expected (an int64 table is never cast silently; `origin`,
-    from read_safetensors_folder, names the file holding it)."""
+    Fails with one error listing missing keys, unused keys, shape mismatches, non-float
+    tensors where a float weight is expected (an int64 table is never cast silently) and
+    tensors holding NaN or inf (a broken checkpoint would train to NaN or, as a frozen teacher,
+    give NaN KD targets); `origin`, from read_safetensors_folder, names the file holding one."""
     ours = module.state_dict()
     missing = [fk for ok, fk in key_map.items() if fk not in tensors]
     used = set(key_map.values())
@@ -154,9 +155,15 @@ def load_mapped(module, tensors, key_map, ignore_prefixes=(), source="weights", 
               f"expected floating point" for ok, fk in key_map.items()
               if fk in tensors and ours[ok].is_floating_point()
               and not tensors[fk].is_floating_point()]
+    nonfinite = [f"{(origin or {}).get(fk, source)}: tensor {fk} has "
+                 f"{int((~torch.isfinite(tensors[fk])).sum())} NaN/inf value(s), expected finite "
+                 "weights" for fk in key_map.values()
+                 if fk in tensors and tensors[fk].is_floating_point()
+                 and not bool(torch.isfinite(tensors[fk]).all())]
     problems = ([f"missing key {k}" for k in missing]
                 + [f"unexpected key {k}" for k in sorted(unused)]
-                + [f"shape mismatch {s}" for s in shapes] + [f"wrong dtype {s}" for s in dtypes])
+                + [f"shape mismatch {s}" for s in shapes] + [f"wrong dtype {s}" for s in dtypes]
+                + [f"non-finite {s}" for s in nonfinite])
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20
                                  else [])

@@ -46,3 +46,18 @@ def test_flop_count_covers_every_parameter_once_at_the_paper_shape():
     assert f_s == 6 * (body + 2 * student.decoder.lm_head.weight.numel()
                        + sum(p.numel() for p in student.vision.parameters()) * vis.n_patches
                        + sum(p.numel() for p in student.projector.parameters()) * 64)
+
+
+def test_pack_bench_runs_at_a_tiny_size_and_packs_denser_than_padding():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)         # a busy 2-core machine: 2 threads run this 10x slower
+    try:
+        r = bench.bench_pack(torch.device("cpu"), size="tiny", B=4, max_len=700, steps=1,
+                             n_batches=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert r["packed"]["real"] == r["padded"]["real"] > 0
+    assert r["packed"]["fraction"] > r["padded"]["fraction"] and r["packed"]["fraction"] <= 1
+    assert math.isfinite(r["speedup"]) and len(bench.pack_rows_table(r, "tiny", 4, 700)) == 2
+    lengths = bench.pack_lengths(1000, 4)
+    assert max(x["views"] for x in lengths) == 17 and min(x["views"] for x in lengths) == 0

@@ -298,3 +298,44 @@ def test_padding_invariance_of_kd_per_example():
     only_a = kd_token_sum(s, t, mask.double() * torch.tensor([[1.0], [0.0]], dtype=torch.float64),
                           "rkl", 2.0)
     torch.testing.assert_close(only_a / n_a, alone_a["kd"])
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(alpha=-0.5), "alpha must be a finite number >= 0, found -0.5"),
+    (dict(alpha=float("nan")), "alpha must be a finite number >= 0, found nan"),
+    (dict(temperature=0.0), "temperature must be > 0, found 0.0"),
+    (dict(temperature=-1.0), "temperature must be > 0, found -1.0"),
+    (dict(divergence="jsd", beta=0.0), "jsd needs 0 < beta < 1, found beta=0.0"),
+    (dict(divergence="jsd", beta=1.5), "jsd needs 0 < beta < 1, found beta=1.5"),
+])
+def test_distill_loss_refuses_bad_alpha_temperature_and_beta(kw, message):
+    s, t, labels, mask = make_batch(B=2, R=4)
+    with pytest.raises(ValueError) as e:
+        distill_loss(s, labels, mask, t, sources=["text", "ocr"], policy="uniform", **kw)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("bad", [-1, 11])
+def test_distill_loss_refuses_labels_outside_the_vocabulary(bad):
+    s, t, labels, mask = make_batch(B=2, R=4)                # vocabulary 11
+    labels = labels.clone()
+    labels[1, 0] = bad
+    mask = mask.clone()
+    mask[1, 0] = True
+    with pytest.raises(ValueError) as e:
+        distill_loss(s, labels, mask, t, sources=["text", "ocr"], policy="uniform")
+    assert str(e.value).startswith("labels must be token ids in [0, 11) (the student's "
+                                   "vocabulary), found ")
+    labels[1, 0], mask[1, 0] = bad, False                  # a pad label is never read
+    distill_loss(s, labels, mask, t, sources=["text", "ocr"], policy="uniform")
+
+
+def test_kd_weight_per_token_equals_per_example_and_checks_its_shape():
+    s, t, labels, mask = make_batch(B=3, R=4)
+    w = torch.tensor([1.0, 0.0, 0.5])
+    a = distill_loss(s, labels, mask, t, kd_weight=w)
+    b = distill_loss(s, labels, mask, t, kd_weight=w[:, None].expand(3, 4))   # packed batches
+    assert a["n_kd_tokens"] == b["n_kd_tokens"] and torch.equal(a["loss"], b["loss"])
+    with pytest.raises(ValueError, match=r"kd_weight must be \(B,\) = \(3,\) per example or "
+                                         r"\(B, R\) = \(3, 4\) per token"):
+        distill_loss(s, labels, mask, t, kd_weight=torch.ones(3, 5))

@@ -145,9 +145,9 @@ def test_order_is_a_pure_function_of_seed_and_step():
                           for k in range(7)]
     batches = order(3)
     assert batches == order(3) and batches != order(4)
-    order_ = [i for b in batches for i in b]
-    assert sorted(order_[:13]) == sorted(order_[13:26]) == list(range(13))     # epoch = permutation
-    assert order_[:13] != order_[13:26]
+    seq = [i for b in batches for i in b]
+    assert sorted(seq[:13]) == sorted(seq[13:26]) == list(range(13))     # epoch = permutation
+    assert seq[:13] != seq[13:26]
     in_order = stream.StepBatchSampler(13, 4, seed=3, shuffle=False)
     assert in_order.global_batch(3).tolist() == [12, 0, 1, 2]
 

@@ -83,6 +83,28 @@ def test_wrong_shape_is_reported(tmp_path):
         load_hf_lm(folder)
 
 
+@pytest.mark.parametrize("kind,key,value", [
+    ("lm", "model.norm.weight", float("nan")),
+    ("siglip", "vision_model.post_layernorm.weight", float("inf")),
+    ("vlm", "decoder.layers.1.attn.q_proj.weight", float("-inf"))])
+def test_non_finite_weights_are_refused_at_load_naming_folder_and_tensor(tmp_path, kind, key,
+                                                                         value):
+    lm, folder = saved_lm(tmp_path)
+    if kind == "siglip":
+        folder = tmp_path / "vis"
+        save_hf_siglip(VisionEncoder(VisionConfig()), folder)
+    if kind == "vlm":
+        folder = tmp_path / "vlm"
+        save_vlm(vlm_from_teacher(lm, VisionConfig(), image_token_id=100), folder)
+    edit_weights(folder, lambda t: t[key].view(-1)[:2].fill_(value))
+    load = {"lm": load_hf_lm, "siglip": load_hf_siglip, "vlm": load_vlm}[kind]
+    with pytest.raises(ValueError) as e:
+        load(folder)
+    assert str(e.value).splitlines()[-1].strip() == (
+        f"non-finite {folder / 'model.safetensors'}: tensor {key} has 2 NaN/inf value(s), "
+        "expected finite weights")
+
+
 def test_all_problems_in_one_error(tmp_path):
     _, folder = saved_lm(tmp_path)
     def break_it(t):

@@ -10,6 +10,7 @@ Benchmarks (not tests): ratios measured side by side in one run, printed as a ta
   python tools/bench.py --only=paper --size=tiny --device=cpu --steps=3             # CPU-sized
   python tools/bench.py --only=paper --device=cuda --compile    # the same step, torch.compile'd
   python tools/bench.py --only=loader --loader_workers=0,2,4,8   # data loader images/s at 512 px
+  python tools/bench.py --only=pack --device=cpu --B=16 --max_len=1024 --steps=3  # packed batches
 
 - handoff:  teacher continuation over the shared context KV vs the teacher recomputing the
             whole sequence, against the ideal ratio R/(P+R).
@@ -22,6 +23,10 @@ Benchmarks (not tests): ratios measured side by side in one run, printed as a ta
             + a copy of the teacher's decoder; ms/step, tokens/s, MFU, peak memory, and the
             teacher continuation vs a full teacher forward. Runs with `python bench.py` on CUDA
             only; --only=paper runs it anywhere (--size=tiny on a CPU).
+- pack:     padded vs packed batches (--pack=true) of the same examples drawn from a Cauldron-like
+            length distribution (pack_lengths; the draw is written to a JSONL file in a temp
+            dir): real tokens / computed tokens, and real tokens/s of a full distill step.
+            Only with --only=pack (--size=tiny on CPU by default, --size=paper on CUDA).
 - loader:   images/s of stream.make_loader at 512 px (JPEG and PNG files, 0/2/4/8 workers;
             only with --only=loader, --loader_workers=0,2 to choose).
 """
@@ -376,6 +381,126 @@ def bench_paper(device, size="paper", B=8, P=448, R=64, steps=5, warmup=2, amp=N
             "teacher_dtype": str(teacher_dtype).replace("torch.", ""), "compiled": compile}
 
 
+def pack_lengths(n, n_image_tokens, seed=0, text_only=0.2):
+    """n examples' lengths from a Cauldron-like distribution: (prompt text tokens, response
+    tokens, image views). Prompt and response lengths log-normal (medians 48 and 24 tokens,
+    sigma 1.0 and 1.2, clipped to 4..512 and 1..512); 80 % of the examples have an image split
+    nanoVLM-style into a (n_h, n_w) grid, n_h and n_w uniform in 1..4: 1 view for a 1x1 grid,
+    else the global view + n_h * n_w tiles (up to 17 views), each view n_image_tokens <image>
+    ids plus one view token (data.view_tokens)."""
+    rng = np.random.default_rng(seed)
+    prompt = np.clip(rng.lognormal(np.log(48), 1.0, n), 4, 512).astype(int)
+    response = np.clip(rng.lognormal(np.log(24), 1.2, n), 1, 512).astype(int)
+    grid = rng.integers(1, 5, size=(n, 2))
+    views = np.where(grid.prod(1) == 1, 1, 1 + grid.prod(1)) * (rng.random(n) >= text_only)
+    return [{"prompt": int(p), "response": int(r), "views": int(v),
+             "image_tokens": int(v) * (n_image_tokens + 1)}
+            for p, r, v in zip(prompt, response, views)]
+
+
+def bench_pack(device, size="tiny", B=16, max_len=1024, steps=3, n_batches=4, seed=0, amp=None):
+    """Padded vs packed layouts of the same B examples per step (pack_lengths, written to a
+    JSONL file in a temp dir and read back): computed tokens (the student's columns, rows x L),
+    the real-token fraction, and real tokens/s of a full distill step (student prefill, teacher
+    continuation scope full, uniform KD, backward, AdamW) over n_batches batches (each timed
+    as the fastest of `steps` runs, padded and packed alternating). Random tokens and pixels;
+    examples longer than max_len have their response cut (collate's rule)."""
+    lm, vis, factor = PAPER_SIZES[size]
+    amp = amp or ("bf16" if device.type == "cuda" else "fp32")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp == "bf16" \
+        else contextlib.nullcontext
+    torch.manual_seed(seed)
+    teacher = Decoder(lm).to(device)
+    image_id, view_id = lm.vocab_size, lm.vocab_size + 1    # student-only ids past the teacher's
+    student = vlm_from_teacher(teacher, vis, image_id, shuffle_factor=factor,
+                               view_token_ids=(view_id,)).train()
+    teacher = kvshare.freeze(teacher, torch.bfloat16 if amp == "bf16" else None)
+    n_img = student.n_image_tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "lengths.jsonl")
+        with open(path, "w") as f:
+            f.writelines(json.dumps(x) + "\n" for x in pack_lengths(B * n_batches, n_img, seed))
+        with open(path) as f:
+            drawn = [json.loads(line) for line in f]
+    gen = torch.Generator().manual_seed(seed)
+    batches = {"padded": [], "packed": []}
+    for k in range(n_batches):
+        pairs, views = [], []
+        for x in drawn[k * B:(k + 1) * B]:
+            ctx = ([view_id] + [image_id] * n_img) * x["views"] \
+                + torch.randint(1, lm.vocab_size, (x["prompt"],), generator=gen).tolist()
+            resp = torch.randint(1, lm.vocab_size, (x["response"],), generator=gen).tolist()
+            if len(ctx) >= max_len:
+                raise ValueError(f"--max_len={max_len} leaves no room for a response after a "
+                                 f"{len(ctx)}-token context; raise it")
+            pairs.append((ctx, resp[:max_len - len(ctx)]))
+            views.append([torch.randn(x["views"], 3, vis.image_size, vis.image_size,
+                                      generator=gen)] if x["views"] else [])
+        for name, pack_len in (("padded", None), ("packed", max_len)):
+            b = data.lay_out(pairs, views, 0, pack_len)
+            b = {key: v.to(device) if torch.is_tensor(v) else v for key, v in b.items()}
+            batches[name].append(b)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=device.type == "cuda")
+
+    def step(b):
+        with autocast():
+            s, kv = kvshare.student_prefill(student, b)
+            t = kvshare.teacher_continue(teacher, kv, b, student.student_only_ids, "full")
+            loss = distill.distill_loss(s, b["labels"], b["response_mask"], t,
+                                        kd_weight=torch.ones(s.shape[:2], device=device))["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for name in batches:
+        step(batches[name][0])                                                 # warmup
+    # padded and packed alternate, batch by batch, so that a busy machine slows both alike; each
+    # batch's time is the fastest of `steps` runs
+    seconds = {name: 0.0 for name in batches}
+    for k in range(n_batches):
+        best = {name: float("inf") for name in batches}
+        for _ in range(steps):
+            for name in batches:
+                best[name] = min(best[name], timeit(lambda: step(batches[name][k]), device,
+                                                    repeat=1, warmup=0))
+        for name in batches:
+            seconds[name] += best[name]
+    out = {}
+    for name, bs in batches.items():
+        real = sum(int(b["attention_mask"].sum()) for b in bs)
+        computed = sum(b["input_ids"].numel() for b in bs)
+        out[name] = {"real": real, "computed": computed, "fraction": real / computed,
+                     "tokens_per_s": real / seconds[name],
+                     "rows": sum(b["input_ids"].shape[0] for b in bs)}
+    out["speedup"] = out["packed"]["tokens_per_s"] / out["padded"]["tokens_per_s"]
+    out["grouped_fraction"] = grouped_fraction(pack_lengths(B * 64, n_img, seed), B, max_len)
+    return out
+
+
+def grouped_fraction(lengths, B, max_len):
+    """The simpler alternative to packing: padded batches of B examples of similar total length
+    (a pool of len(lengths) examples sorted by length, responses cut to max_len). Its real-token
+    fraction in the padded layout (contexts padded to the longest context, responses to the
+    longest response)."""
+    P = np.array([x["prompt"] + x["image_tokens"] for x in lengths])
+    R = np.minimum([x["response"] for x in lengths], np.maximum(max_len - P, 1))
+    order = np.argsort(P + R, kind="stable")
+    groups = [order[k:k + B] for k in range(0, len(order), B)]
+    return sum(int((P[g] + R[g]).sum()) for g in groups) / sum(
+        len(g) * int(P[g].max() + R[g].max()) for g in groups)
+
+
+def pack_rows_table(r, size, B, max_len):
+    setting = f"{size}, {B} examples/step, max_len {max_len}"
+    return [["pack: real / computed tokens", setting,
+             f"packed {r['packed']['fraction']:.1%} ({r['packed']['rows']} rows)",
+             f"padded {r['padded']['fraction']:.1%} ({r['padded']['rows']} rows)",
+             f"target packed >= 95 %; length-grouped padded {r['grouped_fraction']:.1%}"],
+            ["pack: real tokens/s, distill step", setting,
+             f"packed {r['packed']['tokens_per_s']:,.0f}",
+             f"padded {r['padded']['tokens_per_s']:,.0f}",
+             f"{r['speedup']:.2f}x (target >= 1.5x on CPU)"]]
+
+
 def paper_rows(r, size, B, P, R, peak_tflops):
     setting = (f"{size}: student {r['n_student'] / 1e6:.0f}M, teacher {r['n_teacher'] / 1e6:.0f}M, "
                f"B={B} P={P} R={R}, amp {r['amp']}, teacher {r['teacher_dtype']}"
@@ -429,7 +554,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only",
-                    choices=["handoff", "kd_memory", "step", "hf_step", "train", "paper", "loader"])
+                    choices=["handoff", "kd_memory", "step", "hf_step", "train", "paper", "loader",
+                             "pack"])
     ap.add_argument("--loader_workers", default="0,2,4,8", help="worker counts for --only=loader")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--peak_tflops", type=float, default=None,
@@ -449,6 +575,8 @@ def main():
     g.add_argument("--grad_ckpt", action="store_true",
                    help="activation checkpointing of the student's blocks")
     g.add_argument("--kd_chunk", type=int, default=None)
+    g.add_argument("--max_len", type=int, default=None,
+                   help="--only=pack: tokens of one packed row (default 1024 tiny, 4096 paper)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the student and the teacher (as train.py --compile); "
                         "compile time falls in --warmup")
@@ -480,6 +608,11 @@ def main():
         r = bench_paper(device, args.size, args.B, args.P, args.R, args.steps, args.warmup,
                         args.amp, td, args.grad_ckpt, args.kd_chunk, peak, compile=args.compile)
         rows += paper_rows(r, args.size, args.B, args.P, args.R, peak)
+    if args.only == "pack":
+        size = args.size if "--size" in " ".join(sys.argv) else "paper" if cuda else "tiny"
+        max_len = args.max_len or (4096 if size == "paper" else 1024)
+        r = bench_pack(device, size, args.B, max_len, args.steps, amp=args.amp)
+        rows += pack_rows_table(r, size, args.B, max_len)
     if args.only == "loader":           # not in the default run: it measures the data pipeline
         rows += bench_loader(tuple(int(w) for w in args.loader_workers.split(",")))
     if run("train"):
