@@ -72,58 +72,23 @@ def _plain_scores(model, tok, items, batch_size, image_size, device):
     return scores
 
 
-def _shared_context_scores(model, tok, items, batch_size, image_size, device):
-    """The same scores as _plain_scores with each item's context run once (text-only Decoder).
-
-    Per slice of batch_size items, all their (context, option) rows are laid out by data.collate
-    as in the plain path: P context columns, left-padded, so the rows of one item share columns
-    0..P-2. Those columns run once per item (its first row), keeping the per-layer K/V; every row
-    then continues from its item's K/V over columns P-1..P+R-2, the last context token and the
-    option, as kvshare.teacher_continue does (positions from the attention mask), and is scored
-    like the plain path."""
-    scores = []
-    for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
-        rows = _mc_rows(chunk)
-        b = next(batches(rows, tok, model, image_size, len(rows), device))
-        ids, mask, P = b["input_ids"], b["attention_mask"], b["context_len"]        # (N, P+R)
-        T = ids.shape[1]
-        item_of = torch.tensor([j for j, it in enumerate(chunk) for _ in it["options"]],
-                               device=device)                                      # (N,)
-        first = torch.tensor([0] + [len(it["options"]) for it in chunk[:-1]],
-                             device=device).cumsum(0)                  # each item's first row
-        past = None
-        if P > 1:         # per layer (K, V), each (N, n_kv_heads, P-1, head_dim); no logits
-            _, kv = model(ids[first, :P - 1], attention_mask=mask[first, :P - 1], use_cache=True,
-                          logits_start=P - 1)
-            past = [(k.index_select(0, item_of), v.index_select(0, item_of)) for k, v in kv]
-        logits, _ = model(ids[:, P - 1:T - 1], attention_mask=mask[:, :T - 1], past_kv=past)
-        scores += _option_scores(logits, b)                                # logits (N, R, V)
-    return scores
-
-
 @torch.no_grad()
-def multiple_choice(model, tok, items, batch_size=64, image_size=32, share_context=False):
+def multiple_choice(model, tok, items, batch_size=64, image_size=32, scorer=None):
     """Items {"context", "options", "answer", ["split"]}: every (context, option) pair is one
     row of data.collate; an option's score is the mean log-probability of its tokens (not the
     EOS after it); the highest score wins (ties -> the first option).
     Returns {"acc", "acc_<split>" per split, "n", "correct", "chance", "pred", "scores"}
     (scores: per item, the score of each option).
 
-    share_context=True (faster on long contexts with short options, e.g. BIG-bench): each
-    item's context is run once and every option continues from its K/V; the same scores up to
-    float rounding. batch_size is then items per slice (one prefill of their contexts, one
-    continuation of all their options). Only for a text-only model (a model.Decoder, e.g. a
-    VLM's .decoder): for a VLM it falls back to the plain path (batch_size = rows), which stays
-    the reference."""
+    scorer: another function computing the same option scores as _plain_scores (the reference),
+    with its signature, for a text-only model (a model.Decoder); e.g. tools/bigbench.py's
+    shared_context_scores, which runs each context once. A VLM always takes the plain path."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
-        if share_context and isinstance(unwrap(model), Decoder):
-            scores = _shared_context_scores(model, tok, items, batch_size, image_size, device)
-        else:
-            scores = _plain_scores(model, tok, items, batch_size, image_size, device)
+        use = scorer if scorer is not None and isinstance(unwrap(model), Decoder) else _plain_scores
+        scores = use(model, tok, items, batch_size, image_size, device)
     finally:
         model.train(was_training)
     per_item, k = [], 0

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+import bigbench
 import chat
+import data
 import demo_photo
 import eval as evaluation
 import mmlu
@@ -267,7 +268,7 @@ def test_scores_match_a_direct_computation(tok, tmp_path):
 
 
 def test_share_context_matches_the_plain_path(tok):
-    """share_context=True (each context prefilled once, options continued from its K/V) gives the
+    """bigbench.shared_context_scores (each context prefilled once, options continued from its K/V) gives the
     plain path's scores, picks and accuracy: contexts of different lengths (one of a single token,
     so its prefix is all padding), 2-5 options of different token lengths (an empty one too), and
     batch sizes below, at and above the number of items / rows."""
@@ -291,7 +292,7 @@ def test_share_context_matches_the_plain_path(tok):
     want = evaluation.multiple_choice(model, tok, items, batch_size=64)
     for batch_size in (1, 2, 3, 64):
         got = evaluation.multiple_choice(model, tok, items, batch_size=batch_size,
-                                         share_context=True)
+                                         scorer=bigbench.shared_context_scores)
         assert {k for k in got} == {k for k in want}
         for a, b in zip(got["scores"], want["scores"]):
             assert np.allclose(a, b, atol=1e-5)
@@ -303,7 +304,8 @@ def test_share_context_matches_the_plain_path(tok):
              {"context": "Question", "options": [":", " what is two"], "answer": 0}]
     assert all(len(tok.encode(it["context"]).ids) == 1 for it in short)
     want = evaluation.multiple_choice(model, tok, short)
-    got = evaluation.multiple_choice(model, tok, short, batch_size=2, share_context=True)
+    got = evaluation.multiple_choice(model, tok, short, batch_size=2,
+                                     scorer=bigbench.shared_context_scores)
     assert np.allclose(sum(got["scores"], []), sum(want["scores"], []), atol=1e-5)
     assert got["pred"] == want["pred"] and not model.training
 

@@ -9,9 +9,9 @@ sdist on PyPI (it ships every JSON task):
 
 --tasks=dev (DEV_TASKS) or a comma list of task names; FOLDER is a Hugging Face LM folder or our
 VLM folder (its decoder is scored) with its tokenizer.json. Prints accuracy, chance and n per task.
-Scoring uses eval.multiple_choice(share_context=True): the decoder is text-only, so each item's
-context (BIG-bench's are long, its options short) is run once and every option continues from its
-K/V; the same scores as the plain per-(context, option) path up to float rounding, and faster.
+Scoring uses eval.multiple_choice(scorer=shared_context_scores): the decoder is text-only, so each
+item's context (BIG-bench's are long, its options short) is run once and every option continues
+from its K/V; the same scores as the plain per-(context, option) path up to float rounding, and faster.
 --batch_size is then items per slice (one prefill of their contexts, one continuation of
 all their options).
 
@@ -297,6 +297,38 @@ def load_model_and_tokenizer(folder):
     return model, data.load_tokenizer(os.path.join(folder, "tokenizer.json"))
 
 
+def shared_context_scores(model, tok, items, batch_size, image_size, device):
+    """eval._plain_scores' scores with each item's context run once (a text-only Decoder; pass
+    as eval.multiple_choice(..., scorer=shared_context_scores)): faster on BIG-bench's long
+    contexts with short options; batch_size is then items per slice.
+
+    Per slice of batch_size items, all their (context, option) rows are laid out by data.collate
+    as in the plain path: P context columns, left-padded, so the rows of one item share columns
+    0..P-2. Those columns run once per item (its first row), keeping the per-layer K/V; every row
+    then continues from its item's K/V over columns P-1..P+R-2, the last context token and the
+    option, as kvshare.teacher_continue does (positions from the attention mask), and is scored
+    like the plain path."""
+    scores = []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        rows = ev._mc_rows(chunk)
+        b = next(ev.batches(rows, tok, model, image_size, len(rows), device))
+        ids, mask, P = b["input_ids"], b["attention_mask"], b["context_len"]        # (N, P+R)
+        T = ids.shape[1]
+        item_of = torch.tensor([j for j, it in enumerate(chunk) for _ in it["options"]],
+                               device=device)                                      # (N,)
+        first = torch.tensor([0] + [len(it["options"]) for it in chunk[:-1]],
+                             device=device).cumsum(0)                  # each item's first row
+        past = None
+        if P > 1:         # per layer (K, V), each (N, n_kv_heads, P-1, head_dim); no logits
+            _, kv = model(ids[first, :P - 1], attention_mask=mask[first, :P - 1], use_cache=True,
+                          logits_start=P - 1)
+            past = [(k.index_select(0, item_of), v.index_select(0, item_of)) for k, v in kv]
+        logits, _ = model(ids[:, P - 1:T - 1], attention_mask=mask[:, :T - 1], past_kv=past)
+        scores += ev._option_scores(logits, b)                                # logits (N, R, V)
+    return scores
+
+
 def main(argv):
     p = argparse.ArgumentParser(description="Score a model on BIG-bench multiple-choice tasks "
                                 "by log-likelihood, offline.", epilog=__doc__,
@@ -327,7 +359,8 @@ def main(argv):
           f"{'time':>6}")
     for task, items in by_task.items():
         t1 = time.time()
-        r = ev.multiple_choice(model, tok, items, int(opts["batch_size"]), share_context=True)
+        r = ev.multiple_choice(model, tok, items, int(opts["batch_size"]),
+                               scorer=shared_context_scores)
         grade, _ = bigbench_grade(items, r["pred"])
         print(f"{task:<22} {100 * r['acc']:6.1f} {100 * r['chance']:7.1f} {r['n']:5d} "
               f"{report[task]['skipped']:7d} {100 * grade:8.1f} {time.time() - t1:5.1f}s")
