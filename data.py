@@ -4,7 +4,7 @@ splitting.
 
 - The layout (collate, pad_pairs): contexts LEFT-padded to P columns, responses RIGHT-padded
   to R, so every context ends in column P-1 (kvshare.py draws it). The reference, and the
-  default. pack: the packed layout (--pack=true), several examples end to end per row.
+  default. pack.py: the packed layout (--pack=true), several examples end to end per row.
 - Tokenizers: train_tokenizer (the tiny world's byte-level BPE) or load_tokenizer (any Hugging
   Face tokenizer.json); <pad>, <eos> and <image> are roles, played by the tokenizer's own
   tokens where it has them (special_id).
@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+import pack
 from runtime import atomic_write
 
 PAD_TOKEN, EOS_TOKEN, IMAGE_TOKEN = "<pad>", "<eos>", "<image>"
@@ -41,7 +42,7 @@ VIEW_TOKENS = (GLOBAL_IMAGE_TOKEN,
 def collate(examples, tokenizer, n_image_tokens, image_size, max_len=None, image_splitting=None,
               pack=False):
     """Batch in the layout of kvshare.py: contexts LEFT-padded to P, responses RIGHT-padded to R
-    (pack=True: the packed layout of `pack`, rows of at most max_len columns).
+    (pack=True: the packed layout of pack.pack, rows of at most max_len columns).
     max_len cuts each response (not the context) so that context + response <= max_len.
 
     images: every view of every image of the batch, (N_views, 3, image_size, image_size), in
@@ -73,7 +74,7 @@ def lay_out(pairs, views, pad, pack_len=None):
     """The token part of a batch (pad_pairs, or with pack_len pack) and its images: views[i] is
     example i's list of (k, 3, S, S) view tensors; "images" (N_views, 3, S, S) follows the
     order in which the examples' <image> ids appear in the batch (row by row)."""
-    batch = pad_pairs(pairs, pad) if pack_len is None else pack(pairs, pad, pack_len)
+    batch = pad_pairs(pairs, pad) if pack_len is None else pack.pack(pairs, pad, pack_len)
     flat = [v for i in batch.pop("order", range(len(pairs))) for v in views[i]]
     return {**batch, "images": torch.cat(flat) if flat else None}
 
@@ -90,69 +91,6 @@ def pad_pairs(pairs, pad):
         mask[i, P - len(c):P + len(r)] = 1
     return {"input_ids": ids, "attention_mask": mask, "context_len": P,
             "labels": ids[:, P:], "response_mask": mask[:, P:].bool()}  # (B, R) each
-
-
-def pack_rows(lengths, max_len):
-    """Examples of these token lengths -> rows, each a list of example indices (ascending) whose
-    lengths sum to at most max_len. As few rows as fit (ceil(total / max_len) if they can), and
-    balanced: longest example first into the emptiest row, so the rows, padded to the longest,
-    are nearly all real tokens."""
-    too_long = [n for n in lengths if n > max_len]
-    if too_long:
-        raise ValueError(f"an example is {max(too_long)} tokens, longer than the packed row "
-                         f"(max_len {max_len})")
-    n_rows = -(-sum(lengths) // max_len)
-    while True:
-        rows, fill = [[] for _ in range(n_rows)], [0] * n_rows
-        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-            r = min(range(n_rows), key=fill.__getitem__)
-            rows[r].append(i)
-            fill[r] += lengths[i]
-        if max(fill) <= max_len:           # always true by n_rows = len(lengths)
-            return [sorted(row) for row in rows]
-        n_rows += 1
-
-
-def pack(pairs, pad, max_len):
-    """[(context_ids, response_ids), ...] -> the token part of a PACKED batch: the examples laid
-    end to end, [context_i response_i], in rows of L <= max_len columns (pack_rows), each
-    example's positions restarting at 0; the student and teacher attend block-diagonally
-    (model.segment_mask, kvshare.py). The loss side is padding-free: the N response tokens
-    of the batch, in row order.
-
-      input_ids, attention_mask (1 real / 0 pad), segment_ids (the example's index in `pairs`,
-          -1 for pads), position_ids (within the example), context_mask: (rows, L)
-      logit_index (N,): flat index (row * L + column) of the column that predicts each response
-          token (the column before it)
-      labels, response_mask (all True), token_example (example index of each token): (1, N)
-      order: the example indices in row order (so the images can follow it)."""
-    rows = pack_rows([len(c) + len(r) for c, r in pairs], max_len)
-    L = max(sum(len(c) + len(r) for c, r in (pairs[i] for i in row)) for row in rows)
-    ids = torch.full((len(rows), L), pad, dtype=torch.long)                # (rows, L)
-    seg = torch.full((len(rows), L), -1, dtype=torch.long)                 # (rows, L)
-    pos = torch.zeros((len(rows), L), dtype=torch.long)                    # (rows, L)
-    ctx = torch.zeros((len(rows), L), dtype=torch.bool)                    # (rows, L)
-    labels, logit_index, token_example = [], [], []
-    for r, row in enumerate(rows):
-        col = 0
-        for i in row:
-            c, resp = pairs[i]
-            n = len(c) + len(resp)
-            ids[r, col:col + n] = torch.tensor(c + resp)
-            seg[r, col:col + n] = i
-            pos[r, col:col + n] = torch.arange(n)
-            ctx[r, col:col + len(c)] = True
-            labels += resp
-            logit_index += range(r * L + col + len(c) - 1, r * L + col + n - 1)
-            token_example += [i] * len(resp)
-            col += n
-    return {"input_ids": ids, "attention_mask": (seg >= 0).long(), "segment_ids": seg,
-            "position_ids": pos, "context_mask": ctx,
-            "logit_index": torch.tensor(logit_index, dtype=torch.long),           # (N,)
-            "labels": torch.tensor([labels]), "response_mask": torch.ones(1, len(labels),
-                                                                          dtype=torch.bool),
-            "token_example": torch.tensor([token_example]),                       # (1, N)
-            "order": [i for row in rows for i in row]}
 
 
 def encode_example(example, tokenizer, n_image_tokens, grids=None):

@@ -28,8 +28,8 @@ logits at columns P-1 .. P+R-2 predict the R response tokens.
    scope "none": the teacher reads the text alone, no image KV ("text-only teacher").
 The teacher is frozen (eval, no grad); its logits are detached.
 
-Packed batches (data.pack, --pack=true): rows of several examples end to end, each example's
-positions restarting at 0. The student attends block-diagonally (model.segment_mask); the
+Packed batches (pack.py, --pack=true): rows of several examples end to end, each example's
+positions restarting at 0. The student attends block-diagonally (pack.segment_mask); the
 teacher runs, per example, the same tokens as above (scope "full": the last context token and
 the response without its last token; "image" / "none": every text token but the last) against
 that example's own student K/V only: its past keys are the whole row's student K/V, and the
@@ -46,7 +46,8 @@ Callers pass VLM.student_only_ids (an int, a single image token id, is accepted 
 """
 import torch
 
-from model import VLM, positions_from_mask, segment_mask, unwrap
+import pack
+from model import VLM, positions_from_mask, unwrap
 
 SCOPES = ("full", "image", "none")
 
@@ -100,9 +101,7 @@ def student_prefill(student, batch, keep_kv=True):
     or, for text-only batches, a plain Decoder. A packed batch: logits (1, N, V) for its N
     response tokens, K/V (rows, n_kv_heads, L, head_dim)."""
     if "segment_ids" in batch:                                              # packed rows
-        seg = _own_segment_for_pads(batch["segment_ids"])                   # (rows, L)
-        col = torch.arange(seg.shape[1], device=seg.device).expand_as(seg)  # (rows, L)
-        inputs = dict(attention_mask=segment_mask(seg, col, seg, col),      # (rows, 1, L, L)
+        inputs = dict(attention_mask=pack.prefill_mask(batch["segment_ids"]),  # (rows,1,L,L)
                       position_ids=batch["position_ids"], use_cache=keep_kv,
                       logits_start=batch["logit_index"])
         R = batch["labels"].shape[1]                                        # N
@@ -117,13 +116,6 @@ def student_prefill(student, batch, keep_kv=True):
     else:
         raise ValueError("a text-only model cannot read a batch with images")
     return logits[:, :R], kv                                                  # (B, R, V)
-
-
-def _own_segment_for_pads(seg):
-    """Segment ids (rows, L) with each pad column (-1) in a segment of its own (-1 - column),
-    so that a pad query sees only itself (model.segment_mask)."""
-    col = torch.arange(seg.shape[1], device=seg.device).expand_as(seg)
-    return torch.where(seg >= 0, seg, -1 - col)
 
 
 def student_only_mask(ids, student_only_ids):
@@ -169,7 +161,13 @@ def teacher_continue(teacher, student_kv, batch, student_only_ids, scope="full")
             raise ValueError("teacher and student decoders are incompatible for KV sharing:\n  "
                              + "\n  ".join(diffs))
     if "segment_ids" in batch:
-        return _teacher_continue_packed(teacher, student_kv, batch, student_only_ids, scope)
+        new_ids, inputs = pack.teacher_inputs(batch, student_only_mask(batch["input_ids"],
+                                                                       student_only_ids), scope)
+        _check_teacher_vocab(teacher, new_ids)
+        if scope != "none":      # past: per layer (K, V), each (rows, n_kv_heads, L, head_dim)
+            inputs["past_kv"] = [(k.detach(), v.detach()) for k, v in student_kv]
+        logits, _ = teacher(new_ids, **inputs)
+        return logits.detach()                                 # (1, N, V_teacher)
     # ids, mask: (B, P+R)
     ids, mask, P = batch["input_ids"], batch["attention_mask"], batch["context_len"]
     T = ids.shape[1]                       # P + R; the teacher never needs the last column as input
@@ -214,64 +212,6 @@ def teacher_continue(teacher, student_kv, batch, student_only_ids, scope="full")
                         attention_mask=torch.cat([past_mask, text_mask[:, :T - 1]], 1),
                         position_ids=positions[:, :T - 1], past_kv=past, logits_start=P - 1)
     return logits.detach()                                     # (B, R, V_teacher)
-
-
-def _teacher_continue_packed(teacher, student_kv, batch, student_only_ids, scope):
-    """teacher_continue on packed rows (data.pack) -> (1, N, V_teacher), detached. The teacher's
-    new tokens are the columns it runs ("run"), gathered left-aligned per row; its past is the
-    row's student K/V, of which a query sees only its own example's shared columns."""
-    ids, seg, pos, ctx = (batch[k] for k in ("input_ids", "segment_ids", "position_ids",
-                                             "context_mask"))              # (rows, L) each
-    rows, L = ids.shape
-    real = seg >= 0
-    is_image = student_only_mask(ids, student_only_ids) & real             # (rows, L)
-    predicts = torch.zeros(rows * L, dtype=torch.bool, device=ids.device)
-    predicts[batch["logit_index"]] = True
-    predicts = predicts.view(rows, L)          # the column before a response token (rows, L)
-    if scope == "full":
-        if (is_image & ctx & predicts).any():
-            raise ValueError("scope 'full': a context ends with an image (student-only) token; the "
-                             "prompt after the image must have at least one text token")
-        run, shared = predicts, ctx & ~predicts   # last context token + response[:-1] | the rest
-    else:
-        run = real & ~is_image & (ctx | predicts)            # every text token but each last one
-        shared = is_image if scope == "image" else torch.zeros_like(real)
-    # text tokens of the example up to and including each column (rows, L)
-    cum = (real & ~is_image).long().cumsum(-1)
-    start = torch.arange(L, device=ids.device) - pos                        # example's 1st column
-    n_text = cum - torch.where(start > 0, cum.gather(1, (start - 1).clamp(min=0)), 0)
-    if scope == "image" and (is_image & (n_text > 0)).any():
-        raise ValueError("scope 'image' needs the image tokens before the prompt text in every "
-                         "context")
-    if scope == "none":                      # positions count the example's text tokens only
-        pos = (n_text - 1).clamp(min=0)
-    # the run columns of each row, left-aligned: cols (rows, Lt); slot j of row r is valid if
-    # j < (number of run columns of row r)
-    n_run = run.sum(1)                                                      # (rows,)
-    Lt = int(n_run.max())
-    cols = torch.argsort((~run).to(torch.int8), dim=1, stable=True)[:, :Lt]  # (rows, Lt)
-    slot = torch.arange(Lt, device=ids.device).expand(rows, Lt)
-    valid = slot < n_run[:, None]                                           # (rows, Lt)
-    new_ids = ids.gather(1, cols).masked_fill(~valid, 0)                    # (rows, Lt)
-    _check_teacher_vocab(teacher, new_ids)
-    new_seg = torch.where(valid, seg.gather(1, cols), -1 - slot)           # pads: their own
-    # which new slot each response-predicting column is, as a flat index into rows * Lt
-    slot_of = run.long().cumsum(-1) - 1                                     # (rows, L)
-    at = batch["logit_index"]
-    out_index = (at // L) * Lt + slot_of.reshape(-1)[at]                    # (N,)
-    inputs = dict(position_ids=pos.gather(1, cols).masked_fill(~valid, 0), logits_start=out_index)
-    if scope == "none":
-        inputs["attention_mask"] = segment_mask(new_seg, cols, new_seg, cols)  # (rows,1,Lt,Lt)
-    else:
-        never = torch.full_like(seg, torch.iinfo(seg.dtype).min)   # a segment no query has
-        col = torch.arange(L, device=ids.device).expand(rows, L)
-        k_seg = torch.cat([torch.where(shared, seg, never), new_seg], 1)    # (rows, L + Lt)
-        k_col = torch.cat([col, cols], 1)
-        inputs["attention_mask"] = segment_mask(new_seg, cols, k_seg, k_col)  # (rows,1,Lt,L+Lt)
-        # past: per layer (K, V), each (rows, n_kv_heads, L, head_dim)
-        inputs["past_kv"] = [(k.detach(), v.detach()) for k, v in student_kv]
-    logits, _ = teacher(new_ids, **inputs)
-    return logits.detach()                                     # (1, N, V_teacher)
 
 
 def distill_forward(student, teacher, batch, student_only_ids, scope="full", need_teacher=True):

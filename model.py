@@ -125,18 +125,6 @@ def build_attention_mask(attention_mask, q_len, past_len):
     return mask | (k_idx == q_idx)[None, None]
 
 
-def segment_mask(q_seg, q_col, k_seg, k_col):
-    """The block-diagonal causal mask of packed rows (data.pack), (B, 1, Tq, Tk), True = may
-    attend: a query sees the keys of its own segment (example) at or before its column.
-
-    q_seg, q_col: (B, Tq) segment id and column of each query; k_seg, k_col: (B, Tk) of each
-    key (past keys first, then the new ones, as Attention concatenates them). A key that no
-    query may see gets a segment id no query has; a padding query gets one of its own, so that
-    it sees only itself (no all-masked row, no NaN)."""
-    same = q_seg[:, :, None] == k_seg[:, None, :]                              # (B, Tq, Tk)
-    return (same & (k_col[:, None, :] <= q_col[:, :, None]))[:, None]
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
@@ -218,7 +206,7 @@ class Decoder(nn.Module):
         input_ids (B, T) or inputs_embeds (B, T, D): the new tokens.
         attention_mask (B, Tp+T): 1 real / 0 pad over past AND new keys (default: all real);
             or an explicit boolean mask (B, 1, T, Tp+T), True = may attend (packed rows:
-            segment_mask), which needs position_ids.
+            pack.segment_mask), which needs position_ids.
         position_ids (B, T): RoPE positions of the new tokens (default: from attention_mask).
             A position >= cfg.max_positions is an error. Checked only when past + new columns
             exceed max_positions (cheap: no device sync otherwise), so explicit position_ids

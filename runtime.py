@@ -173,9 +173,11 @@ def read_config_file(path, known):
     if not isinstance(d, dict):
         raise ValueError(f"config file {path}: expected a JSON object of config keys, found "
                          f"{type(d).__name__}")
-    for k in d:
-        if k not in known:
-            raise unknown_key(k, known, f"config file {path}: ")
+    bad = sorted(set(d) - set(known))
+    if bad:
+        close = difflib.get_close_matches(bad[0], known, n=1)
+        raise ValueError(f"config file {path}: unknown key(s) {bad}"
+                         + (f"; did you mean {close[0]!r}?" if close else ""))
     return {k: check_json_value(known[k], v, path) for k, v in d.items()}
 
 

@@ -1,4 +1,4 @@
-"""Packed batches (data.pack, --pack=true): several examples per row, positions restarting at 0,
+"""Packed batches (pack.py, --pack=true): several examples per row, positions restarting at 0,
 block-diagonal attention in the student prefill and in the teacher continuation. Per example,
 packed == padded: student logits, teacher logits, loss and gradients, for every scope, with
 text-only, one-image and image-splitting (tiles) examples in one batch."""
@@ -11,6 +11,7 @@ import torch
 
 import data
 import distill
+import pack
 import stream
 from kvshare import distill_forward, freeze
 from model import VLM, Decoder, LMConfig, VisionConfig
@@ -69,7 +70,7 @@ def forward_and_grads(student, teacher, batch, w, scope):
 
 def test_pack_layout_positions_segments_and_real_fraction():
     pairs = [([5] * c, [6] * r) for c, r in [(7, 3), (2, 9), (4, 4), (12, 1), (3, 2)]]
-    b = data.pack(pairs, PAD, max_len=20)
+    b = pack.pack(pairs, PAD, max_len=20)
     lengths = [c + r for c, r in [(7, 3), (2, 9), (4, 4), (12, 1), (3, 2)]]
     assert b["input_ids"].shape[0] == 3 and b["input_ids"].shape[1] <= 20      # ceil(47 / 20)
     assert int(b["attention_mask"].sum()) == sum(lengths)
@@ -83,7 +84,7 @@ def test_pack_layout_positions_segments_and_real_fraction():
     assert b["token_example"][0].tolist() == [i for i in b["order"] for _ in pairs[i][1]]
     with pytest.raises(ValueError, match=r"an example is 13 tokens, longer than the packed row "
                                          r"\(max_len 12\)"):
-        data.pack(pairs, PAD, max_len=12)
+        pack.pack(pairs, PAD, max_len=12)
 
 
 @pytest.mark.parametrize("scope", ["full", "image", "none"])
@@ -118,17 +119,17 @@ def test_train_stages_packed_train_like_padded(tmp_path):
     examples, tok = train.build_data_and_tokenizer(cfg)
     teacher = Decoder(train.lm_config(cfg, tok))
     logs = {}
-    for pack in (False, True):
-        out = tmp_path / f"pack{pack}"
+    for packed in (False, True):
+        out = tmp_path / f"pack{packed}"
         out.mkdir()
-        setup = train.Setup(train.TrainConfig(**{**cfg.__dict__, "pack": pack,
+        setup = train.Setup(train.TrainConfig(**{**cfg.__dict__, "pack": packed,
                                                  "out_dir": str(out)}), Runtime("cpu"),
                             examples, tok)
         torch.manual_seed(0)
         adapted = train.stage_adapt(setup, copy.deepcopy(teacher))
         train.stage_distill(setup, copy.deepcopy(teacher), adapted)
-        logs[pack] = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert len(logs[False]) == len(logs[True]) == 5             # 2 stages, steps + done lines
+        logs[packed] = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert len(logs[False]) == len(logs[True]) == 3             # adapt 1 step, distill 2 steps
     for a, b in zip(logs[False], logs[True]):
         assert a["stage"] == b["stage"]
         for key in ("loss", "ce", "kd", "grad_norm", "tokens"):
@@ -224,7 +225,7 @@ def test_ddp_packed_two_ranks_match_one_padded_process(tmp_path):
     torch.multiprocessing.start_processes(_ddp_worker, nprocs=3, start_method="fork", args=(
         port, argv + ["--batch_size=2", "--pack=true", f"--out_dir={ddp}"],
         argv + ["--batch_size=4", f"--out_dir={single}"]))
-    a, b = ([json.loads(line) for line in open(d / "log.jsonl")][:-1] for d in (ddp, single))
+    a, b = ([json.loads(line) for line in open(d / "log.jsonl")] for d in (ddp, single))
     assert len(a) == len(b) == 2 and b[-1]["kd"] > 0       # the student starts as the teacher
     for ra, rb in zip(a, b):
         for key in ("loss", "ce", "kd", "grad_norm", "tokens"):

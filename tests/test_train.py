@@ -1,4 +1,5 @@
 """train.py: config parsing, checkpoints, resume, NaN handling, and the smoke pipeline."""
+import dataclasses
 import json
 import math
 import os
@@ -63,7 +64,7 @@ def test_checkpoints_are_atomic_keep_last_and_reject_corrupt_files(tmp_path):
     cfg = TrainConfig()
     ck = Checkpoints(str(tmp_path), keep_last=2)
     for step in (1, 2, 3):
-        ck.save(step, {"step": step, "config": train.asdict(cfg), "w": torch.ones(2) * step,
+        ck.save(step, {"step": step, "config": dataclasses.asdict(cfg), "w": torch.ones(2) * step,
                        "model": {}, "optimizer": {}, "scheduler": {}, "rng": {}, "bad_steps": 0})
     assert [os.path.basename(p) for p in ck.paths()] == ["step_0000002.pt", "step_0000003.pt"]
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
@@ -74,7 +75,7 @@ def test_checkpoints_are_atomic_keep_last_and_reject_corrupt_files(tmp_path):
         ck.load(ck.paths()[-1], cfg)
     with pytest.raises(ValueError,
                        match="comes from another config:\n  lm_dim: checkpoint 128 vs run 64"):
-        ck.load(ck.paths()[0], train.replace(cfg, lm_dim=64))
+        ck.load(ck.paths()[0], dataclasses.replace(cfg, lm_dim=64))
 
 
 # --------------------------------------------------------------------------- the smoke pipeline
@@ -176,14 +177,14 @@ def test_ctrl_c_saves_and_out_dir_plus_resume_alone_reproduces_the_run(smoke_run
     monkeypatch.setattr(train, "get_batch", signal_at_step_2)
     with pytest.raises(SystemExit) as e:
         train.main(argv + [f"--out_dir={stopped}"])
-    assert str(e.value) == (f"train.py: interrupted: distill-uniform-jsd stopped at step 3 of 6; "
-                            f"checkpoint saved in {stopped}/ckpt/distill-uniform-jsd. Resume "
+    assert str(e.value) == (f"train.py: interrupted: distill-uniform-full stopped at step 3 of 6; "
+                            f"checkpoint saved in {stopped}/ckpt/distill-uniform-full. Resume "
                             f"with: python train.py --out_dir={stopped} --resume=true")
-    assert os.listdir(os.path.join(stopped, "ckpt", "distill-uniform-jsd")) == ["step_0000003.pt"]
-    assert not os.path.exists(os.path.join(stopped, "distilled-uniform-jsd"))
+    assert os.listdir(os.path.join(stopped, "ckpt", "distill-uniform-full")) == ["step_0000003.pt"]
+    assert not os.path.exists(os.path.join(stopped, "distilled-uniform-full"))
     monkeypatch.setattr(train, "get_batch", real_get_batch)
     train.run(get_config([f"--out_dir={stopped}", "--resume=true"]))
-    a, b = read_log(straight, "distill-uniform-jsd"), read_log(stopped, "distill-uniform-jsd")
+    a, b = read_log(straight, "distill-uniform-full"), read_log(stopped, "distill-uniform-full")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     assert [(r["loss"], r["kd"], r["grad_norm"])
             for r in a] == [(r["loss"], r["kd"], r["grad_norm"]) for r in b]

@@ -1,0 +1,155 @@
+"""
+Packed batches (train.py --pack=true), the throughput path of stages 2-3: several examples end to
+end in rows of at most --max_len tokens instead of one padded row each (on a Cauldron-like length
+mix, 98 % real tokens instead of 24-35 %). data.collate's padded layout stays the readable
+reference; per example the two give the same logits, teacher logits, losses and gradients
+(tests/test_pack.py).
+
+Each example's positions restart at 0; attention is block-diagonal (segment_mask) in the
+student prefill and in the teacher continuation, where the teacher runs, per example, the tokens
+it runs in the padded layout against that example's own student K/V only. The loss side is
+padding-free: (1, N) labels for the N response tokens of the batch. This file only lays out
+tensors and masks; kvshare.py runs the models.
+"""
+import torch
+
+
+def pack_rows(lengths, max_len):
+    """Examples of these token lengths -> rows, each a list of example indices (ascending) whose
+    lengths sum to at most max_len. As few rows as fit (ceil(total / max_len) if they can), and
+    balanced: longest example first into the emptiest row, so the rows, padded to the longest,
+    are nearly all real tokens."""
+    too_long = [n for n in lengths if n > max_len]
+    if too_long:
+        raise ValueError(f"an example is {max(too_long)} tokens, longer than the packed row "
+                         f"(max_len {max_len})")
+    n_rows = -(-sum(lengths) // max_len)
+    while True:
+        rows, fill = [[] for _ in range(n_rows)], [0] * n_rows
+        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            r = min(range(n_rows), key=fill.__getitem__)
+            rows[r].append(i)
+            fill[r] += lengths[i]
+        if max(fill) <= max_len:           # always true by n_rows = len(lengths)
+            return [sorted(row) for row in rows]
+        n_rows += 1
+
+
+def pack(pairs, pad, max_len):
+    """[(context_ids, response_ids), ...] -> the token part of a PACKED batch: the examples laid
+    end to end, [context_i response_i], in rows of L <= max_len columns (pack_rows), each
+    example's positions restarting at 0; the student and teacher attend block-diagonally
+    (segment_mask, kvshare.py). The loss side is padding-free: the N response tokens
+    of the batch, in row order.
+
+      input_ids, attention_mask (1 real / 0 pad), segment_ids (the example's index in `pairs`,
+          -1 for pads), position_ids (within the example), context_mask: (rows, L)
+      logit_index (N,): flat index (row * L + column) of the column that predicts each response
+          token (the column before it)
+      labels, response_mask (all True), token_example (example index of each token): (1, N)
+      order: the example indices in row order (so the images can follow it)."""
+    rows = pack_rows([len(c) + len(r) for c, r in pairs], max_len)
+    L = max(sum(len(c) + len(r) for c, r in (pairs[i] for i in row)) for row in rows)
+    ids = torch.full((len(rows), L), pad, dtype=torch.long)                # (rows, L)
+    seg = torch.full((len(rows), L), -1, dtype=torch.long)                 # (rows, L)
+    pos = torch.zeros((len(rows), L), dtype=torch.long)                    # (rows, L)
+    ctx = torch.zeros((len(rows), L), dtype=torch.bool)                    # (rows, L)
+    labels, logit_index, token_example = [], [], []
+    for r, row in enumerate(rows):
+        col = 0
+        for i in row:
+            c, resp = pairs[i]
+            n = len(c) + len(resp)
+            ids[r, col:col + n] = torch.tensor(c + resp)
+            seg[r, col:col + n] = i
+            pos[r, col:col + n] = torch.arange(n)
+            ctx[r, col:col + len(c)] = True
+            labels += resp
+            logit_index += range(r * L + col + len(c) - 1, r * L + col + n - 1)
+            token_example += [i] * len(resp)
+            col += n
+    return {"input_ids": ids, "attention_mask": (seg >= 0).long(), "segment_ids": seg,
+            "position_ids": pos, "context_mask": ctx,
+            "logit_index": torch.tensor(logit_index, dtype=torch.long),           # (N,)
+            "labels": torch.tensor([labels]), "response_mask": torch.ones(1, len(labels),
+                                                                          dtype=torch.bool),
+            "token_example": torch.tensor([token_example]),                       # (1, N)
+            "order": [i for row in rows for i in row]}
+
+
+def segment_mask(q_seg, q_col, k_seg, k_col):
+    """The block-diagonal causal mask of packed rows (pack), (B, 1, Tq, Tk), True = may
+    attend: a query sees the keys of its own segment (example) at or before its column.
+
+    q_seg, q_col: (B, Tq) segment id and column of each query; k_seg, k_col: (B, Tk) of each
+    key (past keys first, then the new ones, as Attention concatenates them). A key that no
+    query may see gets a segment id no query has; a padding query gets one of its own, so that
+    it sees only itself (no all-masked row, no NaN)."""
+    same = q_seg[:, :, None] == k_seg[:, None, :]                              # (B, Tq, Tk)
+    return (same & (k_col[:, None, :] <= q_col[:, :, None]))[:, None]
+
+
+def prefill_mask(seg):
+    """The student prefill's mask over packed rows, (rows, 1, L, L): block-diagonal causal, each
+    pad column (segment -1) in a segment of its own (-1 - column), so that a pad query sees only
+    itself (no all-masked row, no NaN)."""
+    col = torch.arange(seg.shape[1], device=seg.device).expand_as(seg)
+    own = torch.where(seg >= 0, seg, -1 - col)                                # (rows, L)
+    return segment_mask(own, col, own, col)
+
+
+def teacher_inputs(batch, is_image, scope):
+    """What kvshare.teacher_continue runs on packed rows: (new_ids (rows, Lt), the teacher's
+    keyword inputs). The teacher's new tokens are the columns it runs ("run"), gathered
+    left-aligned per row; its past (added by the caller, scopes full / image) is the row's student
+    K/V, of which a query sees only its own example's shared columns. Its logits come out
+    (1, N, V) at the N response-predicting columns, in row order. is_image: (rows, L) student-only
+    columns."""
+    ids, seg, pos, ctx = (batch[k] for k in ("input_ids", "segment_ids", "position_ids",
+                                             "context_mask"))              # (rows, L) each
+    rows, L = ids.shape
+    real = seg >= 0
+    is_image = is_image & real                                              # (rows, L)
+    predicts = torch.zeros(rows * L, dtype=torch.bool, device=ids.device)
+    predicts[batch["logit_index"]] = True
+    predicts = predicts.view(rows, L)          # the column before a response token (rows, L)
+    if scope == "full":
+        if (is_image & ctx & predicts).any():
+            raise ValueError("scope 'full': a context ends with an image (student-only) token; the "
+                             "prompt after the image must have at least one text token")
+        run, shared = predicts, ctx & ~predicts   # last context token + response[:-1] | the rest
+    else:
+        run = real & ~is_image & (ctx | predicts)            # every text token but each last one
+        shared = is_image if scope == "image" else torch.zeros_like(real)
+    # text tokens of the example up to and including each column (rows, L)
+    cum = (real & ~is_image).long().cumsum(-1)
+    start = torch.arange(L, device=ids.device) - pos                        # example's 1st column
+    n_text = cum - torch.where(start > 0, cum.gather(1, (start - 1).clamp(min=0)), 0)
+    if scope == "image" and (is_image & (n_text > 0)).any():
+        raise ValueError("scope 'image' needs the image tokens before the prompt text in every "
+                         "context")
+    if scope == "none":                      # positions count the example's text tokens only
+        pos = (n_text - 1).clamp(min=0)
+    # the run columns of each row, left-aligned: cols (rows, Lt); slot j of row r is valid if
+    # j < (number of run columns of row r)
+    n_run = run.sum(1)                                                      # (rows,)
+    Lt = int(n_run.max())
+    cols = torch.argsort((~run).to(torch.int8), dim=1, stable=True)[:, :Lt]  # (rows, Lt)
+    slot = torch.arange(Lt, device=ids.device).expand(rows, Lt)
+    valid = slot < n_run[:, None]                                           # (rows, Lt)
+    new_ids = ids.gather(1, cols).masked_fill(~valid, 0)                    # (rows, Lt)
+    new_seg = torch.where(valid, seg.gather(1, cols), -1 - slot)           # pads: their own
+    # which new slot each response-predicting column is, as a flat index into rows * Lt
+    slot_of = run.long().cumsum(-1) - 1                                     # (rows, L)
+    at = batch["logit_index"]
+    out_index = (at // L) * Lt + slot_of.reshape(-1)[at]                    # (N,)
+    inputs = dict(position_ids=pos.gather(1, cols).masked_fill(~valid, 0), logits_start=out_index)
+    if scope == "none":
+        inputs["attention_mask"] = segment_mask(new_seg, cols, new_seg, cols)  # (rows,1,Lt,Lt)
+    else:
+        never = torch.full_like(seg, torch.iinfo(seg.dtype).min)   # a segment no query has
+        col = torch.arange(L, device=ids.device).expand(rows, L)
+        k_seg = torch.cat([torch.where(shared, seg, never), new_seg], 1)    # (rows, L + Lt)
+        k_col = torch.cat([col, cols], 1)
+        inputs["attention_mask"] = segment_mask(new_seg, cols, k_seg, k_col)  # (rows,1,Lt,L+Lt)
+    return new_ids, inputs
