@@ -35,6 +35,7 @@ import data
 import distill
 import eval as evaluation           # `eval` is a Python builtin: keep the module under another name
 import kvshare
+import oracle
 import stream
 import world
 from model import SIGLIP2_B16_512, Decoder, LMConfig, VisionConfig, grow_vocab, unwrap, \
@@ -74,6 +75,7 @@ class TrainConfig:
     vision_heads: int = 4         # vision tower heads
     patch_size: int = 4           # ViT patch side in pixels
     shuffle_factor: int = 2       # pixel shuffle: factor^2 patches -> one image token
+    tower: str = "learned"        # learned | oracle (a control, see oracle.py; not the method)
     # stage 1: pretrain
     pretrain_steps: int = 1500    # optimizer steps of the teacher LM
     pretrain_lr: float = 3e-3     # peak learning rate
@@ -448,6 +450,8 @@ def stage_adapt(setup, teacher):
     fine-tune with CE on vision-heavy data: the language ability erodes."""
     cfg, rt = setup.cfg, setup.runtime
     vlm = initial_student(cfg, teacher, setup.tok).to(rt.device)
+    if cfg.tower == "oracle":
+        vlm = oracle.OracleVLM.wrap(vlm, teacher, setup.data, setup.tok)
     vlm.decoder.gradient_checkpointing = cfg.grad_checkpointing
     vision_params = list(vlm.vision.parameters()) + list(vlm.projector.parameters())
     vlm.decoder.requires_grad_(False)
@@ -549,7 +553,7 @@ def check_config(cfg):
     """Every flag is checked here, before any work starts; each error names the flag."""
     choices = {"stage": STAGES, "policy": distill.POLICIES, "scope": kvshare.SCOPES,
                "kd": distill.DIVERGENCES, "device": ("auto", "cpu", "cuda"),
-               "preset": tuple(PRESETS)}
+               "preset": tuple(PRESETS), "tower": ("learned", "oracle")}
     for key, ok in choices.items():
         if getattr(cfg, key) not in ok:
             raise ValueError(f"--{key}={getattr(cfg, key)!r}; expected one of {list(ok)}")
@@ -574,6 +578,9 @@ def check_config(cfg):
         raise ValueError(f"--warmup_frac must be in [0, 1), got {cfg.warmup_frac}")
     if cfg.kd == "jsd" and not 0 < cfg.jsd_beta < 1:
         raise ValueError(f"--jsd_beta must be in (0, 1) for --kd=jsd, got {cfg.jsd_beta}")
+    if cfg.tower == "oracle" and (cfg.data_path or cfg.teacher_path or cfg.student_path):
+        raise ValueError("--tower=oracle is a tiny-world control: no --data_path, --teacher_path "
+                         "or --student_path")
     n_looks = len(world.COLOURS) * len(world.SHAPES)
     if not 4 <= cfg.n_entities <= n_looks:
         raise ValueError(f"--n_entities must be in [4, {n_looks}] (colour x shape), got "
@@ -709,6 +716,8 @@ def run(cfg):
         if os.path.isdir(adapted_dir) or not cfg.teacher_path:
             start = load_model_folder(adapted_dir)
             check_student_tokens(start, tok, adapted_dir)
+            if cfg.tower == "oracle":
+                start = oracle.OracleVLM.wrap(start, models["teacher"], examples, tok)
         else:
             start = initial_student(cfg, models["teacher"], tok)
         models["adapted"] = start.to(rt.device)
