@@ -297,7 +297,8 @@ FLAGS = {"seeds": ("0,1,2", "comma list of seeds: one pretrain + adapt + every v
 def main(argv):
     if toolflags.asks_help(argv, __doc__.split("\n\n")[1], FLAGS):
         return
-    opts, train_argv = toolflags.parse(argv, FLAGS)
+    opts, train_argv = toolflags.parse(argv, FLAGS, reserved=("seed", "stage", "variant",
+                                                               "policy", "scope"))
     try:
         seeds = [int(s) for s in opts["seeds"].split(",")]
         jobs, threads = int(opts["jobs"]), int(opts["threads"])

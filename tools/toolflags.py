@@ -24,9 +24,10 @@ def help_text(usage, own):
                                   "files too):" + train_help])
 
 
-def parse(argv, own):
+def parse(argv, own, reserved=()):
     """-> (opts: {flag: value string, the default where not given}, train_argv). A --key that is
-    neither the tool's nor train.py's is an error naming the closest flag of either."""
+    neither the tool's nor train.py's is an error naming the closest flag of either; so is a
+    train.py flag in `reserved` (the tool sets it itself)."""
     opts = {key: default for key, (default, _) in own.items()}
     train_keys = [f.name for f in fields(train.TrainConfig)]
     train_argv = []
@@ -36,6 +37,8 @@ def parse(argv, own):
             if not eq:
                 raise ValueError(f"--{key}: expected --{key}=value")
             opts[key] = val
+        elif arg.startswith("--") and key in reserved:
+            raise ValueError(f"--{key}: set by this tool itself; see --help for its own flags")
         elif arg.startswith("--") and key not in train_keys:
             raise unknown_key(key, [*own, *train_keys], "")
         else:
