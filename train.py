@@ -673,8 +673,10 @@ def get_config(argv):
                                    if f.name in read_json(path)})
     cfg = build_config(TrainConfig, PRESETS, overrides, files, base=saved)
     if saved is not None:
+        # --stage=distill: another variant beside the others (its own checkpoints keep it whole)
+        free = RUN_KEYS | ({"policy", "scope", "variant"} if cfg.stage == "distill" else set())
         diffs = [f"--{k}={getattr(cfg, k)!r} (the run has {getattr(saved, k)!r})"
-                 for k in asdict(cfg) if k not in RUN_KEYS and getattr(cfg, k) != getattr(saved, k)]
+                 for k in asdict(cfg) if k not in free and getattr(cfg, k) != getattr(saved, k)]
         if diffs:
             raise ValueError("--resume=true continues the run in --out_dir with its own config; "
                              f"these flags change what it trains: {', '.join(diffs)}. Drop them, "

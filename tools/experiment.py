@@ -8,6 +8,10 @@ t-intervals.
                              [--merge_lams=0.25,0.5,0.75] [TRAIN FLAGS]
   python tools/experiment.py --help           # every flag, its default and what it does
 
+Every VLM also gets the transfer measure T (eval.transfer: does the frozen teacher see the
+image through the KV handoff? 1 = as if it read the image's words, 0 = as if no image);
+--tower=oracle runs the positive control (oracle.py).
+
 The weight-merging baseline (no training): the adapted decoder interpolated toward the
 teacher, theta = (1 - lam) * theta_adapted + lam * theta_teacher (merge_toward_teacher);
 --merge_lams= (empty) leaves it out.
@@ -210,12 +214,14 @@ def format_differences(diffs, mean, ref="LinguDistill"):
 
 
 def format_per_seed(per_seed, seeds):
-    """Markdown: language, vision and recovery of every model, seed by seed."""
-    cell = lambda n, k: " / ".join(f"{100 * s[n][k]:.1f}" if k in s[n] else "—" for s in per_seed)
+    """Markdown: language, vision, recovery (points) and transfer T (eval.transfer) of every
+    model, seed by seed."""
+    cell = lambda n, k, scale=100, digits=1: " / ".join(
+        f"{scale * s[n][k]:.{digits}f}" if k in s[n] else "—" for s in per_seed)
     lines = [f"Per seed ({' / '.join(map(str, seeds))}):", "",
-             "| model | language | vision | recovery |", "|---|---|---|---|"]
-    lines += [f"| {n} | {cell(n, 'acc')} | {cell(n, 'vision')} | {cell(n, 'recovery')} |"
-              for n in per_seed[0]]
+             "| model | language | vision | recovery | transfer T |", "|---|---|---|---|---|"]
+    lines += [f"| {n} | {cell(n, 'acc')} | {cell(n, 'vision')} | {cell(n, 'recovery')} | "
+              f"{cell(n, 'transfer', 1, 2)} |" for n in per_seed[0]]
     return "\n".join(lines)
 
 
