@@ -123,7 +123,8 @@ def image_desc_match(student, teacher, world, tok, image_size):
 def aligned_model(cfg, teacher, tok, world):
     """The student right after ALIGN: train.py's initial student (with --tower=oracle, the
     oracle's) + the align stage's last checkpoint (its decoder is exactly the teacher's)."""
-    ckpts = train.Checkpoints(os.path.join(cfg.out_dir, "ckpt", "align"), cfg.keep_last)
+    ckpts = train.Checkpoints(os.path.join(cfg.out_dir, "ckpt", "align"), cfg.keep_last,
+                              train.RUN_KEYS)
     state = ckpts.load(ckpts.paths()[-1], cfg)
     assert state["step"] == cfg.align_steps, (state["step"], cfg.align_steps)
     vlm = train.initial_student(cfg, teacher, tok)
