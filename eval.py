@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import data
 import world
 import kvshare
+import oracle
 from model import VLM, Decoder, unwrap
 from runtime import read_json
 from weights import load_model_folder
@@ -320,6 +321,11 @@ def evaluate_folder(folder, teacher_folder=None):
                                                     "teacher")
     teacher = load_model_folder(teacher_folder) if os.path.isdir(teacher_folder) else None
     name, model = os.path.basename(os.path.normpath(folder)), load_model_folder(folder)
+    if cfg.get("tower") == "oracle":                 # a control's folder: re-attach the oracle
+        if teacher is None:
+            raise ValueError(f"{folder} was trained with --tower=oracle, whose image tokens come "
+                             "from the teacher: give --teacher=FOLDER")
+        model = oracle.OracleVLM.wrap(model, teacher, tiny, tok)
     rows = evaluate_models({name: model}, tiny, tok, cfg["image_size"], teacher=teacher)
     held_out = [it["context"] + it["options"][it["answer"]] for it in tiny.language_bench]
     return (format_table(rows) + "\nperplexity on the language benchmark's correct sentences: "

@@ -105,6 +105,11 @@ def test_train_tower_oracle_runs_and_the_flag_is_checked(tmp_path):
     rows = evaluation.evaluate_models(models, world, tok, 32)
     assert "transfer" in rows["distilled-again"]
     assert "transfer T" in evaluation.format_table(rows)
+    # eval.py on the saved folder re-attaches the oracle too
+    table = evaluation.evaluate_folder(str(out / "distilled-again"))
+    assert "transfer T" in table
+    with pytest.raises(ValueError, match="--teacher=FOLDER"):
+        evaluation.evaluate_folder(str(out / "distilled-again"), str(tmp_path / "none"))
     with pytest.raises(ValueError, match="--tower"):
         train.get_config(["--preset=smoke", "--tower=nope"])
     with pytest.raises(ValueError, match="--tower=oracle"):
