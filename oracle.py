@@ -30,7 +30,10 @@ import torch
 import data
 from model import VLM
 
-EPS = 0.25          # bound of the learned perturbation, relative to the teacher's embedding RMS
+# Bound of the learned perturbation, relative to the teacher's embedding RMS. Tiny world seed 0,
+# T after align (eval.transfer): 0.97 at EPS = 0 (no training), 0.94 at 0.1, 0.79 at 0.25
+# (align uses the room to carry vision, at the words' expense); vision 40 % at 0.1 and 0.25.
+EPS = 0.1
 
 
 def pixel_key(image):
@@ -44,9 +47,10 @@ class OracleVLM(VLM):
     state_dict() is a plain VLM's; index: pixel_key -> row of tokens."""
 
     @classmethod
-    def wrap(cls, vlm, teacher, world, tok, eps=EPS):
+    def wrap(cls, vlm, teacher, world, tok, eps=None):
         """An OracleVLM with `vlm`'s weights (a copy) for the images of `world` (world.World,
-        whose image examples carry a "desc"), reading `teacher`'s input embeddings."""
+        whose image examples carry a "desc"), reading `teacher`'s input embeddings. eps: the
+        perturbation's bound (None: EPS)."""
         if vlm.image_splitting is not None or vlm.view_token_ids:
             raise ValueError("--tower=oracle: one view per image only (no --image_splitting)")
         out = cls(vlm.decoder.cfg, vlm.vision.cfg, vlm.image_token_id, vlm.projector.factor)
@@ -73,7 +77,7 @@ class OracleVLM(VLM):
             index[pixel_key(data.image_views(ex["image"], S)[0][0])] = list(rows).index(desc)
         ids = torch.tensor(list(rows.values()))                                    # (E, n)
         out.register_buffer("tokens", emb[ids], persistent=False)                  # (E, n, D)
-        out.index, out.eps = index, eps
+        out.index, out.eps = index, EPS if eps is None else eps
         out.scale = float(emb.pow(2).mean().sqrt())               # the embeddings' RMS
         out.descs = list(rows)
         return out.to(next(vlm.parameters()).device).train(vlm.training)
