@@ -23,7 +23,8 @@ def variant_name(cfg):
 def check_config(cfg):
     """Every flag is checked here, before any work starts; each error names the flag."""
     choices = {"stage": STAGES, "policy": distill.POLICIES, "scope": kvshare.SCOPES,
-               "kd": distill.DIVERGENCES, "device": ("auto", "cpu", "cuda")}
+               "kd": distill.DIVERGENCES, "device": ("auto", "cpu", "cuda"),
+               "tower": ("learned", "oracle")}
     for key, ok in choices.items():
         if getattr(cfg, key) not in ok:
             raise ValueError(f"--{key}={getattr(cfg, key)!r}; expected one of {list(ok)}")
@@ -50,6 +51,9 @@ def check_config(cfg):
         raise ValueError(f"--warmup_frac must be in [0, 1), got {cfg.warmup_frac}")
     if cfg.kd == "jsd" and not 0 < cfg.jsd_beta < 1:
         raise ValueError(f"--jsd_beta must be in (0, 1) for --kd=jsd, got {cfg.jsd_beta}")
+    if cfg.tower == "oracle" and (cfg.data_path or cfg.teacher_path or cfg.student_path):
+        raise ValueError("--tower=oracle is a tiny-world control: no --data_path, --teacher_path "
+                         "or --student_path")
     n_looks = len(world.COLOURS) * len(world.SHAPES)
     if not 4 <= cfg.n_entities <= n_looks:
         raise ValueError(f"--n_entities must be in [4, {n_looks}] (colour x shape), got "

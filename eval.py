@@ -14,6 +14,8 @@ Metrics
 - teacher-through-handoff (diagnostic): the frozen teacher answering knowledge VQA from the
   student's image KV (kvshare.teacher_continue). If it is at chance, KD on image-grounded
   sources cannot help.
+- transfer T (does the teacher see the image?): how much of what the image's words would tell
+  the teacher reaches it through the handoff, 1 = all, 0 = nothing (see `transfer`).
 """
 import argparse
 import math
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 import data
 import world
 import kvshare
+import oracle
 from model import VLM, Decoder, unwrap
 from runtime import read_json
 from weights import load_model_folder
@@ -135,6 +138,71 @@ def teacher_handoff_accuracy(student, teacher, items, tok, image_size=32, scope=
     return sum(hits) / max(1, len(hits))
 
 
+def transfer_from_logits(oracle, handoff, blind, splits=None):
+    """The transfer measure from three next-token logit sets of the frozen teacher over the same
+    N prompts, each (N, V): oracle (the image replaced by its words, on the teacher's own text),
+    handoff (continuing from the student's KV, scope full), blind (no image, scope none).
+
+      T = 1 - mean_n KL(p_oracle || p_handoff) / mean_n KL(p_oracle || p_blind)
+
+    (a ratio of means over prompts): 1 when the handoff gives the teacher what the words give
+    it, 0 when it gives no more than no image at all, < 0 when it misleads; nan when the words
+    tell the teacher nothing (mean KL to blind = 0). top1: how often the handoff's argmax is
+    the oracle's. splits (N labels, e.g. "seen"/"unseen"): the same per split, keys suffixed
+    "_<split>". Returns {"transfer", "transfer_top1", "kl_handoff", "kl_blind", ...}."""
+    lo, lh, lb = (F.log_softmax(x.float(), -1) for x in (oracle, handoff, blind))   # (N, V)
+    p = lo.exp()
+    kl_h, kl_b = (p * (lo - lh)).sum(-1), (p * (lo - lb)).sum(-1)                    # (N,)
+    top1 = (lh.argmax(-1) == lo.argmax(-1)).float()                                  # (N,)
+    groups = {"": torch.ones_like(top1, dtype=torch.bool)}
+    for s in sorted(set(splits or [])):
+        groups[f"_{s}"] = torch.tensor([x == s for x in splits], device=top1.device)
+    out = {}
+    for suffix, g in groups.items():
+        mean_h, mean_b = float(kl_h[g].mean()), float(kl_b[g].mean())
+        out[f"transfer{suffix}"] = 1 - mean_h / mean_b if mean_b > 0 else float("nan")
+        out[f"transfer_top1{suffix}"] = float(top1[g].mean())
+        out[f"kl_handoff{suffix}"], out[f"kl_blind{suffix}"] = mean_h, mean_b
+    return out
+
+
+def oracle_example(item):
+    """The item as the teacher's own text: its <image> replaced by the image's words,
+    "<image> eats" -> "the red circle eats" (items need a "desc", as world.py's have)."""
+    if "desc" not in item or data.IMAGE_TOKEN not in item["prompt"]:
+        raise ValueError(f"transfer: item {item['prompt']!r} needs an {data.IMAGE_TOKEN} in its "
+                         "prompt and a \"desc\" (the words for its image)")
+    return {"image": None, "prompt": item["prompt"].replace(data.IMAGE_TOKEN, item["desc"]),
+            "response": item["response"], "source": "oracle"}
+
+
+@torch.no_grad()
+def transfer(student, teacher, items, tok, image_size=32, batch_size=64):
+    """Does the frozen teacher see the image? For each item (an image example with a "desc",
+    e.g. world.knowledge_bench: "<image> eats" on a render of the red circle), the teacher's
+    distribution over the first response token three ways: p_oracle on "the red circle eats"
+    (its own text), p_handoff from the student's KV (kvshare scope "full"), p_blind from the
+    prompt text alone (scope "none"). Returns transfer_from_logits(...), per "split" too if
+    the items have one."""
+    was_training = student.training
+    student.eval()
+    device = next(student.parameters()).device
+    oracle_rows = [oracle_example(it) for it in items]
+    handoff, blind, oracle = [], [], []
+    try:
+        for b in batches(items, tok, student, image_size, batch_size, device):
+            _, kv = kvshare.student_prefill(student, b)
+            for scope, out in (("full", handoff), ("none", blind)):
+                logits = kvshare.teacher_continue(teacher, kv, b, student.student_only_ids, scope)
+                out.append(logits[:, 0].float())                                    # (B, V)
+    finally:
+        student.train(was_training)
+    for b in batches(oracle_rows, tok, teacher, image_size, batch_size, device):
+        oracle.append(response_logits(teacher, b)[:, 0])                            # (B, V)
+    splits = [it["split"] for it in items] if all("split" in it for it in items) else None
+    return transfer_from_logits(torch.cat(oracle), torch.cat(handoff), torch.cat(blind), splits)
+
+
 @torch.no_grad()
 def perplexity(model, texts, tok, batch_size=32):
     """exp(mean next-token NLL) over texts; each text's first word is the context, the rest
@@ -156,7 +224,8 @@ def perplexity(model, texts, tok, batch_size=32):
 
 def evaluate_models(models, tiny, tok, image_size, teacher=None):
     """One row per model on the tiny world `tiny`: language MC (overall, seen/unseen), vision
-    VQA, knowledge VQA and the teacher-through-handoff diagnostic (for every VLM)."""
+    VQA, knowledge VQA, and for every VLM the teacher-through-handoff diagnostic and the
+    transfer measure on knowledge VQA (`transfer`'s keys: transfer, transfer_seen, ...)."""
     teacher = teacher or models.get("teacher")
     if teacher is not None:
         kvshare.freeze(teacher)
@@ -173,16 +242,18 @@ def evaluate_models(models, tiny, tok, image_size, teacher=None):
             if teacher is not None:
                 row["teacher_handoff"] = teacher_handoff_accuracy(
                     model, teacher, tiny.knowledge_bench, tok, image_size)
+                row.update(transfer(model, teacher, tiny.knowledge_bench, tok, image_size))
         rows[name] = row
     return rows
 
 
 COLUMNS = [("acc", "language"), ("acc_seen", "lang seen"), ("acc_unseen", "lang unseen"),
            ("vision", "vision"), ("knowledge_vqa", "knowledge VQA"),
-           ("teacher_handoff", "teacher via handoff"), ("recovery", "recovery")]
+           ("teacher_handoff", "teacher via handoff"), ("transfer", "transfer T"),
+           ("recovery", "recovery")]
 
 
-def format_table(rows, std=None, columns=COLUMNS, plain=("ppl",)):
+def format_table(rows, std=None, columns=COLUMNS, plain=("ppl", "transfer")):
     """Markdown table; `std` (same shape as rows) adds ± columns for multi-seed means.
     columns: (key, header) pairs, shown if any row has the key; keys in `plain` are printed as
     they are (e.g. perplexity), the others as percentages."""
@@ -216,6 +287,11 @@ def evaluate_folder(folder, teacher_folder=None):
                                                     "teacher")
     teacher = load_model_folder(teacher_folder) if os.path.isdir(teacher_folder) else None
     name, model = os.path.basename(os.path.normpath(folder)), load_model_folder(folder)
+    if cfg.get("tower") == "oracle":                 # a control's folder: re-attach the oracle
+        if teacher is None:
+            raise ValueError(f"{folder} was trained with --tower=oracle, whose image tokens come "
+                             "from the teacher: give --teacher=FOLDER")
+        model = oracle.OracleVLM.wrap(model, teacher, tiny, tok)
     rows = evaluate_models({name: model}, tiny, tok, cfg["image_size"], teacher=teacher)
     held_out = [it["context"] + it["options"][it["answer"]] for it in tiny.language_bench]
     return (format_table(rows) + "\nperplexity on the language benchmark's correct sentences: "

@@ -436,8 +436,13 @@ class VLM(nn.Module):
                              f"{self.n_image_tokens} tokens)")
         if n_feats == 0:
             return x
-        feats = self.projector(self.vision(images)).to(x.dtype)                  # (N, n_img_tok, D)
+        feats = self.image_features(images).to(x.dtype)                          # (N, n_img_tok, D)
         return x.masked_scatter(slots[..., None], feats.reshape(-1, x.shape[-1]))
+
+    def image_features(self, images):
+        """images (N, 3, H, W) -> the decoder inputs of their image tokens (N, n_image_tokens,
+        D): vision tower, then projector. (oracle.OracleVLM replaces this for a control.)"""
+        return self.projector(self.vision(images))
 
     def forward(self, input_ids, images=None, attention_mask=None, position_ids=None,
                 use_cache=False, logits_start=0):

@@ -35,6 +35,7 @@ import data
 import distill
 import eval as evaluation           # `eval` is a Python builtin: keep the module under another name
 import kvshare
+import oracle
 import stream
 import world
 from checks import (check_config, check_out_dir, check_student_tokens, stages_to_train,
@@ -76,6 +77,7 @@ class TrainConfig:
     vision_heads: int = 4         # vision tower heads
     patch_size: int = 4           # ViT patch side in pixels
     shuffle_factor: int = 2       # pixel shuffle: factor^2 patches -> one image token
+    tower: str = "learned"        # learned | oracle (a control, see oracle.py; not the method)
     # stage 1: pretrain
     pretrain_steps: int = 1500    # optimizer steps of the teacher LM
     pretrain_lr: float = 3e-3     # peak learning rate
@@ -454,6 +456,8 @@ def stage_adapt(setup, teacher):
     fine-tune with CE on vision-heavy data: the language ability erodes."""
     cfg, runtime = setup.cfg, setup.runtime
     vlm = initial_student(cfg, teacher, setup.tok).to(runtime.device)
+    if cfg.tower == "oracle":                     # the control (oracle.py), not the method
+        vlm = oracle.OracleVLM.wrap(vlm, teacher, setup.data, setup.tok)
     vlm.decoder.gradient_checkpointing = cfg.grad_checkpointing
     vision_params = list(vlm.vision.parameters()) + list(vlm.projector.parameters())
     vlm.decoder.requires_grad_(False)
@@ -580,6 +584,8 @@ def run(cfg):
         if os.path.isdir(adapted_dir) or not cfg.teacher_path:
             start = load_model_folder(adapted_dir)
             check_student_tokens(start, tok, adapted_dir)
+            if cfg.tower == "oracle":
+                start = oracle.OracleVLM.wrap(start, models["teacher"], examples, tok)
         else:
             start = initial_student(cfg, models["teacher"], tok)
         models["adapted"] = start.to(runtime.device)

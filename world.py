@@ -100,7 +100,8 @@ class Entity:
 
 @dataclass
 class World:
-    """Everything build_world makes. Examples: {"image", "prompt", "response", "source"};
+    """Everything build_world makes. Examples: {"image", "prompt", "response", "source"} and,
+    with an image, "desc" (the words for what it shows, "the red circle": eval.transfer);
     language_bench items: {"context", "options", "answer", "split"}; knowledge_bench items
     are examples with a "split" too."""
     seed: int
@@ -252,13 +253,13 @@ def _vision_example(source, e, scenes, fresh=False):
     answer, image = scenes.draw(e, source if source in ("count", "position") else "single", fresh)
     answer = {"colour": e.colour, "shape": e.shape, "caption": e.a_desc}.get(source, answer)
     return {"image": image, "prompt": VISION_PROMPTS[source], "response": f" {answer} .",
-            "source": source}
+            "source": source, "desc": e.desc}
 
 
 def _knowledge_example(e, relation, template, scenes, fresh=False):
     prompt, response = fact(TEMPLATES[relation][template], IMAGE_TOKEN, e.value(relation))
     return {"image": scenes.draw(e, "single", fresh)[1], "prompt": prompt, "response": response,
-            "source": "knowledge_vqa"}
+            "source": "knowledge_vqa", "desc": e.desc}
 
 
 def _mc_item(e, relation, kind, entities, rng):

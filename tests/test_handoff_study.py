@@ -18,7 +18,7 @@ from model import Decoder, vlm_from_teacher  # noqa: E402
 def test_kv_drift_zero_for_the_teacher_decoder_positive_after_a_perturbed_k_proj():
     torch.manual_seed(0)
     cfg = train.get_config(["--preset=smoke"])
-    world, tok = train.build_world_and_tokenizer(cfg)
+    world, tok = train.build_data_and_tokenizer(cfg)
     teacher = kvshare.freeze(Decoder(train.lm_config(cfg, tok)))
     student = vlm_from_teacher(teacher, train.vision_config(cfg),
                                tok.token_to_id(data.IMAGE_TOKEN))
@@ -43,6 +43,7 @@ def test_study_runs_end_to_end_on_smoke_sizes(tmp_path):
     for name, r in rows.items():
         assert all(0.0 <= r[k] <= 1.0 for k in ("acc", "vision", "knowledge_vqa",
                                                  "teacher_handoff", "handoff_image"))
+        assert {"transfer", "transfer_seen", "transfer_unseen", "transfer_top1"} <= set(r)
         if name.endswith("aligned"):       # the decoder is the teacher's: no drift, same answers
             assert max(r["drift"]["k"] + r["drift"]["v"]) == 0.0
             assert r["teacher_handoff"] == r["knowledge_vqa"]

@@ -4,8 +4,13 @@ KD, LinguDistill, weight merges}, every model on the tiny world's benchmarks, me
 seeds, and paired per-seed differences of LinguDistill against each baseline with 95 %
 t-intervals.
 
-  python tools/experiment.py --seeds=0,1,2 [--jobs=3] [--out_dir=out/experiment]
+  python tools/experiment.py --seeds=0,1,2 [--jobs=3] [--threads=0] [--out_dir=out/experiment]
                              [--merge_lams=0.25,0.5,0.75] [TRAIN FLAGS]
+  python tools/experiment.py --help           # every flag, its default and what it does
+
+Every VLM also gets the transfer measure T (eval.transfer: does the frozen teacher see the
+image through the KV handoff? 1 = as if it read the image's words, 0 = as if no image);
+--tower=oracle runs the positive control (oracle.py).
 
 The weight-merging baseline (no training): the adapted decoder interpolated toward the
 teacher, theta = (1 - lam) * theta_adapted + lam * theta_teacher (merge_toward_teacher);
@@ -24,8 +29,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import eval as evaluation  # noqa: E402
+import toolflags  # noqa: E402
 import train  # noqa: E402
 from runtime import write_json, write_text  # noqa: E402
 
@@ -97,8 +104,9 @@ def run_seed(seed, train_argv, out_dir, merge_lams=MERGE_LAMS):
 
 
 def _run_seed_to_file(args):
-    seed, train_argv, out_dir, jobs, merge_lams = args
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // jobs))   # share the cores between seeds
+    seed, train_argv, out_dir, jobs, merge_lams, threads = args
+    # share the cores between seeds (CPU float results, hence the models, depend on it)
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // jobs))
     rows = run_seed(seed, train_argv, out_dir, merge_lams)
     write_json(os.path.join(out_dir, f"seed{seed}.json"), rows)
     return rows
@@ -206,12 +214,14 @@ def format_differences(diffs, mean, ref="LinguDistill"):
 
 
 def format_per_seed(per_seed, seeds):
-    """Markdown: language, vision and recovery of every model, seed by seed."""
-    cell = lambda n, k: " / ".join(f"{100 * s[n][k]:.1f}" if k in s[n] else "—" for s in per_seed)
+    """Markdown: language, vision, recovery (points) and transfer T (eval.transfer) of every
+    model, seed by seed."""
+    cell = lambda n, k, scale=100, digits=1: " / ".join(
+        f"{scale * s[n][k]:.{digits}f}" if k in s[n] else "—" for s in per_seed)
     lines = [f"Per seed ({' / '.join(map(str, seeds))}):", "",
-             "| model | language | vision | recovery |", "|---|---|---|---|"]
-    lines += [f"| {n} | {cell(n, 'acc')} | {cell(n, 'vision')} | {cell(n, 'recovery')} |"
-              for n in per_seed[0]]
+             "| model | language | vision | recovery | transfer T |", "|---|---|---|---|---|"]
+    lines += [f"| {n} | {cell(n, 'acc')} | {cell(n, 'vision')} | {cell(n, 'recovery')} | "
+              f"{cell(n, 'transfer', 1, 2)} |" for n in per_seed[0]]
     return "\n".join(lines)
 
 
@@ -266,10 +276,10 @@ def report(seeds, train_argv, per_seed, seconds):
                   "paired_differences": diffs}
 
 
-def experiment(seeds, train_argv, out_dir, jobs=1, merge_lams=MERGE_LAMS):
+def experiment(seeds, train_argv, out_dir, jobs=1, merge_lams=MERGE_LAMS, threads=0):
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
-    args = [(s, train_argv, out_dir, jobs, merge_lams) for s in seeds]
+    args = [(s, train_argv, out_dir, jobs, merge_lams, threads) for s in seeds]
     if jobs > 1:
         with mp.get_context("spawn").Pool(jobs) as pool:
             per_seed = pool.map(_run_seed_to_file, args)
@@ -282,35 +292,34 @@ def experiment(seeds, train_argv, out_dir, jobs=1, merge_lams=MERGE_LAMS):
     return text
 
 
+FLAGS = {"seeds": ("0,1,2", "comma list of seeds: one pretrain + adapt + every variant each"),
+         "jobs": ("1", "seeds trained at once, in parallel processes"),
+         "threads": ("0", "torch threads per seed process (0: CPU cores // --jobs)"),
+         "out_dir": ("out/experiment", "seed<N>/ folders, experiment.md / .json / .png"),
+         "merge_lams": (",".join(f"{lam:g}" for lam in MERGE_LAMS),
+                        "merge toward the teacher at these λ (empty: no merges)")}
+
+
 def main(argv):
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
+    if toolflags.asks_help(argv, __doc__.split("\n\n")[1], FLAGS):
         return
-    opts = {"seeds": "0,1,2", "jobs": "1", "out_dir": "out/experiment",
-            "merge_lams": ",".join(f"{lam:g}" for lam in MERGE_LAMS)}
-    train_argv = []
-    for arg in argv:
-        key, eq, val = arg[2:].partition("=")
-        if arg.startswith("--") and key in opts:
-            if not eq:
-                raise ValueError(f"--{key}: expected --{key}=value")
-            opts[key] = val
-        else:
-            train_argv.append(arg)                # passed to train.py, validated here first
+    opts, train_argv = toolflags.parse(argv, FLAGS, reserved=("seed", "stage", "variant",
+                                                               "policy", "scope"))
     try:
         seeds = [int(s) for s in opts["seeds"].split(",")]
-        jobs = int(opts["jobs"])
+        jobs, threads = int(opts["jobs"]), int(opts["threads"])
         lams = [float(x) for x in opts["merge_lams"].split(",") if x]
     except ValueError:
         raise ValueError(f"--seeds={opts['seeds']} --jobs={opts['jobs']} "
-                         f"--merge_lams={opts['merge_lams']}: expected a comma list of integers, "
-                         "an integer and a comma list of numbers") from None
-    if jobs < 1:
-        raise ValueError(f"--jobs={jobs}: expected >= 1")
+                         f"--threads={opts['threads']} --merge_lams={opts['merge_lams']}: expected "
+                         "a comma list of integers, two integers and a comma list of "
+                         "numbers") from None
+    if jobs < 1 or threads < 0:
+        raise ValueError(f"--jobs={jobs} --threads={threads}: expected >= 1 and >= 0")
     if not all(0 <= lam <= 1 for lam in lams):
         raise ValueError(f"--merge_lams={opts['merge_lams']}: expected numbers in [0, 1]")
     train.get_config(train_argv)                  # bad train flags fail before any work
-    print(experiment(seeds, train_argv, opts["out_dir"], jobs, lams))
+    print(experiment(seeds, train_argv, opts["out_dir"], jobs, lams, threads))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ after ADAPT, after DISTILL) and under three interventions.
 
   python tools/handoff_study.py [--seed=0] [--out_dir=out/handoff] [--only=NAME]
                                 [--pipelines=NAME,NAME] [TRAIN FLAGS]
+  python tools/handoff_study.py --help        # every flag, its default and what it does
 
 --only=NAME trains one pipeline and stops; --pipelines= picks which are trained and measured
 (default: all, in this order). NAMEs: base,
@@ -32,6 +33,11 @@ needs the image AND the text-only knowledge; chance about 10):
   teacher's mean V over "the <colour> <shape>", each centred over entities; top-1 cosine
   retrieval among all entities
   (chance 1/n_entities), the best layer.
+- T (seen / unseen), top1: eval.transfer on knowledge VQA: 1 - mean KL(p_oracle || p_handoff) /
+  mean KL(p_oracle || p_blind), the teacher's next-token distributions with the image's words
+  in its place (oracle), from the student's KV (handoff, scope full), without the image
+  (blind); top1 = how often the handoff's argmax is the oracle's. 1: the teacher sees the
+  image as if it read its words; 0: no better than no image.
 - language / vision: eval.evaluate_models (4-way MC on held-out text facts; vision VQA).
 """
 import os
@@ -42,9 +48,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import eval as evaluation  # noqa: E402
 import kvshare  # noqa: E402
+import oracle  # noqa: E402
+import toolflags  # noqa: E402
 import train  # noqa: E402
 from runtime import write_json, write_text  # noqa: E402
 
@@ -111,13 +120,16 @@ def image_desc_match(student, teacher, world, tok, image_size):
     return hits
 
 
-def aligned_model(cfg, teacher, tok):
-    """The student right after ALIGN: train.py's initial student + the align stage's last
-    checkpoint (its decoder is exactly the teacher's)."""
-    ckpts = train.Checkpoints(os.path.join(cfg.out_dir, "ckpt", "align"), cfg.keep_last)
+def aligned_model(cfg, teacher, tok, world):
+    """The student right after ALIGN: train.py's initial student (with --tower=oracle, the
+    oracle's) + the align stage's last checkpoint (its decoder is exactly the teacher's)."""
+    ckpts = train.Checkpoints(os.path.join(cfg.out_dir, "ckpt", "align"), cfg.keep_last,
+                              train.RUN_KEYS)
     state = ckpts.load(ckpts.paths()[-1], cfg)
     assert state["step"] == cfg.align_steps, (state["step"], cfg.align_steps)
     vlm = train.initial_student(cfg, teacher, tok)
+    if cfg.tower == "oracle":
+        vlm = oracle.OracleVLM.wrap(vlm, teacher, world, tok)
     vlm.load_state_dict(state["model"])
     return vlm.eval()
 
@@ -145,7 +157,7 @@ def train_pipeline(name, seed, out_dir, train_argv):
         train.run(train.get_config(argv + ["--stage=pretrain"]))
     if name != "scope image":
         models, world, tok = train.run(train.get_config(argv + ["--stage=adapt"]))
-        points["aligned"] = aligned_model(cfg, models["teacher"], tok)
+        points["aligned"] = aligned_model(cfg, models["teacher"], tok, world)
         points["adapted"] = models["adapted"]
     models, world, tok = train.run(train.get_config(argv + ["--stage=distill"]))
     points["distilled"] = models[f"distilled-{train.variant_name(cfg)}"]
@@ -161,6 +173,7 @@ def measure(model, teacher, world, tok, image_size, text):
         row[f"kvqa_{split}"] = evaluation.vqa_accuracy(model, items, tok, image_size)
         row[f"handoff_{split}"] = evaluation.teacher_handoff_accuracy(model, teacher, items, tok,
                                                                       image_size)
+    row.update(evaluation.transfer(model, teacher, world.knowledge_bench, tok, image_size))
     row["drift"] = kv_drift(model, teacher, text)
     row["img_desc"] = image_desc_match(model, teacher, world, tok, image_size)
     return row
@@ -170,13 +183,16 @@ def format_results(rows):
     cols = [("acc", "language"), ("vision", "vision"), ("knowledge_vqa", "kvqa (student)"),
             ("teacher_handoff", "handoff full"), ("handoff_image", "handoff image")]
     lines = ["| pipeline / point | " + " | ".join(h for _, h in cols)
-             + " | kvqa seen/unseen | handoff seen/unseen | K drift | V drift"
-             " | img->desc (best layer) |", "|---" * (len(cols) + 6) + "|"]
+             + " | kvqa seen/unseen | handoff seen/unseen | T | T seen/unseen | top1 | K drift"
+             " | V drift | img->desc (best layer) |", "|---" * (len(cols) + 9) + "|"]
     for name, r in rows.items():
         mean = {k: sum(v) / len(v) for k, v in r["drift"].items()}
         lines.append(f"| {name} | " + " | ".join(f"{100 * r[k]:.1f}" for k, _ in cols)
                      + f" | {100 * r['kvqa_seen']:.0f} / {100 * r['kvqa_unseen']:.0f}"
                      + f" | {100 * r['handoff_seen']:.0f} / {100 * r['handoff_unseen']:.0f}"
+                     + f" | {r['transfer']:.2f} | {r.get('transfer_seen', float('nan')):.2f} / "
+                     f"{r.get('transfer_unseen', float('nan')):.2f}"
+                     + f" | {100 * r['transfer_top1']:.0f}"
                      + f" | {mean['k']:.3f} | {mean['v']:.3f} | {100 * max(r['img_desc']):.1f} |")
     lines += ["", "Per-layer drift (K / V, layer 0 first) and img->desc per layer:", ""]
     for name, r in rows.items():
@@ -186,16 +202,20 @@ def format_results(rows):
     return "\n".join(lines)
 
 
+FLAGS = {"seed": ("0", "the one seed of the study (world, init, batches)"),
+         "out_dir": ("out/handoff", "seed<N>/<pipeline>/ folders, handoff.md and handoff.json"),
+         "only": ("", "train this one pipeline and stop (no measuring); empty: all"),
+         "pipelines": (",".join(PIPELINES), "comma list of the pipelines trained and measured")}
+
+
 def main(argv):
-    opts, train_argv = {"seed": "0", "out_dir": "out/handoff", "only": "",
-                        "pipelines": ",".join(PIPELINES)}, []
-    for arg in argv:
-        key, _, val = arg[2:].partition("=")
-        if key in opts:
-            opts[key] = val
-        else:
-            train_argv.append(arg)
-    seed, out_dir = int(opts["seed"]), opts["out_dir"]
+    if toolflags.asks_help(argv, __doc__.split("\n\n")[1], FLAGS):
+        return None
+    opts, train_argv = toolflags.parse(argv, FLAGS, reserved=("stage", "eval", "resume"))
+    try:
+        seed, out_dir = int(opts["seed"]), opts["out_dir"]
+    except ValueError:
+        raise ValueError(f"--seed={opts['seed']!r}: expected an integer") from None
     if opts["only"]:
         if opts["only"] not in PIPELINES:
             raise ValueError(f"--only={opts['only']!r}; expected one of {PIPELINES}")

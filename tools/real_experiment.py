@@ -8,6 +8,7 @@ baselines and paired statistics as tools/experiment.py.
   python tools/real_experiment.py --teacher=.weights/smollm2-135m --seeds=0,1,2
       [--bigbench=.weights/bigbench-1.0.0.tar.gz] [--out_dir=out/real] [--items=60]
       [--merge_lams=0.25,0.5] [TRAIN FLAGS, e.g. --adapt_steps=120 --device=cuda]
+  python tools/real_experiment.py --help      # every flag, its default and what it does
 
 The data (written once to <out_dir>/data, the same for every seed):
 - vision-heavy sources (CE only in LinguDistill): the tiny world's renders (world.build_world,
@@ -45,6 +46,7 @@ import world  # noqa: E402
 import chat  # noqa: E402
 import eval as ev  # noqa: E402
 import experiment  # noqa: E402
+import toolflags  # noqa: E402
 import train  # noqa: E402
 from model import VLM  # noqa: E402
 from runtime import atomic_write, write_json, write_text  # noqa: E402
@@ -195,17 +197,21 @@ def plot(mean, std, path):
     return True
 
 
+FLAGS = {"teacher": ("", "the teacher: a Hugging Face SmolLM2 folder (tools/convert_gguf.py)"),
+         "seeds": ("0,1,2", "comma list of seeds: one align + adapt + every variant each"),
+         "out_dir": (os.path.join("out", "real"), "data/, seed<N>/, real.md / .json / .png"),
+         "bigbench": (bigbench.DEFAULT_SOURCE, "the BIG-bench archive or folder"),
+         "items": ("60", "items per BIG-bench dev task (the first ones, file order)"),
+         "merge_lams": ("0.25,0.5", "merge toward the teacher at these λ (empty: no merges)"),
+         "variants": (",".join(experiment.VARIANTS), "comma list of the distill variants")}
+
+
 def parse_args(argv):
-    opts = {"teacher": "", "seeds": "0,1,2", "out_dir": os.path.join("out", "real"),
-            "bigbench": bigbench.DEFAULT_SOURCE, "items": "60", "merge_lams": "0.25,0.5",
-            "variants": ",".join(experiment.VARIANTS)}
-    train_argv = []
-    for arg in argv:
-        key, eq, val = arg[2:].partition("=")
-        if arg.startswith("--") and key in opts and eq:
-            opts[key] = val
-        else:
-            train_argv.append(arg)
+    """-> (opts, train_argv); None when argv asks for --help (printed)."""
+    if toolflags.asks_help(argv, __doc__.split("\n\n")[1], FLAGS):
+        return None
+    opts, train_argv = toolflags.parse(argv, FLAGS, reserved=(
+        "teacher_path", "data_path", "kd_sources", "seed", "stage", "variant"))
     if not opts["teacher"] or not os.path.isdir(opts["teacher"]):
         raise ValueError(f"--teacher={opts['teacher']!r}: expected a Hugging Face SmolLM2 folder "
                          "(tools/convert_gguf.py, README 'Real weights and real data')")
@@ -229,7 +235,10 @@ def parse_args(argv):
 
 
 def main(argv):
-    opts, train_argv = parse_args(argv)
+    parsed = parse_args(argv)
+    if parsed is None:
+        return
+    opts, train_argv = parsed
     out = opts["out_dir"]
     os.makedirs(out, exist_ok=True)
     t_start = time.time()

@@ -1,0 +1,116 @@
+"""The transfer measure (eval.transfer) and the oracle-tower control (oracle.py, --tower=oracle)."""
+import math
+import types
+
+import pytest
+import torch
+
+import data
+import eval as evaluation
+import kvshare
+import oracle
+import train
+from model import Decoder, VisionConfig, vlm_from_teacher
+from weights import load_model_folder, save_vlm
+
+
+def test_transfer_is_one_for_the_oracle_and_zero_for_blind_on_hand_made_distributions():
+    oracle_logits, blind = torch.randn(6, 11), torch.randn(6, 11)
+    splits = ["seen", "unseen"] * 3
+    same = evaluation.transfer_from_logits(oracle_logits, oracle_logits, blind, splits)
+    assert same["transfer"] == same["transfer_seen"] == same["transfer_unseen"] == 1.0
+    assert same["transfer_top1"] == 1.0 and same["kl_handoff"] == 0.0 and same["kl_blind"] > 0
+    none = evaluation.transfer_from_logits(oracle_logits, blind, blind, splits)
+    assert none["transfer"] == none["transfer_seen"] == 0.0
+    assert none["transfer_top1"] == float((blind.argmax(-1) == oracle_logits.argmax(-1)).float()
+                                          .mean())
+    # halfway in log space is in between; a ratio of MEANS over prompts, not a mean of ratios
+    half = evaluation.transfer_from_logits(oracle_logits, (oracle_logits + blind) / 2, blind)
+    assert 0 < half["transfer"] < 1
+    lo, lh, lb = (torch.log_softmax(x, -1) for x in (oracle_logits, (oracle_logits + blind) / 2,
+                                                      blind))
+    kl = lambda q: (lo.exp() * (lo - q)).sum(-1)
+    assert half["transfer"] == pytest.approx(1 - float(kl(lh).mean() / kl(lb).mean()), abs=1e-6)
+    # no information in the words: T is undefined, not a number
+    assert math.isnan(evaluation.transfer_from_logits(blind, oracle_logits, blind)["transfer"])
+
+
+def smoke_world():
+    cfg = train.get_config(["--preset=smoke"])
+    world, tok = train.build_data_and_tokenizer(cfg)
+    return cfg, world, tok
+
+
+def test_transfer_is_one_when_the_image_tokens_are_the_descriptions_own_embeddings():
+    """Identity: the student is the teacher's decoder and its image tokens are the teacher's
+    embeddings of the description's tokens (oracle tower, no perturbation, exactly as many image
+    tokens as description tokens): the handoff IS the teacher reading the words."""
+    cfg, world, tok = smoke_world()
+    teacher = Decoder(train.lm_config(cfg, tok))          # any weights, far from uniform outputs
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.normal_(0.0, 0.3 if p.ndim > 1 else 1.0)
+    kvshare.freeze(teacher)
+    # 48 px / patch 4 / shuffle 4: 3 x 3 = 9 image tokens; the items whose words are 9 tokens
+    vision = VisionConfig(image_size=48, patch_size=4, dim=32, n_layers=1, n_heads=2, mlp_dim=64)
+    items = [it for it in world.knowledge_bench if len(tok.encode(it["desc"]).ids) == 9]
+    assert len(items) >= 2
+    student = vlm_from_teacher(teacher, vision, tok.token_to_id(data.IMAGE_TOKEN), 4)
+    only = types.SimpleNamespace(sources={}, vision_bench=[], knowledge_bench=items)
+    student = oracle.OracleVLM.wrap(student, teacher, only, tok, eps=0.0)
+    assert student.n_image_tokens == 9
+    out = evaluation.transfer(student, teacher, items, tok, image_size=48)
+    assert out["kl_blind"] > 0.01
+    assert out["transfer"] == pytest.approx(1.0, abs=1e-4)
+    assert out["transfer_top1"] == 1.0
+    # a student whose image tokens say nothing useful transfers far less
+    plain = vlm_from_teacher(teacher, vision, tok.token_to_id(data.IMAGE_TOKEN), 4)
+    assert evaluation.transfer(plain, teacher, items, tok, image_size=48)["transfer"] < 0.9
+
+
+def test_oracle_tower_is_bounded_round_trips_and_refuses_unknown_images(tmp_path):
+    cfg, world, tok = smoke_world()
+    teacher = kvshare.freeze(Decoder(train.lm_config(cfg, tok)))
+    student = train.initial_student(cfg, teacher, tok)
+    wrapped = oracle.OracleVLM.wrap(student, teacher, world, tok)
+    assert wrapped.state_dict().keys() == student.state_dict().keys()   # a plain VLM's folder
+    b = data.collate(world.knowledge_bench[:4], tok, wrapped.n_image_tokens, cfg.image_size)
+    with torch.no_grad():
+        torch.nn.init.normal_(wrapped.projector.proj.weight, std=10.0)  # a saturated tower
+        feats = wrapped.image_features(b["images"])                    # (4, n, D)
+    rows = [wrapped.descs.index(it["desc"]) for it in world.knowledge_bench[:4]]
+    delta = (feats - wrapped.tokens[rows]).abs()
+    assert 0 < float(delta.max()) <= oracle.EPS * wrapped.scale + 1e-6
+    ids = tok.encode(world.knowledge_bench[0]["desc"]).ids            # right-aligned words
+    emb = teacher.embed.weight[ids]
+    assert torch.equal(wrapped.tokens[rows[0], -len(ids):], emb)
+    save_vlm(wrapped, tmp_path / "m")
+    again = oracle.OracleVLM.wrap(load_model_folder(tmp_path / "m"), teacher, world, tok)
+    with torch.no_grad():
+        assert torch.equal(again.image_features(b["images"]), feats)
+    with pytest.raises(ValueError, match="tower=oracle"):
+        wrapped.image_features(torch.zeros_like(b["images"]))
+
+
+def test_train_tower_oracle_runs_and_the_flag_is_checked(tmp_path):
+    out = tmp_path / "run"
+    models, world, tok = train.run(train.get_config(
+        ["--preset=smoke", f"--out_dir={out}", "--tower=oracle"]))
+    assert isinstance(models["adapted"], oracle.OracleVLM)
+    # a later distill run from the saved folder re-attaches the oracle
+    models, _, _ = train.run(train.get_config(["--preset=smoke", f"--out_dir={out}",
+                                               "--tower=oracle", "--stage=distill",
+                                               "--variant=again"]))
+    assert isinstance(models["distilled-again"], oracle.OracleVLM)
+    rows = evaluation.evaluate_models(models, world, tok, 32)
+    assert "transfer" in rows["distilled-again"]
+    assert "transfer T" in evaluation.format_table(rows)
+    # eval.py on the saved folder re-attaches the oracle too
+    table = evaluation.evaluate_folder(str(out / "distilled-again"))
+    assert "transfer T" in table
+    with pytest.raises(ValueError, match="--teacher=FOLDER"):
+        evaluation.evaluate_folder(str(out / "distilled-again"), str(tmp_path / "none"))
+    with pytest.raises(ValueError, match="--tower"):
+        train.get_config(["--preset=smoke", "--tower=nope"])
+    with pytest.raises(ValueError, match="--tower=oracle"):
+        train.get_config(["--preset=smoke", "--tower=oracle", f"--student_path={tmp_path}"])
