@@ -124,7 +124,8 @@ def student_only_mask(ids, student_only_ids):
     return torch.isin(ids, torch.tensor(only, dtype=ids.dtype, device=ids.device))
 
 
-def _check_teacher_vocab(teacher, text_ids):
+def check_teacher_vocab(teacher, text_ids):
+    """Every id the teacher embeds must lie in its vocabulary; one error says which did not."""
     if int(text_ids.max()) >= teacher.cfg.vocab_size:
         raise ValueError(f"token id {int(text_ids.max())} is outside the teacher's vocabulary "
                          f"({teacher.cfg.vocab_size}); text tokens must lie in the shared prefix "
@@ -163,7 +164,7 @@ def teacher_continue(teacher, student_kv, batch, student_only_ids, scope="full")
     if "segment_ids" in batch:
         new_ids, inputs = pack.teacher_inputs(batch, student_only_mask(batch["input_ids"],
                                                                        student_only_ids), scope)
-        _check_teacher_vocab(teacher, new_ids)
+        check_teacher_vocab(teacher, new_ids)
         if scope != "none":      # past: per layer (K, V), each (rows, n_kv_heads, L, head_dim)
             inputs["past_kv"] = [(k.detach(), v.detach()) for k, v in student_kv]
         logits, _ = teacher(new_ids, **inputs)
@@ -177,7 +178,7 @@ def teacher_continue(teacher, student_kv, batch, student_only_ids, scope="full")
     # lie in the teacher's vocabulary.
     last_real = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()  # (B, P+R)
     text_ids = ids.masked_fill(is_image | ~mask.bool() | last_real, 0)  # (B, P+R)
-    _check_teacher_vocab(teacher, text_ids)
+    check_teacher_vocab(teacher, text_ids)
     positions = positions_from_mask(mask)
 
     if scope == "full":
@@ -221,24 +222,3 @@ def distill_forward(student, teacher, batch, student_only_ids, scope="full", nee
     teacher_logits = (teacher_continue(teacher, kv, batch, student_only_ids, scope)
                       if need_teacher else None)
     return student_logits, teacher_logits
-
-
-@torch.no_grad()
-def teacher_generate(teacher, student_kv, input_ids, attention_mask, student_only_ids,
-                     **generate_kw):
-    """The handoff at inference (scope "full"): the student has prefilled a LEFT-padded context
-    (input_ids, attention_mask: (B, P)) and returned its per-layer K/V; the frozen teacher takes
-    the K/V of columns 0..P-2 as its cache, re-runs the last context token itself (as in
-    teacher_continue) and then generates its own answer with its own cache (Decoder.generate;
-    greedy unless generate_kw says otherwise). Returns the teacher's new tokens (B, N)."""
-    P = input_ids.shape[1]  # input_ids, attention_mask: (B, P)
-    if student_only_mask(input_ids[:, P - 1], student_only_ids).any():
-        raise ValueError("teacher_generate: a context ends with an image (student-only) token; the "
-                         "prompt after the image must have at least one text token")
-    _check_teacher_vocab(teacher,
-                         input_ids[:, P - 1:].masked_fill(~attention_mask[:, P - 1:].bool(), 0))
-    # past: per layer (K, V), each (B, n_kv_heads, P-1, head_dim)
-    past = [(k[:, :, :P - 1], v[:, :, :P - 1]) for k, v in student_kv]
-    # input_ids (B, 1): the last context token; attention_mask (B, P)
-    return teacher.generate(input_ids=input_ids[:, P - 1:], attention_mask=attention_mask,
-                            past_kv=past, **generate_kw)

@@ -275,7 +275,7 @@ class Decoder(nn.Module):
         rows that emitted eos_id are filled with pad_id afterwards.
         top_k: sample among the k most likely tokens only. on_token(tok (B,)): called after each
         step (streaming). past_kv: a prefix already in the cache (e.g. a student's context KV for
-        the teacher, kvshare.teacher_generate); attention_mask then covers past + prompt."""
+        the teacher, tools/generate.py's teacher_generate); attention_mask then covers past + prompt."""
         x = inputs_embeds if inputs_embeds is not None else input_ids
         B, device = x.shape[0], x.device
         past_len = 0 if past_kv is None else past_kv[0][0].shape[2]

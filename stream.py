@@ -15,6 +15,7 @@ One conversation of n user/assistant turns gives n examples (conversation_exampl
 context of turn k is every earlier user and assistant text and the k-th user text joined
 by "\\n"; its response is the k-th assistant text. The image belongs to every turn's context.
 """
+import functools
 import io
 import json
 import os
@@ -443,6 +444,23 @@ class RealData:
         """The dataset, tokenizing for `student` (its image tokens per view and splitting)."""
         self.dataset.bind(tokenizer, student.n_image_tokens, student.image_splitting)
         return self.dataset
+
+    def batches(self, student, tokenizer, sources, what, batch_size, seed, start_step, rank=0,
+                world_size=1, num_workers=0, pin_memory=False, pack=False):
+        """This rank's batches of the examples of `sources` (the stage `what` names), from
+        global batch start_step on: the examples of batch k are a pure function of (seed, k)
+        (make_loader), so a resumed run reads exactly what the uninterrupted one would have."""
+        dataset = self.open(student, tokenizer)
+        indices = dataset.indices_of(sources)
+        if not indices:
+            raise ValueError(f"--data_path has no examples for {what} (sources {sorted(sources)})")
+        loader = make_loader(torch.utils.data.Subset(dataset, indices), batch_size, seed=seed,
+                             start_step=start_step, rank=rank, world_size=world_size,
+                             num_workers=num_workers, pin_memory=pin_memory,
+                             collate_fn=functools.partial(dataset.collate, pack=pack),
+                             timeout=600 if num_workers else 0)
+        for batch in loader:
+            yield {k: v for k, v in batch.items() if k not in ("index", "errors")}
 
 
 class StepBatchSampler(torch.utils.data.Sampler):

@@ -212,26 +212,6 @@ def get_batch(setup, stage, step, micro, student=None, mixture=None):
                         image_splitting=student.image_splitting, pack=cfg.pack)
 
 
-def stream_batches(setup, stage, student, mixture, start_step):
-    """Streamed real data: this rank's micro-batches from optimizer step start_step on, the
-    examples of global micro-batch k a pure function of (seed, stage, k) (stream.make_loader)."""
-    cfg, runtime = setup.cfg, setup.runtime
-    dataset = setup.data.open(student, setup.tok)
-    indices = dataset.indices_of(mixture)
-    if not indices:
-        raise ValueError(f"--data_path has no examples for stage {stage} (sources "
-                         f"{sorted(mixture)})")
-    loader = stream.make_loader(torch.utils.data.Subset(dataset, indices), cfg.batch_size,
-                                seed=[cfg.seed, STAGE_IDS[stage]],
-                                start_step=start_step * cfg.grad_accum, rank=runtime.rank,
-                                world_size=runtime.world_size, num_workers=cfg.num_workers,
-                                collate_fn=functools.partial(dataset.collate, pack=cfg.pack),
-                                pin_memory=runtime.cuda,
-                                timeout=600 if cfg.num_workers else 0)
-    for batch in loader:
-        yield {k: v for k, v in batch.items() if k not in ("index", "errors")}
-
-
 # ----------------------------------------------------------------------------------------
 # The losses of one micro-batch, each divided by the step's global token counts
 
@@ -341,7 +321,10 @@ def train_stage(setup, stage, model, param_groups, steps, loss_fn, name=None, te
     if stage != "pretrain":
         student, mixture = unwrap(model), stage_mixture(setup.data, stage)  # once per stage
         if isinstance(setup.data, stream.RealData):
-            batches_of_stream = stream_batches(setup, stage, student, mixture, start)
+            batches_of_stream = setup.data.batches(       # a pure function of (seed, stage, k)
+                student, setup.tok, mixture, f"stage {stage}", cfg.batch_size,
+                [cfg.seed, STAGE_IDS[stage]], start * cfg.grad_accum, runtime.rank,
+                runtime.world_size, cfg.num_workers, runtime.cuda, cfg.pack)
     bar = tqdm(range(start, steps), desc=name, initial=start, total=steps,
                disable=not runtime.is_main, leave=False)
     t_start = time.time()

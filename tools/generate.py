@@ -18,7 +18,7 @@
 --teacher: a frozen text-only teacher (HF LM folder). After the student's answer, the teacher's own
   answer through the KV handoff: the student prefills the context, the teacher takes the student's
   K/V of every context column but the last as its cache, re-runs the last context token and then
-  generates greedily with its own cache (kvshare.teacher_generate): what the teacher would say
+  generates greedily with its own cache (teacher_generate): what the teacher would say
   reading this student's image (and prompt) KV.
 Bad input (missing folder or image, an image for a text-only model, a teacher that cannot read the
 student's KV, ...) -> one line on stderr, exit 2; the teacher is checked before the student answers.
@@ -106,18 +106,46 @@ class Stream:
             self.shown = text
 
 
+@torch.no_grad()
+def teacher_generate(teacher, student_kv, input_ids, attention_mask, student_only_ids,
+                     **generate_kw):
+    """The KV handoff at inference (scope "full", as kvshare.teacher_continue): the student has
+    prefilled a LEFT-padded context (input_ids, attention_mask: (B, P)) and returned its per-layer
+    K/V; the frozen teacher takes
+    the K/V of columns 0..P-2 as its cache, re-runs the last context token itself (as in
+    teacher_continue) and then generates its own answer with its own cache (Decoder.generate;
+    greedy unless generate_kw says otherwise). Returns the teacher's new tokens (B, N)."""
+    P = input_ids.shape[1]  # input_ids, attention_mask: (B, P)
+    if kvshare.student_only_mask(input_ids[:, P - 1], student_only_ids).any():
+        raise ValueError("teacher_generate: a context ends with an image (student-only) token; the "
+                         "prompt after the image must have at least one text token")
+    kvshare.check_teacher_vocab(
+        teacher, input_ids[:, P - 1:].masked_fill(~attention_mask[:, P - 1:].bool(), 0))
+    # past: per layer (K, V), each (B, n_kv_heads, P-1, head_dim)
+    past = [(k[:, :, :P - 1], v[:, :, :P - 1]) for k, v in student_kv]
+    # input_ids (B, 1): the last context token; attention_mask (B, P)
+    return teacher.generate(input_ids=input_ids[:, P - 1:], attention_mask=attention_mask,
+                            past_kv=past, **generate_kw)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--prompt", required=True)
-    ap.add_argument("--image", default="")
-    ap.add_argument("--tokenizer", default=None)
-    ap.add_argument("--teacher", default=None)
-    ap.add_argument("--max_new_tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top_k", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--raw", default="false", choices=["true", "false"])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="our VLM folder, a nanoVLM folder or a HF LM "
+                    "folder")
+    ap.add_argument("--prompt", required=True, help="the user text; <image> marks each image")
+    ap.add_argument("--image", default="", help="comma-separated image files (default: none)")
+    ap.add_argument("--tokenizer", default=None, help="a tokenizer.json (default: the model "
+                    "folder's; a nanoVLM folder has none)")
+    ap.add_argument("--teacher", default=None, help="a HF LM folder: also print the frozen "
+                    "teacher's answer through the KV handoff")
+    ap.add_argument("--max_new_tokens", type=int, default=64, help="default: 64")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ap.add_argument("--top_k", type=int, default=None, help="sample among the k most likely "
+                    "tokens (default: all)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    ap.add_argument("--raw", default="false", choices=["true", "false"],
+                    help="true: feed the prompt as is, without the chat template")
     args = ap.parse_args(argv)
     try:
         return run(args)
@@ -205,7 +233,7 @@ def teacher_via_handoff(args, teacher, student, tok, batch, ids, mask):
     eos = data.special_id(t_tok, data.EOS_TOKEN)
     eos = eos if eos < teacher.cfg.vocab_size else None
     print("[teacher via the KV handoff]", flush=True)
-    kvshare.teacher_generate(teacher, kv, ids, mask, only, max_new_tokens=args.max_new_tokens,
+    teacher_generate(teacher, kv, ids, mask, only, max_new_tokens=args.max_new_tokens,
                              eos_id=eos, pad_id=0, on_token=Stream(t_tok, eos))
     print()
 

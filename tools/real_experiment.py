@@ -131,7 +131,7 @@ def evaluate(model, tok, bench, vqa, heldout):
     decoder = model.decoder if isinstance(model, VLM) else model
     model.eval()
     row = {f"acc_{task}": ev.multiple_choice(decoder, tok, items, batch_size=16,
-                                             share_context=True)["acc"]
+                                             scorer=bigbench.shared_context_scores)["acc"]
            for task, items in bench.items()}
     row["acc"] = sum(row.values()) / len(row)
     row["ppl"] = ev.perplexity(decoder, heldout, tok, batch_size=16)

@@ -15,7 +15,9 @@ from runtime import config_help, unknown_key, wants_help  # noqa: E402
 
 def help_text(usage, own):
     """usage, then `own` ({flag: (default, what it does)}), then train.py's flags."""
-    lines = [usage.strip(), "", "flags of this tool:"]
+    usage = usage.strip()
+    lines = [usage if usage.lower().startswith("usage") else f"usage: {usage}", "",
+             "flags of this tool:"]
     for key, (default, doc) in own.items():
         flag = f"  --{key}={default if default != '' else chr(34) * 2}"
         lines.append(f"{flag:<34} {doc}" if len(flag) < 34 else f"{flag}\n{'':34} {doc}")
