@@ -21,7 +21,6 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import pack
-from runtime import atomic_write
 
 PAD_TOKEN, EOS_TOKEN, IMAGE_TOKEN = "<pad>", "<eos>", "<image>"
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, IMAGE_TOKEN)
@@ -227,28 +226,6 @@ def special_id(tokenizer, token):
         raise ValueError(f"tokenizer has no {token} token; expected all of {SPECIAL_TOKENS} (use "
                          "load_tokenizer)")
     return i
-
-
-def save_tokenizer(tokenizer, folder):
-    """tokenizer.json + (if load_tokenizer mapped roles to the tokenizer's own tokens) a
-    tokenizer_config.json naming them, so load_tokenizer(folder/tokenizer.json) maps them again
-    instead of appending new <pad>/<eos> ids. Keys of an existing tokenizer_config.json (a chat
-    template, ...) are kept."""
-    os.makedirs(folder, exist_ok=True)
-    atomic_write(os.path.join(folder, "tokenizer.json"), tokenizer.save)
-    roles = getattr(tokenizer, "role_tokens", {})
-    if roles:
-        path = os.path.join(folder, "tokenizer_config.json")
-        cfg = {}
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                cfg = json.load(f)
-        cfg.update({key: roles[role] for role,
-                    key in ((EOS_TOKEN, "eos_token"), (PAD_TOKEN, "pad_token")) if role in roles})
-        def write(tmp):
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(cfg, f, indent=2, ensure_ascii=False)
-        atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------------------

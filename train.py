@@ -45,7 +45,8 @@ from model import SIGLIP2_B16_512, Decoder, LMConfig, VisionConfig, grow_vocab, 
 from runtime import (Checkpoints, Interrupted, Runtime, TrainingError, build_config, config_help,
                      drop_log_records, parse_flags, read_json, replace_folder, rng_state,
                      seed_everything, set_rng_state, stop_requests, wants_help, write_json)
-from weights import load_hf_lm, load_hf_siglip, load_model_folder, save_hf_lm, save_vlm
+from weights import (load_hf_lm, load_hf_siglip, load_model_folder, save_hf_lm, save_tokenizer,
+                     save_vlm)
 
 
 # ----------------------------------------------------------------------------------------
@@ -416,7 +417,7 @@ def save_model_folder(setup, folder, save_weights):
     tokenizer + train_config.json."""
     def fill(tmp):
         save_weights(tmp)
-        data.save_tokenizer(setup.tok, tmp)
+        save_tokenizer(setup.tok, tmp)
         write_json(os.path.join(tmp, "train_config.json"), asdict(setup.cfg))
     replace_folder(folder, fill)
 

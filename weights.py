@@ -1,6 +1,6 @@
 """
 Weight loading and saving: Hugging Face Llama / SmolLM2 / Qwen2 decoders, HF SigLIP vision
-towers, and our own VLM folders. Split out of model.py to keep that file about the models.
+towers, and our own VLM folders, with the tokenizer files beside the weights (save_tokenizer).
 
 Every loader uses an explicit key map (our name -> file name) and checks, before copying
 anything, that every expected key is in the file, every file key is used or explicitly
@@ -15,6 +15,7 @@ from dataclasses import asdict, fields
 import torch
 from safetensors.torch import load_file, save_file
 
+import data
 from data import MAX_GRID, ImageSplitting
 from model import LMConfig, VisionConfig, Decoder, VisionEncoder, VLM
 from runtime import atomic_write, read_json, write_json
@@ -605,6 +606,31 @@ def load_nanovlm(folder, image_token_id=None):
                    for key in [_nanovlm_qkv_part(name)[0]] if key in origin})
     return load_mapped(vlm, _nanovlm_tensors_for_map(tensors, key_map, lm.tie_embeddings), key_map,
                        NANOVLM_IGNORED, source=folder, origin=origin)
+
+
+# ----------------------------------------------------------------------------------------
+# Tokenizers beside the weights
+
+def save_tokenizer(tokenizer, folder):
+    """tokenizer.json + (if data.load_tokenizer mapped roles to the tokenizer's own tokens) a
+    tokenizer_config.json naming them, so data.load_tokenizer(folder/tokenizer.json) maps them again
+    instead of appending new <pad>/<eos> ids. Keys of an existing tokenizer_config.json (a chat
+    template, ...) are kept."""
+    os.makedirs(folder, exist_ok=True)
+    atomic_write(os.path.join(folder, "tokenizer.json"), tokenizer.save)
+    roles = getattr(tokenizer, "role_tokens", {})
+    if roles:
+        path = os.path.join(folder, "tokenizer_config.json")
+        cfg = {}
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                cfg = json.load(f)
+        cfg.update({key: roles[role] for role,
+                    key in ((data.EOS_TOKEN, "eos_token"), (data.PAD_TOKEN, "pad_token")) if role in roles})
+        def write(tmp):
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(cfg, f, indent=2, ensure_ascii=False)
+        atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------------------

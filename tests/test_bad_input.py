@@ -196,10 +196,10 @@ def test_save_tokenizer_writes_atomically(tmp_path, monkeypatch):
     tok = data.train_tokenizer(["a b c d"], vocab_size=262)
     tok.role_tokens = {data.EOS_TOKEN: data.EOS_TOKEN}
     written = []
-    monkeypatch.setattr(data, "atomic_write", lambda path,
+    monkeypatch.setattr(weights, "atomic_write", lambda path,
                         fn: (written.append(os.path.basename(path)),
                                                                 runtime.atomic_write(path, fn)))
-    data.save_tokenizer(tok, str(tmp_path))
+    weights.save_tokenizer(tok, str(tmp_path))
     assert written == ["tokenizer.json", "tokenizer_config.json"]
     assert json.loads((tmp_path / "tokenizer_config.json").read_text()) == {"eos_token": "<eos>"}
     assert stat.S_IMODE(os.stat(tmp_path / "tokenizer.json").st_mode) == 0o644 & ~_umask()

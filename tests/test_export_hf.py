@@ -16,6 +16,7 @@ sys.path.insert(0,
 import export_hf               # noqa: E402
 
 import data                    # noqa: E402
+import weights  # noqa: E402
 from model import LMConfig, VLM, VisionConfig   # noqa: E402
 from weights import save_vlm, save_hf_lm         # noqa: E402
 
@@ -48,7 +49,7 @@ def student(tmp_path_factory):
               VisionConfig(image_size=16, patch_size=4, dim=32, n_layers=1, n_heads=2, mlp_dim=64),
               base)
     save_vlm(vlm, folder)
-    data.save_tokenizer(tok, folder)
+    weights.save_tokenizer(tok, folder)
     return folder, vlm.decoder.eval(), tok, base, raw_path
 
 
@@ -97,7 +98,7 @@ def test_export_drop_image_row_has_the_teacher_shape(student, tmp_path):
 def test_export_an_hf_lm_folder_and_refusals(student, tmp_path):
     folder, decoder, tok, base, _ = student
     save_hf_lm(decoder, str(tmp_path / "lm"))
-    data.save_tokenizer(tok, str(tmp_path / "lm"))
+    weights.save_tokenizer(tok, str(tmp_path / "lm"))
     assert export_hf.export(str(tmp_path / "lm"), str(tmp_path / "out"))["kind"] == "hf"
     with pytest.raises(ValueError, match="differ"):
         export_hf.export(folder, folder)

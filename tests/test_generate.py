@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import data
+import weights
 from model import LMConfig, VisionConfig, Decoder, vlm_from_teacher
 from weights import save_vlm, save_hf_lm
 
@@ -36,9 +37,9 @@ def folders(tmp_path_factory):
     student = vlm_from_teacher(teacher, VIS, tok.token_to_id(data.IMAGE_TOKEN), 2, view_ids,
                                data.ImageSplitting(max_side=32, resize_to_max_side=True))
     save_vlm(student, root / "student")
-    data.save_tokenizer(tok, root / "student")
+    weights.save_tokenizer(tok, root / "student")
     save_hf_lm(teacher, root / "teacher")
-    data.save_tokenizer(data.load_tokenizer(tok_path), root / "teacher")
+    weights.save_tokenizer(data.load_tokenizer(tok_path), root / "teacher")
     save_hf_lm(Decoder(LMConfig(vocab_size=300, dim=32, n_layers=1, n_heads=4, n_kv_heads=1,
                                 ffn_dim=64)),
                root / "bad_teacher")                        # 1 layer, 1 KV head: cannot read the KV

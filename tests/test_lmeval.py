@@ -33,6 +33,7 @@ sys.path.insert(0,
 import export_hf               # noqa: E402
 
 import data                    # noqa: E402
+import weights  # noqa: E402
 import eval as evaluation      # noqa: E402
 from model import Decoder, LMConfig, VLM, VisionConfig   # noqa: E402
 from weights import save_vlm   # noqa: E402
@@ -95,7 +96,7 @@ def test_lm_eval_matches_multiple_choice(tmp_path, monkeypatch):
     with torch.no_grad():                              # sharper random distributions: clear margins
         vlm.decoder.embed.weight.mul_(20)
     save_vlm(vlm, str(src))                                # a student folder as train.py writes it
-    data.save_tokenizer(tok, str(src))
+    weights.save_tokenizer(tok, str(src))
     export_hf.export(str(src), str(out))
     decoder = vlm.decoder.eval()
     tok = data.load_tokenizer(str(out / "tokenizer.json"))

@@ -14,6 +14,7 @@ from PIL import Image
 import bigbench
 import chat
 import data
+import weights
 import demo_photo
 import eval as evaluation
 import mmlu
@@ -139,7 +140,7 @@ def test_chat_example_encodes_and_collates(tok):
 
 
 def test_save_tokenizer_keeps_the_role_mapping(tok, tmp_path):
-    data.save_tokenizer(tok, str(tmp_path))
+    weights.save_tokenizer(tok, str(tmp_path))
     again = data.load_tokenizer(str(tmp_path / "tokenizer.json"))
     assert again.get_vocab() == tok.get_vocab()                                   # nothing appended
     assert data.special_id(again,

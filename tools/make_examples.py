@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import world  # noqa: E402
 from model import VisionConfig, grow_vocab, vlm_from_teacher  # noqa: E402
-from weights import load_hf_lm, save_vlm  # noqa: E402
+from weights import load_hf_lm, save_tokenizer, save_vlm  # noqa: E402
 
 TINY_TOWER = VisionConfig(image_size=64, patch_size=8, dim=64, n_layers=2, n_heads=4, mlp_dim=256)
 
@@ -70,7 +70,7 @@ def tinyvision_folder(lm_folder, out, seed=0):
     config = os.path.join(lm_folder, "tokenizer_config.json")
     if os.path.isfile(config):                # the chat template; save_tokenizer keeps its keys
         shutil.copy(config, out)
-    data.save_tokenizer(tok, out)
+    save_tokenizer(tok, out)
     return out
 
 
