@@ -376,14 +376,16 @@ def train_stage(setup, stage, model, param_groups, steps, loss_fn, name=None, te
                       "bad_steps": bad_steps, "skipped_examples": skipped_examples, **logs}
             if runtime.cuda:
                 record["max_mem_gib"] = torch.cuda.max_memory_allocated(runtime.device) / 2**30
+            # Ctrl-C / SIGTERM on any rank: every rank stops after this step, with a checkpoint
+            stop_now = runtime.sum_over_ranks({"stop": float(stop.requested)})["stop"] > 0
             if runtime.is_main:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 if (step + 1) % cfg.log_every == 0:
                     bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k != "tokens"})
-                if (step + 1) % cfg.ckpt_every == 0 or step + 1 == steps or stop.requested:
-                    save(step + 1)                     # (a stop on another rank: see below)
-            if runtime.sum_over_ranks({"stop": float(stop.requested)})["stop"] and step + 1 < steps:
+                if (step + 1) % cfg.ckpt_every == 0 or step + 1 == steps or stop_now:
+                    save(step + 1)
+            if stop_now and step + 1 < steps:
                 bar.close()
                 raise Interrupted(f"{name} stopped at step {step + 1} of {steps}; checkpoint "
                                   f"saved in {ckpts.folder}")
