@@ -130,7 +130,7 @@ def source_weights(policy, sources, table=None):
         return torch.full((len(sources),), 1.0 if policy == "uniform" else 0.0)
     if table is None:
         raise ValueError("policy 'selective' needs a source -> KD weight table "
-                         "(distill.table_from_kinds(data.SOURCE_KINDS))")
+                         "(distill.table_from_kinds(world.SOURCE_KINDS))")
     unknown = sorted({s for s in sources if s not in table})
     if unknown:
         raise ValueError(f"source(s) {unknown} not in the KD weight table; known sources: "

@@ -152,7 +152,7 @@ def _pyarrow():
 class StreamDataset(torch.utils.data.Dataset):
     """Examples of LLaVA JSONL and Cauldron/FineVision Parquet files, read back lazily.
 
-    paths: one file or a list; ".jsonl" files are read as load_jsonl describes (image paths
+    paths: one file or a list; ".jsonl" files as the module docstring describes (image paths
     relative to image_root, default the file's folder; the file must exist at index time),
     ".parquet" files as The Cauldron / FineVision store them: a 'texts' column (a list of
     {"user", "assistant", "source"?} turns), an optional 'images' column (a list of {bytes,
