@@ -521,14 +521,16 @@ def build_data_and_tokenizer(cfg):
 
 
 def get_config(argv):
-    """The run's config from the command line. With --resume=true the run's own config
-    (out_dir/run_config.json) takes the place of the preset defaults, so `--out_dir=X
-    --resume=true` alone continues run X; flags given with it still apply, and a stage's
-    checkpoint refuses a config that changes what it trains (Checkpoints.load, RUN_KEYS)."""
+    """The run's config from the command line. `--out_dir=X --resume=true` with nothing but run
+    keys (RUN_KEYS: step counts, device, ...) continues run X with its own config
+    (X/run_config.json) in place of the preset defaults; any other flag or a config file means
+    the config is built from them as usual, and each stage's checkpoint then refuses a config
+    that changes what it trains (Checkpoints.load)."""
     overrides, files = parse_flags(argv, TrainConfig)
     saved = None
     path = os.path.join(overrides.get("out_dir", TrainConfig.out_dir), "run_config.json")
-    if overrides.get("resume") and os.path.isfile(path):
+    if overrides.get("resume") and not files and set(overrides) <= RUN_KEYS \
+            and os.path.isfile(path):
         saved = read_json(path)
         saved = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig)
                                if f.name in saved})

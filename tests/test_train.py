@@ -194,6 +194,19 @@ def test_ctrl_c_saves_and_out_dir_plus_resume_alone_reproduces_the_run(smoke_run
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler    # handler restored
 
 
+def test_resume_alone_reads_the_run_config_explicit_flags_build_their_own(smoke_run, tmp_path):
+    """--out_dir + --resume (+ run keys) alone: the run's saved config. Any other flag (as the
+    experiment tools pass, several variants in one folder): the config those flags give."""
+    out, _, _, _ = smoke_run
+    copy_stage_inputs(out, tmp_path)
+    argv = ["--preset=smoke", "--eval=false", f"--out_dir={tmp_path}", "--stage=distill"]
+    train.run(get_config(argv + ["--policy=none", "--variant=ce"]))     # run_config: policy none
+    assert get_config(argv + ["--resume=true"]).policy == "selective"
+    alone = get_config([f"--out_dir={tmp_path}", "--resume=true", "--distill_steps=5"])
+    assert (alone.policy, alone.variant, alone.preset, alone.distill_steps) == ("none", "ce",
+                                                                            "smoke", 5)
+
+
 def test_resume_refuses_a_checkpoint_from_another_config(smoke_run, tmp_path):
     out, _, _, _ = smoke_run
     copy_stage_inputs(out, tmp_path)
