@@ -121,12 +121,9 @@ def check_out_dir(cfg):
                 f"({os.path.basename(found[-1])}, ...). Choose: --resume=true to continue that "
                 "run; --stage=distill --variant=NAME (with the policy/scope you want) for another "
                 "distilled variant beside it; or another --out_dir for a fresh run")
+    # with --teacher_path the teacher is given and a student can start from it
     needed = {"adapt": ["teacher"], "distill": ["teacher", "adapted"]}.get(cfg.stage, [])
-    for folder in needed:
-        if folder == "teacher" and cfg.teacher_path:
-            continue
-        if folder == "adapted" and cfg.teacher_path:      # real weights: the initial student
-            continue
+    for folder in [] if cfg.teacher_path else needed:
         if not os.path.isdir(os.path.join(cfg.out_dir, folder)):
             first = "pretrain" if folder == "teacher" else "adapt"
             raise ValueError(f"--stage={cfg.stage} needs {os.path.join(cfg.out_dir, folder)}, "

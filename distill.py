@@ -163,12 +163,12 @@ def cross_entropy(logits, labels, response_mask, normalizer=None):
     of distill_loss, and the whole loss of the align / adapt stages. The real tokens are
     gathered first, so pad logits and pad labels never enter."""
     real = response_mask.bool()                                              # (B, R)
-    V = logits.shape[-1]
-    if real.any() and not (0 <= int(labels[real].min()) and int(labels[real].max()) < V):
+    V, targets = logits.shape[-1], labels[real]                               # (N,)
+    if bool(((targets < 0) | (targets >= V)).any()):                         # one device sync
         raise ValueError(f"labels must be token ids in [0, {V}) (the student's vocabulary), "
-                         f"found {int(labels[real].min())}..{int(labels[real].max())}")
+                         f"found {int(targets.min())}..{int(targets.max())}")
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    total = F.cross_entropy(logits[real].to(dtype), labels[real], reduction="sum")
+    total = F.cross_entropy(logits[real].to(dtype), targets, reduction="sum")
     return _normalise(total, float(real.sum()), normalizer, "ce_normalizer")
 
 

@@ -117,6 +117,12 @@ def field_docs(cls):
     return docs, sections
 
 
+def flag_line(flag, doc):
+    """One --help line: the flag with its default, then what it does (on the next line when the
+    flag is long)."""
+    return f"{flag:<34} {doc}" if len(flag) < 34 else f"{flag}\n{'':34} {doc}"
+
+
 def config_help(cls, presets, usage):
     docs, sections = field_docs(cls)
     lines, section = [usage, "", f"presets: {', '.join(presets)} (--preset=NAME sets the "
@@ -127,9 +133,7 @@ def config_help(cls, presets, usage):
             lines += ["", f"{section}:"]
         value = (str(f.default).lower() if isinstance(f.default, bool)
                  else f.default if f.default != "" else '""')
-        flag = f"  --{f.name}={value}"
-        lines.append(f"{flag:<34} {docs[f.name]}" if len(flag) < 34 else f"{flag}\n{'':34} "
-                     f"{docs[f.name]}")
+        lines.append(flag_line(f"  --{f.name}={value}", docs[f.name]))
     return "\n".join(lines)
 
 
@@ -158,9 +162,15 @@ def check_json_value(f, value, path):
     return float(value) if typ is float else value
 
 
-def unknown_key(key, known, where):
+def closest(key, known):
+    """The known key most like `key`, or None."""
     close = difflib.get_close_matches(key, known, n=1)
-    hint = f"did you mean --{close[0]}?" if close else "see --help for every key"
+    return close[0] if close else None
+
+
+def unknown_key(key, known, where):
+    close = closest(key, known)
+    hint = f"did you mean --{close}?" if close else "see --help for every key"
     return ValueError(f"{where}unknown config key --{key}; {hint}")
 
 
@@ -175,9 +185,9 @@ def read_config_file(path, known):
                          f"{type(d).__name__}")
     bad = sorted(set(d) - set(known))
     if bad:
-        close = difflib.get_close_matches(bad[0], known, n=1)
+        close = closest(bad[0], known)
         raise ValueError(f"config file {path}: unknown key(s) {bad}"
-                         + (f"; did you mean {close[0]!r}?" if close else ""))
+                         + (f"; did you mean {close!r}?" if close else ""))
     return {k: check_json_value(known[k], v, path) for k, v in d.items()}
 
 

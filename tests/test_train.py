@@ -133,24 +133,40 @@ def copy_stage_inputs(src, dst):
         shutil.copytree(os.path.join(src, name), os.path.join(dst, name))
 
 
+def straight_and_other(smoke_run, tmp_path, argv):
+    """Two folders holding the smoke run's teacher and adapted model; the first trained straight
+    through with argv. -> (straight, other) paths."""
+    straight, other = str(tmp_path / "straight"), str(tmp_path / "other")
+    for d in (straight, other):
+        copy_stage_inputs(smoke_run[0], d)
+    train.run(get_config(argv + [f"--out_dir={straight}"]))
+    return straight, other
+
+
+def before_distill_batch(monkeypatch, step, action):
+    """Make train.get_batch call action() before it builds batch `step` of the distill stage;
+    returns the function that undoes it."""
+    real = train.get_batch
+
+    def patched(setup, stage, s, *a, **k):
+        if s == step and stage == "distill":
+            action()
+        return real(setup, stage, s, *a, **k)
+    monkeypatch.setattr(train, "get_batch", patched)
+    return lambda: monkeypatch.setattr(train, "get_batch", real)
+
+
 def test_resume_after_a_crash_gives_bit_identical_losses(smoke_run, tmp_path, monkeypatch):
-    out, _, _, _ = smoke_run
     argv = ["--preset=smoke", "--stage=distill", "--distill_steps=6", "--ckpt_every=2",
             "--eval=false", "--policy=uniform"]
-    straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
-    for d in (straight, crashed):
-        copy_stage_inputs(out, d)
-    train.run(get_config(argv + [f"--out_dir={straight}"]))
+    straight, crashed = straight_and_other(smoke_run, tmp_path, argv)
 
-    real_get_batch = train.get_batch
-    def crash_at_step_4(setup, stage, step, *a, **k):
-        if step == 4:
-            raise RuntimeError("killed")        # a crash: no checkpoint but the periodic ones
-        return real_get_batch(setup, stage, step, *a, **k)
-    monkeypatch.setattr(train, "get_batch", crash_at_step_4)
+    def crash():
+        raise RuntimeError("killed")            # a crash: no checkpoint but the periodic ones
+    undo = before_distill_batch(monkeypatch, 4, crash)
     with pytest.raises(RuntimeError, match="killed"):
         train.run(get_config(argv + [f"--out_dir={crashed}"]))
-    monkeypatch.setattr(train, "get_batch", real_get_batch)
+    undo()
     train.run(get_config(argv + [f"--out_dir={crashed}", "--resume=true"]))
 
     a, b = read_log(straight, "distill-uniform-full"), read_log(crashed, "distill-uniform-full")
@@ -164,20 +180,11 @@ def test_ctrl_c_saves_and_out_dir_plus_resume_alone_reproduces_the_run(smoke_run
     """SIGINT in the middle of a stage: the step finishes, a checkpoint is saved, main() exits
     with one line giving the resume command; `--out_dir=X --resume=true` alone (the run's config
     is read from X/run_config.json) then reproduces the uninterrupted run's losses."""
-    out, _, _, _ = smoke_run
     argv = ["--preset=smoke", "--stage=distill", "--distill_steps=6", "--ckpt_every=100",
             "--eval=false", "--policy=uniform", "--kd=jsd"]
-    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
-    for d in (straight, stopped):
-        copy_stage_inputs(out, d)
-    train.run(get_config(argv + [f"--out_dir={straight}"]))
-
-    real_get_batch = train.get_batch
-    def signal_at_step_2(setup, stage, step, *a, **k):
-        if step == 2 and stage == "distill":
-            os.kill(os.getpid(), signal.SIGINT)     # Ctrl-C while step 3 is being prepared
-        return real_get_batch(setup, stage, step, *a, **k)
-    monkeypatch.setattr(train, "get_batch", signal_at_step_2)
+    straight, stopped = straight_and_other(smoke_run, tmp_path, argv)
+    # Ctrl-C while step 3 is being prepared
+    undo = before_distill_batch(monkeypatch, 2, lambda: os.kill(os.getpid(), signal.SIGINT))
     with pytest.raises(SystemExit) as e:
         train.main(argv + [f"--out_dir={stopped}"])
     assert str(e.value) == (f"train.py: interrupted: distill-uniform-full stopped at step 3 of 6; "
@@ -185,7 +192,7 @@ def test_ctrl_c_saves_and_out_dir_plus_resume_alone_reproduces_the_run(smoke_run
                             f"with: python train.py --out_dir={stopped} --resume=true")
     assert os.listdir(os.path.join(stopped, "ckpt", "distill-uniform-full")) == ["step_0000003.pt"]
     assert not os.path.exists(os.path.join(stopped, "distilled-uniform-full"))
-    monkeypatch.setattr(train, "get_batch", real_get_batch)
+    undo()
     train.run(get_config([f"--out_dir={stopped}", "--resume=true"]))
     a, b = read_log(straight, "distill-uniform-full"), read_log(stopped, "distill-uniform-full")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]

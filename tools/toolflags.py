@@ -10,7 +10,7 @@ from dataclasses import fields
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
-from runtime import config_help, unknown_key, wants_help  # noqa: E402
+from runtime import config_help, flag_line, unknown_key, wants_help  # noqa: E402
 
 
 def help_text(usage, own):
@@ -19,8 +19,7 @@ def help_text(usage, own):
     lines = [usage if usage.lower().startswith("usage") else f"usage: {usage}", "",
              "flags of this tool:"]
     for key, (default, doc) in own.items():
-        flag = f"  --{key}={default if default != '' else chr(34) * 2}"
-        lines.append(f"{flag:<34} {doc}" if len(flag) < 34 else f"{flag}\n{'':34} {doc}")
+        lines.append(flag_line(f"  --{key}={default if default != '' else chr(34) * 2}", doc))
     train_help = config_help(train.TrainConfig, train.PRESETS, "")
     return "\n".join(lines + ["", "every other --key=value flag goes to train.py (JSON config "
                                   "files too):" + train_help])
