@@ -1,5 +1,6 @@
 """tools/experiment.py: the weight-merging baseline, the paired t-intervals, the report, and
 one seed end to end on the smoke preset."""
+import json
 import math
 import sys
 
@@ -99,9 +100,9 @@ def test_t_quantiles():
 def fake_seed(ld_lang, ce_lang, vision_025, k):
     """One seed's rows: the drop is 40 points, so recovery = (lang - 0.5) / 0.4."""
     def row(lang, vision=None):
-        r = {"acc": lang, "recovery": (lang - 0.5) / 0.4}
+        r = {"acc": lang, "acc_unseen": lang - 0.1, "recovery": (lang - 0.5) / 0.4}
         if vision is not None:
-            r["vision"] = vision
+            r["vision"], r["knowledge_vqa"] = vision, vision - 0.3
         return r
     return {"teacher": row(0.9), "adapted": row(0.5, 0.80),
             "CE-only": row(ce_lang, 0.80 + k), "uniform KD": row(0.70, 0.60),
@@ -129,7 +130,9 @@ def test_report_with_merges():
     assert result["best_merge"] == "merge λ=0.5"
     for needle in ("| merge λ=0.25 |", "| merge λ=0.75 |", "Best merge at equal or better vision",
                    "merge λ=0.5 (language 62.0, vision 79.5)",
-                   "| LinguDistill − CE-only | +30.0 ± 12.4 [+17.6, +42.4] | -1.0 ± 2.5",
+                   "| difference | recovery | lang unseen | knowledge VQA | vision |",
+                   "| LinguDistill − CE-only | +30.0 ± 12.4 [+17.6, +42.4] | "
+                   "+12.0 ± 5.0 [+7.0, +17.0] | -1.0 ± 2.5 [-3.5, +1.5] | -1.0 ± 2.5",
                    "| LinguDistill − merge λ=0.5 |", "Per seed (0 / 1 / 2)",
                    "| LinguDistill | 70.0 / 74.0 / 78.0 | 80.0 / 80.0 / 80.0 | "
                    "50.0 / 60.0 / 70.0 |"):
@@ -143,7 +146,7 @@ def test_report_with_merges():
     assert "LinguDistill − merge" not in text
 
     text, result = experiment.report([0], [], per_seed[:1], 1.0)            # one seed
-    assert "| LinguDistill − CE-only | +25.0 (n=1, no interval) | +0.0 (n=1, no interval)" in text
+    assert "| LinguDistill − CE-only | +25.0 (n=1, no interval) | +10.0 (n=1, no interval)" in text
 
 
 def test_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch):
@@ -178,6 +181,32 @@ def test_run_seed_smoke_end_to_end(tmp_path):
     else:                                                # no drop: recovery is undefined
         assert all(math.isnan(r["recovery"]) for r in rows.values())
     assert (tmp_path / "seed0" / "distilled-lingudistill").is_dir()
+
+
+def test_finished_seeds_are_read_back_and_teachers_shared(tmp_path, monkeypatch):
+    """A finished seed of the same flags is read back, not trained again; --teachers_from
+    copies the same seed's teacher and skips stage 1, giving the teacher stage 1 would give."""
+    argv = ["--preset=smoke", "--pretrain_steps=2", "--align_steps=1", "--adapt_steps=1",
+            "--distill_steps=1", "--device=cpu"]
+    first, shared = tmp_path / "a", tmp_path / "b"
+    experiment.experiment([0], argv, str(first), merge_lams=())
+    stored = (first / "seed0.json").read_text()
+    with monkeypatch.context() as m:                       # nothing may train the second time
+        m.setattr(experiment, "run_seed", lambda *a: pytest.fail("seed 0 trained again"))
+        experiment.experiment([0], argv, str(first), merge_lams=())
+    assert (first / "seed0.json").read_text() == stored
+    with pytest.raises(FileNotFoundError, match="--teachers_from=.*no teacher of seed 1"):
+        experiment.run_seed(1, argv, str(shared), merge_lams=(), teachers_from=str(first))
+
+    text = experiment.experiment([0], argv, str(shared), merge_lams=(), teachers_from=str(first))
+    teacher = "seed0/teacher/model.safetensors"
+    assert (shared / teacher).read_bytes() == (first / teacher).read_bytes()
+    assert not (shared / "seed0" / "ckpt" / "pretrain").exists()           # no stage 1 here
+    assert (first / "seed0" / "ckpt" / "pretrain").exists()
+    rows_a = json.loads(stored)["rows"]
+    rows_b = json.loads((shared / "seed0.json").read_text())["rows"]
+    assert rows_b["teacher"] == rows_a["teacher"] and rows_b == rows_a    # same seed, same run
+    assert "| LinguDistill − CE-only |" in text
 
 
 def test_main_rejects_bad_merge_lams():

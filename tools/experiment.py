@@ -5,7 +5,7 @@ seeds, and paired per-seed differences of LinguDistill against each baseline wit
 t-intervals.
 
   python tools/experiment.py --seeds=0,1,2 [--jobs=3] [--threads=0] [--out_dir=out/experiment]
-                             [--merge_lams=0.25,0.5,0.75] [TRAIN FLAGS]
+                             [--merge_lams=0.25,0.5,0.75] [--teachers_from=DIR] [TRAIN FLAGS]
   python tools/experiment.py --help           # every flag, its default and what it does
 
 Every VLM also gets the transfer measure T (eval.transfer: does the frozen teacher see the
@@ -16,13 +16,23 @@ The weight-merging baseline (no training): the adapted decoder interpolated towa
 teacher, theta = (1 - lam) * theta_adapted + lam * theta_teacher (merge_toward_teacher);
 --merge_lams= (empty) leaves it out.
 
+A finished seed is not trained or evaluated again: its seed<N>.json is read back when it was
+made with the same train flags and merges, so a re-run in the same --out_dir (more seeds, or
+after an interruption) only does what is missing. --teachers_from=DIR takes each seed's teacher
+from DIR/seed<N>/teacher (the same seed's stage 1 in another experiment folder) instead of
+pretraining it again: stage 1 reads nothing of the tower or of stages 2-3, so the teacher is the
+one this seed would train, and two experiments (e.g. the default world and --tower=oracle) then
+share their teachers seed by seed.
+
 Every other flag goes to train.py (e.g. --device=cuda, --align_steps=1000). Writes
 experiment.md, experiment.json (per seed, mean, std, paired differences) and, if matplotlib
 is installed, experiment.png (language vs vision per model) to --out_dir.
 """
 import copy
+import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import time
 
@@ -44,6 +54,11 @@ VARIANTS = {                                   # name -> train.py overrides for 
 }
 MERGE_LAMS = (0.25, 0.5, 0.75)
 BASELINES = ("CE-only", "text-only teacher KD", "uniform KD")    # LinguDistill minus each of these
+# paired differences are reported on these metrics (eval.evaluate_models keys): the recovery of
+# the language drop, the unseen-entity language split and knowledge VQA (the handoff's natural
+# readouts), and vision
+DIFF_METRICS = {"recovery": "recovery", "acc_unseen": "lang unseen",
+                "knowledge_vqa": "knowledge VQA", "vision": "vision"}
 VISION_SLACK = 0.01            # "equal or better vision" for the merge comparison: >= LD - 1 point
 
 
@@ -80,16 +95,26 @@ def train_variant(base_argv, name):
     return models[f"distilled-{slug}"]
 
 
-def run_seed(seed, train_argv, out_dir, merge_lams=MERGE_LAMS):
+def run_seed(seed, train_argv, out_dir, merge_lams=MERGE_LAMS, teachers_from=""):
     """Pretrain + adapt once, then every distill variant from the same adapted model, and the
-    merges of the adapted model toward the teacher; eval all."""
+    merges of the adapted model toward the teacher; eval all. With teachers_from, the teacher
+    is copied from teachers_from/seed<N>/teacher and stage 1 is not run."""
     # --resume: a re-run in the same --out_dir continues where an interrupted one stopped
     resume = [] if any(a.startswith("--resume") for a in train_argv) else ["--resume=true"]
     seed_dir = os.path.join(out_dir, f"seed{seed}")
     base = train_argv + resume + [f"--seed={seed}", f"--out_dir={seed_dir}", "--eval=false"]
-    models, world, tok = train.run(train.get_config(base + ["--stage=pretrain"]))
+    teacher_dir = os.path.join(seed_dir, "teacher")
+    if teachers_from and not os.path.isdir(teacher_dir):
+        given = os.path.join(teachers_from, f"seed{seed}", "teacher")
+        if not os.path.isfile(os.path.join(given, "model.safetensors")):
+            raise FileNotFoundError(f"--teachers_from={teachers_from}: no teacher of seed {seed} "
+                                    f"({given}/model.safetensors); run that experiment's seed "
+                                    "first")
+        shutil.copytree(given, teacher_dir)
+    if not teachers_from:
+        train.run(train.get_config(base + ["--stage=pretrain"]))
+    models, world, tok = train.run(train.get_config(base + ["--stage=adapt"]))
     teacher = models["teacher"]
-    models, _, _ = train.run(train.get_config(base + ["--stage=adapt"]))
     rows_models = {"teacher": teacher, "adapted": models["adapted"]}
     for name in VARIANTS:
         rows_models[name] = train_variant(base, name)
@@ -104,11 +129,18 @@ def run_seed(seed, train_argv, out_dir, merge_lams=MERGE_LAMS):
 
 
 def _run_seed_to_file(args):
-    seed, train_argv, out_dir, jobs, merge_lams, threads = args
+    seed, train_argv, out_dir, jobs, merge_lams, threads, teachers_from = args
+    path = os.path.join(out_dir, f"seed{seed}.json")
+    made_by = {"train_argv": list(train_argv), "merge_lams": list(merge_lams)}
+    if os.path.isfile(path):                     # a finished seed of the same experiment
+        with open(path) as f:
+            done = json.load(f)
+        if {k: done.get(k) for k in made_by} == made_by:
+            return done["rows"]
     # share the cores between seeds (CPU float results, hence the models, depend on it)
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // jobs))
-    rows = run_seed(seed, train_argv, out_dir, merge_lams)
-    write_json(os.path.join(out_dir, f"seed{seed}.json"), rows)
+    rows = run_seed(seed, train_argv, out_dir, merge_lams, teachers_from)
+    write_json(path, {**made_by, "rows": rows})
     return rows
 
 
@@ -169,7 +201,7 @@ def best_merge(mean, ref="LinguDistill", slack=VISION_SLACK):
 
 
 def paired_differences(per_seed, mean, ref="LinguDistill"):
-    """{"<ref> − <other>": {"recovery": t_interval, "vision": t_interval}} for every baseline
+    """{"<ref> − <other>": {metric: t_interval}} (DIFF_METRICS) for every baseline
     present, plus the best merge (best_merge). Seeds pair up: each difference is within one
     seed (same teacher, same adapted model)."""
     others = [b for b in BASELINES if b in mean]
@@ -177,7 +209,7 @@ def paired_differences(per_seed, mean, ref="LinguDistill"):
     if merge:
         others.append(merge)
     return {f"{ref} − {o}": {k: t_interval([s[ref][k] - s[o][k] for s in per_seed])
-                             for k in ("recovery", "vision")} for o in others}
+                             for k in DIFF_METRICS} for o in others}
 
 
 def format_interval(t):
@@ -205,11 +237,12 @@ def format_differences(diffs, mean, ref="LinguDistill"):
                          f"no merge comparison ({', '.join(merges)}).")
     lines += ["", "Paired differences (same seed), points, mean ± t_{0.975,n-1} · s / √n "
               "[95 % interval] (s: sample std over seeds):", "",
-              "| difference | recovery | vision | recovery per seed |", "|---|---|---|---|"]
+              f"| difference | {' | '.join(DIFF_METRICS.values())} | recovery per seed |",
+              "|---" * (len(DIFF_METRICS) + 2) + "|"]
     for name, d in diffs.items():
         per = " / ".join(f"{100 * x:+.1f}" for x in d["recovery"]["diffs"])
-        lines.append(f"| {name} | {format_interval(d['recovery'])} | "
-                     f"{format_interval(d['vision'])} | {per} |")
+        cells = " | ".join(format_interval(d[k]) for k in DIFF_METRICS)
+        lines.append(f"| {name} | {cells} | {per} |")
     return "\n".join(lines)
 
 
@@ -276,10 +309,11 @@ def report(seeds, train_argv, per_seed, seconds):
                   "paired_differences": diffs}
 
 
-def experiment(seeds, train_argv, out_dir, jobs=1, merge_lams=MERGE_LAMS, threads=0):
+def experiment(seeds, train_argv, out_dir, jobs=1, merge_lams=MERGE_LAMS, threads=0,
+               teachers_from=""):
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
-    args = [(s, train_argv, out_dir, jobs, merge_lams, threads) for s in seeds]
+    args = [(s, train_argv, out_dir, jobs, merge_lams, threads, teachers_from) for s in seeds]
     if jobs > 1:
         with mp.get_context("spawn").Pool(jobs) as pool:
             per_seed = pool.map(_run_seed_to_file, args)
@@ -297,7 +331,8 @@ FLAGS = {"seeds": ("0,1,2", "comma list of seeds: one pretrain + adapt + every v
          "threads": ("0", "torch threads per seed process (0: CPU cores // --jobs)"),
          "out_dir": ("out/experiment", "seed<N>/ folders, experiment.md / .json / .png"),
          "merge_lams": (",".join(f"{lam:g}" for lam in MERGE_LAMS),
-                        "merge toward the teacher at these λ (empty: no merges)")}
+                        "merge toward the teacher at these λ (empty: no merges)"),
+         "teachers_from": ("", "reuse each seed's teacher from DIR/seed<N>/teacher (no stage 1)")}
 
 
 def main(argv):
@@ -319,7 +354,8 @@ def main(argv):
     if not all(0 <= lam <= 1 for lam in lams):
         raise ValueError(f"--merge_lams={opts['merge_lams']}: expected numbers in [0, 1]")
     train.get_config(train_argv)                  # bad train flags fail before any work
-    print(experiment(seeds, train_argv, opts["out_dir"], jobs, lams, threads))
+    print(experiment(seeds, train_argv, opts["out_dir"], jobs, lams, threads,
+                     opts["teachers_from"]))
 
 
 if __name__ == "__main__":
