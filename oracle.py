@@ -25,10 +25,12 @@ it is a pure oracle.
 
 Which entity a render shows is looked up, not recognised (image_words): a table from every
 render of the world (its training sources and benchmarks, as data.collate turns them into
-pixels) to its words. Saved folders hold only the standard VLM; OracleVLM.wrap re-attaches the oracle after
+pixels) to its words. Saved folders hold only the standard VLM; OracleVLM.wrap re-attaches the
+oracle after
 loading (train.py does, for --tower=oracle).
 """
 import hashlib
+from typing import NamedTuple
 
 import torch
 
@@ -46,12 +48,18 @@ def pixel_key(image):
     return hashlib.blake2b(image.detach().float().cpu().numpy().tobytes(), digest_size=16).digest()
 
 
+class Words(NamedTuple):
+    ids: torch.Tensor          # (E, n) long: <eos> fill, then the words
+    is_word: torch.Tensor      # (E, n) bool: True where ids holds a word, not the fill
+    index: dict                # pixel_key -> row
+    descs: list                # (E,) the words as text
+
+
 def image_words(world, tok, n, image_size, flag):
     """The words of every render of `world` (its sources and benchmarks; image examples carry a
     "desc"), as n token ids each, right-aligned so that they end where the prompt text begins
     (as the words would) after <eos> fill (what precedes every document the teacher read).
-    Returns (ids (E, n) LongTensor, index {pixel_key: row of ids}, descs (E,)). flag names the
-    option in errors."""
+    Returns Words (ids, is_word, index, descs). flag names the option in errors."""
     eos = data.special_id(tok, data.EOS_TOKEN)
     rows, index = {}, {}
     examples = [ex for exs in world.sources.values() for ex in exs] + world.vision_bench \
@@ -70,7 +78,9 @@ def image_words(world, tok, n, image_size, flag):
                                  "image tokens (lower --shuffle_factor)")
             rows[desc] = [eos] * (n - len(ids)) + ids
         index[pixel_key(data.image_views(ex["image"], image_size)[0][0])] = list(rows).index(desc)
-    return torch.tensor(list(rows.values())), index, list(rows)
+    lengths = torch.tensor([len(tok.encode(d).ids) for d in rows])                # (E,)
+    return Words(torch.tensor(list(rows.values())),
+                 torch.arange(n) >= n - lengths[:, None], index, list(rows))
 
 
 def lookup(index, images, flag):
@@ -86,24 +96,29 @@ def words_kv_loss(student_kv, batch, teacher, words, image_token_id):
     """The --kv_anchor term of one batch (padded layout, one view per image). The frozen teacher
     reads the batch with every image's n tokens replaced by its words (image_words), giving the
     K/V the handoff would carry if the image were text; the loss is the relative squared error
-    of the student's per-layer K and V at the image positions against those:
+    of the student's per-layer K and V at each image position against those, averaged with equal
+    weight over the positions that hold words and those that hold the <eos> fill (the fill is
+    most of the n positions and the easiest to match; the words are what the teacher reads):
 
-        mean over layers and {K, V} of  ||S - T||^2 / ||T||^2   (S, T: every image position)
+        e_p = ||S_p - T_p||^2 / ||T_p||^2  per layer, K or V and image position p
+        loss = mean over layers and {K, V} of (mean_{p: word} e_p + mean_{p: fill} e_p) / 2
 
     student_kv: kvshare.student_prefill's per-layer (K, V), each (B, H_kv, L, d); words: what
     image_words returns. Gradients reach the student only."""
-    ids, index, _ = words
     input_ids = batch["input_ids"]
     slots = input_ids == image_token_id                                            # (B, L)
-    rows = lookup(index, batch["images"], "--kv_anchor").to(input_ids.device)
-    text = input_ids.masked_scatter(slots, ids.to(input_ids.device)[rows])         # the words
+    rows = lookup(words.index, batch["images"], "--kv_anchor").to(input_ids.device)
+    text = input_ids.masked_scatter(slots, words.ids.to(input_ids.device)[rows])   # the words
+    is_word = words.is_word.to(input_ids.device)[rows].flatten()                   # (N * n,)
     with torch.no_grad():
         _, teacher_kv = teacher(text, attention_mask=batch["attention_mask"], use_cache=True)
     terms = []
     for pair_s, pair_t in zip(student_kv, teacher_kv):
         for s, t in zip(pair_s, pair_t):                                           # K, then V
             s, t = s.transpose(1, 2)[slots].float(), t.transpose(1, 2)[slots].float()
-            terms.append((s - t).pow(2).sum() / t.pow(2).sum())
+            e = (s - t).pow(2).sum((1, 2)) / t.pow(2).sum((1, 2))                  # (N * n,)
+            terms.append(torch.stack([e[m].mean() for m in (is_word, ~is_word) if m.any()])
+                         .mean())
     return torch.stack(terms).mean()
 
 
@@ -122,9 +137,10 @@ class OracleVLM(VLM):
         out = cls(vlm.decoder.cfg, vlm.vision.cfg, vlm.image_token_id, vlm.projector.factor)
         out.load_state_dict(vlm.state_dict())
         emb = teacher.embed.weight.detach().float()                                # (V_t, D)
-        ids, out.index, out.descs = image_words(world, tok, out.n_image_tokens,
-                                                vlm.vision.cfg.image_size, "--tower=oracle")
-        out.register_buffer("tokens", emb[ids], persistent=False)                  # (E, n, D)
+        words = image_words(world, tok, out.n_image_tokens, vlm.vision.cfg.image_size,
+                            "--tower=oracle")
+        out.index, out.descs = words.index, words.descs
+        out.register_buffer("tokens", emb[words.ids], persistent=False)            # (E, n, D)
         out.eps = EPS if eps is None else eps
         out.scale = float(emb.pow(2).mean().sqrt())               # the embeddings' RMS
         return out.to(next(vlm.parameters()).device).train(vlm.training)

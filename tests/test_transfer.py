@@ -126,6 +126,10 @@ def test_words_kv_loss_is_zero_for_the_words_and_trains_only_the_student():
     items = world.knowledge_bench[:6]
     plain = train.initial_student(cfg, teacher, tok)
     words = oracle.image_words(world, tok, plain.n_image_tokens, cfg.image_size, "--kv_anchor")
+    row = words.descs.index(items[0]["desc"])
+    n_words = len(tok.encode(items[0]["desc"]).ids)
+    assert words.is_word[row].tolist() == [False] * (plain.n_image_tokens - n_words) + \
+        [True] * n_words
     b = data.collate(items, tok, plain.n_image_tokens, cfg.image_size)
     exact = oracle.OracleVLM.wrap(plain, teacher, world, tok, eps=0.0)
     _, kv = kvshare.student_prefill(exact, b)
