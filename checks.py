@@ -54,12 +54,6 @@ def check_config(cfg):
     if cfg.tower == "oracle" and (cfg.data_path or cfg.teacher_path or cfg.student_path):
         raise ValueError("--tower=oracle is a tiny-world control: no --data_path, --teacher_path "
                          "or --student_path")
-    if not (math.isfinite(cfg.kv_anchor) and cfg.kv_anchor >= 0):
-        raise ValueError(f"--kv_anchor must be a finite number >= 0, got {cfg.kv_anchor}")
-    if cfg.kv_anchor and (cfg.data_path or cfg.teacher_path or cfg.student_path or cfg.pack
-                          or cfg.tower != "learned"):
-        raise ValueError("--kv_anchor is a tiny-world experiment on the learned tower: no "
-                         "--data_path, --teacher_path, --student_path, --pack or --tower=oracle")
     n_looks = len(world.COLOURS) * len(world.SHAPES)
     if not 4 <= cfg.n_entities <= n_looks:
         raise ValueError(f"--n_entities must be in [4, {n_looks}] (colour x shape), got "

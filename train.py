@@ -79,7 +79,6 @@ class TrainConfig:
     patch_size: int = 4           # ViT patch side in pixels
     shuffle_factor: int = 2       # pixel shuffle: factor^2 patches -> one image token
     tower: str = "learned"        # learned | oracle (a control, see oracle.py; not the method)
-    kv_anchor: float = 0.0        # align/adapt: + W * (image K/V vs the teacher's K/V of the words)
     # stage 1: pretrain
     pretrain_steps: int = 1500    # optimizer steps of the teacher LM
     pretrain_lr: float = 3e-3     # peak learning rate
@@ -237,16 +236,11 @@ def lm_loss(model, batch, counts):
     return {"loss": ce / counts["ce"], "ce": ce.detach() / counts["ce"]}
 
 
-def response_loss(model, batch, counts, anchor=None):
-    """Stage 2 (align, adapt): cross-entropy on the response tokens. With --kv_anchor,
-    anchor(kv, batch) (an experiment, oracle.words_kv_loss) is added, weighted by this
-    micro-batch's share of the step's response tokens."""
-    logits, kv = kvshare.student_prefill(model, batch)                      # (B, R, V)
+def response_loss(model, batch, counts):
+    """Stage 2 (align, adapt): cross-entropy on the response tokens."""
+    logits, _ = kvshare.student_prefill(model, batch)                       # (B, R, V)
     ce = distill.cross_entropy(logits, batch["labels"], batch["response_mask"], counts["ce"])
-    if anchor is None:
-        return {"loss": ce, "ce": ce.detach()}
-    a = anchor(kv, batch) * (batch["response_mask"].sum() / counts["ce"])
-    return {"loss": ce + a, "ce": ce.detach(), "anchor": a.detach()}
+    return {"loss": ce, "ce": ce.detach()}
 
 
 def lingudistill_loss(model, batch, counts, teacher, cfg):
@@ -452,23 +446,15 @@ def stage_adapt(setup, teacher):
         vlm = oracle.OracleVLM.wrap(vlm, teacher, setup.data, setup.tok)
     vlm.decoder.gradient_checkpointing = cfg.grad_checkpointing
     vision_params = list(vlm.vision.parameters()) + list(vlm.projector.parameters())
-    loss_fn = response_loss
-    if cfg.kv_anchor:                             # an experiment (oracle.py), not the method
-        words = oracle.image_words(setup.data, setup.tok, vlm.n_image_tokens, cfg.image_size,
-                                   "--kv_anchor")
-        anchor = functools.partial(oracle.words_kv_loss, teacher=teacher.eval(), words=words,
-                                   image_token_id=vlm.image_token_id)
-        loss_fn = functools.partial(response_loss,
-                                    anchor=lambda kv, b: cfg.kv_anchor * anchor(kv, b))
     vlm.decoder.requires_grad_(False)
     if cfg.align_steps:
         train_stage(setup, "align", runtime.wrap(vlm),
-                    [{"params": vision_params, "lr": cfg.align_lr}], cfg.align_steps, loss_fn)
+                    [{"params": vision_params, "lr": cfg.align_lr}], cfg.align_steps, response_loss)
     vlm.decoder.requires_grad_(True)
     train_stage(setup, "adapt", runtime.wrap(vlm),
                 [{"params": list(vlm.decoder.parameters()), "lr": cfg.adapt_lr},
                  {"params": vision_params, "lr": cfg.adapt_vision_lr}], cfg.adapt_steps,
-                loss_fn)
+                response_loss)
     if runtime.is_main:
         save_model_folder(setup, os.path.join(cfg.out_dir, "adapted"), lambda d: save_vlm(vlm, d))
     return vlm

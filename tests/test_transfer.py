@@ -1,5 +1,4 @@
 """The transfer measure (eval.transfer) and the oracle-tower control (oracle.py, --tower=oracle)."""
-import json
 import math
 import types
 
@@ -115,48 +114,3 @@ def test_train_tower_oracle_runs_and_the_flag_is_checked(tmp_path):
         train.get_config(["--preset=smoke", "--tower=nope"])
     with pytest.raises(ValueError, match="--tower=oracle"):
         train.get_config(["--preset=smoke", "--tower=oracle", f"--student_path={tmp_path}"])
-
-
-def test_words_kv_loss_is_zero_for_the_words_and_trains_only_the_student():
-    """--kv_anchor's term: the student's image-position K/V against the teacher's K/V of the
-    image's words. Zero when the image tokens ARE the words (oracle tower, EPS 0, decoder = the
-    teacher's); positive for a learned tower; gradients reach the tower, never the teacher."""
-    cfg, world, tok = smoke_world()
-    teacher = Decoder(train.lm_config(cfg, tok))
-    items = world.knowledge_bench[:6]
-    plain = train.initial_student(cfg, teacher, tok)
-    words = oracle.image_words(world, tok, plain.n_image_tokens, cfg.image_size, "--kv_anchor")
-    row = words.descs.index(items[0]["desc"])
-    n_words = len(tok.encode(items[0]["desc"]).ids)
-    assert words.is_word[row].tolist() == [False] * (plain.n_image_tokens - n_words) + \
-        [True] * n_words
-    b = data.collate(items, tok, plain.n_image_tokens, cfg.image_size)
-    exact = oracle.OracleVLM.wrap(plain, teacher, world, tok, eps=0.0)
-    _, kv = kvshare.student_prefill(exact, b)
-    zero = oracle.words_kv_loss(kv, b, teacher, words, exact.image_token_id)
-    assert float(zero.detach()) == pytest.approx(0.0, abs=1e-10)
-    _, kv = kvshare.student_prefill(plain, b)
-    loss = oracle.words_kv_loss(kv, b, teacher, words, plain.image_token_id)
-    assert float(loss) > 0.1
-    loss.backward()
-    assert plain.projector.proj.weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in teacher.parameters())
-    with pytest.raises(ValueError, match="--kv_anchor: an image that is not one of the world's"):
-        oracle.words_kv_loss(kv, {**b, "images": torch.zeros_like(b["images"])}, teacher,
-                             words, plain.image_token_id)
-
-
-def test_train_kv_anchor_logs_its_term_and_the_flag_is_checked(tmp_path):
-    out = tmp_path / "run"
-    train.run(train.get_config(["--preset=smoke", f"--out_dir={out}", "--kv_anchor=1",
-                                "--stage=pretrain"]))
-    train.run(train.get_config(["--preset=smoke", f"--out_dir={out}", "--kv_anchor=1",
-                                "--stage=adapt"]))
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    anchor = [r["anchor"] for r in records if r["stage"] in ("align", "adapt") and "anchor" in r]
-    assert len(anchor) == 6 and all(a > 0 for a in anchor)     # smoke: 3 align + 3 adapt steps
-    for bad in ("--kv_anchor=-1", "--kv_anchor=nan"):
-        with pytest.raises(ValueError, match="--kv_anchor must be a finite number >= 0"):
-            train.get_config(["--preset=smoke", bad])
-    with pytest.raises(ValueError, match="--kv_anchor is a tiny-world experiment"):
-        train.get_config(["--preset=smoke", "--kv_anchor=1", "--tower=oracle"])
