@@ -258,6 +258,22 @@ def format_per_seed(per_seed, seeds):
     return "\n".join(lines)
 
 
+def format_transfer(mean, std):
+    """Markdown: transfer T (eval.transfer) overall and per split of knowledge VQA (entities
+    seen / unseen in its training), and the handoff's top-1 agreement with the oracle (points),
+    mean ± std over seeds, for every model that has it."""
+    keys = [("transfer", "T"), ("transfer_seen", "T seen"), ("transfer_unseen", "T unseen"),
+            ("transfer_top1", "top-1")]
+    lines = ["Transfer T by split (mean ± std over seeds):", "",
+             "| model | " + " | ".join(h for _, h in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, m in mean.items():
+        if "transfer" in m:
+            cells = [f"{m[k]:.2f} ± {std[name][k]:.2f}" if k != "transfer_top1" else
+                     f"{100 * m[k]:.1f} ± {100 * std[name][k]:.1f}" for k, _ in keys]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(mean, std, path):
     """Language vs vision per model (mean ± std over seeds) as a PNG, if matplotlib is
     installed: the merges as one line labelled by λ, the teacher's language as a dashed line."""
@@ -301,7 +317,8 @@ def report(seeds, train_argv, per_seed, seconds):
     text = (f"{evaluation.format_table(mean, std)}\n\n"
             f"mean ± std over {len(seeds)} seed(s) (population std). Recovery of the language "
             f"drop, (model - adapted) / (teacher - adapted): {rec}\n\n"
-            f"{format_differences(diffs, mean)}\n\n{format_per_seed(per_seed, seeds)}\n\n"
+            f"{format_differences(diffs, mean)}\n\n{format_transfer(mean, std)}\n\n"
+            f"{format_per_seed(per_seed, seeds)}\n\n"
             f"seeds {seeds}; train.py {' '.join(train_argv)}; {seconds:.0f}s\n")
     has_merges = any(n.startswith("merge ") for n in mean)
     return text, {"seeds": seeds, "train_argv": train_argv, "per_seed": per_seed, "mean": mean,
