@@ -203,20 +203,42 @@ def transfer(student, teacher, items, tok, image_size=32, batch_size=64):
     return transfer_from_logits(torch.cat(oracle), torch.cat(handoff), torch.cat(blind), splits)
 
 
+def _held_out_examples(texts):
+    """Each text's first word the context, the rest the scored response (no space: skipped)."""
+    return [{"image": None, "prompt": t.split(" ", 1)[0], "response": " " + t.split(" ", 1)[1],
+             "source": "text"} for t in texts if " " in t]
+
+
 @torch.no_grad()
 def perplexity(model, texts, tok, batch_size=32):
     """exp(mean next-token NLL) over texts; each text's first word is the context, the rest
     is scored (texts without a space are skipped)."""
     device = next(model.parameters()).device
-    examples = [{"image": None, "prompt": t.split(" ", 1)[0], "response": " " + t.split(" ", 1)[1],
-                 "source": "text"} for t in texts if " " in t]
     nll, n = 0.0, 0
-    for b in batches(examples, tok, model, 32, batch_size, device):
+    for b in batches(_held_out_examples(texts), tok, model, 32, batch_size, device):
         logits = response_logits(model, b)
         loss = F.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), reduction="none")
         nll += float((loss * b["response_mask"].flatten()).sum())
         n += int(b["response_mask"].sum())
     return math.exp(nll / max(1, n))
+
+
+@torch.no_grad()
+def kl_from_teacher(model, teacher, texts, tok, batch_size=32):
+    """Mean per-token KL(p_teacher || p_model) in nats over the tokens perplexity scores: how far
+    the model's next-token distributions have moved from the teacher's (0 for the teacher). A
+    language metric that registers partial damage and partial recovery, where a benchmark's
+    accuracy may sit at chance. Ids past the teacher's vocabulary (the student's own) have
+    teacher probability 0 and add nothing."""
+    device = next(model.parameters()).device
+    total, n = 0.0, 0
+    for b in batches(_held_out_examples(texts), tok, model, 32, batch_size, device):
+        lt = F.log_softmax(response_logits(teacher, b), -1)                 # (B, R, V_t)
+        lm = F.log_softmax(response_logits(model, b), -1)[..., :lt.shape[-1]]
+        kl = (lt.exp() * (lt - lm)).sum(-1)                                   # (B, R)
+        total += float((kl * b["response_mask"]).sum())
+        n += int(b["response_mask"].sum())
+    return total / max(1, n)
 
 
 # ----------------------------------------------------------------------------------------

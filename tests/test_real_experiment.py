@@ -87,10 +87,18 @@ def test_experiment_end_to_end_with_a_tiny_teacher(bench_folder, tmp_path):
     names = {"teacher", "adapted", *rx.experiment.VARIANTS, "merge λ=0.5"}
     assert len(result["per_seed"]) == 2 and set(result["mean"]) == names
     for row in result["per_seed"][0].values():
-        assert 0 <= row["acc"] <= 1 and row["ppl"] > 1
-    recovery = result["per_seed"][0]["adapted"]["recovery"]   # 0, or NaN if nothing dropped
+        assert 0 <= row["acc"] <= 1 and row["ppl"] > 1 and row["kl"] >= 0
+    rows = result["per_seed"][0]
+    recovery = rows["adapted"]["recovery"]   # 0, or NaN if nothing dropped
     assert recovery == 0 or math.isnan(recovery)
-    assert "LinguDistill − CE-only" in result["paired"]
+    assert rows["teacher"]["kl"] == 0 and rows["adapted"]["kl"] > 0      # the primary metric
+    assert rows["teacher"]["recovery_kl"] == 1 and rows["adapted"]["recovery_kl"] == 0
+    assert rows["LinguDistill"]["recovery_kl"] == pytest.approx(
+        1 - rows["LinguDistill"]["kl"] / rows["adapted"]["kl"])
+    paired = result["paired"]["LinguDistill − CE-only"]
+    assert set(paired) == {"recovery_kl", "recovery", "vision"}
+    assert "| difference | KL recovery | dev recovery | vision | KL recovery per seed |" in \
+        (out / "real.md").read_text()
     assert (out / "real.md").read_text().startswith("seeds [0, 1]")
     # a re-run reads the finished seeds back instead of training again
     before = (out / "seed0.json").stat().st_mtime_ns

@@ -114,3 +114,29 @@ def test_train_tower_oracle_runs_and_the_flag_is_checked(tmp_path):
         train.get_config(["--preset=smoke", "--tower=nope"])
     with pytest.raises(ValueError, match="--tower=oracle"):
         train.get_config(["--preset=smoke", "--tower=oracle", f"--student_path={tmp_path}"])
+
+
+def test_perplexity_and_kl_from_teacher_on_held_out_text():
+    """eval.kl_from_teacher: 0 for the teacher itself; for another model, the mean over the
+    scored tokens (all but each text's first word) of KL(p_teacher || p_model), by hand."""
+    cfg, world, tok = smoke_world()
+    teacher = kvshare.freeze(Decoder(train.lm_config(cfg, tok)))
+    texts = [it["context"] + it["options"][it["answer"]] for it in world.language_bench[:5]]
+    assert evaluation.kl_from_teacher(teacher, teacher, texts, tok) == pytest.approx(0, abs=1e-6)
+    other = Decoder(train.lm_config(cfg, tok)).eval()
+    kl = evaluation.kl_from_teacher(other, teacher, texts, tok, batch_size=2)
+    nll, total, n = 0.0, 0.0, 0
+    with torch.no_grad():
+        for t in texts:
+            head, rest = t.split(" ", 1)                # context: the first word; response:
+            first = len(tok.encode(head).ids)           # the rest + <eos> (data.encode_example)
+            ids = torch.tensor([tok.encode(head).ids + tok.encode(" " + rest).ids
+                                + [data.special_id(tok, data.EOS_TOKEN)]])
+            lt = torch.log_softmax(teacher(ids)[0][0, first - 1:-1], -1)
+            lo = torch.log_softmax(other(ids)[0][0, first - 1:-1], -1)
+            total += float((lt.exp() * (lt - lo)).sum())
+            nll -= float(lo.gather(-1, ids[0, first:, None]).sum())
+            n += ids.shape[1] - first
+    assert kl > 0.01
+    assert kl == pytest.approx(total / n, rel=1e-4)
+    assert evaluation.perplexity(other, texts, tok) == pytest.approx(math.exp(nll / n), rel=1e-4)

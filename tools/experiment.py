@@ -200,16 +200,17 @@ def best_merge(mean, ref="LinguDistill", slack=VISION_SLACK):
     return max(ok, key=lambda n: mean[n]["acc"]) if ok else None
 
 
-def paired_differences(per_seed, mean, ref="LinguDistill"):
-    """{"<ref> − <other>": {metric: t_interval}} (DIFF_METRICS) for every baseline
+def paired_differences(per_seed, mean, ref="LinguDistill", metrics=DIFF_METRICS):
+    """{"<ref> − <other>": {metric: t_interval}} (the metrics the rows have) for every baseline
     present, plus the best merge (best_merge). Seeds pair up: each difference is within one
     seed (same teacher, same adapted model)."""
     others = [b for b in BASELINES if b in mean]
     merge = best_merge(mean, ref) if any(n.startswith("merge ") for n in mean) else None
     if merge:
         others.append(merge)
+    keys = [k for k in metrics if k in mean[ref]]
     return {f"{ref} − {o}": {k: t_interval([s[ref][k] - s[o][k] for s in per_seed])
-                             for k in DIFF_METRICS} for o in others}
+                             for k in keys} for o in others}
 
 
 def format_interval(t):
@@ -220,8 +221,10 @@ def format_interval(t):
             f"[{100 * t['lo']:+.1f}, {100 * t['hi']:+.1f}]")
 
 
-def format_differences(diffs, mean, ref="LinguDistill"):
-    """Markdown: which merge is compared (or that none qualifies), then the table."""
+def format_differences(diffs, mean, ref="LinguDistill", metrics=DIFF_METRICS):
+    """Markdown: which merge is compared (or that none qualifies), then the table (one column
+    per metric of `metrics` that diffs has; the first one is also shown seed by seed)."""
+    keys = [k for k in metrics if k in next(iter(diffs.values()), {})]
     merges = [n for n in mean if n.startswith("merge ")]
     lines = []
     if merges:
@@ -235,13 +238,15 @@ def format_differences(diffs, mean, ref="LinguDistill"):
         else:
             lines.append(f"No merge has mean vision >= {floor:.1f} ({ref}'s minus 1 point): "
                          f"no merge comparison ({', '.join(merges)}).")
+    if not keys:
+        return "\n".join(lines + ["", f"No baseline beside {ref}: no paired differences."])
     lines += ["", "Paired differences (same seed), points, mean ± t_{0.975,n-1} · s / √n "
               "[95 % interval] (s: sample std over seeds):", "",
-              f"| difference | {' | '.join(DIFF_METRICS.values())} | recovery per seed |",
-              "|---" * (len(DIFF_METRICS) + 2) + "|"]
+              f"| difference | {' | '.join(metrics[k] for k in keys)} | {metrics[keys[0]]} per "
+              "seed |", "|---" * (len(keys) + 2) + "|"]
     for name, d in diffs.items():
-        per = " / ".join(f"{100 * x:+.1f}" for x in d["recovery"]["diffs"])
-        cells = " | ".join(format_interval(d[k]) for k in DIFF_METRICS)
+        per = " / ".join(f"{100 * x:+.1f}" for x in d[keys[0]]["diffs"])
+        cells = " | ".join(format_interval(d[k]) for k in keys)
         lines.append(f"| {name} | {cells} | {per} |")
     return "\n".join(lines)
 

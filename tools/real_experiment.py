@@ -19,14 +19,19 @@ The data (written once to <out_dir>/data, the same for every seed):
   that are neither dev nor reserved (bigbench.training_text: "<input> <answer>"), raw text, the
   first quarter of its words the context, the rest the response. One task in ten (by a hash of
   its name) is held out of training: its texts are the perplexity set.
-Evaluation: the BIG-bench dev tasks (bigbench.DEV_TASKS; the first --items of each, file order;
-mean log-probability per option token), their mean = "language"; perplexity on the held-out
-texts; VQA exact match. The reserved BIG-bench tasks are never read.
+Evaluation: the per-token KL(teacher || model) on the held-out texts (eval.kl_from_teacher, in
+nats; the teacher's is 0) — the primary language metric: it registers partial damage and
+partial recovery where the dev tasks sit at chance; perplexity on the same texts; the BIG-bench
+dev tasks (bigbench.DEV_TASKS; the first --items of each, file order; mean log-probability per
+option token), their mean = "language"; VQA exact match. The reserved BIG-bench tasks are never
+read.
 
 Per seed (the seed sets the tower's init and the data order; teacher and data are fixed): one
 align + adapt run (train.py --stage=adapt), the four distill variants from that adapted model
 (experiment.VARIANTS), and the weight merges of the adapted decoder toward the teacher.
-Recovery = (model - adapted) / (teacher - adapted) on the dev-task mean. Writes real.md,
+KL recovery = 1 - KL(model) / KL(adapted), the share of the held-out KL that adaptation added and
+the model removed; recovery = (model - adapted) / (teacher - adapted) on the dev-task mean.
+Paired differences (LinguDistill minus each baseline) on both, and vision. Writes real.md,
 real.json and (with matplotlib) real.png to --out_dir; a re-run in the same --out_dir resumes
 (finished seeds are read back from seed<N>.json).
 """
@@ -126,8 +131,9 @@ def vision_bench():
     return [vision_example(ex) for ex in tiny.vision_bench]
 
 
-def evaluate(model, tok, bench, vqa, heldout):
-    """{"acc": dev-task mean, "acc_<task>", "ppl"[, "vision"]} for a VLM or a text-only Decoder."""
+def evaluate(model, tok, bench, vqa, heldout, teacher=None):
+    """{"acc": dev-task mean, "acc_<task>", "ppl", "kl"[, "vision"]} for a VLM or a text-only
+    Decoder; kl = eval.kl_from_teacher (0 for the teacher itself: teacher=None)."""
     decoder = model.decoder if isinstance(model, VLM) else model
     model.eval()
     row = {f"acc_{task}": ev.multiple_choice(decoder, tok, items, batch_size=16,
@@ -135,6 +141,8 @@ def evaluate(model, tok, bench, vqa, heldout):
            for task, items in bench.items()}
     row["acc"] = sum(row.values()) / len(row)
     row["ppl"] = ev.perplexity(decoder, heldout, tok, batch_size=16)
+    row["kl"] = 0.0 if teacher is None else ev.kl_from_teacher(decoder, teacher, heldout, tok,
+                                                                batch_size=16)
     if isinstance(model, VLM):
         row["vision"] = ev.vqa_accuracy(model, vqa, tok, IMAGE_SIZE, batch_size=32)
     return row
@@ -150,28 +158,32 @@ def run_seed(seed, opts, train_argv, paths, heldout, bench, vqa, teacher_row):
     models, _, tok = train.run(train.get_config(base + ["--stage=adapt"]))
     teacher, adapted = models["teacher"], models["adapted"]
     times["adapt"] = time.time() - t0
-    rows = {"teacher": teacher_row, "adapted": evaluate(adapted, tok, bench, vqa, heldout)}
+    rows = {"teacher": teacher_row,
+            "adapted": evaluate(adapted, tok, bench, vqa, heldout, teacher)}
     for name in opts["variants"]:
         t0 = time.time()
-        rows[name] = evaluate(experiment.train_variant(base, name), tok, bench, vqa, heldout)
+        rows[name] = evaluate(experiment.train_variant(base, name), tok, bench, vqa, heldout,
+                              teacher)
         times[name] = time.time() - t0
     for lam in opts["merge_lams"]:
         merged = experiment.merge_toward_teacher(adapted, teacher, lam)
-        rows[experiment.merge_name(lam)] = evaluate(merged, tok, bench, vqa, heldout)
-    drop = rows["teacher"]["acc"] - rows["adapted"]["acc"]
+        rows[experiment.merge_name(lam)] = evaluate(merged, tok, bench, vqa, heldout, teacher)
+    drop, kl = rows["teacher"]["acc"] - rows["adapted"]["acc"], rows["adapted"]["kl"]
     for row in rows.values():
         row["recovery"] = (row["acc"] - rows["adapted"]["acc"]) / drop if drop > 0 else float("nan")
+        row["recovery_kl"] = 1 - row["kl"] / kl if kl > 0 else float("nan")
     print(f"seed {seed}: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()), flush=True)
     return rows
 
 
-COLUMNS = [("acc", "BIG-bench dev mean"), ("ppl", "held-out ppl"), ("vision", "vision"),
-           ("recovery", "recovery")]
+COLUMNS = [("kl", "held-out KL"), ("recovery_kl", "KL recovery"), ("ppl", "held-out ppl"),
+           ("acc", "BIG-bench dev mean"), ("recovery", "dev recovery"), ("vision", "vision")]
+DIFF_METRICS = {"recovery_kl": "KL recovery", "recovery": "dev recovery", "vision": "vision"}
 
 
 def format_rows(mean, std, tasks):
-    cols = COLUMNS[:1] + [(f"acc_{t}", t) for t in tasks] + COLUMNS[1:]
-    return ev.format_table(mean, std, columns=cols)
+    cols = COLUMNS[:4] + [(f"acc_{t}", t) for t in tasks] + COLUMNS[4:]
+    return ev.format_table(mean, std, columns=cols, plain=("kl", "ppl"))
 
 
 def plot(mean, std, path):
@@ -260,11 +272,11 @@ def main(argv):
         with open(path, encoding="utf-8") as f:
             per_seed.append(json.load(f))
     mean, std = experiment.aggregate(per_seed)
-    diffs = experiment.paired_differences(per_seed, mean)
+    diffs = experiment.paired_differences(per_seed, mean, metrics=DIFF_METRICS)
     report = [f"seeds {opts['seeds']}, {opts['items']} items per dev task, "
               f"{len(heldout)} held-out texts; {time.time() - t_start:.0f}s in this call", "",
               format_rows(mean, std, list(bench)), "",
-              experiment.format_differences(diffs, mean)]
+              experiment.format_differences(diffs, mean, metrics=DIFF_METRICS)]
     text = "\n".join(report)
     write_text(os.path.join(out, "real.md"), text + "\n")
     write_json(os.path.join(out, "real.json"), {"per_seed": per_seed, "mean": mean, "std": std,
