@@ -183,6 +183,8 @@ def test_ctrl_c_saves_and_out_dir_plus_resume_alone_reproduces_the_run(smoke_run
     argv = ["--preset=smoke", "--stage=distill", "--distill_steps=6", "--ckpt_every=100",
             "--eval=false", "--policy=uniform", "--kd=jsd"]
     straight, stopped = straight_and_other(smoke_run, tmp_path, argv)
+    # what SIGINT does here (default, or ignored when the suite runs in the background)
+    handler_before = signal.getsignal(signal.SIGINT)
     # Ctrl-C while step 3 is being prepared
     undo = before_distill_batch(monkeypatch, 2, lambda: os.kill(os.getpid(), signal.SIGINT))
     with pytest.raises(SystemExit) as e:
@@ -198,7 +200,7 @@ def test_ctrl_c_saves_and_out_dir_plus_resume_alone_reproduces_the_run(smoke_run
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     assert [(r["loss"], r["kd"], r["grad_norm"])
             for r in a] == [(r["loss"], r["kd"], r["grad_norm"]) for r in b]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler    # handler restored
+    assert signal.getsignal(signal.SIGINT) is handler_before                # handler restored
 
 
 def test_resume_alone_reads_the_run_config_explicit_flags_build_their_own(smoke_run, tmp_path):
