@@ -203,42 +203,29 @@ def transfer(student, teacher, items, tok, image_size=32, batch_size=64):
     return transfer_from_logits(torch.cat(oracle), torch.cat(handoff), torch.cat(blind), splits)
 
 
-def _held_out_examples(texts):
-    """Each text's first word the context, the rest the scored response (no space: skipped)."""
-    return [{"image": None, "prompt": t.split(" ", 1)[0], "response": " " + t.split(" ", 1)[1],
-             "source": "text"} for t in texts if " " in t]
-
-
 @torch.no_grad()
-def perplexity(model, texts, tok, batch_size=32):
-    """exp(mean next-token NLL) over texts; each text's first word is the context, the rest
-    is scored (texts without a space are skipped)."""
+def held_out_scores(model, texts, tok, batch_size=32, teacher=None):
+    """Language on held-out texts, each text's first word the context and the rest scored
+    (texts without a space are skipped), in one pass: {"ppl": exp(mean next-token NLL)}, and
+    with a teacher also "kl": the mean per-token KL(p_teacher || p_model) in nats, how far the
+    model's next-token distributions have moved from the teacher's (0 for the teacher) — a
+    metric that registers partial damage and recovery where a benchmark may sit at chance.
+    Ids past the teacher's vocabulary (the student's own) have teacher probability 0."""
     device = next(model.parameters()).device
-    nll, n = 0.0, 0
-    for b in batches(_held_out_examples(texts), tok, model, 32, batch_size, device):
-        logits = response_logits(model, b)
+    examples = [{"image": None, "prompt": t.split(" ", 1)[0], "response": " " + t.split(" ", 1)[1],
+                 "source": "text"} for t in texts if " " in t]
+    nll, kl, n = 0.0, 0.0, 0
+    for b in batches(examples, tok, model, 32, batch_size, device):
+        logits, mask = response_logits(model, b), b["response_mask"]               # (B, R, V)
         loss = F.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), reduction="none")
-        nll += float((loss * b["response_mask"].flatten()).sum())
-        n += int(b["response_mask"].sum())
-    return math.exp(nll / max(1, n))
-
-
-@torch.no_grad()
-def kl_from_teacher(model, teacher, texts, tok, batch_size=32):
-    """Mean per-token KL(p_teacher || p_model) in nats over the tokens perplexity scores: how far
-    the model's next-token distributions have moved from the teacher's (0 for the teacher). A
-    language metric that registers partial damage and partial recovery, where a benchmark's
-    accuracy may sit at chance. Ids past the teacher's vocabulary (the student's own) have
-    teacher probability 0 and add nothing."""
-    device = next(model.parameters()).device
-    total, n = 0.0, 0
-    for b in batches(_held_out_examples(texts), tok, model, 32, batch_size, device):
-        lt = F.log_softmax(response_logits(teacher, b), -1)                 # (B, R, V_t)
-        lm = F.log_softmax(response_logits(model, b), -1)[..., :lt.shape[-1]]
-        kl = (lt.exp() * (lt - lm)).sum(-1)                                   # (B, R)
-        total += float((kl * b["response_mask"]).sum())
-        n += int(b["response_mask"].sum())
-    return total / max(1, n)
+        nll += float((loss * mask.flatten()).sum())
+        n += int(mask.sum())
+        if teacher is not None:
+            lt = F.log_softmax(response_logits(teacher, b), -1)                   # (B, R, V_t)
+            lm = F.log_softmax(logits, -1)[..., :lt.shape[-1]]
+            kl += float(((lt.exp() * (lt - lm)).sum(-1) * mask).sum())
+    return {"ppl": math.exp(nll / max(1, n)),
+            **({"kl": kl / max(1, n)} if teacher is not None else {})}
 
 
 # ----------------------------------------------------------------------------------------
@@ -317,7 +304,7 @@ def evaluate_folder(folder, teacher_folder=None):
     rows = evaluate_models({name: model}, tiny, tok, cfg["image_size"], teacher=teacher)
     held_out = [it["context"] + it["options"][it["answer"]] for it in tiny.language_bench]
     return (format_table(rows) + "\nperplexity on the language benchmark's correct sentences: "
-            f"{perplexity(model, held_out, tok):.3f}")
+            f"{held_out_scores(model, held_out, tok)['ppl']:.3f}")
 
 
 def main(argv):

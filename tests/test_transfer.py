@@ -116,15 +116,18 @@ def test_train_tower_oracle_runs_and_the_flag_is_checked(tmp_path):
         train.get_config(["--preset=smoke", "--tower=oracle", f"--student_path={tmp_path}"])
 
 
-def test_perplexity_and_kl_from_teacher_on_held_out_text():
-    """eval.kl_from_teacher: 0 for the teacher itself; for another model, the mean over the
-    scored tokens (all but each text's first word) of KL(p_teacher || p_model), by hand."""
+def test_held_out_perplexity_and_kl_from_teacher():
+    """eval.held_out_scores: kl 0 for the teacher itself; for another model, the mean over the
+    scored tokens (all but each text's first word) of KL(p_teacher || p_model), and the
+    perplexity, by hand."""
     cfg, world, tok = smoke_world()
     teacher = kvshare.freeze(Decoder(train.lm_config(cfg, tok)))
     texts = [it["context"] + it["options"][it["answer"]] for it in world.language_bench[:5]]
-    assert evaluation.kl_from_teacher(teacher, teacher, texts, tok) == pytest.approx(0, abs=1e-6)
+    same = evaluation.held_out_scores(teacher, texts, tok, teacher=teacher)
+    assert same["kl"] == pytest.approx(0, abs=1e-6)
     other = Decoder(train.lm_config(cfg, tok)).eval()
-    kl = evaluation.kl_from_teacher(other, teacher, texts, tok, batch_size=2)
+    scores = evaluation.held_out_scores(other, texts, tok, batch_size=2, teacher=teacher)
+    kl = scores["kl"]
     nll, total, n = 0.0, 0.0, 0
     with torch.no_grad():
         for t in texts:
@@ -139,4 +142,6 @@ def test_perplexity_and_kl_from_teacher_on_held_out_text():
             n += ids.shape[1] - first
     assert kl > 0.01
     assert kl == pytest.approx(total / n, rel=1e-4)
-    assert evaluation.perplexity(other, texts, tok) == pytest.approx(math.exp(nll / n), rel=1e-4)
+    assert scores["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+    alone = evaluation.held_out_scores(other, texts, tok)                        # no teacher
+    assert set(alone) == {"ppl"} and alone["ppl"] == pytest.approx(scores["ppl"], rel=1e-5)

@@ -19,7 +19,7 @@ The data (written once to <out_dir>/data, the same for every seed):
   that are neither dev nor reserved (bigbench.training_text: "<input> <answer>"), raw text, the
   first quarter of its words the context, the rest the response. One task in ten (by a hash of
   its name) is held out of training: its texts are the perplexity set.
-Evaluation: the per-token KL(teacher || model) on the held-out texts (eval.kl_from_teacher, in
+Evaluation: the per-token KL(teacher || model) on the held-out texts (eval.held_out_scores, in
 nats; the teacher's is 0) — the primary language metric: it registers partial damage and
 partial recovery where the dev tasks sit at chance; perplexity on the same texts; the BIG-bench
 dev tasks (bigbench.DEV_TASKS; the first --items of each, file order; mean log-probability per
@@ -135,16 +135,14 @@ def vision_bench():
 
 def evaluate(model, tok, bench, vqa, heldout, teacher=None):
     """{"acc": dev-task mean, "acc_<task>", "ppl", "kl"[, "vision"]} for a VLM or a text-only
-    Decoder; kl = eval.kl_from_teacher (0 for the teacher itself: teacher=None)."""
+    Decoder; ppl and kl = eval.held_out_scores (kl 0 for the teacher itself: teacher=None)."""
     decoder = model.decoder if isinstance(model, VLM) else model
     model.eval()
     row = {f"acc_{task}": ev.multiple_choice(decoder, tok, items, batch_size=16,
                                              scorer=bigbench.shared_context_scores)["acc"]
            for task, items in bench.items()}
     row["acc"] = sum(row.values()) / len(row)
-    row["ppl"] = ev.perplexity(decoder, heldout, tok, batch_size=16)
-    row["kl"] = 0.0 if teacher is None else ev.kl_from_teacher(decoder, teacher, heldout, tok,
-                                                                batch_size=16)
+    row.update({"kl": 0.0}, **ev.held_out_scores(decoder, heldout, tok, 16, teacher))
     if isinstance(model, VLM):
         row["vision"] = ev.vqa_accuracy(model, vqa, tok, IMAGE_SIZE, batch_size=32)
     return row
