@@ -53,6 +53,17 @@ def test_vision_example_asks_in_english_in_chat_format():
     assert out["response"] == "red" and out["source"] == "colour"
 
 
+def test_transfer_items_put_the_image_words_where_the_image_was():
+    import eval as ev
+    ex = {"image": None, "prompt": "<image> is coloured", "response": " red .",
+          "source": "colour", "desc": "the red circle"}
+    items = rx.transfer_items([ex, {**ex, "source": "count", "response": " 2 ."}])
+    assert len(items) == 1 and items[0]["split"] == "colour"     # count: the words don't say
+    assert ev.oracle_example(items[0])["prompt"] == (
+        "<|im_start|>user\nthe red circle. What colour is the shape in the image?"
+        "<|im_end|>\n<|im_start|>assistant\n")
+
+
 def test_text_example_splits_at_a_quarter_of_the_words():
     out = rx.text_example("one two three four five six seven eight nine ten eleven twelve")
     assert out == {"image": None, "prompt": "one two three", "response":
@@ -92,6 +103,12 @@ def test_experiment_end_to_end_with_a_tiny_teacher(bench_folder, tmp_path):
     recovery = rows["adapted"]["recovery"]   # 0, or NaN if nothing dropped
     assert recovery == 0 or math.isnan(recovery)
     assert rows["teacher"]["kl"] == 0 and rows["adapted"]["kl"] > 0      # the primary metric
+    for name in ("adapted", "LinguDistill", "merge λ=0.5"):          # T on the vision prompts
+        r = rows[name]
+        assert {f"transfer_{s}" for s in rx.TRANSFER_SOURCES} <= set(r)
+        assert r["kl_blind"] > 0 and r["transfer"] == pytest.approx(
+            1 - r["kl_handoff"] / r["kl_blind"])
+    assert "transfer" not in rows["teacher"]
     assert rows["teacher"]["recovery_kl"] == 1 and rows["adapted"]["recovery_kl"] == 0
     assert rows["LinguDistill"]["recovery_kl"] == pytest.approx(
         1 - rows["LinguDistill"]["kl"] / rows["adapted"]["kl"])

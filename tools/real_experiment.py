@@ -23,7 +23,10 @@ Evaluation: the per-token KL(teacher || model) on the held-out texts (eval.held_
 nats; the teacher's is 0) — the primary language metric: it registers partial damage and
 partial recovery where the dev tasks sit at chance; perplexity on the same texts; the BIG-bench
 dev tasks (bigbench.DEV_TASKS; the first --items of each, file order; mean log-probability per
-option token), their mean = "language"; VQA exact match. The reserved BIG-bench tasks are never
+option token), their mean = "language"; VQA exact match; transfer T (eval.transfer: does the
+teacher reading the student's image KV answer as it would from the image's words?) on the vision
+prompts whose answer those words give, "What colour is the shape in the image?" with "the red
+circle." as the oracle's text (colour, shape, caption). The reserved BIG-bench tasks are never
 read.
 
 Per seed (the seed sets the tower's init and the data order; teacher and data are fixed): one
@@ -51,6 +54,7 @@ import world  # noqa: E402
 import chat  # noqa: E402
 import eval as ev  # noqa: E402
 import experiment  # noqa: E402
+import kvshare  # noqa: E402
 import toolflags  # noqa: E402
 import train  # noqa: E402
 from model import VLM  # noqa: E402
@@ -71,6 +75,7 @@ QUESTIONS = {"colour": "What colour is the shape in the image?",
              "count": "How many shapes are in the image?",
              "position": "On which side of the image is the shape?",
              "caption": "Describe the image in a few words."}
+TRANSFER_SOURCES = ("colour", "shape", "caption")
 WORLD_SEED, IMAGE_SIZE = 0, 32
 
 
@@ -91,6 +96,14 @@ def vision_example(ex):
     return {"image": ex["image"], "prompt": chat.chat_prompt(data.IMAGE_TOKEN
                                                              + QUESTIONS[ex["source"]]),
             "response": answer, "source": ex["source"]}
+
+
+def transfer_items(tiny_bench):
+    """The vision prompts whose answer the image's words give (colour, shape, caption), each
+    with the words for its image as eval.transfer's oracle text: "<image>What colour is the
+    shape in the image?" -> "the red circle. What colour is the shape in the image?"."""
+    return [{**vision_example(ex), "desc": ex["desc"] + ". ", "split": ex["source"]}
+            for ex in tiny_bench if ex["source"] in TRANSFER_SOURCES]
 
 
 def text_example(text):
@@ -128,14 +141,16 @@ def build_data(folder, source, n_vision=400, n_text=2000, n_heldout=200):
 
 
 def vision_bench():
-    """The tiny world's fresh-render VQA benchmark, asked in English."""
+    """The tiny world's fresh-render VQA benchmark asked in English, and its transfer items."""
     tiny = world.build_world(WORLD_SEED, image_size=IMAGE_SIZE)
-    return [vision_example(ex) for ex in tiny.vision_bench]
+    return [vision_example(ex) for ex in tiny.vision_bench], transfer_items(tiny.vision_bench)
 
 
 def evaluate(model, tok, bench, vqa, heldout, teacher=None):
-    """{"acc": dev-task mean, "acc_<task>", "ppl", "kl"[, "vision"]} for a VLM or a text-only
-    Decoder; ppl and kl = eval.held_out_scores (kl 0 for the teacher itself: teacher=None)."""
+    """{"acc": dev-task mean, "acc_<task>", "ppl", "kl"[, "vision", "transfer", ...]} for a VLM
+    or a text-only Decoder; ppl and kl = eval.held_out_scores (kl 0 for the teacher itself:
+    teacher=None); vqa = vision_bench(); transfer T (per split too) = eval.transfer on the
+    teacher, for a VLM."""
     decoder = model.decoder if isinstance(model, VLM) else model
     model.eval()
     row = {f"acc_{task}": ev.multiple_choice(decoder, tok, items, batch_size=16,
@@ -144,7 +159,8 @@ def evaluate(model, tok, bench, vqa, heldout, teacher=None):
     row["acc"] = sum(row.values()) / len(row)
     row.update({"kl": 0.0}, **ev.held_out_scores(decoder, heldout, tok, 16, teacher))
     if isinstance(model, VLM):
-        row["vision"] = ev.vqa_accuracy(model, vqa, tok, IMAGE_SIZE, batch_size=32)
+        row["vision"] = ev.vqa_accuracy(model, vqa[0], tok, IMAGE_SIZE, batch_size=32)
+        row.update(ev.transfer(model, teacher, vqa[1], tok, IMAGE_SIZE, batch_size=32))
     return row
 
 
@@ -156,7 +172,7 @@ def run_seed(seed, opts, train_argv, paths, heldout, bench, vqa, teacher_row):
             "--resume=true"] + train_flags(train_argv)
     times, t0 = {}, time.time()
     models, _, tok = train.run(train.get_config(base + ["--stage=adapt"]))
-    teacher, adapted = models["teacher"], models["adapted"]
+    teacher, adapted = kvshare.freeze(models["teacher"]), models["adapted"]
     times["adapt"] = time.time() - t0
     rows = {"teacher": teacher_row,
             "adapted": evaluate(adapted, tok, bench, vqa, heldout, teacher)}
@@ -177,13 +193,15 @@ def run_seed(seed, opts, train_argv, paths, heldout, bench, vqa, teacher_row):
 
 
 COLUMNS = [("kl", "held-out KL"), ("recovery_kl", "KL recovery"), ("ppl", "held-out ppl"),
-           ("acc", "BIG-bench dev mean"), ("recovery", "dev recovery"), ("vision", "vision")]
+           ("acc", "BIG-bench dev mean"), ("recovery", "dev recovery"), ("vision", "vision"),
+           ("transfer", "T")] + [(f"transfer_{s}", f"T {s}") for s in TRANSFER_SOURCES]
 DIFF_METRICS = {"recovery_kl": "KL recovery", "recovery": "dev recovery", "vision": "vision"}
 
 
 def format_rows(mean, std, tasks):
     cols = COLUMNS[:4] + [(f"acc_{t}", t) for t in tasks] + COLUMNS[4:]
-    return ev.format_table(mean, std, columns=cols, plain=("kl", "ppl"))
+    return ev.format_table(mean, std, columns=cols, plain=("kl", "ppl", "transfer",
+                           *(f"transfer_{s}" for s in TRANSFER_SOURCES)))
 
 
 def plot(mean, std, path):
