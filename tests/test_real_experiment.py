@@ -55,13 +55,14 @@ def test_vision_example_asks_in_english_in_chat_format():
 
 def test_transfer_items_put_the_image_words_where_the_image_was():
     import eval as ev
-    ex = {"image": None, "prompt": "<image> is coloured", "response": " red .",
-          "source": "colour", "desc": "the red circle"}
+    ex = {"image": None, "prompt": "<image> is shaped", "response": " circle .",
+          "source": "shape", "desc": "the red circle"}
     items = rx.transfer_items([ex, {**ex, "source": "count", "response": " 2 ."}])
-    assert len(items) == 1 and items[0]["split"] == "colour"     # count: the words don't say
+    assert len(items) == 1 and items[0]["split"] == "shape"      # count: the words don't say
+    assert items[0]["response"] == " circle"
     assert ev.oracle_example(items[0])["prompt"] == (
-        "<|im_start|>user\nthe red circle. What colour is the shape in the image?"
-        "<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nthe red circle. What shape is in the image?"
+        "<|im_end|>\n<|im_start|>assistant\nIt is a")
 
 
 def test_text_example_splits_at_a_quarter_of_the_words():
@@ -105,7 +106,7 @@ def test_experiment_end_to_end_with_a_tiny_teacher(bench_folder, tmp_path):
     assert rows["teacher"]["kl"] == 0 and rows["adapted"]["kl"] > 0      # the primary metric
     for name in ("adapted", "LinguDistill", "merge λ=0.5"):          # T on the vision prompts
         r = rows[name]
-        assert {f"transfer_{s}" for s in rx.TRANSFER_SOURCES} <= set(r)
+        assert {f"transfer_{s}" for s in rx.TRANSFER_LEADS} <= set(r)
         assert r["kl_blind"] > 0 and r["transfer"] == pytest.approx(
             1 - r["kl_handoff"] / r["kl_blind"])
     assert "transfer" not in rows["teacher"]

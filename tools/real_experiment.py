@@ -25,8 +25,8 @@ partial recovery where the dev tasks sit at chance; perplexity on the same texts
 dev tasks (bigbench.DEV_TASKS; the first --items of each, file order; mean log-probability per
 option token), their mean = "language"; VQA exact match; transfer T (eval.transfer: does the
 teacher reading the student's image KV answer as it would from the image's words?) on the vision
-prompts whose answer those words give, "What colour is the shape in the image?" with "the red
-circle." as the oracle's text (colour, shape, caption). The reserved BIG-bench tasks are never
+prompts whose answer those words give, "What shape is in the image?" + "It is a" with "the red
+circle." as the oracle's text (colour, shape; transfer_items). The reserved BIG-bench tasks are never
 read.
 
 Per seed (the seed sets the tower's init and the data order; teacher and data are fixed): one
@@ -75,7 +75,10 @@ QUESTIONS = {"colour": "What colour is the shape in the image?",
              "count": "How many shapes are in the image?",
              "position": "On which side of the image is the shape?",
              "caption": "Describe the image in a few words."}
-TRANSFER_SOURCES = ("colour", "shape", "caption")
+# T's items: SmolLM2's first answer token is "The" with or without the image's words (their
+# KL(oracle || blind) there is 0.09-0.12 nats), so T is read after a lead-in, where the words
+# change the teacher's next token: 0.24 nats (colour), 1.21 (shape); 25 items each, seed 0.
+TRANSFER_LEADS = {"colour": "The shape is coloured", "shape": "It is a"}
 WORLD_SEED, IMAGE_SIZE = 0, 32
 
 
@@ -99,11 +102,17 @@ def vision_example(ex):
 
 
 def transfer_items(tiny_bench):
-    """The vision prompts whose answer the image's words give (colour, shape, caption), each
-    with the words for its image as eval.transfer's oracle text: "<image>What colour is the
-    shape in the image?" -> "the red circle. What colour is the shape in the image?"."""
-    return [{**vision_example(ex), "desc": ex["desc"] + ". ", "split": ex["source"]}
-            for ex in tiny_bench if ex["source"] in TRANSFER_SOURCES]
+    """The vision prompts whose answer the image's words give, for eval.transfer: the question,
+    then a lead-in the answer must follow (TRANSFER_LEADS), with the image's words as the
+    oracle's text: "<image>What shape is in the image?" + "It is a" -> " circle", the oracle
+    reading "the red circle. What shape is in the image?" + "It is a"."""
+    items = []
+    for ex in (ex for ex in tiny_bench if ex["source"] in TRANSFER_LEADS):
+        it = vision_example(ex)
+        items.append({**it, "prompt": it["prompt"] + TRANSFER_LEADS[ex["source"]],
+                      "response": " " + it["response"], "desc": ex["desc"] + ". ",
+                      "split": ex["source"]})
+    return items
 
 
 def text_example(text):
@@ -194,14 +203,14 @@ def run_seed(seed, opts, train_argv, paths, heldout, bench, vqa, teacher_row):
 
 COLUMNS = [("kl", "held-out KL"), ("recovery_kl", "KL recovery"), ("ppl", "held-out ppl"),
            ("acc", "BIG-bench dev mean"), ("recovery", "dev recovery"), ("vision", "vision"),
-           ("transfer", "T")] + [(f"transfer_{s}", f"T {s}") for s in TRANSFER_SOURCES]
+           ("transfer", "T")] + [(f"transfer_{s}", f"T {s}") for s in TRANSFER_LEADS]
 DIFF_METRICS = {"recovery_kl": "KL recovery", "recovery": "dev recovery", "vision": "vision"}
 
 
 def format_rows(mean, std, tasks):
     cols = COLUMNS[:4] + [(f"acc_{t}", t) for t in tasks] + COLUMNS[4:]
     return ev.format_table(mean, std, columns=cols, plain=("kl", "ppl", "transfer",
-                           *(f"transfer_{s}" for s in TRANSFER_SOURCES)))
+                           *(f"transfer_{s}" for s in TRANSFER_LEADS)))
 
 
 def plot(mean, std, path):
