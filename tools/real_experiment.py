@@ -26,8 +26,8 @@ dev tasks (bigbench.DEV_TASKS; the first --items of each, file order; mean log-p
 option token), their mean = "language"; VQA exact match; transfer T (eval.transfer: does the
 teacher reading the student's image KV answer as it would from the image's words?) on the vision
 prompts whose answer those words give, "What shape is in the image?" + "It is a" with "the red
-circle." as the oracle's text (colour, shape; transfer_items). The reserved BIG-bench tasks are never
-read.
+circle." as the oracle's text (colour, shape; transfer_items). The reserved BIG-bench tasks
+are never read.
 
 Per seed (the seed sets the tower's init and the data order; teacher and data are fixed): one
 align + adapt run (train.py --stage=adapt), the four distill variants from that adapted model
