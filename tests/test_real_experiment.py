@@ -122,6 +122,16 @@ def test_experiment_end_to_end_with_a_tiny_teacher(bench_folder, tmp_path):
     before = (out / "seed0.json").stat().st_mtime_ns
     rx.main(argv)
     assert (out / "seed0.json").stat().st_mtime_ns == before
+    # an interrupted seed keeps the rows it measured: only the missing model is measured again
+    kept = json.loads((out / "seed1" / "rows.json").read_text())
+    assert set(kept) == names - {"teacher"}
+    kept["LinguDistill"]["ppl"] = -1.0                    # a marker no measurement can give
+    del kept["merge λ=0.5"]
+    (out / "seed1" / "rows.json").write_text(json.dumps(kept))
+    (out / "seed1.json").unlink()
+    rx.main(argv)
+    again = json.loads((out / "seed1.json").read_text())
+    assert again["LinguDistill"]["ppl"] == -1.0 and again["merge λ=0.5"]["ppl"] > 1
 
 
 def test_bad_flags_are_refused_before_any_work(tmp_path):

@@ -36,7 +36,7 @@ KL recovery = 1 - KL(model) / KL(adapted), the share of the held-out KL that ada
 the model removed; recovery = (model - adapted) / (teacher - adapted) on the dev-task mean.
 Paired differences (LinguDistill minus each baseline) on both, and vision. Writes real.md,
 real.json and (with matplotlib) real.png to --out_dir; a re-run in the same --out_dir resumes
-(finished seeds are read back from seed<N>.json).
+(finished seeds are read back from seed<N>.json, measured models from seed<N>/rows.json).
 """
 import json
 import os
@@ -155,11 +155,11 @@ def vision_bench():
     return [vision_example(ex) for ex in tiny.vision_bench], transfer_items(tiny.vision_bench)
 
 
-def evaluate(model, tok, bench, vqa, heldout, teacher=None):
+def evaluate(model, tok, bench, vqa, transfer_set, heldout, teacher=None):
     """{"acc": dev-task mean, "acc_<task>", "ppl", "kl"[, "vision", "transfer", ...]} for a VLM
     or a text-only Decoder; ppl and kl = eval.held_out_scores (kl 0 for the teacher itself:
-    teacher=None); vqa = vision_bench(); transfer T (per split too) = eval.transfer on the
-    teacher, for a VLM."""
+    teacher=None); vqa, transfer_set = vision_bench(); transfer T (per split too) =
+    eval.transfer on the teacher, for a VLM."""
     decoder = model.decoder if isinstance(model, VLM) else model
     model.eval()
     row = {f"acc_{task}": ev.multiple_choice(decoder, tok, items, batch_size=16,
@@ -168,31 +168,40 @@ def evaluate(model, tok, bench, vqa, heldout, teacher=None):
     row["acc"] = sum(row.values()) / len(row)
     row.update({"kl": 0.0}, **ev.held_out_scores(decoder, heldout, tok, 16, teacher))
     if isinstance(model, VLM):
-        row["vision"] = ev.vqa_accuracy(model, vqa[0], tok, IMAGE_SIZE, batch_size=32)
-        row.update(ev.transfer(model, teacher, vqa[1], tok, IMAGE_SIZE, batch_size=32))
+        row["vision"] = ev.vqa_accuracy(model, vqa, tok, IMAGE_SIZE, batch_size=32)
+        row.update(ev.transfer(model, teacher, transfer_set, tok, IMAGE_SIZE, batch_size=32))
     return row
 
 
-def run_seed(seed, opts, train_argv, paths, heldout, bench, vqa, teacher_row):
-    """Adapt once, every distill variant and merge from it; evaluate all -> rows."""
+def run_seed(seed, opts, train_argv, paths, heldout, bench, vision, teacher_row):
+    """Adapt once, every distill variant and merge from it; evaluate all -> rows. Each model's
+    row is kept in seed<N>/rows.json as soon as it is measured, so a re-run measures only the
+    models still missing (train.py's --resume likewise skips finished stages)."""
     seed_dir = os.path.join(opts["out_dir"], f"seed{seed}")
     base = [f"--teacher_path={opts['teacher']}", f"--data_path={','.join(paths)}",
             "--kd_sources=text", f"--seed={seed}", f"--out_dir={seed_dir}", "--eval=false",
             "--resume=true"] + train_flags(train_argv)
+    rows_path = os.path.join(seed_dir, "rows.json")
+    rows = {"teacher": teacher_row}
+    if os.path.isfile(rows_path):
+        with open(rows_path, encoding="utf-8") as f:
+            rows.update(json.load(f))
     times, t0 = {}, time.time()
     models, _, tok = train.run(train.get_config(base + ["--stage=adapt"]))
     teacher, adapted = kvshare.freeze(models["teacher"]), models["adapted"]
     times["adapt"] = time.time() - t0
-    rows = {"teacher": teacher_row,
-            "adapted": evaluate(adapted, tok, bench, vqa, heldout, teacher)}
-    for name in opts["variants"]:
-        t0 = time.time()
-        rows[name] = evaluate(experiment.train_variant(base, name), tok, bench, vqa, heldout,
-                              teacher)
-        times[name] = time.time() - t0
-    for lam in opts["merge_lams"]:
-        merged = experiment.merge_toward_teacher(adapted, teacher, lam)
-        rows[experiment.merge_name(lam)] = evaluate(merged, tok, bench, vqa, heldout, teacher)
+    build = {"adapted": lambda: adapted}
+    build.update({name: (lambda name=name: experiment.train_variant(base, name))
+                  for name in opts["variants"]})
+    build.update({experiment.merge_name(lam):
+                  (lambda lam=lam: experiment.merge_toward_teacher(adapted, teacher, lam))
+                  for lam in opts["merge_lams"]})
+    for name, make in build.items():
+        if name not in rows:
+            t0 = time.time()
+            rows[name] = evaluate(make(), tok, bench, *vision, heldout, teacher)
+            times[name] = time.time() - t0
+            write_json(rows_path, {k: v for k, v in rows.items() if k != "teacher"})
     drop, kl = rows["teacher"]["acc"] - rows["adapted"]["acc"], rows["adapted"]["kl"]
     for row in rows.values():
         row["recovery"] = (row["acc"] - rows["adapted"]["acc"]) / drop if drop > 0 else float("nan")
@@ -283,18 +292,19 @@ def main(argv):
     t_start = time.time()
     paths, heldout = build_data(os.path.join(out, "data"), opts["bigbench"])
     bench, _ = bigbench.read_tasks(bigbench.DEV_TASKS, opts["bigbench"], limit=opts["items"])
-    vqa = vision_bench()
+    vision = vision_bench()
     teacher_path = os.path.join(out, "teacher.json")
     tok = data.load_tokenizer(os.path.join(opts["teacher"], "tokenizer.json"))
     if not os.path.isfile(teacher_path):
-        write_json(teacher_path, evaluate(load_hf_lm(opts["teacher"]), tok, bench, vqa, heldout))
+        write_json(teacher_path, evaluate(load_hf_lm(opts["teacher"]), tok, bench, *vision,
+                                                 heldout))
     with open(teacher_path, encoding="utf-8") as f:
         teacher_row = json.load(f)
     per_seed = []
     for seed in opts["seeds"]:
         path = os.path.join(out, f"seed{seed}.json")
         if not os.path.isfile(path):
-            write_json(path, run_seed(seed, opts, train_argv, paths, heldout, bench, vqa,
+            write_json(path, run_seed(seed, opts, train_argv, paths, heldout, bench, vision,
                                       teacher_row))
         with open(path, encoding="utf-8") as f:
             per_seed.append(json.load(f))
