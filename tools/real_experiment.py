@@ -296,8 +296,8 @@ def main(argv):
     teacher_path = os.path.join(out, "teacher.json")
     tok = data.load_tokenizer(os.path.join(opts["teacher"], "tokenizer.json"))
     if not os.path.isfile(teacher_path):
-        write_json(teacher_path, evaluate(load_hf_lm(opts["teacher"]), tok, bench, *vision,
-                                                 heldout))
+        teacher_lm = load_hf_lm(opts["teacher"])
+        write_json(teacher_path, evaluate(teacher_lm, tok, bench, *vision, heldout))
     with open(teacher_path, encoding="utf-8") as f:
         teacher_row = json.load(f)
     per_seed = []
