@@ -132,6 +132,12 @@ def test_experiment_end_to_end_with_a_tiny_teacher(bench_folder, tmp_path):
     rx.main(argv)
     again = json.loads((out / "seed1.json").read_text())
     assert again["LinguDistill"]["ppl"] == -1.0 and again["merge λ=0.5"]["ppl"] > 1
+    # the folder's results are never mixed with another setting's: refused before any work
+    for changed in ("--items=2", "--adapt_lr=1e-3"):
+        flag = changed.split("=")[0]
+        with pytest.raises(ValueError, match=f"settings.json: .*{flag} differ"):
+            rx.main(argv + [changed])
+    assert json.loads((out / "seed1.json").read_text()) == again
 
 
 def test_bad_flags_are_refused_before_any_work(tmp_path):

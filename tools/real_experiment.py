@@ -36,7 +36,9 @@ KL recovery = 1 - KL(model) / KL(adapted), the share of the held-out KL that ada
 the model removed; recovery = (model - adapted) / (teacher - adapted) on the dev-task mean.
 Paired differences (LinguDistill minus each baseline) on both, and vision. Writes real.md,
 real.json and (with matplotlib) real.png to --out_dir; a re-run in the same --out_dir resumes
-(finished seeds are read back from seed<N>.json, measured models from seed<N>/rows.json).
+(finished seeds are read back from seed<N>.json, measured models from seed<N>/rows.json). The
+folder's settings.json records what the results depend on (the train config, --items, the
+teacher folder's name); a later call with other settings in the same --out_dir is refused.
 """
 import json
 import os
@@ -58,7 +60,7 @@ import kvshare  # noqa: E402
 import toolflags  # noqa: E402
 import train  # noqa: E402
 from model import VLM  # noqa: E402
-from runtime import atomic_write, write_json, write_text  # noqa: E402
+from runtime import atomic_write, read_json, write_json, write_text  # noqa: E402
 from weights import load_hf_lm  # noqa: E402
 
 # The student: the teacher's decoder + this tower (train.py flags); the run's defaults. The adapt
@@ -278,8 +280,37 @@ def parse_args(argv):
                          f"{list(experiment.VARIANTS)}")
     if not all(0 <= x <= 1 for x in opts["merge_lams"]):
         raise ValueError(f"--merge_lams: each must be in [0, 1], got {opts['merge_lams']}")
-    train.get_config([f"--teacher_path={opts['teacher']}"] + train_flags(train_argv))
+    cfg = train.get_config([f"--teacher_path={opts['teacher']}"] + train_flags(train_argv))
+    opts["settings"] = settings(cfg, opts)
     return opts, train_argv
+
+
+# train.py keys that do not change what a seed's models are: how and where a run goes.
+NOT_SETTINGS = {"stage", "resume", "eval", "device", "compile", "log_every", "ckpt_every",
+                "keep_last", "max_bad_steps", "out_dir", "num_workers", "teacher_path"}
+
+
+def settings(cfg, opts):
+    """What this folder's rows depend on, as JSON: the train config (less NOT_SETTINGS), the
+    dev-task items and the teacher folder's name."""
+    kept = {k: v for k, v in vars(cfg).items() if k not in NOT_SETTINGS}
+    return json.loads(json.dumps({"train": kept, "items": opts["items"],
+                                  "teacher": os.path.basename(os.path.normpath(opts["teacher"]))}))
+
+
+def check_settings(out, current):
+    """Record the settings in <out>/settings.json, or refuse a folder measured with others."""
+    path = os.path.join(out, "settings.json")
+    if not os.path.isfile(path):
+        write_json(path, current)
+        return
+    saved = read_json(path)
+    changed = sorted(f"--{k}" for k in current["train"]
+                     if saved["train"].get(k) != current["train"][k])
+    changed += [f"--{k}" for k in ("items", "teacher") if saved.get(k) != current[k]]
+    if changed:
+        raise ValueError(f"{path}: this --out_dir holds results measured with other settings "
+                         f"({', '.join(changed)} differ); use a new --out_dir")
 
 
 def main(argv):
@@ -289,6 +320,7 @@ def main(argv):
     opts, train_argv = parsed
     out = opts["out_dir"]
     os.makedirs(out, exist_ok=True)
+    check_settings(out, opts["settings"])
     t_start = time.time()
     paths, heldout = build_data(os.path.join(out, "data"), opts["bigbench"])
     bench, _ = bigbench.read_tasks(bigbench.DEV_TASKS, opts["bigbench"], limit=opts["items"])
