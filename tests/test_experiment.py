@@ -148,6 +148,11 @@ def test_report_with_merges():
     text, result = experiment.report([0, 1, 2], [], per_seed, 1.0)
     assert result["best_merge"] is None and "No merge has mean vision >= 79.0" in text
     assert "LinguDistill − merge" not in text
+    diffs = experiment.paired_differences(per_seed, mean, every_merge=True)   # real_experiment's
+    assert [d for d in diffs if "merge" in d] == [f"LinguDistill − merge λ={x}"
+                                                  for x in ("0.25", "0.5", "0.75")]
+    assert "the merges below are compared at lower vision" in experiment.format_differences(
+        diffs, experiment.aggregate(per_seed)[0])
 
     text, result = experiment.report([0], [], per_seed[:1], 1.0)            # one seed
     assert "| LinguDistill − CE-only | +25.0 (n=1, no interval) | +10.0 (n=1, no interval)" in text

@@ -113,6 +113,7 @@ def test_experiment_end_to_end_with_a_tiny_teacher(bench_folder, tmp_path):
     assert rows["teacher"]["recovery_kl"] == 1 and rows["adapted"]["recovery_kl"] == 0
     assert rows["LinguDistill"]["recovery_kl"] == pytest.approx(
         1 - rows["LinguDistill"]["kl"] / rows["adapted"]["kl"])
+    assert "LinguDistill − merge λ=0.5" in result["paired"]        # every merge, not only one
     paired = result["paired"]["LinguDistill − CE-only"]
     assert set(paired) == {"recovery_kl", "recovery", "vision"}
     assert "| difference | KL recovery | dev recovery | vision | KL recovery per seed |" in \

@@ -200,14 +200,15 @@ def best_merge(mean, ref="LinguDistill", slack=VISION_SLACK):
     return max(ok, key=lambda n: mean[n]["acc"]) if ok else None
 
 
-def paired_differences(per_seed, mean, ref="LinguDistill", metrics=DIFF_METRICS):
+def paired_differences(per_seed, mean, ref="LinguDistill", metrics=DIFF_METRICS,
+                       every_merge=False):
     """{"<ref> − <other>": {metric: t_interval}} (the metrics the rows have) for every baseline
-    present, plus the best merge (best_merge). Seeds pair up: each difference is within one
-    seed (same teacher, same adapted model)."""
+    present, plus the best merge (best_merge), or every merge with every_merge. Seeds pair up:
+    each difference is within one seed (same teacher, same adapted model)."""
     others = [b for b in BASELINES if b in mean]
-    merge = best_merge(mean, ref) if any(n.startswith("merge ") for n in mean) else None
-    if merge:
-        others.append(merge)
+    merges = [n for n in mean if n.startswith("merge ")]
+    merge = best_merge(mean, ref) if merges else None
+    others += merges if every_merge else [merge] if merge else []
     keys = [k for k in metrics if k in mean[ref]]
     return {f"{ref} − {o}": {k: t_interval([s[ref][k] - s[o][k] for s in per_seed])
                              for k in keys} for o in others}
@@ -235,6 +236,9 @@ def format_differences(diffs, mean, ref="LinguDistill", metrics=DIFF_METRICS):
                          f"{ref}'s minus 1 point; highest mean language): {merge} (language "
                          f"{100 * mean[merge]['acc']:.1f}, vision "
                          f"{100 * mean[merge]['vision']:.1f}).")
+        elif any(f"{ref} − {m}" in diffs for m in merges):
+            lines.append(f"No merge has mean vision >= {floor:.1f} ({ref}'s minus 1 point): "
+                         "the merges below are compared at lower vision.")
         else:
             lines.append(f"No merge has mean vision >= {floor:.1f} ({ref}'s minus 1 point): "
                          f"no merge comparison ({', '.join(merges)}).")

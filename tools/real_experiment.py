@@ -34,7 +34,7 @@ align + adapt run (train.py --stage=adapt), the four distill variants from that 
 (experiment.VARIANTS), and the weight merges of the adapted decoder toward the teacher.
 KL recovery = 1 - KL(model) / KL(adapted), the share of the held-out KL that adaptation added and
 the model removed; recovery = (model - adapted) / (teacher - adapted) on the dev-task mean.
-Paired differences (LinguDistill minus each baseline) on both, and vision. Writes real.md,
+Paired differences (LinguDistill minus each baseline and each merge) on both, and vision. Writes real.md,
 real.json and (with matplotlib) real.png to --out_dir; a re-run in the same --out_dir resumes
 (finished seeds are read back from seed<N>.json, measured models from seed<N>/rows.json). The
 folder's settings.json records what the results depend on (the train config, --items, the
@@ -341,7 +341,8 @@ def main(argv):
         with open(path, encoding="utf-8") as f:
             per_seed.append(json.load(f))
     mean, std = experiment.aggregate(per_seed)
-    diffs = experiment.paired_differences(per_seed, mean, metrics=DIFF_METRICS)
+    # every merge, its vision difference beside: "equal vision" needs a tower that learns vision
+    diffs = experiment.paired_differences(per_seed, mean, metrics=DIFF_METRICS, every_merge=True)
     report = [f"seeds {opts['seeds']}, {opts['items']} items per dev task, "
               f"{len(heldout)} held-out texts; {time.time() - t_start:.0f}s in this call", "",
               format_rows(mean, std, list(bench)), "",
