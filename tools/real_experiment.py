@@ -34,11 +34,11 @@ align + adapt run (train.py --stage=adapt), the four distill variants from that 
 (experiment.VARIANTS), and the weight merges of the adapted decoder toward the teacher.
 KL recovery = 1 - KL(model) / KL(adapted), the share of the held-out KL that adaptation added and
 the model removed; recovery = (model - adapted) / (teacher - adapted) on the dev-task mean.
-Paired differences (LinguDistill minus each baseline and each merge) on both, and vision. Writes real.md,
-real.json and (with matplotlib) real.png to --out_dir; a re-run in the same --out_dir resumes
-(finished seeds are read back from seed<N>.json, measured models from seed<N>/rows.json). The
-folder's settings.json records what the results depend on (the train config, --items, the
-teacher folder's name); a later call with other settings in the same --out_dir is refused.
+Paired differences (LinguDistill minus each baseline and each merge) on both, and vision.
+Writes real.md, real.json and (with matplotlib) real.png to --out_dir; a re-run in the same
+--out_dir resumes (finished seeds are read back from seed<N>.json, measured models from
+seed<N>/rows.json). The folder's settings.json records what the results depend on (the train
+config, --items, the teacher folder's name); a later call with other settings is refused.
 """
 import json
 import os
