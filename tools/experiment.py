@@ -205,10 +205,11 @@ def paired_differences(per_seed, mean, ref="LinguDistill", metrics=DIFF_METRICS,
     """{"<ref> − <other>": {metric: t_interval}} (the metrics the rows have) for every baseline
     present, plus the best merge (best_merge), or every merge with every_merge. Seeds pair up:
     each difference is within one seed (same teacher, same adapted model)."""
-    others = [b for b in BASELINES if b in mean]
     merges = [n for n in mean if n.startswith("merge ")]
-    merge = best_merge(mean, ref) if merges else None
-    others += merges if every_merge else [merge] if merge else []
+    if not every_merge:
+        best = best_merge(mean, ref) if merges else None
+        merges = [best] if best else []
+    others = [b for b in BASELINES if b in mean] + merges
     keys = [k for k in metrics if k in mean[ref]]
     return {f"{ref} − {o}": {k: t_interval([s[ref][k] - s[o][k] for s in per_seed])
                              for k in keys} for o in others}

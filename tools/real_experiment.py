@@ -285,15 +285,16 @@ def parse_args(argv):
     return opts, train_argv
 
 
-# train.py keys that do not change what a seed's models are: how and where a run goes.
-NOT_SETTINGS = {"stage", "resume", "eval", "device", "compile", "log_every", "ckpt_every",
-                "keep_last", "max_bad_steps", "out_dir", "num_workers", "teacher_path"}
+# train.py keys that do not change what a seed's models are: train.py's run keys (how and where a
+# run goes) less the step counts, which do change them; the teacher is named by its folder instead.
+NOT_SETTINGS = train.RUN_KEYS - {f"{stage}_steps" for stage in train.STAGE_IDS} | {"teacher_path"}
 
 
 def settings(cfg, opts):
     """What this folder's rows depend on, as JSON: the train config (less NOT_SETTINGS), the
     dev-task items and the teacher folder's name."""
     kept = {k: v for k, v in vars(cfg).items() if k not in NOT_SETTINGS}
+    # through JSON and back, so it compares equal to settings.json as read (tuples -> lists)
     return json.loads(json.dumps({"train": kept, "items": opts["items"],
                                   "teacher": os.path.basename(os.path.normpath(opts["teacher"]))}))
 
