@@ -10,6 +10,7 @@ import os
 import data
 import distill
 import kvshare
+import tiles
 import world
 from runtime import Checkpoints
 
@@ -77,7 +78,7 @@ def check_config(cfg):
                              "the tiny world's tokenizer has no chat or grid tokens")
     if cfg.image_splitting:
         try:
-            data.ImageSplitting(max_side=cfg.image_max_side).check_tile(cfg.image_size)
+            tiles.ImageSplitting(max_side=cfg.image_max_side).check_tile(cfg.image_size)
         except ValueError as e:
             raise ValueError(f"--image_max_side / --image_size: {e}") from None
     if cfg.teacher_path and cfg.stage == "pretrain":

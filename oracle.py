@@ -28,6 +28,7 @@ import hashlib
 import torch
 
 import data
+import tiles
 from model import VLM
 
 # Bound of the learned perturbation, relative to the teacher's embedding RMS. Tiny world seed 0,
@@ -74,7 +75,7 @@ class OracleVLM(VLM):
                     raise ValueError(f"--tower=oracle: {desc!r} is {len(ids)} tokens, more than "
                                      f"the {n} image tokens (lower --shuffle_factor)")
                 rows[desc] = [eos] * (n - len(ids)) + ids
-            index[pixel_key(data.image_views(ex["image"], S)[0][0])] = list(rows).index(desc)
+            index[pixel_key(tiles.image_views(ex["image"], S)[0][0])] = list(rows).index(desc)
         ids = torch.tensor(list(rows.values()))                                    # (E, n)
         out.register_buffer("tokens", emb[ids], persistent=False)                  # (E, n, D)
         out.index, out.eps = index, EPS if eps is None else eps

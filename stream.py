@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data import IMAGE_TOKEN, PAD_TOKEN, encode_example, image_views, lay_out, special_id
+from data import IMAGE_TOKEN, PAD_TOKEN, encode_example, lay_out, special_id
+from tiles import image_views
 
 # ----------------------------------------------------------------------------------------
 # Real data

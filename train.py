@@ -37,6 +37,7 @@ import eval as evaluation           # `eval` is a Python builtin: keep the modul
 import kvshare
 import oracle
 import stream
+import tiles
 import world
 from checks import (check_config, check_out_dir, check_student_tokens, stages_to_train,
                     variant_name)
@@ -493,7 +494,7 @@ def initial_student(cfg, teacher, tok):
         check_student_tokens(vlm, tok, cfg.student_path)
         return vlm
     vision = load_hf_siglip(cfg.vision_path) if cfg.vision_path else None
-    splitting = data.ImageSplitting(max_side=cfg.image_max_side) if cfg.image_splitting else None
+    splitting = tiles.ImageSplitting(max_side=cfg.image_max_side) if cfg.image_splitting else None
     vlm = vlm_from_teacher(grow_vocab(teacher, tok.get_vocab_size()),
                            vision.cfg if vision else vision_config(cfg), image_id,
                            cfg.shuffle_factor, view_ids, splitting)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import data
-from data import MAX_GRID, ImageSplitting
+from tiles import MAX_GRID, ImageSplitting
 from model import LMConfig, VisionConfig, Decoder, VisionEncoder, VLM
 from runtime import atomic_write, read_json, write_json
 

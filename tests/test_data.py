@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import data
+import tiles
 import world as tinyworld
 from conftest import load_jsonl
 
@@ -218,7 +219,7 @@ def test_collate_layout(world, tok):
                           P - len(c2):P - len(c2)
                           + n_img].eq(tok.token_to_id(data.IMAGE_TOKEN)).all()
     assert b["images"].shape == (2, 3, 32, 32) and b["images"].dtype == torch.float32
-    assert torch.equal(b["images"][0], data.image_to_tensor(examples[0]["image"], 32))
+    assert torch.equal(b["images"][0], tiles.image_to_tensor(examples[0]["image"], 32))
     # background
     assert b["images"][0, :, 0, 0].tolist() == pytest.approx([(25 / 255 - 0.5) / 0.5] * 3)
     assert b["images"][1, :, 10, 10].tolist() == pytest.approx([1.0, -1.0, -1.0])      # resized red

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import data
+import tiles
 import weights
 from model import LMConfig, VisionConfig, Decoder, vlm_from_teacher
 from weights import save_vlm, save_hf_lm
@@ -35,7 +36,7 @@ def folders(tmp_path_factory):
                                ffn_dim=64))
     view_ids = [tok.token_to_id(t) for t in data.VIEW_TOKENS]
     student = vlm_from_teacher(teacher, VIS, tok.token_to_id(data.IMAGE_TOKEN), 2, view_ids,
-                               data.ImageSplitting(max_side=32, resize_to_max_side=True))
+                               tiles.ImageSplitting(max_side=32, resize_to_max_side=True))
     save_vlm(student, root / "student")
     weights.save_tokenizer(tok, root / "student")
     save_hf_lm(teacher, root / "teacher")

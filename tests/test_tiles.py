@@ -1,7 +1,7 @@
-"""nanoVLM's image splitting (data.split_size / tile_grid / view_tokens / image_views, collate with
-image_splitting), several images per example, student-only view tokens in the KV handoff, and
-nanoVLM checkpoints that carry their splitting tokens. Hand-worked expectations follow nanoVLM's
-data/custom_transforms.py (DynamicResize, GlobalAndSplitImages) and data/processors.py
+"""nanoVLM's image splitting (tiles.split_size / tile_grid / image_views, data.view_tokens,
+collate with image_splitting), several images per example, student-only view tokens in the KV
+handoff, and nanoVLM checkpoints that carry their splitting tokens. Hand-worked expectations follow
+nanoVLM's data/custom_transforms.py (DynamicResize, GlobalAndSplitImages) and data/processors.py
 (get_image_string)."""
 import json
 import os
@@ -11,8 +11,10 @@ import torch
 from PIL import Image
 
 import data
+import tiles
 from conftest import load_jsonl
-from data import ImageSplitting, split_size, tile_grid, view_tokens, image_views
+from data import view_tokens
+from tiles import ImageSplitting, image_views, split_size, tile_grid
 from kvshare import freeze, distill_forward, teacher_continue
 from model import LMConfig, VisionConfig, Decoder, VLM, vlm_from_teacher
 from export_nanovlm import save_nanovlm
@@ -103,10 +105,10 @@ def test_image_views_global_first_then_tiles_row_major():
     views, grid = image_views(im, 32, split)
     assert grid == (2, 3) and views.shape == (7, 3, 32, 32)
     for k, (r, c) in enumerate((r, c) for r in range(2) for c in range(3)):
-        expected = data.image_to_tensor(Image.new("RGB", (32, 32), (40 * r, 40 * c, 200)), 32)
+        expected = tiles.image_to_tensor(Image.new("RGB", (32, 32), (40 * r, 40 * c, 200)), 32)
         torch.testing.assert_close(views[1 + k], expected)
     torch.testing.assert_close(views[0],
-                               data.image_to_tensor(im.resize((32, 32), Image.BILINEAR), 32))
+                               tiles.image_to_tensor(im.resize((32, 32), Image.BILINEAR), 32))
     # 1x1: only the global view
     one, grid = image_views(Image.new("RGB", (20, 10), (9, 9, 9)), 32, split)
     assert grid == (1, 1) and one.shape == (1, 3, 32, 32)
@@ -114,7 +116,7 @@ def test_image_views_global_first_then_tiles_row_major():
                           ImageSplitting(max_side=96, resize_to_max_side=False, pixels="[0,1]"))
     torch.testing.assert_close(unit, (views + 1) / 2)
     plain, grid = image_views(im, 32, None)                        # splitting off: today's one view
-    assert grid == (1, 1) and torch.equal(plain[0], data.image_to_tensor(im, 32))
+    assert grid == (1, 1) and torch.equal(plain[0], tiles.image_to_tensor(im, 32))
 
 
 # ---------------------------------------------------------------------------------------

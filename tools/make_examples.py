@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
+import tiles  # noqa: E402
 import world  # noqa: E402
 from model import VisionConfig, grow_vocab, vlm_from_teacher  # noqa: E402
 from weights import load_hf_lm, save_tokenizer, save_vlm  # noqa: E402
@@ -65,7 +66,7 @@ def tinyvision_folder(lm_folder, out, seed=0):
     vlm = vlm_from_teacher(grow_vocab(teacher, tok.get_vocab_size()), TINY_TOWER,
                            tok.token_to_id(data.IMAGE_TOKEN), shuffle_factor=2,
                            view_token_ids=[tok.token_to_id(t) for t in data.VIEW_TOKENS],
-                           image_splitting=data.ImageSplitting(max_side=192))
+                           image_splitting=tiles.ImageSplitting(max_side=192))
     save_vlm(vlm, out)
     config = os.path.join(lm_folder, "tokenizer_config.json")
     if os.path.isfile(config):                # the chat template; save_tokenizer keeps its keys
