@@ -25,34 +25,43 @@ SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, IMAGE_TOKEN)
 # The batch layout of the handoff
 
 def collate(examples, tokenizer, n_image_tokens, image_size, max_len=None, image_splitting=None,
-              pack=False):
+            pack=False):
     """Batch in the layout of kvshare.py: contexts LEFT-padded to P, responses RIGHT-padded to R
     (pack=True: the packed layout of pack.pack, rows of at most max_len columns).
     max_len cuts each response (not the context) so that context + response <= max_len.
-
-    images: every view of every image of the batch, (N_views, 3, image_size, image_size), in
-    token order (example by example, image by image, global view then tiles), so the VLM
-    scatters view k's features into the k-th run of <image> ids. image_splitting: None (one
-    view per image) or an ImageSplitting (nanoVLM's rule). grids: per example, (n_h, n_w) per
-    image."""
+    encode_for_batch, then batch_of (train.py encodes the tiny world once per stage)."""
     if pack and max_len is None:
         raise ValueError("collate: pack=True needs max_len (the tokens of one packed row)")
-    pad = special_id(tokenizer, PAD_TOKEN)
-    views, grids = [], []
-    for ex in examples:
-        per_image = [image_views(im, image_size, image_splitting) for im in example_images(ex)]
-        views.append([v for v, _ in per_image])
-        grids.append([g for _, g in per_image])
-    pairs = [encode_example(ex, tokenizer, n_image_tokens,
-                            g if image_splitting is not None else None)
-             for ex, g in zip(examples, grids)]
+    items = [encode_for_batch(ex, tokenizer, n_image_tokens, image_size, image_splitting)
+             for ex in examples]
+    return batch_of(items, special_id(tokenizer, PAD_TOKEN), max_len, pack)
+
+
+def encode_for_batch(example, tokenizer, n_image_tokens, image_size, image_splitting=None):
+    """One example, ready for batch_of: its (context_ids, response_ids) (encode_example), its
+    image views, (k, 3, S, S) tensors in token order (global view then tiles), the grid
+    (n_h, n_w) of each image, and its source. image_splitting: None (one view per image) or an
+    ImageSplitting (nanoVLM's rule)."""
+    per_image = [image_views(im, image_size, image_splitting) for im in example_images(example)]
+    grids = [g for _, g in per_image]
+    pair = encode_example(example, tokenizer, n_image_tokens,
+                          grids if image_splitting is not None else None)
+    return {"pair": pair, "views": [v for v, _ in per_image], "grids": grids,
+            "source": example["source"]}
+
+
+def batch_of(items, pad, max_len=None, pack=False):
+    """Encoded examples (encode_for_batch) -> a batch: the token part (pad_pairs, or pack.pack
+    into rows of max_len), "images": every view of the batch, (N_views, 3, S, S), in the order
+    of the <image> runs it fills, "grids" and "source" per example."""
+    pairs = [it["pair"] for it in items]
     if max_len is not None:
         if any(len(c) >= max_len for c, _ in pairs):
             raise ValueError(f"a context is {max(len(c) for c, _ in pairs)} tokens; max_len "
                              f"{max_len} leaves no room for its response")
         pairs = [(c, r[:max_len - len(c)]) for c, r in pairs]
-    return {**lay_out(pairs, views, pad, max_len if pack else None), "grids": grids,
-            "source": [ex["source"] for ex in examples]}
+    return {**lay_out(pairs, [it["views"] for it in items], pad, max_len if pack else None),
+            "grids": [it["grids"] for it in items], "source": [it["source"] for it in items]}
 
 
 def lay_out(pairs, views, pad, pack_len=None):

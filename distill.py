@@ -45,23 +45,13 @@ def _check_kd_args(divergence, temperature, beta):
 
 
 def kd_divergence(student_logits, teacher_logits, divergence="fkl", temperature=1.0, beta=0.5):
-    """Per-token divergence (N,) between student (N, Vs) and teacher (N, Vt) logits.
-
-    fkl: KL(teacher || student), the default (mode-covering, as in classic KD).
-    rkl: KL(student || teacher).
-    jsd: generalised JSD(beta) with mixture m = beta * p_t + (1 - beta) * p_s,
-         JSD = beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)  (TRL GKD's convention);
-         beta in (0, 1); 0.5 is the symmetric JSD; JSD / beta -> fkl as beta -> 0 and
-         JSD / (1 - beta) -> rkl as beta -> 1.
-    Both distributions are taken at temperature T in float32 and the result is multiplied by
-    T^2, so gradient magnitudes do not shrink as T grows (Hinton et al.). If the vocabularies
-    differ, only the shared prefix V = min(Vs, Vt) is compared (both sliced and renormalised);
-    kvshare.check_shared_vocab checks that the tokenizers agree on that prefix."""
+    """Per-token divergence (N,) between student (N, Vs) and teacher (N, Vt) logits, both at
+    temperature T in float32, times T^2 (so gradients do not shrink as T grows; Hinton et al.).
+    fkl: KL(teacher || student), the default; rkl: KL(student || teacher); jsd: generalised
+    JSD(beta) = beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s
+    (TRL GKD's convention; beta in (0, 1); 0.5 is the symmetric JSD). Vocabularies that differ
+    are compared on their shared prefix min(Vs, Vt) (kvshare.check_shared_vocab checks it)."""
     _check_kd_args(divergence, temperature, beta)
-    if student_logits.dim() != 2 or teacher_logits.dim() != 2 \
-            or student_logits.shape[0] != teacher_logits.shape[0]:
-        raise ValueError(f"kd_divergence expects student (N, Vs) and teacher (N, Vt), found "
-                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
     V = min(student_logits.shape[-1], teacher_logits.shape[-1])
     log_s = _log_probs(student_logits[:, :V], temperature)                  # (N, V) log p_student
     log_t = _log_probs(teacher_logits[:, :V], temperature).to(log_s.dtype)  # (N, V) log p_teacher
@@ -78,23 +68,25 @@ def kd_divergence(student_logits, teacher_logits, divergence="fkl", temperature=
 def kd_token_sum(student_logits, teacher_logits, weights, divergence="fkl", temperature=1.0,
                  beta=0.5, chunk_size=None):
     """sum over tokens of weight * divergence, for (B, R, Vs) / (B, R, Vt) logits and (B, R)
-    weights.
-
-    Only tokens with weight > 0 are gathered (N of them), so pads and vision-source tokens
-    cost nothing. With `chunk_size`, the N tokens are processed chunk_size at a time: the
-    float32 (chunk, V) softmax temporaries of one chunk exist at a time, and each chunk runs
-    under activation checkpointing, so backward does not keep every chunk's float32 tensors
-    either (it recomputes them). What stays alive is the gathered (N, V) logits in their input
-    dtype. Chunked and unchunked give the same value and gradient."""
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"chunk_size must be a positive int or None, found {chunk_size!r}")
+    weights. Only tokens with weight > 0 are gathered (N of them), so pads and vision-source
+    tokens cost nothing; chunk_size: see chunked_kd_sum (the same value and gradient)."""
     keep = weights.reshape(-1) > 0                                           # (B*R,)
     s = student_logits.reshape(-1, student_logits.shape[-1])[keep]           # (N, Vs)
     t = teacher_logits.reshape(-1, teacher_logits.shape[-1])[keep]           # (N, Vt)
     w = weights.reshape(-1)[keep]                                            # (N,)
-    if chunk_size is None or chunk_size >= s.shape[0]:
-        d = kd_divergence(s, t, divergence, temperature, beta)               # (N,)
-        return (w.to(d.dtype) * d).sum()
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= s.shape[0]):
+        return chunked_kd_sum(s, t, w, divergence, temperature, beta, chunk_size)
+    d = kd_divergence(s, t, divergence, temperature, beta)                   # (N,)
+    return (w.to(d.dtype) * d).sum()
+
+
+def chunked_kd_sum(s, t, w, divergence, temperature, beta, chunk_size):
+    """kd_token_sum's sum, chunk_size of the N tokens at a time: the float32 (chunk, V) softmax
+    temporaries of one chunk exist at a time, and each chunk runs under activation checkpointing,
+    so backward does not keep every chunk's float32 tensors either (it recomputes them). What
+    stays alive is the gathered (N, V) logits in their input dtype."""
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int or None, found {chunk_size!r}")
     total = 0.0
     for i in range(0, s.shape[0], chunk_size):
         args = (s[i:i + chunk_size], t[i:i + chunk_size], divergence, temperature, beta)
@@ -117,44 +109,37 @@ def table_from_kinds(source_kinds, kind_weights=KIND_WEIGHTS):
     bad = {s: k for s, k in source_kinds.items() if k not in kind_weights}
     if bad:
         raise ValueError(f"source kinds must be one of {sorted(kind_weights)}, found {bad}")
+    if any(w < 0 for w in kind_weights.values()):
+        raise ValueError(f"KD weights must be >= 0, found {kind_weights}")
     return {s: float(kind_weights[k]) for s, k in source_kinds.items()}
 
 
 def source_weights(policy, sources, table=None):
-    """(B,) float KD weight per example, the source gate:
-    none -> 0 (CE only), uniform -> 1 (KD everywhere), selective -> table[source] (LinguDistill;
-    `table` from table_from_kinds)."""
+    """(B,) float KD weight per example, the source gate: none -> 0 (CE only), uniform -> 1 (KD
+    everywhere), selective -> table[source] (LinguDistill; `table` from table_from_kinds)."""
     if policy not in POLICIES:
         raise ValueError(f"policy={policy!r}; expected one of {POLICIES}")
     if policy != "selective":
         return torch.full((len(sources),), 1.0 if policy == "uniform" else 0.0)
-    if table is None:
-        raise ValueError("policy 'selective' needs a source -> KD weight table "
-                         "(distill.table_from_kinds(world.SOURCE_KINDS))")
-    unknown = sorted({s for s in sources if s not in table})
-    if unknown:
+    unknown = sorted({s for s in sources if s not in (table or {})})
+    if table is None or unknown:
         raise ValueError(f"source(s) {unknown} not in the KD weight table; known sources: "
-                         f"{sorted(table)} (build the table with distill.table_from_kinds)")
-    w = torch.tensor([float(table[s]) for s in sources], dtype=torch.float32)
-    if (w < 0).any():
-        raise ValueError(f"KD weights must be >= 0, found {dict(zip(sources, w.tolist()))}")
-    return w
+                         f"{sorted(table or {})} (build the table with distill.table_from_kinds)")
+    return torch.tensor([float(table[s]) for s in sources], dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------
 # The loss
 
 def _normalise(total, count, override, name):
-    """The one normaliser rule: total / (override or count). `count` is this batch's own
-    (weighted) token count; `override` is the count over every micro-batch and DDP rank of the
-    optimizer step, which a training loop passes so that the summed micro-batch losses are the
-    exact global token mean. A batch with no tokens gives exactly 0 (graph kept)."""
+    """total / (override or count): `count` is this batch's own (weighted) token count,
+    `override` the optimizer step's over every micro-batch and DDP rank (the training loop's), so
+    the summed micro-batch losses are the exact global mean. No tokens: exactly 0, graph kept."""
     denom = count if override is None else float(override)
     if count == 0:
         return total          # an empty sum: 0 with a grad_fn, zero gradients
     if not denom > 0:
-        raise ValueError(
-            f"{name} must be > 0 when the batch has tokens ({count}), found {override}")
+        raise ValueError(f"{name} must be > 0 when the batch has tokens ({count}), found {override}")
     return total / denom
 
 
@@ -172,73 +157,47 @@ def cross_entropy(logits, labels, response_mask, normalizer=None):
     return _normalise(total, float(real.sum()), normalizer, "ce_normalizer")
 
 
-def _check_loss_inputs(student_logits, labels, response_mask, teacher_logits, sources, policy,
-                       kd_weight):
-    """The shape and argument checks of distill_loss, each naming what was expected."""
-    if labels.dim() != 2:
-        raise ValueError(f"labels must be (B, R), found {tuple(labels.shape)}")
-    B, R = labels.shape
-    if student_logits.dim() != 3 or student_logits.shape[:2] != (B, R):
-        raise ValueError(f"student_logits must be (B, R, V) = ({B}, {R}, V) like labels, "
-                         f"found {tuple(student_logits.shape)}")
-    if response_mask.shape != (B, R):
-        raise ValueError(f"response_mask must be (B, R) = ({B}, {R}) like labels, "
-                         f"found {tuple(response_mask.shape)}")
-    if kd_weight is not None:
-        if kd_weight.shape not in ((B,), (B, R)) or not bool((kd_weight >= 0).all()):
-            raise ValueError(f"kd_weight must be (B,) = ({B},) per example or (B, R) = ({B}, {R}) "
-                             f"per token, weights >= 0, found {kd_weight.tolist()}")
-        policy = "uniform" if bool((kd_weight > 0).any()) else "none"
-    elif sources is None and policy == "selective":
-        raise ValueError("policy 'selective' needs sources (one string per example), found None")
-    if kd_weight is None and sources is not None and len(sources) != B:
-        raise ValueError(f"len(sources) must equal B = {B}, found {len(sources)}")
-    if policy != "none":
-        if teacher_logits is None:
-            raise ValueError(f"policy {policy!r} needs teacher_logits (B, R, Vt); only 'none' "
-                             "runs without a teacher")
-        if teacher_logits.dim() != 3 or teacher_logits.shape[:2] != (B, R):
-            raise ValueError(f"teacher_logits must be (B, R, V) = ({B}, {R}, V) like labels, "
-                             f"found {tuple(teacher_logits.shape)}")
-
-
-def distill_loss(student_logits, labels, response_mask, teacher_logits=None, *, sources=None,
-                 policy="selective", table=None, kd_weight=None, alpha=1.0, divergence="fkl",
-                 temperature=1.0, beta=0.5, chunk_size=None, ce_normalizer=None,
+def distill_loss(student_logits, labels, response_mask, teacher_logits, kd_weight, *, alpha=1.0,
+                 divergence="fkl", temperature=1.0, beta=0.5, chunk_size=None, ce_normalizer=None,
                  kd_normalizer=None):
     """Total = CE + alpha * KD. Returns {"loss", "ce", "kd", "n_ce_tokens", "n_kd_tokens"}.
-
-    student_logits (B, R, Vs); labels (B, R) long (pads arbitrary); response_mask (B, R),
-    1 for answer + EOS; teacher_logits (B, R, Vt) (detached here; may be None for policy
-    "none"). The source gate: kd_weight, the (B,) KD weight per example that the caller got
-    from source_weights once per micro-batch (or (B, R), per token: a packed batch's tokens come
-    from several examples), or else source_weights(policy, sources, table)
-    here (sources: B strings; table: source -> KD weight, for policy "selective").
-    divergence, temperature, beta: see kd_divergence.
-    CE  = cross_entropy over the real response tokens.
-    KD  = kd_token_sum with weight response_mask * kd_weight, over the weighted token count.
-    ce_normalizer / kd_normalizer: the step's global counts (see _normalise).
-    No KD-eligible token -> KD is exactly 0 and the loss still backpropagates."""
-    _check_loss_inputs(student_logits, labels, response_mask, teacher_logits, sources, policy,
-                       kd_weight)
-    _check_kd_args(divergence, temperature, beta)
-    if not (math.isfinite(alpha) and alpha >= 0):
-        raise ValueError(f"alpha must be a finite number >= 0, found {alpha}")
-    real = response_mask.bool()                                              # (B, R)
+    student_logits (B, R, Vs); labels (B, R) (pads arbitrary); response_mask (B, R), True for
+    answer + EOS; teacher_logits (B, R, Vt), or None when no token gets KD (policy "none");
+    kd_weight: the source gate, (B,) per example (source_weights) or (B, R) per token (packed).
+    CE over the real response tokens; KD (kd_token_sum, see kd_divergence) over the weighted
+    count of KD tokens; the normalisers: see _normalise. No KD token: KD is exactly 0."""
+    check_loss_inputs(student_logits, labels, response_mask, teacher_logits, kd_weight, alpha)
+    real, s_dtype = response_mask.bool(), student_logits.dtype                   # (B, R)
     ce = cross_entropy(student_logits, labels, real, ce_normalizer)
-
-    if kd_weight is None:
-        kd_weight = source_weights(policy, sources if sources is not None
-                                   else [""] * labels.shape[0], table)
     kd_weight = kd_weight.to(real.device)
     weights = real.float() * (kd_weight[:, None] if kd_weight.dim() == 1 else kd_weight)  # (B, R)
     n_kd = float(weights.sum())
     if n_kd > 0:
         kd_sum = kd_token_sum(student_logits, teacher_logits.detach(), weights, divergence,
                               temperature, beta, chunk_size)
-    else:                                                     # exactly 0, graph kept
-        kd_sum = student_logits.reshape(-1)[:0].to(torch.promote_types(student_logits.dtype,
-                                                                       torch.float32)).sum()
+    else:                        # exactly 0, graph kept
+        kd_sum = student_logits.reshape(-1)[:0].to(torch.promote_types(s_dtype, torch.float32)).sum()
     kd = _normalise(kd_sum, n_kd, kd_normalizer, "kd_normalizer")
     return {"loss": ce + alpha * kd, "ce": ce.detach(), "kd": kd.detach(),
             "n_ce_tokens": float(real.sum()), "n_kd_tokens": n_kd}
+
+
+def check_loss_inputs(student_logits, labels, response_mask, teacher_logits, kd_weight, alpha):
+    """What a caller of distill_loss can get wrong, each error naming what was expected."""
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be (B, R), found {tuple(labels.shape)}")
+    B, R = labels.shape
+    for name, x, want in (("student_logits", student_logits, "(B, R, V)"),
+                          ("teacher_logits", teacher_logits, "(B, R, V)"),
+                          ("response_mask", response_mask, "(B, R)")):
+        if x is not None and (x.dim() != len(want.split(",")) or x.shape[:2] != (B, R)):
+            raise ValueError(f"{name} must be {want} = ({B}, {R}{', V' * (x.dim() == 3)}) like "
+                             f"labels, found {tuple(x.shape)}")
+    if kd_weight.shape not in ((B,), (B, R)) or not bool((kd_weight >= 0).all()):
+        raise ValueError(f"kd_weight must be (B,) = ({B},) per example or (B, R) = ({B}, {R}) "
+                         f"per token, weights >= 0, found {kd_weight.tolist()}")
+    if teacher_logits is None and bool((kd_weight > 0).any()):
+        raise ValueError("KD weight > 0 needs teacher_logits (B, R, Vt); only a gate of zeros "
+                         "(policy 'none') runs without a teacher")
+    if not (math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha must be a finite number >= 0, found {alpha}")

@@ -29,8 +29,8 @@ import data
 import world
 import kvshare
 import oracle
-from model import VLM, Decoder, unwrap
-from runtime import read_json
+from model import VLM, Decoder
+from runtime import read_json, unwrap
 from weights import load_model_folder
 
 

@@ -28,14 +28,8 @@ logits at columns P-1 .. P+R-2 predict the R response tokens.
    scope "none": the teacher reads the text alone, no image KV ("text-only teacher").
 The teacher is frozen (eval, no grad); its logits are detached.
 
-Packed batches (pack.py, --pack=true): rows of several examples end to end, each example's
-positions restarting at 0. The student attends block-diagonally (pack.segment_mask); the
-teacher runs, per example, the same tokens as above (scope "full": the last context token and
-the response without its last token; "image" / "none": every text token but the last) against
-that example's own student K/V only: its past keys are the whole row's student K/V, and the
-mask lets a query see only its example's shared columns. Student and teacher logits come out
-(1, N, V) for the N response tokens of the batch, in row order; per example they equal the
-padded layout's (tests/test_pack.py).
+Packed batches (--pack=true): pack.student_prefill / pack.teacher_continue, the same contract
+on rows of several examples end to end; distill_forward picks the pair for a batch.
 
 Student-only ids: the ids the teacher never embeds, because they mean something only to the
 student: the <image> placeholders and, with nanoVLM's image splitting, the <|global_image|> and
@@ -47,7 +41,7 @@ Callers pass VLM.student_only_ids (an int, a single image token id, is accepted 
 import torch
 
 import pack
-from model import VLM, positions_from_mask, unwrap
+from model import check_teacher_vocab, positions_from_mask, student_only_mask
 
 SCOPES = ("full", "image", "none")
 
@@ -96,129 +90,91 @@ def freeze(teacher, dtype=None):
 
 
 def student_prefill(student, batch, keep_kv=True):
-    """Step 1. Returns the response logits (B, R, V) and, with keep_kv, every layer's (K, V)
-    over all P+R columns, each (B, n_kv_heads, P+R, head_dim) (else None). `student` is a VLM
-    or, for text-only batches, a plain Decoder. A packed batch: logits (1, N, V) for its N
-    response tokens, K/V (rows, n_kv_heads, L, head_dim)."""
-    if "segment_ids" in batch:                                              # packed rows
-        inputs = dict(attention_mask=pack.prefill_mask(batch["segment_ids"]),  # (rows,1,L,L)
-                      position_ids=batch["position_ids"], use_cache=keep_kv,
-                      logits_start=batch["logit_index"])
-        R = batch["labels"].shape[1]                                        # N
-    else:
-        P, R = batch["context_len"], batch["labels"].shape[1]
-        inputs = dict(attention_mask=batch["attention_mask"], use_cache=keep_kv,
-                      logits_start=P - 1)
-    if batch["images"] is None:
-        logits, kv = student(batch["input_ids"], **inputs)
-    elif isinstance(unwrap(student), VLM):              # plain, DDP- or torch.compile-wrapped
-        logits, kv = student(batch["input_ids"], images=batch["images"], **inputs)
-    else:
-        raise ValueError("a text-only model cannot read a batch with images")
+    """Step 1. The response logits (B, R, V) and, with keep_kv, every layer's (K, V) over all
+    P+R columns, each (B, n_kv_heads, P+R, head_dim) (else None). `student` is a VLM or, for
+    text-only batches, a plain Decoder."""
+    P, R = batch["context_len"], batch["labels"].shape[1]
+    images = {} if batch["images"] is None else {"images": batch["images"]}
+    logits, kv = student(batch["input_ids"], attention_mask=batch["attention_mask"],
+                         use_cache=keep_kv, logits_start=P - 1, **images)   # columns P-1 ..
     return logits[:, :R], kv                                                  # (B, R, V)
-
-
-def student_only_mask(ids, student_only_ids):
-    """True where ids is one of student_only_ids (an int or a collection of ints)."""
-    only = [student_only_ids] if isinstance(student_only_ids, int) else list(student_only_ids)
-    return torch.isin(ids, torch.tensor(only, dtype=ids.dtype, device=ids.device))
-
-
-def check_teacher_vocab(teacher, text_ids):
-    """Every id the teacher embeds must lie in its vocabulary; one error says which did not."""
-    if int(text_ids.max()) >= teacher.cfg.vocab_size:
-        raise ValueError(f"token id {int(text_ids.max())} is outside the teacher's vocabulary "
-                         f"({teacher.cfg.vocab_size}); text tokens must lie in the shared prefix "
-                         "(ids the teacher must not embed, like image-splitting tokens, belong in "
-                         "student_only_ids)")
 
 
 @torch.no_grad()
 def teacher_continue(teacher, student_kv, batch, student_only_ids, scope="full"):
-    """Steps 2-3. Teacher logits (B, R, V_teacher) for the response tokens, detached.
-    student_only_ids: VLM.student_only_ids (or one image token id): ids the teacher reads as
-    KV but never embeds (<image>, and the image-splitting view tokens).
-
-    The teacher must be compatible with the student (check_compatible, run once at setup);
-    for the scopes that read the student's KV this re-checks what the tensors themselves show
-    (layers, KV heads, head size), not the RoPE theta, which no tensor carries.
-
-    Dtypes: student_kv may be in any floating dtype (fp32 without autocast, bf16 under it);
-    the teacher casts the shared K/V to the dtype its own K/V come out in (its weights' dtype,
-    or the autocast dtype), inside Attention, before concatenating. So a bf16 teacher
-    (freeze(teacher, torch.bfloat16)) reads fp32 or bf16 student KV; the logits come back in
-    the teacher's compute dtype (distill.py upcasts to float32 before any softmax)."""
+    """Steps 2-3. Teacher logits (B, R, V_teacher) for the response tokens, detached; the teacher
+    frozen (freeze) and compatible (check_compatible, at setup). student_only_ids: ids it reads as
+    KV, never embeds. student_kv fp32 or bf16: the teacher's Attention casts it to its dtype."""
     if scope not in SCOPES:
         raise ValueError(f"share scope {scope!r}; expected one of {SCOPES}")
-    if teacher.training or any(p.requires_grad for p in teacher.parameters()):
-        raise ValueError("teacher_continue: the teacher must be frozen (call "
-                         "kvshare.freeze(teacher))")
-    if scope != "none":
-        k, c = student_kv[0][0], teacher.cfg        # k: (B, n_kv_heads, P+R, head_dim)
-        diffs = [f"{name}: teacher {ours} vs student {theirs}" for name, ours, theirs in (
-            ("n_layers", c.n_layers, len(student_kv)), ("n_kv_heads", c.n_kv_heads, k.shape[1]),
-            ("head_dim", c.head_dim, k.shape[3])) if ours != theirs]
-        if diffs:
-            raise ValueError("teacher and student decoders are incompatible for KV sharing:\n  "
-                             + "\n  ".join(diffs))
-    if "segment_ids" in batch:
-        new_ids, inputs = pack.teacher_inputs(batch, student_only_mask(batch["input_ids"],
-                                                                       student_only_ids), scope)
-        check_teacher_vocab(teacher, new_ids)
-        if scope != "none":      # past: per layer (K, V), each (rows, n_kv_heads, L, head_dim)
-            inputs["past_kv"] = [(k.detach(), v.detach()) for k, v in student_kv]
-        logits, _ = teacher(new_ids, **inputs)
-        return logits.detach()                                 # (1, N, V_teacher)
-    # ids, mask: (B, P+R)
-    ids, mask, P = batch["input_ids"], batch["attention_mask"], batch["context_len"]
-    T = ids.shape[1]                       # P + R; the teacher never needs the last column as input
-    is_image = student_only_mask(ids, student_only_ids)  # (B, P+R)
-    # Ids the teacher must not embed: student-only ids, pads, and each row's last real token
-    # (an EOS the teacher may not have; no prediction is made from it). Every other token must
-    # lie in the teacher's vocabulary.
-    last_real = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()  # (B, P+R)
-    text_ids = ids.masked_fill(is_image | ~mask.bool() | last_real, 0)  # (B, P+R)
+    if teacher.training:
+        raise ValueError("teacher_continue: the teacher must be frozen (call kvshare.freeze)")
+    ids, mask, P = batch["input_ids"], batch["attention_mask"], batch["context_len"]  # (B, P+R)
+    is_image = student_only_mask(ids, student_only_ids)                              # (B, P+R)
+    # The teacher never embeds student-only ids, pads, or a row's last real token (an EOS it may
+    # not have, from which nothing is predicted); every other id must be in its vocabulary.
+    last_real = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()
+    text_ids = ids.masked_fill(is_image | ~mask.bool() | last_real, 0)              # (B, P+R)
     check_teacher_vocab(teacher, text_ids)
-    positions = positions_from_mask(mask)
+    if scope != "full":
+        return (teacher_on_text if scope == "none" else teacher_after_image)(
+            teacher, student_kv, text_ids, mask, is_image, P)
+    check_kv_shapes(teacher, student_kv)
+    if is_image[:, P - 1].any():
+        raise ValueError("scope 'full': a context ends with an image (student-only) token; the "
+                         "prompt after the image must have at least one text token")
+    T = ids.shape[1]                       # P + R; the teacher never needs the last column as input
+    # past: the student's K/V of context columns 0..P-2, (B, n_kv_heads, P-1, hd) per layer; new:
+    # the last context token + the response but its last, at the positions continuing each context
+    past = [(k[:, :, :P - 1].detach(), v[:, :, :P - 1].detach()) for k, v in student_kv]
+    logits, _ = teacher(text_ids[:, P - 1:T - 1], attention_mask=mask[:, :T - 1],
+                        position_ids=positions_from_mask(mask)[:, P - 1:T - 1], past_kv=past)
+    return logits.detach()                                                    # (B, R, V_teacher)
 
-    if scope == "full":
-        if is_image[:, P - 1].any():
-            raise ValueError("scope 'full': a context ends with an image (student-only) token; the "
-                             "prompt after the image must have at least one text token")
-        # past: per layer (K, V), each (B, n_kv_heads, P-1, head_dim)
-        past = [(k[:, :, :P - 1].detach(), v[:, :, :P - 1].detach()) for k, v in student_kv]
-        # the teacher's attention_mask: (B, P+R-1)
-        logits, _ = teacher(text_ids[:, P - 1:T - 1], attention_mask=mask[:, :T - 1],
-                            position_ids=positions[:, P - 1:T - 1], past_kv=past)
-        return logits.detach()                                 # (B, R, V_teacher)
 
-    text_mask = mask * (~is_image)  # (B, P+R)
-    if scope == "none":
-        logits, _ = teacher(text_ids[:, :T - 1], attention_mask=text_mask[:, :T - 1],
-                            position_ids=positions_from_mask(text_mask)[:, :T - 1],
-                            logits_start=P - 1)
-        return logits.detach()                                 # (B, R, V_teacher)
+def check_kv_shapes(teacher, student_kv):
+    """What the KV tensors show of check_compatible (layers, KV heads, head size)."""
+    k, c = student_kv[0][0], teacher.cfg                   # k: (B, n_kv_heads, P+R, head_dim)
+    diffs = [f"{name}: teacher {ours} vs student {theirs}" for name, ours, theirs in (
+        ("n_layers", c.n_layers, len(student_kv)), ("n_kv_heads", c.n_kv_heads, k.shape[1]),
+        ("head_dim", teacher.head_dim, k.shape[3])) if ours != theirs]
+    if diffs:
+        raise ValueError("teacher and student decoders are incompatible for KV sharing:\n  "
+                         + "\n  ".join(diffs))
 
-    # scope "image": past = the student's K/V at image columns only; the teacher re-runs every
-    # text column itself. A past key is visible to every new query, so images must come first.
-    seen_text = (text_mask[:, :P].cumsum(-1) > 0)
-    if (seen_text & is_image[:, :P]).any():
+
+def teacher_on_text(teacher, student_kv, text_ids, mask, is_image, P):
+    """Scope "none", the text-only teacher: it reads the text columns alone, no student KV."""
+    T, text_mask = text_ids.shape[1], mask * (~is_image)                           # (B, P+R)
+    logits, _ = teacher(text_ids[:, :T - 1], attention_mask=text_mask[:, :T - 1],
+                        position_ids=positions_from_mask(text_mask)[:, :T - 1],
+                        logits_start=P - 1)
+    return logits.detach()                                                    # (B, R, V_teacher)
+
+
+def teacher_after_image(teacher, student_kv, text_ids, mask, is_image, P):
+    """Scope "image": the past is the student's K/V at image columns only; the teacher re-runs
+    every text column itself. A past key is visible to every new query, so images come first."""
+    check_kv_shapes(teacher, student_kv)
+    T, text_mask = text_ids.shape[1], mask * (~is_image)                           # (B, P+R)
+    if ((text_mask[:, :P].cumsum(-1) > 0) & is_image[:, :P]).any():
         raise ValueError("scope 'image' needs the image tokens before the prompt text in every "
                          "context")
-    # past: per layer (K, V), each (B, n_kv_heads, P, head_dim)
+    # past: per layer (K, V), each (B, n_kv_heads, P, head_dim); its mask: image columns only
     past = [(k[:, :, :P].detach(), v[:, :, :P].detach()) for k, v in student_kv]
-    past_mask = mask[:, :P] * is_image[:, :P]  # (B, P)
+    past_mask = mask[:, :P] * is_image[:, :P]                                       # (B, P)
     logits, _ = teacher(text_ids[:, :T - 1],
-                        # attention_mask: (B, P + P+R-1)
                         attention_mask=torch.cat([past_mask, text_mask[:, :T - 1]], 1),
-                        position_ids=positions[:, :T - 1], past_kv=past, logits_start=P - 1)
-    return logits.detach()                                     # (B, R, V_teacher)
+                        position_ids=positions_from_mask(mask)[:, :T - 1], past_kv=past,
+                        logits_start=P - 1)
+    return logits.detach()                                                    # (B, R, V_teacher)
 
 
 def distill_forward(student, teacher, batch, student_only_ids, scope="full", need_teacher=True):
-    """Student prefill + teacher continuation: (student logits with grad, teacher logits or
-    None)."""
-    student_logits, kv = student_prefill(student, batch)
-    teacher_logits = (teacher_continue(teacher, kv, batch, student_only_ids, scope)
-                      if need_teacher else None)
-    return student_logits, teacher_logits
+    """Steps 1-3: (student logits with grad, teacher logits or None), for the padded reference
+    (above) or packed rows (pack.py, the same contract): the one place the layout is chosen."""
+    prefill, continue_ = ((pack.student_prefill, pack.teacher_continue) if "segment_ids" in batch
+                          else (student_prefill, teacher_continue))
+    student_logits, kv = prefill(student, batch, need_teacher and scope != "none")
+    return student_logits, (continue_(teacher, kv, batch, student_only_ids, scope)
+                            if need_teacher else None)

@@ -112,11 +112,9 @@ def positions_from_mask(attention_mask):
 
 
 def build_attention_mask(attention_mask, q_len, past_len):
-    """One explicit boolean mask (B, 1, Tq, Tk), True = may attend.
-
-    Keys are the past_len cached positions followed by the q_len new ones; a new query
-    sees every past key and the new keys up to itself (causal), minus padded keys.
-    Every query also sees itself, so a padding query never has an all-masked row (NaN)."""
+    """One boolean mask (B, 1, Tq, Tk), True = may attend: keys are the past_len cached columns,
+    then the q_len new ones; a query sees every past key and the new keys up to itself (causal),
+    minus pads, and always itself (so a pad query has no all-masked row: no NaN)."""
     k_len = past_len + q_len
     q_idx = torch.arange(past_len, k_len, device=attention_mask.device)[:, None]
     k_idx = torch.arange(k_len, device=attention_mask.device)[None, :]
@@ -137,18 +135,14 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, past_kv=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        # (B, nkv, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # nkv heads
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        # RoPE in the dtype q/k come out of the projections in (bf16 under autocast): fp32 tables
-        # would promote K to fp32 and double the shared KV. .to() is a no-op when dtypes match.
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)     # bf16 under autocast: K stays bf16
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past_kv is not None:
             k = torch.cat([past_kv[0].to(k.dtype), k], dim=2)                   # (B, nkv, Tp+T, hd)
             v = torch.cat([past_kv[1].to(v.dtype), v], dim=2)
-        # enable_gqa: query head h reads K/V head h // (n_heads / n_kv_heads), without K/V copied
-        # n_heads / n_kv_heads times. mask None = plain causal (Decoder.forward: no past, no pads).
+        # enable_gqa: query head h reads K/V head h // (n_heads / n_kv_heads), K/V not copied
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, -1)                                      # (B, T, nh*hd)
@@ -186,7 +180,7 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: LMConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.head_dim = cfg, cfg.head_dim
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.rms_eps)
@@ -200,69 +194,43 @@ class Decoder(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
-                past_kv=None, use_cache=False, logits_start=0):
-        """Returns (logits, kv).
-
-        input_ids (B, T) or inputs_embeds (B, T, D): the new tokens.
-        attention_mask (B, Tp+T): 1 real / 0 pad over past AND new keys (default: all real);
-            or an explicit boolean mask (B, 1, T, Tp+T), True = may attend (packed rows:
-            pack.segment_mask), which needs position_ids.
-        position_ids (B, T): RoPE positions of the new tokens (default: from attention_mask).
-            A position >= cfg.max_positions is an error. Checked only when past + new columns
-            exceed max_positions (cheap: no device sync otherwise), so explicit position_ids
-            must stay below past + new, as positions counted from a mask always do.
-        past_kv: list of per-layer (K, V), each (B, n_kv_heads, Tp, head_dim), K after RoPE.
-        use_cache: also return per-layer (K, V) over past + new positions (else kv is None).
-        logits_start: compute logits only for new positions >= this (saves memory at 49k vocab);
-            or a LongTensor (N,) of flat indices into the B*T new positions: logits (1, N, V)
-            at just those (packed rows: the columns that predict a response token).
-        """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Decoder.forward: pass exactly one of input_ids or inputs_embeds")
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds            # (B, T, D)
+                past_kv=None, use_cache=False, logits_start=0, packed_mask=None, logit_index=None):
+        """(logits, kv) for the new tokens, input_ids (B, T) or inputs_embeds (B, T, D), after
+        past_kv: per layer (K, V), each (B, n_kv_heads, Tp, head_dim), K after RoPE.
+        attention_mask (B, Tp+T): 1 real / 0 pad over past and new columns (None: all real);
+        positions count the real tokens before each column. logits: (B, T - logits_start, V),
+        the new columns from logits_start on. use_cache: kv = every layer's (K, V) over past +
+        new columns (else None). Packed rows (pack.py) pass packed_mask (B, 1, T, Tp+T), True =
+        may attend, with position_ids, and logit_index (N,): logits (1, N, V) at those columns."""
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds           # (B, T, D)
         B, T, _ = x.shape
         past_len = 0 if past_kv is None else past_kv[0][0].shape[2]
-        if past_kv is not None and len(past_kv) != self.cfg.n_layers:
-            raise ValueError(f"past_kv has {len(past_kv)} layers, the decoder has "
-                             f"{self.cfg.n_layers}")
-        # No past and no mask: every key is real, so the mask is plain causal and SDPA can take
-        # is_causal=True instead (a flash kernel on CUDA). A given mask is not checked for padding:
-        # bool(attention_mask.all()) would cost a device sync per forward (a graph break under
-        # torch.compile), and the masks that training passes (left-padded contexts) have pads.
-        plain_causal = attention_mask is None and past_kv is None
-        explicit = attention_mask is not None and attention_mask.dim() == 4
-        if explicit and (attention_mask.shape != (B, 1, T, past_len + T) or position_ids is None):
-            raise ValueError(f"an explicit attention_mask must be (B, 1, T, past+T) = "
-                             f"{(B, 1, T, past_len + T)} and come with position_ids, got "
-                             f"{tuple(attention_mask.shape)}")
-        if attention_mask is None:
+        if attention_mask is None and past_kv is not None:
             attention_mask = torch.ones(B, past_len + T, dtype=torch.long, device=x.device)
-        if not explicit and attention_mask.shape != (B, past_len + T):
-            raise ValueError(f"attention_mask must be (B, past+new) = {(B, past_len + T)}, "
-                             f"got {tuple(attention_mask.shape)}")
+        # packed rows bring their own (block-diagonal) mask; no past and no pads: plain causal
+        mask = (packed_mask if packed_mask is not None else None if attention_mask is None
+                else build_attention_mask(attention_mask, T, past_len))         # (B, 1, T, Tp+T)
         if position_ids is None:
-            position_ids = positions_from_mask(attention_mask)[:, past_len:]
-        # positions stay below past+new: no sync otherwise
-        if past_len + T > self.cfg.max_positions:
-            longest = int(position_ids.max()) + 1
-            if longest > self.cfg.max_positions:
-                raise ValueError(f"sequence of {longest} positions (past {past_len} + new {T} "
-                                 f"columns) is longer than max_positions {self.cfg.max_positions}")
-        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        mask = (attention_mask if explicit else None if plain_causal
-                else build_attention_mask(attention_mask, T, past_len))
+            position_ids = (torch.arange(T, device=x.device).expand(B, T) if attention_mask is None
+                            else positions_from_mask(attention_mask)[:, past_len:])     # (B, T)
+        if past_len + T > self.cfg.max_positions:          # only then: .max() is a device sync
+            self.check_positions(position_ids, past_len)
+        cos, sin = rope_cos_sin(position_ids, self.head_dim, self.cfg.rope_theta, x.dtype)
+        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()  # recompute in backward
         new_kv = []
-        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             args = (x, cos, sin, mask, None if past_kv is None else past_kv[i])
             x, kv = checkpoint(layer, *args, use_reentrant=False) if ckpt else layer(*args)
             new_kv.append(kv)
-        if torch.is_tensor(logits_start):
-            x = x.reshape(B * T, -1)[logits_start][None]                                # (1, N, D)
-        else:
-            x = x[:, logits_start:]                                                     # (B, T', D)
-        logits = self.lm_head(self.norm(x))                                        # (B, T', V)
-        return logits, (new_kv if use_cache else None)
+        x = x[:, logits_start:] if logit_index is None else x.reshape(B * T, -1)[logit_index][None]
+        return self.lm_head(self.norm(x)), (new_kv if use_cache else None)
+
+    def check_positions(self, position_ids, past_len):
+        longest = int(position_ids.max()) + 1
+        if longest > self.cfg.max_positions:
+            raise ValueError(f"sequence of {longest} positions (past {past_len} + new "
+                             f"{position_ids.shape[1]} columns) is longer than max_positions "
+                             f"{self.cfg.max_positions}")
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, max_new_tokens=20, temperature=0.0,
@@ -370,9 +338,8 @@ class VisionEncoder(nn.Module):
 
 def pixel_shuffle(x, factor):
     """(B, h*w, D) -> (B, h/s * w/s, D*s*s): merge each s x s patch neighbourhood into one token."""
-    B, N, D = x.shape
+    (B, N, D), s = x.shape, factor
     h = w = math.isqrt(N)
-    s = factor
     if h * w != N or h % s:
         raise ValueError(f"pixel_shuffle: {N} patches is not a square grid divisible by factor {s}")
     x = x.view(B, h // s, s, w // s, s, D).permute(0, 1, 3, 2, 4, 5)        # (B, h/s, w/s, s, s, D)
@@ -427,14 +394,12 @@ class VLM(nn.Module):
     def embed(self, input_ids, images=None):
         """Token embeddings with image features scattered into the placeholder positions."""
         x = self.decoder.embed(input_ids)                                                # (B, T, D)
-        slots = input_ids == self.image_token_id
-        n_slots = int(slots.sum())
-        n_feats = 0 if images is None else images.shape[0] * self.n_image_tokens
-        if n_slots != n_feats:
-            raise ValueError(f"{n_slots} image placeholder tokens in input_ids but {n_feats} image "
-                             f"features ({0 if images is None else images.shape[0]} image views x "
-                             f"{self.n_image_tokens} tokens)")
-        if n_feats == 0:
+        slots, n_views = input_ids == self.image_token_id, 0 if images is None else len(images)
+        if int(slots.sum()) != n_views * self.n_image_tokens:
+            raise ValueError(f"{int(slots.sum())} image placeholder tokens in input_ids but "
+                             f"{n_views * self.n_image_tokens} image features ({n_views} image "
+                             f"views x {self.n_image_tokens} tokens)")
+        if n_views == 0:
             return x
         feats = self.image_features(images).to(x.dtype)                          # (N, n_img_tok, D)
         return x.masked_scatter(slots[..., None], feats.reshape(-1, x.shape[-1]))
@@ -445,11 +410,11 @@ class VLM(nn.Module):
         return self.projector(self.vision(images))
 
     def forward(self, input_ids, images=None, attention_mask=None, position_ids=None,
-                use_cache=False, logits_start=0):
+                use_cache=False, logits_start=0, **packed):
+        """Decoder.forward on the embedded tokens (packed: packed_mask, logit_index)."""
         return self.decoder(inputs_embeds=self.embed(input_ids, images),
-                            attention_mask=attention_mask,
-                            position_ids=position_ids, use_cache=use_cache,
-                            logits_start=logits_start)
+                            attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=use_cache, logits_start=logits_start, **packed)
 
     @torch.no_grad()
     def generate(self, input_ids, images=None, attention_mask=None, **kw):
@@ -458,11 +423,19 @@ class VLM(nn.Module):
 
 
 
-def unwrap(model):
-    """The plain module under DDP (`module.`) and torch.compile (`_orig_mod.`) wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
+def student_only_mask(ids, student_only_ids):
+    """True where ids is one of student_only_ids (VLM.student_only_ids, or one int)."""
+    only = [student_only_ids] if isinstance(student_only_ids, int) else list(student_only_ids)
+    return torch.isin(ids, torch.tensor(only, dtype=ids.dtype, device=ids.device))
+
+
+def check_teacher_vocab(teacher, text_ids):
+    """Every id the teacher embeds must lie in its vocabulary; one error says which did not."""
+    if int(text_ids.max()) >= teacher.cfg.vocab_size:
+        raise ValueError(f"token id {int(text_ids.max())} is outside the teacher's vocabulary "
+                         f"({teacher.cfg.vocab_size}); text tokens must lie in the shared prefix "
+                         "(ids the teacher must not embed, like image-splitting tokens, belong in "
+                         "student_only_ids)")
 
 
 def grow_vocab(decoder, vocab_size):

@@ -9,9 +9,18 @@ Each example's positions restart at 0; attention is block-diagonal (segment_mask
 student prefill and in the teacher continuation, where the teacher runs, per example, the tokens
 it runs in the padded layout against that example's own student K/V only. The loss side is
 padding-free: (1, N) labels for the N response tokens of the batch. This file only lays out
-tensors and masks; kvshare.py runs the models.
+tensors and masks, and runs the two halves of the handoff on them (student_prefill,
+teacher_continue: kvshare.py's contract; kvshare.distill_forward picks the layout).
+
+The teacher runs, per example, the same tokens as in the padded layout (scope "full": the last
+context token and the response without its last token; "image" / "none": every text token but
+the last) against that example's own student K/V only: its past keys are the whole row's
+student K/V, and the mask lets a query see only its example's shared columns. Student and
+teacher logits come out (1, N, V) for the N response tokens of the batch, in row order.
 """
 import torch
+
+from model import check_teacher_vocab, student_only_mask
 
 
 def pack_rows(lengths, max_len):
@@ -143,13 +152,36 @@ def teacher_inputs(batch, is_image, scope):
     slot_of = run.long().cumsum(-1) - 1                                     # (rows, L)
     at = batch["logit_index"]
     out_index = (at // L) * Lt + slot_of.reshape(-1)[at]                    # (N,)
-    inputs = dict(position_ids=pos.gather(1, cols).masked_fill(~valid, 0), logits_start=out_index)
+    inputs = dict(position_ids=pos.gather(1, cols).masked_fill(~valid, 0), logit_index=out_index)
     if scope == "none":
-        inputs["attention_mask"] = segment_mask(new_seg, cols, new_seg, cols)  # (rows,1,Lt,Lt)
+        inputs["packed_mask"] = segment_mask(new_seg, cols, new_seg, cols)  # (rows,1,Lt,Lt)
     else:
         never = torch.full_like(seg, torch.iinfo(seg.dtype).min)   # a segment no query has
         col = torch.arange(L, device=ids.device).expand(rows, L)
         k_seg = torch.cat([torch.where(shared, seg, never), new_seg], 1)    # (rows, L + Lt)
         k_col = torch.cat([col, cols], 1)
-        inputs["attention_mask"] = segment_mask(new_seg, cols, k_seg, k_col)  # (rows,1,Lt,L+Lt)
+        inputs["packed_mask"] = segment_mask(new_seg, cols, k_seg, k_col)  # (rows,1,Lt,L+Lt)
     return new_ids, inputs
+
+
+def student_prefill(student, batch, keep_kv=True):
+    """kvshare.student_prefill on packed rows: logits (1, N, V) for the batch's N response
+    tokens, K/V (rows, n_kv_heads, L, head_dim)."""
+    images = {} if batch["images"] is None else {"images": batch["images"]}
+    logits, kv = student(batch["input_ids"], packed_mask=prefill_mask(batch["segment_ids"]),
+                         position_ids=batch["position_ids"], use_cache=keep_kv,
+                         logit_index=batch["logit_index"], **images)
+    return logits, kv                                                        # (1, N, V)
+
+
+@torch.no_grad()
+def teacher_continue(teacher, student_kv, batch, student_only_ids, scope="full"):
+    """kvshare.teacher_continue on packed rows: teacher logits (1, N, V_teacher), detached.
+    The scope, the frozen teacher and its compatibility are checked at setup (train.py)."""
+    new_ids, inputs = teacher_inputs(batch, student_only_mask(batch["input_ids"],
+                                                              student_only_ids), scope)
+    check_teacher_vocab(teacher, new_ids)
+    if scope != "none":        # past: per layer (K, V), each (rows, n_kv_heads, L, head_dim)
+        inputs["past_kv"] = [(k.detach(), v.detach()) for k, v in student_kv]
+    logits, _ = teacher(new_ids, **inputs)
+    return logits.detach()                                                   # (1, N, V_teacher)

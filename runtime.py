@@ -1,12 +1,15 @@
 """
 Run-time plumbing for train.py and the tools, kept out of the method's reading path: atomic file
 writes, a dataclass config read from --key=value flags and JSON files (with --help), the device /
-DDP runtime, RNG state, checkpoints and interrupts. Imports no module of this repository.
+DDP runtime, RNG state, checkpoints, interrupts, and StageRun: everything around one stage's
+training loop (optimizer, schedule, resume, bad steps, log.jsonl). Imports no module of this
+repository.
 """
 import ast
 import difflib
 import inspect
 import json
+import math
 import os
 import random
 import re
@@ -14,6 +17,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, fields, replace
 from types import SimpleNamespace
@@ -22,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------------------
@@ -257,11 +262,10 @@ class Runtime:
 
     def to_device(self, batch):
         """Move a batch to the device (pinned host memory + async copy on CUDA)."""
-        def move(v):
-            if not torch.is_tensor(v) or not self.cuda:
-                return v
-            return v.pin_memory().to(self.device, non_blocking=True)
-        return {k: move(v) for k, v in batch.items()}
+        if not self.cuda:
+            return batch
+        return {k: v.pin_memory().to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()}
 
     def wrap(self, model):
         if not self.ddp:
@@ -382,6 +386,138 @@ def drop_log_records(log_path, name, after_step):
             if not (r.get("stage") == name and r["step"] > after_step)]
     if len(keep) != len(lines):
         write_text(log_path, "".join(keep))
+
+
+# ----------------------------------------------------------------------------------------
+# Around one stage's training loop (train.train_stage)
+
+def lr_lambda(steps, warmup_frac):
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    warmup = max(1, int(steps * warmup_frac))
+
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+class StageRun:
+    """The plumbing of one stage's loop: AdamW with a warmup-cosine schedule, resume from the
+    stage's newest checkpoint (--resume), torch.compile, a progress bar, and at the end of each
+    step: gradient clipping; a step whose loss or gradient is not finite is skipped (never
+    saved), and past --max_bad_steps skipped steps, or with no good step at all, the stage
+    stops with a TrainingError; log.jsonl; checkpoints; Ctrl-C / SIGTERM on any rank end the
+    stage after the current step, with a checkpoint, by raising Interrupted.
+    run_keys: config keys that may differ between a checkpoint and the run resuming it."""
+
+    def __init__(self, cfg, runtime, stage, name, model, param_groups, steps, run_keys):
+        self.cfg, self.runtime, self.name, self.model, self.steps = cfg, runtime, name, model, steps
+        self.stage = stage
+        self.params = [p for g in param_groups for p in g["params"]]
+        self.opt = torch.optim.AdamW(param_groups, betas=(0.9, 0.95),
+                                     weight_decay=cfg.weight_decay, fused=runtime.cuda)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(steps, cfg.warmup_frac))
+        self.ckpts = Checkpoints(os.path.join(cfg.out_dir, "ckpt", name), cfg.keep_last, run_keys)
+        self.log_path = os.path.join(cfg.out_dir, "log.jsonl")
+        self.start, self.bad_steps, self.skipped_examples = 0, 0, 0
+        if runtime.is_main:
+            self.ckpts.remove_orphans()
+        if cfg.resume and self.ckpts.paths():
+            self.resume()
+        if cfg.compile:     # a fresh compile per stage: no graph traced while others were frozen
+            torch.compiler.reset()
+        self.t_start = time.time()
+
+    def resume(self):
+        state = self.ckpts.load(self.ckpts.paths()[-1], self.cfg)
+        unwrap(self.model).load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.start, self.bad_steps = state["step"], state["bad_steps"]
+        set_rng_state(state["rng"])
+        if self.runtime.is_main:
+            drop_log_records(self.log_path, self.name, after_step=self.start)  # the crash's steps
+            was = state["config"][f"{self.stage}_steps"]
+            if was != self.steps:
+                print(f"{self.name}: resuming at step {self.start} of a run planned for {was} "
+                      f"steps; training on to {self.steps} steps (the learning-rate schedule is "
+                      f"that of {self.steps} steps) and then replacing this stage's model folder")
+
+    def compiled(self, module):
+        return torch.compile(module) if self.cfg.compile and module is not None else module
+
+    def progress_bar(self):
+        self.bar = tqdm(range(self.start, self.steps), desc=self.name, initial=self.start,
+                        total=self.steps, disable=not self.runtime.is_main, leave=False)
+        return self.bar
+
+    def end_step(self, step, logs, batches, stop_requested):
+        cfg, runtime = self.cfg, self.runtime   # examples a streamed batch replaced: logged
+        self.skipped_examples += sum(b.pop("skipped", 0) + b.pop("dropped", 0) for b in batches)
+        logs["tokens"] = float(sum(b["attention_mask"].sum() if "attention_mask" in b
+                                   else b["tokens"][:, 1:].numel() for b in batches))
+        logs = runtime.sum_over_ranks(logs)     # each rank's loss: its share of the global mean
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        if not (math.isfinite(logs["loss"]) and torch.isfinite(grad_norm)):
+            return self.skip_bad_step()
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        record = {"stage": self.name, "step": step + 1,                # time: s since stage start
+                  "time": round(time.time() - self.t_start, 4), "lr": self.sched.get_last_lr()[0],
+                  "grad_norm": float(grad_norm), "bad_steps": self.bad_steps,
+                  "skipped_examples": self.skipped_examples, **logs}
+        if runtime.cuda:
+            record["max_mem_gib"] = torch.cuda.max_memory_allocated(runtime.device) / 2**30
+        stop = runtime.sum_over_ranks({"stop": float(stop_requested)})["stop"] > 0   # any rank
+        if runtime.is_main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if (step + 1) % cfg.log_every == 0:
+                self.bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k != "tokens"})
+            if (step + 1) % cfg.ckpt_every == 0 or step + 1 == self.steps or stop:
+                self.save(step + 1)
+        if stop and step + 1 < self.steps:
+            self.bar.close()
+            raise Interrupted(f"{self.name} stopped at step {step + 1} of {self.steps}; "
+                              f"checkpoint saved in {self.ckpts.folder}")
+
+    def skip_bad_step(self):
+        self.bad_steps += 1
+        self.opt.zero_grad(set_to_none=True)
+        if self.bad_steps > self.cfg.max_bad_steps:
+            last = self.ckpts.paths()[-1] if self.ckpts.paths() else "none was written"
+            raise TrainingError(f"{self.name}: {self.bad_steps} steps with non-finite loss or "
+                                f"gradients (limit --max_bad_steps={self.cfg.max_bad_steps}); "
+                                f"last good checkpoint: {last}; no model folder saved for this "
+                                "stage")
+
+    def save(self, step):
+        self.ckpts.save(step, {"model": unwrap(self.model).state_dict(),
+                               "optimizer": self.opt.state_dict(),
+                               "scheduler": self.sched.state_dict(), "step": step,
+                               "bad_steps": self.bad_steps, "config": asdict(self.cfg),
+                               "rng": rng_state()})
+
+    def finish(self):
+        if self.bad_steps >= self.steps:
+            raise TrainingError(f"{self.name}: all {self.steps} steps had a non-finite loss or "
+                                "gradients; no model folder saved for this stage")
+        wall = time.time() - self.t_start   # also the "time" of the stage's last log record
+        if self.runtime.is_main:
+            print(f"{self.name}: {self.steps - self.start} steps in {wall:.1f}s, {self.bad_steps} "
+                  "skipped (non-finite loss or gradients)" + (
+                      f", {self.skipped_examples} examples replaced (bad or too long)"
+                      if self.skipped_examples else ""))
+
+
+def unwrap(model):
+    """The plain module under DDP (`module.`) and torch.compile (`_orig_mod.`) wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
 
 
 # ----------------------------------------------------------------------------------------

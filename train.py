@@ -17,9 +17,7 @@ Stage 3 distill:  from the adapted VLM, CE + source-selective KD from the frozen
                   through the KV handoff (kvshare.py, distill.py), on a mix of all sources.
 """
 import copy
-import functools
-import json
-import math
+import itertools
 import os
 import sys
 import time
@@ -41,11 +39,10 @@ import tiles
 import world
 from checks import (check_config, check_out_dir, check_student_tokens, stages_to_train,
                     variant_name)
-from model import SIGLIP2_B16_512, Decoder, LMConfig, VisionConfig, grow_vocab, unwrap, \
-    vlm_from_teacher
-from runtime import (Checkpoints, Interrupted, Runtime, TrainingError, build_config, config_help,
-                     drop_log_records, parse_flags, read_json, replace_folder, rng_state,
-                     seed_everything, set_rng_state, stop_requests, wants_help, write_json)
+from model import SIGLIP2_B16_512, Decoder, LMConfig, VisionConfig, grow_vocab, vlm_from_teacher
+from runtime import (Interrupted, Runtime, StageRun, TrainingError, build_config, config_help,
+                     parse_flags, read_json, replace_folder, seed_everything, stop_requests,
+                     unwrap, wants_help, write_json)
 from weights import (load_hf_lm, load_hf_siglip, load_model_folder, save_hf_lm, save_tokenizer,
                      save_vlm)
 
@@ -145,13 +142,13 @@ PRESETS = {
 }
 # Keys that may differ between a run and its resumption: how long, where and how it runs,
 # not what it trains.
-RUN_KEYS = {"stage", "resume", "eval", "device", "compile", "log_every", "ckpt_every", "keep_last",
-            "max_bad_steps", "pretrain_steps", "align_steps", "adapt_steps", "distill_steps",
-            "out_dir", "num_workers"}
+RESUME_MAY_CHANGE = {"stage", "resume", "eval", "device", "compile", "log_every", "ckpt_every",
+                     "keep_last", "max_bad_steps", "pretrain_steps", "align_steps", "adapt_steps",
+                     "distill_steps", "out_dir", "num_workers"}
 
 
 @dataclass
-class Setup:
+class TrainingSetup:
     """What every stage reads, made once by run(): the config, the device / DDP runtime, the
     data (the tiny world, or streamed --data_path files) and the tokenizer."""
     cfg: TrainConfig
@@ -159,13 +156,18 @@ class Setup:
     data: "world.World | stream.RealData"
     tok: Tokenizer                # with the roles of data.load_tokenizer
     text_stream: torch.Tensor = None      # stage 1: the encoded corpus, (N,)
+    student_only_ids: tuple = ()          # stage 3: ids the teacher never embeds (VLM's)
+
+    def __post_init__(self):
+        self.pad_id = data.special_id(self.tok, data.PAD_TOKEN)
 
 
 # ----------------------------------------------------------------------------------------
 # Batches: every batch is a pure function of (seed, stage, step, micro-batch), so the data
 # position of a run is just its step and a resumed run sees exactly the same batches.
 
-STAGE_IDS = {"pretrain": 1, "align": 2, "adapt": 3, "distill": 4}
+# The seed of each stage's batch stream (align and adapt are README's stage 2, distill its 3).
+BATCH_STREAMS = {"pretrain": 1, "align": 2, "adapt": 3, "distill": 4}
 
 
 def stage_mixture(examples, stage):
@@ -192,212 +194,146 @@ def rank_slice(items, runtime):
     return items[runtime.rank * n:(runtime.rank + 1) * n]
 
 
-def get_batch(setup, stage, step, micro, student=None, mixture=None):
-    """Stage 1: random windows of seq_len + 1 tokens of the corpus -> {"tokens": (B, L+1)}.
-    Stages 2-3: tiny-world examples, each example's source drawn from `mixture`, in the
-    layout of data.collate (contexts left-padded to P, responses right-padded to R)."""
+def text_batch(setup, step, micro):
+    """Stage 1: random windows of seq_len + 1 tokens of the corpus -> {"tokens": (B, L+1)}."""
     cfg, runtime = setup.cfg, setup.runtime
-    rng = np.random.default_rng([cfg.seed, STAGE_IDS[stage], step, micro])
-    global_batch = cfg.batch_size * runtime.world_size
-    if stage == "pretrain":
-        starts = rng.integers(0, len(setup.text_stream) - cfg.seq_len - 1, size=global_batch)
-        windows = [setup.text_stream[s:s + cfg.seq_len + 1] for s in rank_slice(starts, runtime)]
-        return {"tokens": torch.stack(windows)}                             # (B, L+1)
+    rng = np.random.default_rng([cfg.seed, BATCH_STREAMS["pretrain"], step, micro])
+    starts = rng.integers(0, len(setup.text_stream) - cfg.seq_len - 1,
+                          size=cfg.batch_size * runtime.world_size)
+    windows = [setup.text_stream[s:s + cfg.seq_len + 1] for s in rank_slice(starts, runtime)]
+    return {"tokens": torch.stack(windows)}                                 # (B, L+1)
+
+
+def get_batch(setup, stage, step, micro, encoded, mixture):
+    """Stages 2-3: tiny-world examples (`encoded` per source, stage_data) whose sources are drawn
+    from `mixture`, in the layout of data.collate (contexts left-padded to P, responses
+    right-padded to R; --pack: packed rows)."""
+    cfg, runtime = setup.cfg, setup.runtime
+    rng = np.random.default_rng([cfg.seed, BATCH_STREAMS[stage], step, micro])
     names = sorted(mixture)
     probs = np.array([mixture[s] for s in names], dtype=np.float64)
     probs /= probs.sum()
-    picks = [(names[i], rng.random()) for i in rng.choice(len(names), size=global_batch, p=probs)]
-    sources = setup.data.sources
-    examples = [sources[s][int(u * len(sources[s]))] for s, u in rank_slice(picks, runtime)]
-    return data.collate(examples, setup.tok, student.n_image_tokens, cfg.image_size,
-                        max_len=cfg.max_len if cfg.pack else None,
-                        image_splitting=student.image_splitting, pack=cfg.pack)
+    picks = [(names[i], rng.random())
+             for i in rng.choice(len(names), size=cfg.batch_size * runtime.world_size, p=probs)]
+    items = [encoded[s][int(u * len(encoded[s]))] for s, u in rank_slice(picks, runtime)]
+    return data.batch_of(items, setup.pad_id, cfg.max_len if cfg.pack else None, cfg.pack)
+
+
+def stage_data(setup, stage, student, start):
+    """What a stage's batches come from, made once per stage: (streamed, encoded, mixture): the
+    stream of --data_path batches from step `start` on, or the tiny world's examples encoded
+    once (data.encode_for_batch, per source); the stage's source mixture."""
+    cfg, runtime = setup.cfg, setup.runtime
+    mixture = None if stage == "pretrain" else stage_mixture(setup.data, stage)
+    if isinstance(setup.data, stream.RealData):
+        streamed = setup.data.batches(                    # a pure function of (seed, stage, k)
+            student, setup.tok, mixture, f"stage {stage}", cfg.batch_size,
+            [cfg.seed, BATCH_STREAMS[stage]], start * cfg.grad_accum, runtime.rank,
+            runtime.world_size, cfg.num_workers, runtime.cuda, cfg.pack)
+        return streamed, None, mixture
+    encoded = None if stage == "pretrain" else {
+        s: [data.encode_for_batch(ex, setup.tok, student.n_image_tokens, cfg.image_size,
+                                  student.image_splitting) for ex in setup.data.sources[s]]
+        for s in mixture}
+    return None, encoded, mixture
+
+
+def stage_batches(setup, stage, student, start, kd_table=None):
+    """Each optimizer step's --grad_accum micro-batches, from step `start` on. In stage 3 each
+    carries its source gate (kd_table): batch["kd_weight"], (B,), or (1, N) per packed token."""
+    streamed, encoded, mixture = stage_data(setup, stage, student, start)
+    for step in itertools.count(start):
+        batches = [next(streamed) if streamed else text_batch(setup, step, m) if stage == "pretrain"
+                   else get_batch(setup, stage, step, m, encoded, mixture)
+                   for m in range(setup.cfg.grad_accum)]
+        for b in batches if kd_table is not None else []:
+            w = distill.source_weights(setup.cfg.policy, b["source"], kd_table)     # (B,)
+            b["kd_weight"] = w[b["token_example"]] if "token_example" in b else w
+        yield batches
+
+
+def token_counts(batches):
+    """{"ce": n, "kd": n}: the tokens the CE and KD terms of one optimizer step average over (KD
+    tokens weighted by their gate); summed over DDP ranks: the normalisers (distill._normalise)."""
+    counts = {"ce": 0.0, "kd": 0.0}
+    for b in batches:
+        if "tokens" in b:                                       # stage 1: every next token
+            counts["ce"] += b["tokens"][:, 1:].numel()
+            continue
+        real = b["response_mask"].float()                                    # (B, R)
+        counts["ce"] += float(real.sum())
+        if "kd_weight" in b:                              # (B,) per example or (1, N) per token
+            w = b["kd_weight"]
+            counts["kd"] += float((real * (w[:, None] if w.dim() == 1 else w)).sum())
+    return counts
 
 
 # ----------------------------------------------------------------------------------------
-# The losses of one micro-batch, each divided by the step's global token counts
+# One micro-batch of each stage: the loss, then backward. Under DDP the gradients are averaged
+# over ranks, so each rank's loss (its share of the global token mean) is scaled by world_size.
 
-def token_counts(batch):
-    """{"ce": n, "kd": n}: the tokens the CE and KD terms average over (KD tokens weighted by
-    their example's source-gate weight). Summed over micro-batches and ranks, they are the
-    normalisers (distill._normalise)."""
-    if "tokens" in batch:
-        return {"ce": batch["tokens"][:, 1:].numel(), "kd": 0.0}
-    real = batch["response_mask"].float()                                   # (B, R)
-    w = batch.get("kd_weight")                              # (B,) per example or (B, R) per token
-    kd = 0.0 if w is None else float((real * (w[:, None] if w.dim() == 1 else w)).sum())
-    return {"ce": float(real.sum()), "kd": kd}
+def distill_step(setup, student, teacher, batch, counts):
+    """Stage 3, LinguDistill (README "How LinguDistill works here"). batch["kd_weight"] is the
+    source gate (stage_batches); counts, the step's global token counts (token_counts)."""
+    cfg = setup.cfg
+    # 1-3. the student prefills; the frozen teacher continues from the student's context KV
+    student_logits, teacher_logits = kvshare.distill_forward(
+        student, teacher, batch, setup.student_only_ids, cfg.scope,
+        need_teacher=cfg.policy != "none")
+    # 4. CE on every response token + alpha * KD on the tokens the gate gives KD weight
+    out = distill.distill_loss(
+        student_logits, batch["labels"], batch["response_mask"], teacher_logits,
+        batch["kd_weight"], alpha=cfg.alpha, divergence=cfg.kd, temperature=cfg.temperature,
+        beta=cfg.jsd_beta, chunk_size=cfg.kd_chunk or None, ce_normalizer=counts["ce"],
+        kd_normalizer=counts["kd"])
+    (out["loss"] * setup.runtime.world_size).backward()
+    return {"loss": out["loss"], "ce": out["ce"], "kd": out["kd"]}
 
 
-def lm_loss(model, batch, counts):
+def response_step(setup, model, teacher, batch, counts):
+    """Stage 2 (align, adapt): cross-entropy on the response tokens; no teacher."""
+    logits, _ = kvshare.distill_forward(model, None, batch, (), need_teacher=False)  # (B, R, V)
+    ce = distill.cross_entropy(logits, batch["labels"], batch["response_mask"], counts["ce"])
+    (ce * setup.runtime.world_size).backward()
+    return {"loss": ce, "ce": ce.detach()}
+
+
+def lm_step(setup, model, teacher, batch, counts):
     """Stage 1: next-token cross-entropy on text windows."""
     x, y = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
     logits, _ = model(x)                                                    # (B, L, V)
     ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-    return {"loss": ce / counts["ce"], "ce": ce.detach() / counts["ce"]}
-
-
-def response_loss(model, batch, counts):
-    """Stage 2 (align, adapt): cross-entropy on the response tokens."""
-    logits, _ = kvshare.student_prefill(model, batch)                       # (B, R, V)
-    ce = distill.cross_entropy(logits, batch["labels"], batch["response_mask"], counts["ce"])
-    return {"loss": ce, "ce": ce.detach()}
-
-
-def lingudistill_loss(model, batch, counts, teacher, cfg):
-    """Stage 3, the method: the student prefills, the frozen teacher continues from the
-    student's KV (kvshare.py), and the loss is CE + alpha * source-gated KD (distill.py)."""
-    student_logits, teacher_logits = kvshare.distill_forward(
-        model, teacher, batch, unwrap(model).student_only_ids, cfg.scope,
-        need_teacher=cfg.policy != "none")
-    out = distill.distill_loss(
-        student_logits, batch["labels"], batch["response_mask"], teacher_logits,
-        kd_weight=batch["kd_weight"], policy=cfg.policy, alpha=cfg.alpha, divergence=cfg.kd,
-        temperature=cfg.temperature, beta=cfg.jsd_beta, chunk_size=cfg.kd_chunk or None,
-        ce_normalizer=counts["ce"], kd_normalizer=counts["kd"])
-    return {"loss": out["loss"], "ce": out["ce"], "kd": out["kd"]}
+    loss = ce / counts["ce"]
+    (loss * setup.runtime.world_size).backward()
+    return {"loss": loss, "ce": loss.detach()}
 
 
 # ----------------------------------------------------------------------------------------
-# The training loop, one for every stage
+# The training loop, one for every stage; its plumbing is runtime.StageRun.
 
-def lr_lambda(steps, warmup_frac):
-    """Linear warmup, then cosine decay to 10% of the peak."""
-    warmup = max(1, int(steps * warmup_frac))
-
-    def f(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
-    return f
-
-
-def train_stage(setup, stage, model, param_groups, steps, loss_fn, name=None, teacher=None,
+def train_stage(setup, stage, model, param_groups, steps, step_fn, name=None, teacher=None,
                 kd_table=None):
     """Train `model` (the parameters in `param_groups`) for `steps` optimizer steps of `stage`
-    ("pretrain" | "align" | "adapt" | "distill") with loss_fn(model, batch, counts). `name`
-    names its checkpoint folder and log lines (default: the stage). Stage 3 also passes the
-    frozen `teacher` (given to loss_fn; compiled with the model under --compile) and kd_table,
-    the source gate, applied once to each micro-batch as batch["kd_weight"]. A step whose loss or
-    gradient is not finite is skipped (never saved); past --max_bad_steps skipped steps, or
-    with no good step at all, the stage stops with a TrainingError. Ctrl-C / SIGTERM end the
-    stage after the current step, with a checkpoint, by raising Interrupted."""
-    cfg, runtime, name = setup.cfg, setup.runtime, name or stage
-    params = [p for g in param_groups for p in g["params"]]
-    opt = torch.optim.AdamW(param_groups, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
-                            fused=runtime.cuda)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, cfg.warmup_frac))
-    ckpts = Checkpoints(os.path.join(cfg.out_dir, "ckpt", name), cfg.keep_last, RUN_KEYS)
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    start, bad_steps, skipped_examples = 0, 0, 0
-    if runtime.is_main:
-        ckpts.remove_orphans()
-    if cfg.resume and ckpts.paths():
-        state = ckpts.load(ckpts.paths()[-1], cfg)
-        unwrap(model).load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start, bad_steps = state["step"], state["bad_steps"]
-        set_rng_state(state["rng"])
-        if runtime.is_main:
-            drop_log_records(log_path, name, after_step=start)   # steps the crash had logged
-            was = state["config"][f"{stage}_steps"]
-            if was != steps:
-                print(f"{name}: resuming at step {start} of a run planned for {was} steps; "
-                      f"training on to {steps} steps (the learning-rate schedule is that of "
-                      f"{steps} steps) and then replacing this stage's model folder")
-
-    def save(step):
-        ckpts.save(step, {"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                          "scheduler": sched.state_dict(), "step": step, "bad_steps": bad_steps,
-                          "config": asdict(cfg), "rng": rng_state()})
-    # A fresh compile per stage: no graph traced while other parameters were frozen is reused.
-    if cfg.compile:
-        torch.compiler.reset()
-    forward_model = torch.compile(model) if cfg.compile else model
-    if teacher is not None:
-        loss_fn = functools.partial(loss_fn, teacher=torch.compile(teacher) if cfg.compile
-                                    else teacher)
-    student, mixture, batches_of_stream = None, None, None
-    if stage != "pretrain":
-        student, mixture = unwrap(model), stage_mixture(setup.data, stage)  # once per stage
-        if isinstance(setup.data, stream.RealData):
-            batches_of_stream = setup.data.batches(       # a pure function of (seed, stage, k)
-                student, setup.tok, mixture, f"stage {stage}", cfg.batch_size,
-                [cfg.seed, STAGE_IDS[stage]], start * cfg.grad_accum, runtime.rank,
-                runtime.world_size, cfg.num_workers, runtime.cuda, cfg.pack)
-    bar = tqdm(range(start, steps), desc=name, initial=start, total=steps,
-               disable=not runtime.is_main, leave=False)
-    t_start = time.time()
+    ("pretrain" | "align" | "adapt" | "distill"), step_fn per micro-batch; `name`: its checkpoint
+    folder and log lines (default: the stage). Stage 3: the frozen `teacher`, kd_table the gate."""
+    cfg, runtime = setup.cfg, setup.runtime
+    run = StageRun(cfg, runtime, stage, name or stage, model, param_groups, steps, RESUME_MAY_CHANGE)
+    student = None if stage == "pretrain" else unwrap(model)
+    batches = stage_batches(setup, stage, student, run.start, kd_table)
+    model_as_called, teacher = run.compiled(model), run.compiled(teacher)  # --compile
     with stop_requests() as stop:
-        for step in bar:
-            batches = [next(batches_of_stream) if batches_of_stream else
-                       get_batch(setup, stage, step, micro, student, mixture)
-                       for micro in range(cfg.grad_accum)]
-            skipped_examples += sum(b.pop("skipped", 0) + b.pop("dropped", 0) for b in batches)
-            for b in batches:
-                if kd_table is not None:                    # the source gate, once per micro-batch
-                    w = distill.source_weights(cfg.policy, b["source"], kd_table)   # (B,)
-                    # packed: per response token, (1, N)
-                    b["kd_weight"] = w[b["token_example"]] if "token_example" in b else w
-            batches = [runtime.to_device(b) for b in batches]
-            counts = {"ce": 0.0, "kd": 0.0}     # the normalisers: over micro-batches and ranks
-            for batch in batches:
-                for k, v in token_counts(batch).items():
-                    counts[k] += v
-            counts = runtime.sum_over_ranks(counts)
+        for step in run.progress_bar():
+            micro_batches = [runtime.to_device(b) for b in next(batches)]
+            counts = runtime.sum_over_ranks(token_counts(micro_batches))   # the normalisers
             logs = {}
-            for micro, batch in enumerate(batches):
-                with runtime.no_sync(forward_model, micro < len(batches) - 1), runtime.autocast():
-                    out = loss_fn(forward_model, batch, counts)
-                    (out["loss"] * runtime.world_size).backward()   # DDP averages grads over ranks
+            for i, batch in enumerate(micro_batches):
+                last = i == len(micro_batches) - 1          # DDP syncs gradients on the last one
+                with runtime.no_sync(model_as_called, not last), runtime.autocast():
+                    out = step_fn(setup, model_as_called, teacher, batch, counts)
                 for k, v in out.items():
                     logs[k] = logs.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-            logs["tokens"] = float(sum(b["attention_mask"].sum() if "attention_mask" in b
-                                       else b["tokens"][:, 1:].numel() for b in batches))
-            logs = runtime.sum_over_ranks(logs)  # each rank's loss: its share of the global mean
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            if not (math.isfinite(logs["loss"]) and torch.isfinite(grad_norm)):
-                bad_steps += 1
-                opt.zero_grad(set_to_none=True)
-                if bad_steps > cfg.max_bad_steps:
-                    last = ckpts.paths()[-1] if ckpts.paths() else "none was written"
-                    raise TrainingError(f"{name}: {bad_steps} steps with non-finite loss or "
-                                        f"gradients (limit --max_bad_steps={cfg.max_bad_steps}); "
-                                        f"last good checkpoint: {last}; no model folder saved "
-                                        "for this stage")
-                continue
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            record = {"stage": name, "step": step + 1,                 # time: s since stage start
-                      "time": round(time.time() - t_start, 4),
-                      "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      "bad_steps": bad_steps, "skipped_examples": skipped_examples, **logs}
-            if runtime.cuda:
-                record["max_mem_gib"] = torch.cuda.max_memory_allocated(runtime.device) / 2**30
-            # Ctrl-C / SIGTERM on any rank: every rank stops after this step, with a checkpoint
-            stop_now = runtime.sum_over_ranks({"stop": float(stop.requested)})["stop"] > 0
-            if runtime.is_main:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if (step + 1) % cfg.log_every == 0:
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k != "tokens"})
-                if (step + 1) % cfg.ckpt_every == 0 or step + 1 == steps or stop_now:
-                    save(step + 1)
-            if stop_now and step + 1 < steps:
-                bar.close()
-                raise Interrupted(f"{name} stopped at step {step + 1} of {steps}; checkpoint "
-                                  f"saved in {ckpts.folder}")
-    if bad_steps >= steps:
-        raise TrainingError(f"{name}: all {steps} steps had a non-finite loss or gradients; "
-                            "no model folder saved for this stage")
-    wall = time.time() - t_start        # also the "time" of the stage's last log.jsonl record
-    if runtime.is_main:
-        print(f"{name}: {steps - start} steps in {wall:.1f}s, {bad_steps} skipped (non-finite "
-              "loss or gradients)" + (f", {skipped_examples} examples replaced (bad or too long)"
-                                      if skipped_examples else ""))
+            run.end_step(step, logs, micro_batches, stop.requested)  # clip, opt.step, log, ckpt
+    run.finish()
 
 
 # ----------------------------------------------------------------------------------------
@@ -431,7 +367,7 @@ def stage_pretrain(setup):
     model = Decoder(lm_config(cfg, setup.tok)).to(runtime.device)
     train_stage(setup, "pretrain", runtime.wrap(model),
                 [{"params": list(model.parameters()), "lr": cfg.pretrain_lr}], cfg.pretrain_steps,
-                lm_loss)
+                lm_step)
     if runtime.is_main:
         save_model_folder(setup, os.path.join(cfg.out_dir, "teacher"),
                           lambda d: save_hf_lm(model, d))
@@ -450,12 +386,12 @@ def stage_adapt(setup, teacher):
     vlm.decoder.requires_grad_(False)
     if cfg.align_steps:
         train_stage(setup, "align", runtime.wrap(vlm),
-                    [{"params": vision_params, "lr": cfg.align_lr}], cfg.align_steps, response_loss)
+                    [{"params": vision_params, "lr": cfg.align_lr}], cfg.align_steps, response_step)
     vlm.decoder.requires_grad_(True)
     train_stage(setup, "adapt", runtime.wrap(vlm),
                 [{"params": list(vlm.decoder.parameters()), "lr": cfg.adapt_lr},
                  {"params": vision_params, "lr": cfg.adapt_vision_lr}], cfg.adapt_steps,
-                response_loss)
+                response_step)
     if runtime.is_main:
         save_model_folder(setup, os.path.join(cfg.out_dir, "adapted"), lambda d: save_vlm(vlm, d))
     return vlm
@@ -468,12 +404,13 @@ def stage_distill(setup, teacher, student):
     kvshare.check_compatible(teacher.cfg, student.decoder.cfg)    # once, before any step
     teacher = kvshare.freeze(teacher.to(runtime.device), torch.bfloat16 if runtime.cuda else None)
     kd_table = distill.table_from_kinds(setup.data.source_kinds)  # the source gate, once per run
+    setup.student_only_ids = student.student_only_ids
     student.to(runtime.device).requires_grad_(True)
     student.decoder.gradient_checkpointing = cfg.grad_checkpointing
     train_stage(setup, "distill", runtime.wrap(student),
                 [{"params": list(student.parameters()), "lr": cfg.distill_lr}], cfg.distill_steps,
-                functools.partial(lingudistill_loss, cfg=cfg), name=f"distill-{variant_name(cfg)}",
-                teacher=teacher, kd_table=kd_table)
+                distill_step, name=f"distill-{variant_name(cfg)}", teacher=teacher,
+                kd_table=kd_table)
     if runtime.is_main:
         save_model_folder(setup, os.path.join(cfg.out_dir, f"distilled-{variant_name(cfg)}"),
                           lambda d: save_vlm(student, d))
@@ -523,14 +460,14 @@ def build_data_and_tokenizer(cfg):
 
 def get_config(argv):
     """The run's config from the command line. `--out_dir=X --resume=true` with nothing but run
-    keys (RUN_KEYS: step counts, device, ...) continues run X with its own config
+    keys (RESUME_MAY_CHANGE: step counts, device, ...) continues run X with its own config
     (X/run_config.json) in place of the preset defaults; any other flag or a config file means
     the config is built from them as usual, and each stage's checkpoint then refuses a config
     that changes what it trains (Checkpoints.load)."""
     overrides, files = parse_flags(argv, TrainConfig)
     saved = None
     path = os.path.join(overrides.get("out_dir", TrainConfig.out_dir), "run_config.json")
-    if overrides.get("resume") and not files and set(overrides) <= RUN_KEYS \
+    if overrides.get("resume") and not files and set(overrides) <= RESUME_MAY_CHANGE \
             and os.path.isfile(path):
         saved = read_json(path)
         saved = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig)
@@ -547,7 +484,7 @@ def run(cfg):
     runtime = Runtime(cfg.device)
     seed_everything(cfg.seed)
     examples, tok = build_data_and_tokenizer(cfg)
-    setup = Setup(cfg, runtime, examples, tok)
+    setup = TrainingSetup(cfg, runtime, examples, tok)
     if "pretrain" in stages_to_train(cfg):
         setup.text_stream = data.encode_corpus(examples.corpus, tok)           # (N,)
         if len(setup.text_stream) < cfg.seq_len + 2:

@@ -473,17 +473,17 @@ def test_streamed_data_resume_with_workers_gives_identical_losses(tmp_path, monk
             "--distill_steps=6", "--ckpt_every=2", "--stage=all"]
     straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
     train.run(train.get_config(argv + [f"--out_dir={straight}"]))
-    real, calls = train.lingudistill_loss, []
+    real, calls = train.distill_step, []
 
     def crash_in_distill_step_5(*a, **k):
         calls.append(1)
         if len(calls) == 5:
             raise KeyboardInterrupt("killed")
         return real(*a, **k)
-    monkeypatch.setattr(train, "lingudistill_loss", crash_in_distill_step_5)
+    monkeypatch.setattr(train, "distill_step", crash_in_distill_step_5)
     with pytest.raises(KeyboardInterrupt):
         train.run(train.get_config(argv + [f"--out_dir={crashed}"]))
-    monkeypatch.setattr(train, "lingudistill_loss", real)
+    monkeypatch.setattr(train, "distill_step", real)
     train.run(train.get_config(argv + [f"--out_dir={crashed}", "--resume=true"]))
     for stage in ("align", "adapt", "distill-selective-full"):
         assert _losses(straight, stage) == _losses(crashed, stage) and _losses(straight, stage)
@@ -505,7 +505,7 @@ def test_a_checkpoint_without_the_train_keys_is_refused(tmp_path):
     torch.save({"weights": torch.ones(1)}, path)
     with pytest.raises(ValueError, match=r"step_0000001\.pt is not a train\.py checkpoint: missing "
                                          r"\['bad_steps', 'config', 'model'"):
-        train.Checkpoints(str(tmp_path), 2).load(str(path), train.TrainConfig())
+        runtime.Checkpoints(str(tmp_path), 2).load(str(path), train.TrainConfig())
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -20,6 +20,11 @@ def make_batch(B=4, R=5, V=11, Vt=None, dtype=torch.float64, lengths=None, seed=
     return s.requires_grad_(True), t, labels, mask
 
 
+def gated(s, labels, mask, t, *, sources, policy, table=None, **kw):
+    """distill_loss with the source gate of `sources` under `policy` (source_weights)."""
+    return distill_loss(s, labels, mask, t, source_weights(policy, sources, table), **kw)
+
+
 def explicit_kl(p, q):
     """sum p log(p / q), float64 probabilities (N, V) -> (N,)."""
     return (p * (p.log() - q.log())).sum(-1)
@@ -97,15 +102,15 @@ def test_all_masked_batch_gives_zero_kd_with_finite_grads():
     s, t, labels, mask = make_batch(B=2, R=4)
     none = torch.zeros_like(mask)
     for chunk in (None, 2):
-        out = distill_loss(s, labels, none, t, sources=["text", "ocr"], policy="uniform",
-                           table=TABLE, chunk_size=chunk, kd_normalizer=0)
+        out = gated(s, labels, none, t, sources=["text", "ocr"], policy="uniform",
+                    table=TABLE, chunk_size=chunk, kd_normalizer=0)
         assert out["kd"].item() == 0.0 and out["ce"].item() == 0.0 and out["n_kd_tokens"] == 0
         out["loss"].backward()
         assert torch.isfinite(s.grad).all() and s.grad.abs().sum() == 0
         s.grad = None
     # real tokens, but every example is vision-heavy: KD exactly 0, CE still trains
-    out = distill_loss(s, labels, mask, t, sources=["ocr", "count"], policy="selective",
-                       table=TABLE)
+    out = gated(s, labels, mask, t, sources=["ocr", "count"], policy="selective",
+                table=TABLE)
     assert out["kd"].item() == 0.0 and out["ce"].item() > 0 and out["n_kd_tokens"] == 0
     out["loss"].backward()
     assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
@@ -125,15 +130,15 @@ def test_zero_probabilities_give_finite_kd_and_grads():
 def test_kd_masks_padding_tokens():
     s, t, labels, mask = make_batch(B=3, R=6, lengths=[6, 3, 4])
     sources = ["text", "tell", "text"]
-    ref = distill_loss(s, labels, mask, t, sources=sources, policy="selective", table=TABLE,
-                       divergence="jsd")
+    ref = gated(s, labels, mask, t, sources=sources, policy="selective", table=TABLE,
+                divergence="jsd")
     (g_ref,) = torch.autograd.grad(ref["loss"], s)
     s2, t2, labels2 = s.detach().clone(), t.clone(), labels.clone()
     pad = ~mask
     s2[pad], t2[pad], labels2[pad] = 1e4, -1e4, -7                            # garbage at pads
     s2.requires_grad_(True)
-    out = distill_loss(s2, labels2, mask, t2, sources=sources, policy="selective", table=TABLE,
-                       divergence="jsd")
+    out = gated(s2, labels2, mask, t2, sources=sources, policy="selective", table=TABLE,
+                divergence="jsd")
     (g,) = torch.autograd.grad(out["loss"], s2)
     for k in ("loss", "ce", "kd"):
         torch.testing.assert_close(out[k], ref[k], rtol=0, atol=0)
@@ -144,17 +149,17 @@ def test_kd_masks_padding_tokens():
 def test_selective_gate_equals_kd_on_selected_examples_only():
     s, t, labels, mask = make_batch(B=4, R=5)
     sources = ["text", "ocr", "tell", "count"]
-    mixed = distill_loss(s, labels, mask, t, sources=sources, policy="selective", table=TABLE)
+    mixed = gated(s, labels, mask, t, sources=sources, policy="selective", table=TABLE)
     keep = [0, 2]
-    sub = distill_loss(s[keep], labels[keep], mask[keep], t[keep],
-                       sources=[sources[i] for i in keep], policy="uniform")
+    sub = gated(s[keep], labels[keep], mask[keep], t[keep],
+                sources=[sources[i] for i in keep], policy="uniform")
     torch.testing.assert_close(mixed["kd"], sub["kd"])
     assert mixed["n_kd_tokens"] == sub["n_kd_tokens"] == float(mask[keep].sum())
     # vision-heavy examples get gradient from CE only: alpha changes nothing there
-    (g1,) = torch.autograd.grad(distill_loss(s, labels, mask, t, sources=sources,
-                                             policy="selective", table=TABLE, alpha=1.0)["loss"], s)
-    (g0,) = torch.autograd.grad(distill_loss(s, labels, mask, t, sources=sources,
-                                             policy="selective", table=TABLE, alpha=0.0)["loss"], s)
+    (g1,) = torch.autograd.grad(gated(s, labels, mask, t, sources=sources,
+                                      policy="selective", table=TABLE, alpha=1.0)["loss"], s)
+    (g0,) = torch.autograd.grad(gated(s, labels, mask, t, sources=sources,
+                                      policy="selective", table=TABLE, alpha=0.0)["loss"], s)
     torch.testing.assert_close(g1[[1, 3]], g0[[1, 3]], rtol=0, atol=0)
     assert (g1[keep] - g0[keep]).abs().sum() > 0
 
@@ -165,12 +170,12 @@ def test_uniform_and_none_policies():
     assert source_weights("uniform", sources).tolist() == [1.0] * 4
     assert source_weights("none", sources).tolist() == [0.0] * 4
     assert source_weights("selective", sources, TABLE).tolist() == [1.0, 0.0, 1.0, 0.0]
-    uniform = distill_loss(s, labels, mask, t, sources=sources, policy="uniform")
-    all_language = distill_loss(s, labels, mask, t, sources=sources, policy="selective",
-                                table={k: 1.0 for k in TABLE})
+    uniform = gated(s, labels, mask, t, sources=sources, policy="uniform")
+    all_language = gated(s, labels, mask, t, sources=sources, policy="selective",
+                         table={k: 1.0 for k in TABLE})
     torch.testing.assert_close(uniform["loss"], all_language["loss"])
     assert uniform["n_kd_tokens"] == float(mask.sum()) and uniform["kd"] > 0
-    none = distill_loss(s, labels, mask, None, sources=sources, policy="none")   # no teacher needed
+    none = gated(s, labels, mask, None, sources=sources, policy="none")   # no teacher needed
     assert none["kd"].item() == 0.0 and none["n_kd_tokens"] == 0
     torch.testing.assert_close(none["loss"].detach(), uniform["ce"])
     ce = F.cross_entropy(s[mask], labels[mask])
@@ -183,12 +188,12 @@ def test_kd_normaliser_is_weighted_token_count():
     sources = ["a", "b", "c"]
     w = mask.double() * torch.tensor([0.5, 1.0, 0.0], dtype=torch.float64)[:, None]
     per_token = kd_divergence(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])).reshape(3, 5)
-    out = distill_loss(s, labels, mask, t, sources=sources, policy="selective", table=table)
+    out = gated(s, labels, mask, t, sources=sources, policy="selective", table=table)
     assert out["n_kd_tokens"] == 0.5 * 5 + 1.0 * 2 == float(w.sum())
     torch.testing.assert_close(out["kd"], ((w * per_token).sum() / w.sum()).detach())
     # explicit global normalisers (grad accumulation / DDP) replace the local counts, once
-    glob = distill_loss(s, labels, mask, t, sources=sources, policy="selective", table=table,
-                        kd_normalizer=10.0, ce_normalizer=20.0)
+    glob = gated(s, labels, mask, t, sources=sources, policy="selective", table=table,
+                 kd_normalizer=10.0, ce_normalizer=20.0)
     torch.testing.assert_close(glob["kd"], ((w * per_token).sum() / 10.0).detach())
     ce_sum = F.cross_entropy(s[mask], labels[mask], reduction="sum")
     torch.testing.assert_close(glob["ce"], (ce_sum / 20.0).detach())
@@ -198,13 +203,13 @@ def test_kd_normaliser_is_weighted_token_count():
 def test_vocab_prefix_when_teacher_vocab_smaller():
     s, t, labels, mask = make_batch(V=12, Vt=8)
     sources = ["text"] * 4
-    ref = distill_loss(s, labels, mask, t, sources=sources, policy="uniform")
+    ref = gated(s, labels, mask, t, sources=sources, policy="uniform")
     sliced = kd_token_sum(s[..., :8], t, mask.double())
     torch.testing.assert_close(ref["kd"], (sliced / mask.sum()).detach())
     # student logits outside the shared prefix do not enter KD (they do enter CE)
     s2 = s.detach().clone()
     s2[..., 8:] += 5.0
-    out2 = distill_loss(s2, labels, mask, t, sources=sources, policy="uniform")
+    out2 = gated(s2, labels, mask, t, sources=sources, policy="uniform")
     torch.testing.assert_close(out2["kd"], ref["kd"])
     assert not torch.allclose(out2["ce"], ref["ce"])
     # and the other way round: a larger teacher vocab is sliced too
@@ -226,7 +231,7 @@ def test_fp32_softmax_with_bf16_inputs():
         ref = kd_divergence(s.detach().reshape(-1, 300), t.reshape(-1, 300), kind, 2.0)
         torch.testing.assert_close(d16, ref, rtol=0.05, atol=5e-3)          # ~ the fp32 result
     s16.requires_grad_(True)
-    out = distill_loss(s16, labels, mask, t16, sources=["text", "tell"], policy="uniform")
+    out = gated(s16, labels, mask, t16, sources=["text", "tell"], policy="uniform")
     out["loss"].backward()
     assert out["loss"].dtype == torch.float32 and s16.grad.dtype == torch.bfloat16
     assert torch.isfinite(s16.grad.float()).all()
@@ -235,7 +240,7 @@ def test_fp32_softmax_with_bf16_inputs():
 def test_teacher_gets_no_gradient():
     s, t, labels, mask = make_batch()
     t.requires_grad_(True)
-    distill_loss(s, labels, mask, t, sources=["text"] * 4, policy="uniform")["loss"].backward()
+    gated(s, labels, mask, t, sources=["text"] * 4, policy="uniform")["loss"].backward()
     assert t.grad is None and s.grad.abs().sum() > 0
 
 
@@ -243,23 +248,24 @@ def test_bad_inputs_raise_clear_errors():
     s, t, labels, mask = make_batch(B=2, R=4)
     src = ["text", "ocr"]
     with pytest.raises(ValueError, match=r"student_logits.*\(2, 4, V\).*\(2, 3, 11\)"):
-        distill_loss(s[:, :3], labels, mask, t, sources=src, policy="uniform")
+        gated(s[:, :3], labels, mask, t, sources=src, policy="uniform")
     with pytest.raises(ValueError, match=r"response_mask.*\(2, 5\)"):
-        distill_loss(s, labels, torch.ones(2, 5, dtype=torch.bool), t, sources=src,
-                     policy="uniform")
+        gated(s, labels, torch.ones(2, 5, dtype=torch.bool), t, sources=src,
+              policy="uniform")
     with pytest.raises(ValueError, match=r"teacher_logits.*\(2, 3, 11\)"):
-        distill_loss(s, labels, mask, t[:, :3], sources=src, policy="uniform")
-    with pytest.raises(ValueError, match=r"len\(sources\).*B = 2.*found 3"):
-        distill_loss(s, labels, mask, t, sources=src + ["text"], policy="uniform")
+        gated(s, labels, mask, t[:, :3], sources=src, policy="uniform")
+    with pytest.raises(ValueError,
+                       match=r"kd_weight must be \(B,\) = \(2,\).*found \[1.0, 1.0, 1.0\]"):
+        gated(s, labels, mask, t, sources=src + ["text"], policy="uniform")
     with pytest.raises(ValueError, match=r"needs teacher_logits"):
-        distill_loss(s, labels, mask, None, sources=src, policy="selective", table=TABLE)
+        gated(s, labels, mask, None, sources=src, policy="selective", table=TABLE)
     with pytest.raises(ValueError, match=r"policy='greedy'.*none.*uniform.*selective"):
-        distill_loss(s, labels, mask, t, sources=src, policy="greedy")
+        gated(s, labels, mask, t, sources=src, policy="greedy")
     with pytest.raises(ValueError,
                        match=r"\['caption'\] not in the KD weight table; known sources: \['count'"):
         source_weights("selective", ["text", "caption"], TABLE)
     with pytest.raises(ValueError, match=r"divergence='xkl'"):
-        distill_loss(s, labels, mask, t, sources=src, policy="uniform", divergence="xkl")
+        gated(s, labels, mask, t, sources=src, policy="uniform", divergence="xkl")
     with pytest.raises(ValueError, match=r"beta"):
         kd_divergence(s[0], t[0], "jsd", beta=1.0)
     with pytest.raises(ValueError, match=r"temperature"):
@@ -267,7 +273,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"chunk_size"):
         kd_token_sum(s, t, mask.double(), chunk_size=0)
     with pytest.raises(ValueError, match=r"kd_normalizer.*> 0"):
-        distill_loss(s, labels, mask, t, sources=src, policy="uniform", kd_normalizer=0)
+        gated(s, labels, mask, t, sources=src, policy="uniform", kd_normalizer=0)
     with pytest.raises(ValueError, match=r"source kinds.*'audio'"):
         table_from_kinds({"speech": "audio"})
 
@@ -275,10 +281,10 @@ def test_bad_inputs_raise_clear_errors():
 def test_padding_invariance_of_kd_per_example():
     a_s, a_t, a_labels, a_mask = make_batch(B=1, R=3, lengths=[3], seed=1)
     b_s, b_t, b_labels, b_mask = make_batch(B=1, R=7, lengths=[6], seed=2)
-    alone_a = distill_loss(a_s, a_labels, a_mask, a_t, sources=["text"], policy="uniform",
-                           divergence="rkl", temperature=2.0)
-    alone_b = distill_loss(b_s, b_labels, b_mask, b_t, sources=["text"], policy="uniform",
-                           divergence="rkl", temperature=2.0)
+    alone_a = gated(a_s, a_labels, a_mask, a_t, sources=["text"], policy="uniform",
+                    divergence="rkl", temperature=2.0)
+    alone_b = gated(b_s, b_labels, b_mask, b_t, sources=["text"], policy="uniform",
+                    divergence="rkl", temperature=2.0)
     # batch A with the longer B: A gets 4 extra columns of garbage logits and mask 0
     g = torch.Generator().manual_seed(3)
     garbage = lambda x: torch.cat([x.detach(),
@@ -288,8 +294,8 @@ def test_padding_invariance_of_kd_per_example():
     t = torch.cat([garbage(a_t), b_t])
     labels = torch.cat([torch.cat([a_labels, torch.full((1, 4), 99)], 1), b_labels])
     mask = torch.cat([torch.cat([a_mask, torch.zeros(1, 4, dtype=torch.bool)], 1), b_mask])
-    both = distill_loss(s, labels, mask, t, sources=["text", "text"], policy="uniform",
-                        divergence="rkl", temperature=2.0)
+    both = gated(s, labels, mask, t, sources=["text", "text"], policy="uniform",
+                 divergence="rkl", temperature=2.0)
     n_a, n_b = alone_a["n_kd_tokens"], alone_b["n_kd_tokens"]
     assert both["n_kd_tokens"] == n_a + n_b == 9
     torch.testing.assert_close(both["kd"],
@@ -311,7 +317,7 @@ def test_padding_invariance_of_kd_per_example():
 def test_distill_loss_refuses_bad_alpha_temperature_and_beta(kw, message):
     s, t, labels, mask = make_batch(B=2, R=4)
     with pytest.raises(ValueError) as e:
-        distill_loss(s, labels, mask, t, sources=["text", "ocr"], policy="uniform", **kw)
+        gated(s, labels, mask, t, sources=["text", "ocr"], policy="uniform", **kw)
     assert str(e.value) == message
 
 
@@ -323,11 +329,11 @@ def test_distill_loss_refuses_labels_outside_the_vocabulary(bad):
     mask = mask.clone()
     mask[1, 0] = True
     with pytest.raises(ValueError) as e:
-        distill_loss(s, labels, mask, t, sources=["text", "ocr"], policy="uniform")
+        gated(s, labels, mask, t, sources=["text", "ocr"], policy="uniform")
     assert str(e.value).startswith("labels must be token ids in [0, 11) (the student's "
                                    "vocabulary), found ")
     labels[1, 0], mask[1, 0] = bad, False                  # a pad label is never read
-    distill_loss(s, labels, mask, t, sources=["text", "ocr"], policy="uniform")
+    gated(s, labels, mask, t, sources=["text", "ocr"], policy="uniform")
 
 
 def test_kd_weight_per_token_equals_per_example_and_checks_its_shape():

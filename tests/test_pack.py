@@ -122,7 +122,7 @@ def test_train_stages_packed_train_like_padded(tmp_path):
     for packed in (False, True):
         out = tmp_path / f"pack{packed}"
         out.mkdir()
-        setup = train.Setup(train.TrainConfig(**{**cfg.__dict__, "pack": packed,
+        setup = train.TrainingSetup(train.TrainConfig(**{**cfg.__dict__, "pack": packed,
                                                  "out_dir": str(out)}), Runtime("cpu"),
                             examples, tok)
         torch.manual_seed(0)

@@ -10,7 +10,8 @@ import torch
 
 import train
 from conftest import make_teacher_and_jsonl
-from train import get_config, Checkpoints, TrainConfig
+from runtime import Checkpoints
+from train import get_config, TrainConfig
 
 
 # --------------------------------------------------------------------------- config

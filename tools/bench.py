@@ -156,7 +156,7 @@ def distill_step_ours(student, teacher, batch):
     s_logits, t_logits = kvshare.distill_forward(student, teacher, batch, batch["image_token_id"],
                                                  "full")
     out = distill.distill_loss(s_logits, batch["labels"], batch["response_mask"], t_logits,
-                               sources=batch["source"], policy="uniform")
+                               distill.source_weights("uniform", batch["source"]))
     out["loss"].backward()
     return float(out["loss"].detach())
 
@@ -210,7 +210,7 @@ def bench_step(device, lm, B=4, P=192, R=64, with_hf=True):
             t_logits = hf_t(input_ids=ids[:, P - 1:P + R - 1], attention_mask=mask[:, :P + R - 1],
                             past_key_values=cache, position_ids=pos).logits
         loss = distill.distill_loss(s_logits, batch["labels"], batch["response_mask"], t_logits,
-                                    sources=batch["source"], policy="uniform")["loss"]
+                                    distill.source_weights("uniform", batch["source"]))["loss"]
         loss.backward()
         return float(loss.detach())
 
@@ -349,7 +349,7 @@ def bench_paper(device, size="paper", B=8, P=448, R=64, steps=5, warmup=2, amp=N
             s_logits, kv = kvshare.student_prefill(student_fwd, batch)
             t_logits = kvshare.teacher_continue(teacher_fwd, kv, batch, image_token_id, "full")
             out = distill.distill_loss(s_logits, batch["labels"], batch["response_mask"], t_logits,
-                                       sources=batch["source"], policy="uniform",
+                                       distill.source_weights("uniform", batch["source"]),
                                        chunk_size=kd_chunk)
         out["loss"].backward()
         opt.step()
@@ -444,8 +444,7 @@ def bench_pack(device, size="tiny", B=16, max_len=1024, steps=3, n_batches=4, se
 
     def step(b):
         with autocast():
-            s, kv = kvshare.student_prefill(student, b)
-            t = kvshare.teacher_continue(teacher, kv, b, student.student_only_ids, "full")
+            s, t = kvshare.distill_forward(student, teacher, b, student.student_only_ids, "full")
             loss = distill.distill_loss(s, b["labels"], b["response_mask"], t,
                                         kd_weight=torch.ones(s.shape[:2], device=device))["loss"]
         loss.backward()

@@ -124,7 +124,7 @@ def aligned_model(cfg, teacher, tok, world):
     """The student right after ALIGN: train.py's initial student (with --tower=oracle, the
     oracle's) + the align stage's last checkpoint (its decoder is exactly the teacher's)."""
     ckpts = train.Checkpoints(os.path.join(cfg.out_dir, "ckpt", "align"), cfg.keep_last,
-                              train.RUN_KEYS)
+                              train.RESUME_MAY_CHANGE)
     state = ckpts.load(ckpts.paths()[-1], cfg)
     assert state["step"] == cfg.align_steps, (state["step"], cfg.align_steps)
     vlm = train.initial_student(cfg, teacher, tok)

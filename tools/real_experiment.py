@@ -287,7 +287,7 @@ def parse_args(argv):
 
 # train.py keys that do not change what a seed's models are: train.py's run keys (how and where a
 # run goes) less the step counts, which do change them; the teacher is named by its folder instead.
-NOT_SETTINGS = train.RUN_KEYS - {f"{stage}_steps" for stage in train.STAGE_IDS} | {"teacher_path"}
+NOT_SETTINGS = train.RESUME_MAY_CHANGE - {f"{stage}_steps" for stage in train.BATCH_STREAMS} | {"teacher_path"}
 
 
 def settings(cfg, opts):
