@@ -67,9 +67,8 @@ def kd_divergence(student_logits, teacher_logits, divergence="fkl", temperature=
 
 def kd_token_sum(student_logits, teacher_logits, weights, divergence="fkl", temperature=1.0,
                  beta=0.5, chunk_size=None):
-    """sum over tokens of weight * divergence, for (B, R, Vs) / (B, R, Vt) logits and (B, R)
-    weights. Only tokens with weight > 0 are gathered (N of them), so pads and vision-source
-    tokens cost nothing; chunk_size: see chunked_kd_sum (the same value and gradient)."""
+    """sum of weight * divergence over the tokens of (B, R, Vs) / (B, R, Vt) logits with weight
+    (B, R) > 0, gathered first (pads, vision sources cost nothing); chunk_size: chunked_kd_sum."""
     keep = weights.reshape(-1) > 0                                           # (B*R,)
     s = student_logits.reshape(-1, student_logits.shape[-1])[keep]           # (N, Vs)
     t = teacher_logits.reshape(-1, teacher_logits.shape[-1])[keep]           # (N, Vt)
@@ -132,21 +131,19 @@ def source_weights(policy, sources, table=None):
 # The loss
 
 def _normalise(total, count, override, name):
-    """total / (override or count): `count` is this batch's own (weighted) token count,
-    `override` the optimizer step's over every micro-batch and DDP rank (the training loop's), so
-    the summed micro-batch losses are the exact global mean. No tokens: exactly 0, graph kept."""
+    """total / (override or count): count = this batch's (weighted) tokens, override = the step's
+    over all micro-batches and DDP ranks, so their losses sum to the global mean. No token: 0."""
     denom = count if override is None else float(override)
     if count == 0:
         return total          # an empty sum: 0 with a grad_fn, zero gradients
     if not denom > 0:
-        raise ValueError(f"{name} must be > 0 when the batch has tokens ({count}), found {override}")
+        raise ValueError(f"{name} must be > 0 when the batch has {count} tokens, found {override}")
     return total / denom
 
 
 def cross_entropy(logits, labels, response_mask, normalizer=None):
-    """Mean float32 cross-entropy over the real response tokens (B, R, V) vs (B, R): the CE term
-    of distill_loss, and the whole loss of the align / adapt stages. The real tokens are
-    gathered first, so pad logits and pad labels never enter."""
+    """Mean float32 cross-entropy over the real response tokens (B, R, V) vs (B, R), gathered
+    first (pads never enter): the CE term of distill_loss, and the whole loss of stage 2."""
     real = response_mask.bool()                                              # (B, R)
     V, targets = logits.shape[-1], labels[real]                               # (N,)
     if bool(((targets < 0) | (targets >= V)).any()):                         # one device sync
@@ -164,10 +161,10 @@ def distill_loss(student_logits, labels, response_mask, teacher_logits, kd_weigh
     student_logits (B, R, Vs); labels (B, R) (pads arbitrary); response_mask (B, R), True for
     answer + EOS; teacher_logits (B, R, Vt), or None when no token gets KD (policy "none");
     kd_weight: the source gate, (B,) per example (source_weights) or (B, R) per token (packed).
-    CE over the real response tokens; KD (kd_token_sum, see kd_divergence) over the weighted
-    count of KD tokens; the normalisers: see _normalise. No KD token: KD is exactly 0."""
+    CE over the real response tokens; KD (kd_token_sum) over the weighted count of KD tokens;
+    normalisers: _normalise. No KD token: KD is exactly 0."""
     check_loss_inputs(student_logits, labels, response_mask, teacher_logits, kd_weight, alpha)
-    real, s_dtype = response_mask.bool(), student_logits.dtype                   # (B, R)
+    real = response_mask.bool()                                              # (B, R)
     ce = cross_entropy(student_logits, labels, real, ce_normalizer)
     kd_weight = kd_weight.to(real.device)
     weights = real.float() * (kd_weight[:, None] if kd_weight.dim() == 1 else kd_weight)  # (B, R)
@@ -175,8 +172,9 @@ def distill_loss(student_logits, labels, response_mask, teacher_logits, kd_weigh
     if n_kd > 0:
         kd_sum = kd_token_sum(student_logits, teacher_logits.detach(), weights, divergence,
                               temperature, beta, chunk_size)
-    else:                        # exactly 0, graph kept
-        kd_sum = student_logits.reshape(-1)[:0].to(torch.promote_types(s_dtype, torch.float32)).sum()
+    else:                                                     # exactly 0, graph kept
+        kd_sum = student_logits.reshape(-1)[:0].to(torch.promote_types(student_logits.dtype,
+                                                                       torch.float32)).sum()
     kd = _normalise(kd_sum, n_kd, kd_normalizer, "kd_normalizer")
     return {"loss": ce + alpha * kd, "ce": ce.detach(), "kd": kd.detach(),
             "n_ce_tokens": float(real.sum()), "n_kd_tokens": n_kd}

@@ -256,6 +256,13 @@ def evaluate_models(models, tiny, tok, image_size, teacher=None):
     return rows
 
 
+def recovery(rows, name):
+    """The share of the language the adaptation lost that `name` won back:
+    (name - adapted) / (teacher - adapted) on the language benchmark (rows: evaluate_models)."""
+    teacher, adapted = rows["teacher"]["acc"], rows["adapted"]["acc"]
+    return (rows[name]["acc"] - adapted) / (teacher - adapted) if teacher > adapted else float("nan")
+
+
 COLUMNS = [("acc", "language"), ("acc_seen", "lang seen"), ("acc_unseen", "lang unseen"),
            ("vision", "vision"), ("knowledge_vqa", "knowledge VQA"),
            ("teacher_handoff", "teacher via handoff"), ("transfer", "transfer T"),

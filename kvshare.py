@@ -90,9 +90,8 @@ def freeze(teacher, dtype=None):
 
 
 def student_prefill(student, batch, keep_kv=True):
-    """Step 1. The response logits (B, R, V) and, with keep_kv, every layer's (K, V) over all
-    P+R columns, each (B, n_kv_heads, P+R, head_dim) (else None). `student` is a VLM or, for
-    text-only batches, a plain Decoder."""
+    """Step 1. The response logits (B, R, V) and (keep_kv) every layer's (K, V) over all P+R
+    columns, each (B, n_kv_heads, P+R, head_dim). `student`: a VLM (or a Decoder, text only)."""
     P, R = batch["context_len"], batch["labels"].shape[1]
     images = {} if batch["images"] is None else {"images": batch["images"]}
     logits, kv = student(batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -111,8 +110,7 @@ def teacher_continue(teacher, student_kv, batch, student_only_ids, scope="full")
         raise ValueError("teacher_continue: the teacher must be frozen (call kvshare.freeze)")
     ids, mask, P = batch["input_ids"], batch["attention_mask"], batch["context_len"]  # (B, P+R)
     is_image = student_only_mask(ids, student_only_ids)                              # (B, P+R)
-    # The teacher never embeds student-only ids, pads, or a row's last real token (an EOS it may
-    # not have, from which nothing is predicted); every other id must be in its vocabulary.
+    # never embedded: student-only ids, pads, a row's last real token (an EOS it may not have)
     last_real = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()
     text_ids = ids.masked_fill(is_image | ~mask.bool() | last_real, 0)              # (B, P+R)
     check_teacher_vocab(teacher, text_ids)
@@ -123,7 +121,7 @@ def teacher_continue(teacher, student_kv, batch, student_only_ids, scope="full")
     if is_image[:, P - 1].any():
         raise ValueError("scope 'full': a context ends with an image (student-only) token; the "
                          "prompt after the image must have at least one text token")
-    T = ids.shape[1]                       # P + R; the teacher never needs the last column as input
+    T = ids.shape[1]                                     # P + R; the last column is never input
     # past: the student's K/V of context columns 0..P-2, (B, n_kv_heads, P-1, hd) per layer; new:
     # the last context token + the response but its last, at the positions continuing each context
     past = [(k[:, :, :P - 1].detach(), v[:, :, :P - 1].detach()) for k, v in student_kv]

@@ -112,9 +112,8 @@ def positions_from_mask(attention_mask):
 
 
 def build_attention_mask(attention_mask, q_len, past_len):
-    """One boolean mask (B, 1, Tq, Tk), True = may attend: keys are the past_len cached columns,
-    then the q_len new ones; a query sees every past key and the new keys up to itself (causal),
-    minus pads, and always itself (so a pad query has no all-masked row: no NaN)."""
+    """(B, 1, Tq, Tk), True = may attend: a query sees the past_len cached keys and the new ones
+    up to itself (causal), minus pads, and always itself (a pad query: no all-masked row, NaN)."""
     k_len = past_len + q_len
     q_idx = torch.arange(past_len, k_len, device=attention_mask.device)[:, None]
     k_idx = torch.arange(k_len, device=attention_mask.device)[None, :]
@@ -195,13 +194,12 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
                 past_kv=None, use_cache=False, logits_start=0, packed_mask=None, logit_index=None):
-        """(logits, kv) for the new tokens, input_ids (B, T) or inputs_embeds (B, T, D), after
-        past_kv: per layer (K, V), each (B, n_kv_heads, Tp, head_dim), K after RoPE.
-        attention_mask (B, Tp+T): 1 real / 0 pad over past and new columns (None: all real);
-        positions count the real tokens before each column. logits: (B, T - logits_start, V),
-        the new columns from logits_start on. use_cache: kv = every layer's (K, V) over past +
-        new columns (else None). Packed rows (pack.py) pass packed_mask (B, 1, T, Tp+T), True =
-        may attend, with position_ids, and logit_index (N,): logits (1, N, V) at those columns."""
+        """(logits, kv) of the new tokens input_ids (B, T) (or inputs_embeds (B, T, D)) after
+        past_kv (per layer (K, V), (B, n_kv_heads, Tp, head_dim), K after RoPE). attention_mask
+        (B, Tp+T): 1 real / 0 pad (None: all real); positions count the real tokens before each
+        column. logits: the new columns from logits_start on; kv (use_cache): every layer's (K, V)
+        over past + new. Packed rows (pack.py): packed_mask (B, 1, T, Tp+T), True = may attend,
+        with position_ids; logit_index (N,) -> logits (1, N, V) at those flat columns."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds           # (B, T, D)
         B, T, _ = x.shape
         past_len = 0 if past_kv is None else past_kv[0][0].shape[2]

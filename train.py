@@ -253,8 +253,7 @@ def stage_batches(setup, stage, student, start, kd_table=None):
 
 
 def token_counts(batches):
-    """{"ce": n, "kd": n}: the tokens the CE and KD terms of one optimizer step average over (KD
-    tokens weighted by their gate); summed over DDP ranks: the normalisers (distill._normalise)."""
+    """{"ce", "kd"}: the (gate-weighted) tokens CE and KD average over in one optimizer step."""
     counts = {"ce": 0.0, "kd": 0.0}
     for b in batches:
         if "tokens" in b:                                       # stage 1: every next token
@@ -262,9 +261,8 @@ def token_counts(batches):
             continue
         real = b["response_mask"].float()                                    # (B, R)
         counts["ce"] += float(real.sum())
-        if "kd_weight" in b:                              # (B,) per example or (1, N) per token
-            w = b["kd_weight"]
-            counts["kd"] += float((real * (w[:, None] if w.dim() == 1 else w)).sum())
+        w = b.get("kd_weight", torch.zeros(()))     # (B,), or (1, N) per packed token; none: 0
+        counts["kd"] += float((real * (w[:, None] if w.dim() == 1 else w)).sum())
     return counts
 
 
@@ -317,9 +315,9 @@ def train_stage(setup, stage, model, param_groups, steps, step_fn, name=None, te
     ("pretrain" | "align" | "adapt" | "distill"), step_fn per micro-batch; `name`: its checkpoint
     folder and log lines (default: the stage). Stage 3: the frozen `teacher`, kd_table the gate."""
     cfg, runtime = setup.cfg, setup.runtime
-    run = StageRun(cfg, runtime, stage, name or stage, model, param_groups, steps, RESUME_MAY_CHANGE)
-    student = None if stage == "pretrain" else unwrap(model)
-    batches = stage_batches(setup, stage, student, run.start, kd_table)
+    run = StageRun(cfg, runtime, stage, name or stage, model, param_groups, steps,
+                   RESUME_MAY_CHANGE)
+    batches = stage_batches(setup, stage, unwrap(model), run.start, kd_table)
     model_as_called, teacher = run.compiled(model), run.compiled(teacher)  # --compile
     with stop_requests() as stop:
         for step in run.progress_bar():
@@ -548,6 +546,9 @@ def main(argv):
     if cfg.eval and int(os.environ.get("RANK", "0")) == 0 and examples.language_bench:
         rows = evaluation.evaluate_models(models, examples, tok, cfg.image_size)
         print(evaluation.format_table(rows))
+        for name in [n for n in rows if n.startswith("distilled") and "adapted" in rows]:
+            print(f"recovery of {name}: {100 * evaluation.recovery(rows, name):.0f} % of the "
+                  "language the adaptation lost (one draw: README's Results give the range)")
 
 
 if __name__ == "__main__":

@@ -32,3 +32,28 @@ def test_readme_examples_run_as_written(tmp_path, monkeypatch):
                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, (argv, r.stderr[-3000:])
     assert os.path.isfile(tmp_path / "examples" / "colour.png")
+
+
+def readme_text():
+    return open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+
+
+def test_the_file_table_gives_each_file_its_line_count():
+    rows = re.findall(r"^\| `([\w/]+\.py)` \| (\d+) \|", readme_text(), re.M)
+    assert len(rows) >= 10
+    for name, lines in rows:
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+            assert sum(1 for _ in f) == int(lines), f"README: {name} has {lines} lines"
+
+
+def test_the_step_pseudocode_names_functions_that_exist():
+    import importlib
+    code = re.search(r"\*\*One distill step, as the code runs it\*\*.*?```python\n(.*?)```",
+                     readme_text(), re.S).group(1)
+    names = re.findall(r"\b(train|data|kvshare|distill|runtime|model|pack)\.([\w.]+)", code)
+    assert len(names) >= 8
+    for module, path in names:
+        obj = importlib.import_module(module)
+        for part in path.split("."):
+            obj = getattr(obj, part)          # AttributeError: README names a function that is gone
+        assert callable(obj), (module, path)
