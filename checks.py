@@ -101,15 +101,14 @@ def check_config(cfg):
             raise ValueError(f"--data_path: {path}: no such file")
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise ValueError(f"--out_dir={cfg.out_dir} is a file; expected a folder")
-    parent = os.path.dirname(os.path.abspath(cfg.out_dir))
-    while not os.path.exists(parent):          # the folder that the run would create it in
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"--out_dir={cfg.out_dir}: {parent} is a file; expected a folder")
-    if not os.access(cfg.out_dir if os.path.isdir(cfg.out_dir) else parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out_dir={cfg.out_dir}: cannot write in "
-                         f"{cfg.out_dir if os.path.isdir(cfg.out_dir) else parent} (read-only or "
-                         "no permission); expected a writable folder")
+    where = os.path.abspath(cfg.out_dir)       # the out_dir, or the folder the run creates it in
+    while not os.path.exists(where):
+        where = os.path.dirname(where)
+    if not os.path.isdir(where):
+        raise ValueError(f"--out_dir={cfg.out_dir}: {where} is a file; expected a folder")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise ValueError(f"--out_dir={cfg.out_dir}: cannot write in {where} (read-only or no "
+                         "permission); expected a writable folder")
 
 
 def stages_to_train(cfg):

@@ -1,7 +1,8 @@
 """
 Run-time plumbing for train.py and the tools, kept out of the method's reading path: atomic file
-writes, a dataclass config read from --key=value flags and JSON files (with --help), the device /
-DDP runtime, RNG state, checkpoints and interrupts. Imports no module of this repository.
+writes (and new output folders), the out_dir lock (one run per folder), a dataclass config read
+from --key=value flags and JSON files (with --help), the device / DDP runtime, RNG state,
+checkpoints, log.jsonl and interrupts. Imports no module of this repository.
 """
 import ast
 import difflib
@@ -15,7 +16,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, fields, replace
 from types import SimpleNamespace
 
@@ -139,7 +140,7 @@ class FolderLock:
             self.created = not os.path.isdir(self.folder)
             os.makedirs(self.folder, exist_ok=True)
             while self.fd is None:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644 & ~current_umask())
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -173,14 +174,13 @@ class FolderLock:
     def __exit__(self, *exc):
         if self.fd is None:
             return
-        os.remove(self.path)                  # while still locked: no one else can hold it
+        with suppress(OSError):
+            os.remove(self.path)              # while still locked: no one else can hold it
         os.close(self.fd)
         self.fd = None
         if self.created:
-            try:
+            with suppress(OSError):
                 os.rmdir(self.folder)         # only if the run wrote nothing in it
-            except OSError:
-                pass
 
 
 # ----------------------------------------------------------------------------------------

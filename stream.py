@@ -179,10 +179,10 @@ class StreamDataset(torch.utils.data.Dataset):
 
     Indexing keeps a few integers per example (file, byte offset or row, turn, source) and no
     text or pixels; it reads every line, and of Parquet the text columns and the images (counted
-    and checked for empty bytes or a missing file, never decoded). turns="all": every assistant turn is an example (conversation_examples);
-    "last": the last turn of each conversation only. A bad line or row found while indexing
-    is a ValueError naming the file and line/row; with skip_bad it is skipped and counted
-    (self.n_bad_index).
+    and checked for empty bytes or a missing file, never decoded). turns="all": every assistant
+    turn is an example (conversation_examples); "last": the last turn of each conversation only.
+    A bad line or row found while indexing is a ValueError naming the file and line/row; with
+    skip_bad it is skipped and counted (self.n_bad_index).
 
     dataset[i] -> {"context", "response": token id lists, "image": (n_views, 3, S, S) or None,
     "grids",

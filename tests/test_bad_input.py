@@ -759,14 +759,14 @@ def test_empty_images_and_three_images_in_a_row_are_found_while_indexing(tmp_pat
     png = (tmp_path / "red.png")
     Image.new("RGB", (8, 8), (255, 0, 0)).save(png)
     one = [{"bytes": png.read_bytes(), "path": None}]
-    for images, expected in ([one, one * 3], "3 images in one row; expected at most 1 (one "
-                                             "image per example)"), \
-                            ([one, [{"bytes": b"", "path": None}]], "the image's bytes are empty "
-                             "(0 bytes); expected an encoded image (PNG, JPEG, ...)"), \
-                            ([one, [{"bytes": None, "path": "../x.png"}]], "image path '../x.png' "
-                             f"resolves to {tmp_path.parent / 'x.png'}, outside the image root"):
-        pq.write_table(pa.table({"images": images, "texts": [[{"user": "q", "assistant": "a"}]] * 2}),
-                       tmp_path / "d.parquet")
+    cases = [(one * 3, "3 images in one row; expected at most 1 (one image per example)"),
+             ([{"bytes": b"", "path": None}], "the image's bytes are empty (0 bytes); expected an "
+                                              "encoded image (PNG, JPEG, ...)"),
+             ([{"bytes": None, "path": "../x.png"}], "image path '../x.png' resolves to "
+                                                     f"{tmp_path.parent / 'x.png'}, outside")]
+    for bad, expected in cases:
+        texts = [[{"user": "q", "assistant": "a"}]] * 2
+        pq.write_table(pa.table({"images": [one, bad], "texts": texts}), tmp_path / "d.parquet")
         with pytest.raises(ValueError) as e:
             index(tmp_path / "d.parquet")                   # indexing: before any training step
         assert str(e.value).startswith(f"{tmp_path / 'd.parquet'} row 1: {expected}"), str(e.value)
