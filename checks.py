@@ -1,8 +1,8 @@
 """
 The checks train.py runs before any work starts, so that bad input ends with one line naming the
 flag, file or folder and what was expected -- never a deep traceback or a half-written out_dir:
-every flag of a TrainConfig, the out_dir (another run's checkpoints, a missing earlier stage),
-and a given student's tokens.
+every flag of a TrainConfig, the out_dir (another run's checkpoints, a missing earlier stage, a
+resumed log), the tiny world's contexts against a packed row, and a given student's tokens.
 """
 import math
 import os
@@ -12,7 +12,8 @@ import distill
 import kvshare
 import tiles
 import world
-from runtime import Checkpoints
+import stream
+from runtime import Checkpoints, read_log
 
 STAGES = ("pretrain", "adapt", "distill", "all")
 
@@ -89,13 +90,25 @@ def check_config(cfg):
         if path and not os.path.isdir(path):
             what = "a file; expected a folder" if os.path.exists(path) else "no such file or folder"
             raise ValueError(f"--{key}={path}: {what}")
-    for path in filter(None, cfg.data_path.split(",")):
+    paths = cfg.data_path.split(",") if cfg.data_path else []
+    if "" in paths:
+        raise ValueError(f"--data_path={cfg.data_path}: an empty file name (a stray comma?); "
+                         "expected a comma list of .jsonl / .parquet files")
+    for path in paths:
         if not path.endswith((".jsonl", ".parquet")):
             raise ValueError(f"--data_path: {path} is not a .jsonl or .parquet file")
         if not os.path.isfile(path):
             raise ValueError(f"--data_path: {path}: no such file")
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise ValueError(f"--out_dir={cfg.out_dir} is a file; expected a folder")
+    where = os.path.abspath(cfg.out_dir)       # the out_dir, or the folder the run creates it in
+    while not os.path.exists(where):
+        where = os.path.dirname(where)
+    if not os.path.isdir(where):
+        raise ValueError(f"--out_dir={cfg.out_dir}: {where} is a file; expected a folder")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise ValueError(f"--out_dir={cfg.out_dir}: cannot write in {where} (read-only or no "
+                         "permission); expected a writable folder")
 
 
 def stages_to_train(cfg):
@@ -111,9 +124,10 @@ def stages_to_train(cfg):
 
 
 def check_out_dir(cfg):
-    """Before any work: a fresh run must not start in a folder holding another run's
-    checkpoints of the same stage (it would mix two runs), and a later stage needs the models
-    of the earlier ones."""
+    """Before any work (train.run holds the out_dir's lock): a fresh run must not start in a
+    folder holding another run's checkpoints of the same stage (it would mix two runs), a later
+    stage needs the models of the earlier ones, and a resumed run's log.jsonl must read (its
+    torn last line, if any, is dropped)."""
     for name in stages_to_train(cfg):
         found = Checkpoints(os.path.join(cfg.out_dir, "ckpt", name), cfg.keep_last).paths()
         if found and not cfg.resume:
@@ -122,6 +136,9 @@ def check_out_dir(cfg):
                 f"({os.path.basename(found[-1])}, ...). Choose: --resume=true to continue that "
                 "run; --stage=distill --variant=NAME (with the policy/scope you want) for another "
                 "distilled variant beside it; or another --out_dir for a fresh run")
+    log = os.path.join(cfg.out_dir, "log.jsonl")
+    if cfg.resume and os.path.isfile(log):
+        read_log(log)                      # a bad line is an error; a torn last line is dropped
     # with --teacher_path the teacher is given and a student can start from it
     needed = {"adapt": ["teacher"], "distill": ["teacher", "adapted"]}.get(cfg.stage, [])
     for folder in [] if cfg.teacher_path else needed:
@@ -130,6 +147,23 @@ def check_out_dir(cfg):
             raise ValueError(f"--stage={cfg.stage} needs {os.path.join(cfg.out_dir, folder)}, "
                              f"which stage {first} writes: run --stage={first} (or --stage=all) "
                              f"with --out_dir={cfg.out_dir} first")
+
+
+def check_pack_fits(cfg, examples, tok):
+    """--pack=true on the tiny world: every context of stages 2-3 must leave a --max_len row room
+    for one response token (data.collate's rule), checked before stage 1 trains. The image
+    tokens are those of a fresh student (--student_path / --vision_path: found when stage 2
+    starts). Streamed --data_path examples are cut or dropped to fit (stream.fit_to_max_len)."""
+    if not cfg.pack or isinstance(examples, stream.RealData) or cfg.student_path \
+            or cfg.vision_path or cfg.image_splitting:
+        return
+    n_image_tokens = (cfg.image_size // cfg.patch_size // cfg.shuffle_factor) ** 2
+    longest = max(len(data.encode_example(ex, tok, n_image_tokens)[0])
+                  for source in examples.sources.values() for ex in source)
+    if longest >= cfg.max_len:
+        raise ValueError(f"--pack=true --max_len={cfg.max_len}: the longest context is {longest} "
+                         f"tokens (with {n_image_tokens} image tokens); expected --max_len >= "
+                         f"{longest + 1} (room for one response token)")
 
 
 def check_student_tokens(vlm, tok, folder):

@@ -1,12 +1,13 @@
 """
 Run-time plumbing for train.py and the tools, kept out of the method's reading path: atomic file
-writes, a dataclass config read from --key=value flags and JSON files (with --help), the device /
-DDP runtime, RNG state, checkpoints, interrupts, and StageRun: everything around one stage's
-training loop (optimizer, schedule, resume, bad steps, log.jsonl). Imports no module of this
-repository.
+writes (and new output folders), the out_dir lock (one run per folder), a dataclass config read
+from --key=value flags and JSON files (with --help), the device / DDP runtime, RNG state,
+checkpoints, log.jsonl, interrupts, and StageRun: everything around one stage's training loop
+(optimizer, schedule, resume, bad steps, logging). Imports no module of this repository.
 """
 import ast
 import difflib
+import fcntl
 import inspect
 import json
 import math
@@ -18,7 +19,7 @@ import signal
 import sys
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, fields, replace
 from types import SimpleNamespace
 
@@ -104,6 +105,86 @@ def replace_folder(folder, fill):
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
+
+
+def check_new_folder(folder, what="the output folder"):
+    """Before a tool writes `folder`: it must be new or empty (a used folder would keep files of
+    an earlier export beside the new ones), and not a file."""
+    if os.path.isfile(folder):
+        raise ValueError(f"{what} {folder} is a file; expected a new or empty folder")
+    if os.path.isdir(folder) and os.listdir(folder):
+        found = sorted(os.listdir(folder))
+        raise ValueError(f"{what} {folder} already holds files ({', '.join(found[:3])}"
+                         f"{', ...' if len(found) > 3 else ''}); expected a new or empty folder "
+                         "(remove it or choose another)")
+
+
+# ----------------------------------------------------------------------------------------
+# One run per folder: a lock file held (flock) for the run's lifetime
+
+LOCK_FILE = "train.lock"
+
+
+class FolderLock:
+    """`with FolderLock(folder):` -- this process alone uses `folder`. The lock is an flock on
+    folder/train.lock, which holds the owner's pid: the kernel releases it when the process
+    ends, however it ends, so a lock file left by a killed run is stale and taken over (said
+    on stderr). A second run on the folder gets a ValueError naming the folder and the process.
+    The folder is created if needed, and removed again at the end if the run left it empty.
+    enabled=False (a DDP rank other than 0): nothing is locked."""
+
+    def __init__(self, folder, enabled=True, who="train.py"):
+        self.folder, self.enabled, self.who = folder, enabled, who
+        self.path, self.fd, self.created = os.path.join(folder, LOCK_FILE), None, False
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        try:
+            self.created = not os.path.isdir(self.folder)
+            os.makedirs(self.folder, exist_ok=True)
+            while self.fd is None:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    raise ValueError(f"--out_dir={self.folder} is in use by another run "
+                                     f"({self._holder()}, lock {self.path}); wait for it to "
+                                     "end or choose another --out_dir") from None
+                if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    self.fd = fd        # else the owner removed the file as we opened it: again
+                else:
+                    os.close(fd)
+        except OSError as e:
+            raise ValueError(f"--out_dir={self.folder}: cannot create the folder or its lock file "
+                             f"({e.strerror}: {e.filename}); expected a writable folder") from None
+        stale = os.read(self.fd, 64).decode(errors="replace").strip()
+        if stale:
+            print(f"{self.who}: --out_dir={self.folder}: taking over the stale lock of process "
+                  f"{stale} (it ended without releasing it)", file=sys.stderr)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        return self
+
+    def _holder(self):
+        try:
+            with open(self.path) as f:
+                pid = f.read().strip()
+        except OSError:
+            pid = ""
+        return f"process {pid}" if pid else "a process that is starting"
+
+    def __exit__(self, *exc):
+        if self.fd is None:
+            return
+        with suppress(OSError):
+            os.remove(self.path)              # while still locked: no one else can hold it
+        os.close(self.fd)
+        self.fd = None
+        if self.created:
+            with suppress(OSError):
+                os.rmdir(self.folder)         # only if the run wrote nothing in it
 
 
 # ----------------------------------------------------------------------------------------
@@ -350,9 +431,16 @@ class Checkpoints:
                     os.remove(os.path.join(self.folder, f))
 
     def save(self, step, state):
-        os.makedirs(self.folder, exist_ok=True)
         path = os.path.join(self.folder, f"step_{step:07d}.pt")
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            atomic_write(path, lambda tmp: torch.save(state, tmp))
+        except (OSError, RuntimeError) as e:    # torch.save: "[enforce fail ...] unexpected pos"
+            free = shutil.disk_usage(self.folder).free if os.path.isdir(self.folder) else 0
+            raise TrainingError(f"cannot write checkpoint {path}: the write failed "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                                f"{free / 2**20:.0f} MiB free there -- is the disk full? The "
+                                "checkpoints written before are kept") from None
         older = [p for p in self.paths() if p < path]          # never the one just written
         for old in older[:max(0, len(older) - (self.keep_last - 1))]:
             os.remove(old)
@@ -375,13 +463,32 @@ class Checkpoints:
         return state
 
 
+def read_log(log_path):
+    """log.jsonl -> (lines, records). A last line that is not a whole JSON record (a crash or a
+    full disk mid-write) is dropped from the file, said on stderr; a bad line before it is a
+    ValueError naming the file and line."""
+    with open(log_path, "rb") as f:
+        lines = f.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n < len(lines):
+                raise ValueError(f"{log_path} line {n}: not a JSON record ({e}); expected one "
+                                 "record per line") from None
+            print(f"{log_path}: dropping its torn last line {n} ({line.strip()[:40]!r}...): an "
+                  "interrupted write", file=sys.stderr)
+            lines.pop()
+            write_text(log_path, "".join(lines))
+    return lines, records
+
+
 def drop_log_records(log_path, name, after_step):
     """Remove the log lines of stage `name` past `after_step` (a resumed run logs them again)."""
     if not os.path.isfile(log_path):
         return
-    with open(log_path) as f:
-        lines = f.readlines()
-    records = [json.loads(line) for line in lines]
+    lines, records = read_log(log_path)
     keep = [line for line, r in zip(lines, records)
             if not (r.get("stage") == name and r["step"] > after_step)]
     if len(keep) != len(lines):
@@ -426,6 +533,8 @@ class StageRun:
             self.ckpts.remove_orphans()
         if cfg.resume and self.ckpts.paths():
             self.resume()
+        elif cfg.resume and runtime.is_main:     # steps a crash logged before any checkpoint
+            drop_log_records(self.log_path, name, after_step=0)
         if cfg.compile:     # a fresh compile per stage: no graph traced while others were frozen
             torch.compiler.reset()
         self.t_start = time.time()
@@ -531,11 +640,15 @@ class Interrupted(Exception):
 def stop_requests():
     """While inside: Ctrl-C (SIGINT) and SIGTERM (a scheduler's kill) only set
     `.requested` on the yielded flag, so the training loop can finish its step, save a
-    checkpoint and stop cleanly; a second Ctrl-C interrupts at once. Signal handlers can be set
+    checkpoint and stop cleanly; a second Ctrl-C interrupts at once. Forked DataLoader workers
+    inherit the handler and ignore the signal (Ctrl-C reaches the whole process group; the main
+    process alone says it is stopping and stops them). Signal handlers can be set
     only in the main thread; elsewhere the flag just stays False."""
-    flag = SimpleNamespace(requested=False)
+    flag, owner = SimpleNamespace(requested=False), os.getpid()
 
     def handler(signum, frame):
+        if os.getpid() != owner:             # a forked DataLoader worker: the main process decides
+            return
         if flag.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         flag.requested = True

@@ -10,7 +10,8 @@ starting at any step (resume).
 
 JSONL lines: {"image"?: path or [paths], "conversations": [{"from": "human", "value":
 "<image>\\n..."}, {"from": "gpt", "value": ...}, ...]} or {"prompt", "response"}; optional "source"
-(default "unknown"); image paths relative to image_root (default: the file's folder).
+(default "unknown"); image paths relative to image_root (default: the file's folder) and, once
+resolved, inside it.
 One conversation of n user/assistant turns gives n examples (conversation_examples). The
 context of turn k is every earlier user and assistant text and the k-th user text joined
 by "\\n"; its response is the k-th assistant text. The image belongs to every turn's context.
@@ -76,10 +77,7 @@ def _parse_record(line, image_root):
         if not paths or not all(isinstance(p, str) and p for p in paths):
             raise ValueError("expected 'image' to be a file path or a list of them, found "
                              f"{obj['image']!r}")
-        paths = [os.path.join(image_root, p) for p in paths]   # an absolute path ignores image_root
-        for path in paths:
-            if not os.path.isfile(path):
-                raise ValueError(f"image file not found: {path}")
+        paths = [image_file(image_root, p) for p in paths]
         image = paths if isinstance(obj["image"], list) else paths[0]
     # all but the last answer
     elif IMAGE_TOKEN in conversation_examples(pairs, last_only=True)[0][0]:
@@ -88,6 +86,23 @@ def _parse_record(line, image_root):
         raise ValueError("empty prompt and no image: the context would be empty; expected some "
                          "prompt text for the first response token to be predicted from")
     return {"turns": pairs, "image": image, "source": source}
+
+
+def image_file(root, name):
+    """An image path of a data file -> the file it names, which must lie inside `root` once
+    resolved (symlinks too): a data file never makes the trainer read files outside the folder
+    given for its images. The file must exist and not be empty."""
+    path, real_root = os.path.join(root, name), os.path.realpath(root)
+    real = os.path.realpath(path)
+    if os.path.commonpath([real, real_root]) != real_root:
+        raise ValueError(f"image path {name!r} resolves to {real}, outside the image root "
+                         f"{real_root} (--image_root, default the data file's folder); expected "
+                         "a path inside it")
+    if not os.path.isfile(real):
+        raise ValueError(f"image file not found: {path}")
+    if os.path.getsize(real) == 0:
+        raise ValueError(f"image file {path} is empty (0 bytes); expected an image file")
+    return real
 
 
 def _decode_utf8(raw):
@@ -154,7 +169,8 @@ class StreamDataset(torch.utils.data.Dataset):
     """Examples of LLaVA JSONL and Cauldron/FineVision Parquet files, read back lazily.
 
     paths: one file or a list; ".jsonl" files as the module docstring describes (image paths
-    relative to image_root, default the file's folder; the file must exist at index time),
+    relative to image_root, default the file's folder, and inside it; the file must exist and
+    not be empty at index time; "image" a path or a list of one),
     ".parquet" files as The Cauldron / FineVision store them: a 'texts' column (a list of
     {"user", "assistant", "source"?} turns), an optional 'images' column (a list of {bytes,
     path} structs or of binary; at most one image per row here), an optional 'source'
@@ -162,10 +178,11 @@ class StreamDataset(torch.utils.data.Dataset):
     Parquet rows are numbered from 0 within their file, JSONL lines from 1.
 
     Indexing keeps a few integers per example (file, byte offset or row, turn, source) and no
-    text or pixels. turns="all": every assistant turn is an example (conversation_examples);
-    "last": the last turn of each conversation only. A bad line or row found while indexing
-    is a ValueError naming the file and line/row; with skip_bad it is skipped and counted
-    (self.n_bad_index).
+    text or pixels; it reads every line, and of Parquet the text columns and the images (counted
+    and checked for empty bytes or a missing file, never decoded). turns="all": every assistant
+    turn is an example (conversation_examples); "last": the last turn of each conversation only.
+    A bad line or row found while indexing is a ValueError naming the file and line/row; with
+    skip_bad it is skipped and counted (self.n_bad_index).
 
     dataset[i] -> {"context", "response": token id lists, "image": (n_views, 3, S, S) or None,
     "grids",
@@ -237,9 +254,9 @@ class StreamDataset(torch.utils.data.Dataset):
                     if not line.strip():
                         continue
                     rec = _parse_record(line, root)
-                    if isinstance(rec["image"], list):
-                        raise ValueError("a list of images; StreamDataset reads one image per "
-                                         "example")
+                    if isinstance(rec["image"], list) and len(rec["image"]) > 1:
+                        raise ValueError(f"{len(rec['image'])} images in one line; expected at "
+                                         "most 1 (StreamDataset reads one image per example)")
                 except ValueError as err:
                     if not self.skip_bad:
                         raise ValueError(f"{path} line {n}: {err}") from None
@@ -258,7 +275,7 @@ class StreamDataset(torch.utils.data.Dataset):
         if "texts" not in names:
             raise ValueError(f"{path}: no 'texts' column; expected The Cauldron / FineVision "
                              f"layout (columns 'images', 'texts'), found {names}")
-        columns = ["texts"] + (["source"] if "source" in names else [])
+        columns = ["texts"] + [c for c in ("source", "images") if c in names]
         sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
         self._row_groups[f] = np.cumsum([0] + sizes)
         rows, row = [], 0
@@ -267,9 +284,12 @@ class StreamDataset(torch.utils.data.Dataset):
             texts = table.column("texts").to_pylist()
             row_sources = (table.column("source").to_pylist() if "source" in names
                            else [None] * len(texts))
-            for cell, row_source in zip(texts, row_sources):
+            images = (table.column("images").to_pylist() if "images" in names
+                      else [None] * len(texts))
+            for cell, row_source, row_images in zip(texts, row_sources, images):
                 try:
                     _, sources = _parquet_turns(cell, row_source, self.default_source)
+                    self._parquet_image(f, row_images)          # counted and sized, not decoded
                 except ValueError as err:
                     if not self.skip_bad:
                         raise ValueError(f"{path} row {row}: {err}") from None
@@ -322,7 +342,8 @@ class StreamDataset(torch.utils.data.Dataset):
             files[f] = open(self.paths[f], "rb")
         files[f].seek(pos)
         rec = _parse_record(files[f].readline().decode("utf-8"), self._root(f))
-        return rec["turns"], [rec["source"]] * len(rec["turns"]), rec["image"], rec["image"]
+        image = rec["image"][0] if isinstance(rec["image"], list) else rec["image"]   # [one] too
+        return rec["turns"], [rec["source"]] * len(rec["turns"]), image, image
 
     def _read_parquet(self, f, row):
         h = self._open()
@@ -340,21 +361,29 @@ class StreamDataset(torch.utils.data.Dataset):
         texts = table.column("texts")[j].as_py()
         turns, sources = _parquet_turns(texts, row_source, self.default_source)
         images = table.column("images")[j].as_py() if "images" in table.column_names else None
+        image = self._parquet_image(f, images)
+        return turns, sources, image, "its image bytes" if isinstance(image, bytes) else image
+
+    def _parquet_image(self, f, images):
+        """One row's 'images' cell -> None, encoded bytes or a file path (inside the root);
+        checked while indexing too (count, empty bytes, the file), without decoding."""
         if len(images or []) > 1:
             raise ValueError(f"{len(images)} images in one row; expected at most 1 "
                              "(one image per example)")
         if not images:
-            return turns, sources, None, None
+            return None
         image = images[0]
         if isinstance(image, dict):
-            if image.get("bytes"):
-                return turns, sources, image["bytes"], "its image bytes"
-            if not image.get("path"):
+            if image.get("path") and not image.get("bytes"):
+                return image_file(self._root(f), image["path"])
+            if image.get("bytes") is None:
                 raise ValueError("the image has neither 'bytes' nor 'path'")
-            image = os.path.join(self._root(f), image["path"])
-            return turns, sources, image, image
+            image = image["bytes"]
         if isinstance(image, bytes):
-            return turns, sources, image, "its image bytes"
+            if not image:
+                raise ValueError("the image's bytes are empty (0 bytes); expected an encoded "
+                                 "image (PNG, JPEG, ...)")
+            return image
         raise ValueError(f"expected an image as {{bytes, path}} or binary, "
                          f"found {type(image).__name__}")
 

@@ -39,10 +39,12 @@ import tiles
 import world
 from checks import (check_config, check_out_dir, check_student_tokens, stages_to_train,
                     variant_name)
+from checks import check_pack_fits
 from model import SIGLIP2_B16_512, Decoder, LMConfig, VisionConfig, grow_vocab, vlm_from_teacher
 from runtime import (Interrupted, Runtime, StageRun, TrainingError, build_config, config_help,
                      parse_flags, read_json, replace_folder, seed_everything, stop_requests,
                      unwrap, wants_help, write_json)
+from runtime import FolderLock
 from weights import (load_hf_lm, load_hf_siglip, load_model_folder, save_hf_lm, save_tokenizer,
                      save_vlm)
 
@@ -477,11 +479,18 @@ def get_config(argv):
 
 def run(cfg):
     """Run the configured stages. Returns (models, data, tok): models maps "teacher",
-    "adapted" and "distilled-<variant>" to what the stages trained or loaded."""
-    check_out_dir(cfg)
+    "adapted" and "distilled-<variant>" to what the stages trained or loaded. One run per
+    out_dir: rank 0 holds its lock (runtime.FolderLock) from the checks to the end."""
+    with FolderLock(cfg.out_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
+        check_out_dir(cfg)
+        return run_stages(cfg)
+
+
+def run_stages(cfg):
     runtime = Runtime(cfg.device)
     seed_everything(cfg.seed)
     examples, tok = build_data_and_tokenizer(cfg)
+    check_pack_fits(cfg, examples, tok)
     setup = TrainingSetup(cfg, runtime, examples, tok)
     if "pretrain" in stages_to_train(cfg):
         setup.text_stream = data.encode_corpus(examples.corpus, tok)           # (N,)

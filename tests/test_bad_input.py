@@ -563,3 +563,308 @@ def test_used_out_dir_refusal_names_the_three_choices_and_a_longer_resume_says_s
     train.run(train.get_config([f"--out_dir={tmp_path}", "--resume=true", "--pretrain_steps=8"]))
     assert ("pretrain: resuming at step 6 of a run planned for 6 steps; training on to 8 steps"
             in capsys.readouterr().out)
+
+
+# --------------------------------------------------------------------------- one run per folder
+
+def train_exit(argv):
+    """train.main(argv) in this process -> what it passed to sys.exit (a str: exit status 1)."""
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    return e.value.code
+
+
+def test_a_second_run_on_a_folder_in_use_refuses_at_once_naming_the_process(tmp_path):
+    out = tmp_path / "out"
+    with runtime.FolderLock(str(out)):                    # this process holds the folder
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *SMOKE,
+                            f"--out_dir={out}"], capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 1
+        assert r.stderr == (f"train.py: --out_dir={out} is in use by another run (process "
+                            f"{os.getpid()}, lock {out}/train.lock); wait for it to end or choose "
+                            "another --out_dir\n")
+        assert os.listdir(out) == ["train.lock"]          # the refused run wrote nothing
+    assert not out.exists()                 # released: the lock file and the folder it made go
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over_and_said(tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.lock").write_text(f"{dead.pid}\n")      # as a killed run leaves it
+    train.run(train.get_config(SMOKE + ["--stage=pretrain", f"--out_dir={out}"]))
+    assert (f"train.py: --out_dir={out}: taking over the stale lock of process {dead.pid} (it "
+            "ended without releasing it)") in capsys.readouterr().err
+    assert "train.lock" not in os.listdir(out) and (out / "teacher").is_dir()
+
+
+def test_out_dir_whose_parent_is_a_file_or_read_only(tmp_path, monkeypatch):
+    (tmp_path / "f").write_text("x")
+    assert train_exit(SMOKE + [f"--out_dir={tmp_path / 'f' / 'out'}"]) == (
+        f"train.py: --out_dir={tmp_path / 'f' / 'out'}: {tmp_path / 'f'} is a file; expected a "
+        "folder")
+    import checks
+    monkeypatch.setattr(checks.os, "access", lambda path, mode: False)   # as on a read-only mount
+    assert train_exit(SMOKE + [f"--out_dir={tmp_path / 'new'}"]) == (
+        f"train.py: --out_dir={tmp_path / 'new'}: cannot write in {tmp_path} (read-only or no "
+        "permission); expected a writable folder")
+    monkeypatch.undo()
+    import errno
+
+    def read_only(path, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+    monkeypatch.setattr(runtime.os, "makedirs", read_only)    # what the lock meets there
+    with pytest.raises(ValueError) as e:
+        runtime.FolderLock(str(tmp_path / "ro")).__enter__()
+    assert str(e.value) == (f"--out_dir={tmp_path / 'ro'}: cannot create the folder or its lock "
+                            f"file (Read-only file system: {tmp_path / 'ro'}); expected a "
+                            "writable folder")
+
+
+def test_a_full_disk_during_a_checkpoint_names_the_file_and_keeps_the_earlier_one(tmp_path,
+                                                                                   monkeypatch):
+    out, real, calls = tmp_path / "out", torch.save, []
+
+    def full_disk(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return real(obj, f, *a, **k)
+    monkeypatch.setattr(runtime.torch, "save", full_disk)
+    message = train_exit(SMOKE + ["--stage=pretrain", "--pretrain_steps=4", "--ckpt_every=2",
+                                  f"--out_dir={out}"])
+    ckpt = out / "ckpt" / "pretrain"
+    assert re.fullmatch(
+        re.escape(f"train.py: cannot write checkpoint {ckpt / 'step_0000004.pt'}: the write failed "
+                  "(RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 64 "
+                  "vs 0); ") + r"\d+ MiB free there -- is the disk full\? The checkpoints written "
+                               r"before are kept", message), message
+    assert os.listdir(ckpt) == ["step_0000002.pt"]         # no temp file, the earlier one kept
+    assert not (out / "teacher").exists() and not (out / "train.lock").exists()
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume_a_bad_earlier_line_is_named(tmp_path,
+                                                                                capsys):
+    argv = SMOKE + ["--stage=pretrain", "--pretrain_steps=4", "--ckpt_every=2",
+                    f"--out_dir={tmp_path}"]
+    train.run(train.get_config(argv))
+    log = tmp_path / "log.jsonl"
+    good = log.read_text()
+    log.write_text(good + '{"stage": "pretrain", "step": 5, "lo')       # a full disk mid-write
+    capsys.readouterr()
+    train.run(train.get_config([f"--out_dir={tmp_path}", "--resume=true", "--pretrain_steps=6"]))
+    assert (f"{log}: dropping its torn last line 5 ('{{\"stage\": \"pretrain\", \"step\": 5, "
+            "\"lo'...): an interrupted write") in capsys.readouterr().err
+    assert [json.loads(line)["step"] for line in open(log)] == [1, 2, 3, 4, 5, 6]
+    log.write_text(good.replace('"step": 2', '"step": 2,,', 1))
+    message = train_exit([f"--out_dir={tmp_path}", "--resume=true", "--pretrain_steps=8"])
+    assert message.startswith(f"train.py: {log} line 2: not a JSON record (") \
+        and message.endswith("; expected one record per line") and "\n" not in message
+
+
+def test_ctrl_c_with_dataloader_workers_says_stopping_once(tmp_path):
+    """Ctrl-C reaches the whole process group: the forked workers inherit the handler but stay
+    silent; only the main process says it stops."""
+    script = f"""
+import os, signal, sys, time
+sys.path.insert(0, {ROOT!r})
+import torch, runtime, stream
+class Numbers(torch.utils.data.Dataset):
+    def __len__(self): return 8
+    def __getitem__(self, i): return torch.tensor(i)
+loader = stream.make_loader(Numbers(), 2, seed=0, num_workers=2, collate_fn=torch.stack, timeout=30)
+with runtime.stop_requests() as stop:
+    batches = iter(loader)
+    next(batches)                                   # the workers are up
+    os.killpg(os.getpgrp(), signal.SIGINT)
+    time.sleep(1.0)
+    next(batches)
+    print("requested", stop.requested)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       cwd=tmp_path, start_new_session=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == "requested True\n", r.stderr
+    assert r.stderr.count("SIGINT: stopping after this step") == 1, r.stderr
+
+
+# --------------------------------------------------------------------------- data: paths and images
+
+def jsonl(tmp_path, *records, name="d.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def index(path, **kw):
+    import stream
+    return stream.StreamDataset(str(path), None, 0, 16, **kw)
+
+
+@pytest.mark.parametrize("image", ["../red.png", "link.png", "/etc/passwd"])
+def test_image_paths_must_stay_inside_the_image_root(tmp_path, image):
+    root = tmp_path / "data"
+    root.mkdir()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "red.png")
+    os.symlink(tmp_path / "red.png", root / "link.png")          # a symlink that leaves the root
+    path = jsonl(root, {"image": image, "prompt": "<image>", "response": "r"})
+    with pytest.raises(ValueError) as e:
+        index(path)
+    real = os.path.realpath(root / image)
+    assert str(e.value) == (f"{path} line 1: image path {image!r} resolves to {real}, outside the "
+                            f"image root {root} (--image_root, default the data file's folder); "
+                            "expected a path inside it")
+    (root / "sub").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "sub" / "ok.png")
+    ok = jsonl(root, {"image": "sub/../sub/ok.png", "prompt": "<image>", "response": "r"},
+               name="ok.jsonl")
+    assert len(index(ok)) == 1                                   # inside, however it is spelt
+
+
+def test_train_refuses_a_data_file_reading_outside_its_image_root(tmp_path):
+    teacher_dir, _, _ = make_teacher_and_jsonl(tmp_path)
+    (tmp_path / "data").mkdir()
+    bad = jsonl(tmp_path / "data", {"image": "../colour0.png", "prompt": "<image>",
+                                    "response": "r", "source": "colour"})
+    out = tmp_path / "out"
+    message = train_exit(SMOKE + [f"--teacher_path={teacher_dir}", f"--data_path={bad}",
+                                  f"--out_dir={out}"])
+    assert message.startswith(f"train.py: {bad} line 1: image path '../colour0.png' resolves to ")
+    assert "outside the image root" in message and not out.exists()       # before any work
+
+
+def test_a_list_of_one_image_trains_a_list_of_three_is_refused_while_indexing(tmp_path):
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "red.png")
+    tok = data.train_tokenizer(["a b c"] * 3, vocab_size=270)
+    path = jsonl(tmp_path, {"image": ["red.png"], "prompt": "<image> is", "response": " red"})
+    ds = index(path)
+    ds.bind(tok, 4)
+    assert ds[0]["image"].shape == (1, 3, 16, 16)
+    three = jsonl(tmp_path, {"image": ["red.png"] * 3, "prompt": "<image>" * 3, "response": "r"},
+                  name="three.jsonl")
+    with pytest.raises(ValueError) as e:
+        index(three)
+    assert str(e.value) == (f"{three} line 1: 3 images in one line; expected at most 1 "
+                            "(StreamDataset reads one image per example)")
+
+
+def test_empty_images_and_three_images_in_a_row_are_found_while_indexing(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    path = jsonl(tmp_path, {"image": "empty.png", "prompt": "<image>", "response": "r"})
+    with pytest.raises(ValueError) as e:
+        index(path)
+    assert str(e.value) == (f"{path} line 1: image file {tmp_path / 'empty.png'} is empty (0 "
+                            "bytes); expected an image file")
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    png = (tmp_path / "red.png")
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(png)
+    one = [{"bytes": png.read_bytes(), "path": None}]
+    cases = [(one * 3, "3 images in one row; expected at most 1 (one image per example)"),
+             ([{"bytes": b"", "path": None}], "the image's bytes are empty (0 bytes); expected an "
+                                              "encoded image (PNG, JPEG, ...)"),
+             ([{"bytes": None, "path": "../x.png"}], "image path '../x.png' resolves to "
+                                                     f"{tmp_path.parent / 'x.png'}, outside")]
+    for bad, expected in cases:
+        texts = [[{"user": "q", "assistant": "a"}]] * 2
+        pq.write_table(pa.table({"images": [one, bad], "texts": texts}), tmp_path / "d.parquet")
+        with pytest.raises(ValueError) as e:
+            index(tmp_path / "d.parquet")                   # indexing: before any training step
+        assert str(e.value).startswith(f"{tmp_path / 'd.parquet'} row 1: {expected}"), str(e.value)
+
+
+def test_zero_byte_image_stops_train_before_any_work(tmp_path):
+    teacher_dir, _, _ = make_teacher_and_jsonl(tmp_path)
+    (tmp_path / "empty.png").write_bytes(b"")
+    bad = jsonl(tmp_path, {"image": "empty.png", "prompt": "<image>", "response": "r"})
+    out = tmp_path / "out"
+    assert train_exit(SMOKE + [f"--teacher_path={teacher_dir}", f"--data_path={bad}",
+                               f"--out_dir={out}"]) == (
+        f"train.py: {bad} line 1: image file {tmp_path / 'empty.png'} is empty (0 bytes); "
+        "expected an image file")
+    assert not out.exists()
+
+
+def test_data_path_with_a_stray_comma(tmp_path):
+    (tmp_path / "good.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    assert train_exit([f"--teacher_path={tmp_path}", f"--data_path={tmp_path / 'good.jsonl'},"]) \
+        == (f"train.py: --data_path={tmp_path / 'good.jsonl'},: an empty file name (a stray "
+            "comma?); expected a comma list of .jsonl / .parquet files")
+
+
+def test_tiny_world_pack_with_a_max_len_too_small_stops_before_pretraining(tmp_path):
+    out = tmp_path / "out"
+    message = train_exit(SMOKE + ["--pack=true", "--max_len=8", f"--out_dir={out}"])
+    assert re.fullmatch(r"train\.py: --pack=true --max_len=8: the longest context is (\d+) tokens "
+                        r"\(with 16 image tokens\); expected --max_len >= (\d+) \(room for one "
+                        r"response token\)", message), message
+    assert not out.exists()                                  # no stage ran
+
+
+# --------------------------------------------------------------------------- tools: outputs, inputs
+
+def tool_exit(monkeypatch, tool, *args):
+    """Run tools/<tool> as __main__ in this process -> what it passed to sys.exit."""
+    monkeypatch.setattr(sys, "argv", [tool, *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, "tools", tool), run_name="__main__")
+    return e.value.code
+
+
+@pytest.fixture
+def lm_folder(tmp_path):
+    tok = data.train_tokenizer(["the red circle eats apples ."] * 5, vocab_size=300)
+    folder = tmp_path / "lm"
+    save_hf_lm(Decoder(LMConfig(**{**LM.__dict__, "vocab_size": tok.get_vocab_size()})), folder)
+    weights.save_tokenizer(tok, folder)
+    return folder
+
+
+def test_exports_refuse_an_output_that_is_a_file_or_a_used_folder(tmp_path, monkeypatch,
+                                                                  lm_folder):
+    (tmp_path / "file").write_text("x")
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "special_tokens_map.json").write_text("{}")               # an earlier conversion's
+    for tool, name, args in (("export_hf.py", "OUT_FOLDER", [lm_folder]),
+                             ("convert_gguf.py", "the output folder", [tmp_path / "m.gguf"]),
+                             ("export_nanovlm.py", "the output folder", [lm_folder])):
+        assert tool_exit(monkeypatch, tool, *args, tmp_path / "file") == (
+            f"{tool}: {name} {tmp_path / 'file'} is a file; expected a new or empty folder")
+        assert tool_exit(monkeypatch, tool, *args, used) == (
+            f"{tool}: {name} {used} already holds files (special_tokens_map.json); expected "
+            "a new or empty folder (remove it or choose another)")
+    assert os.listdir(used) == ["special_tokens_map.json"]
+    import export_hf
+    export_hf.export(str(lm_folder), str(tmp_path / "new"))               # a new folder: whole
+    assert sorted(os.listdir(tmp_path / "new")) == ["config.json", "generation_config.json",
+                                                     "model.safetensors", "tokenizer.json",
+                                                     "tokenizer_config.json"]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith((".tmp", ".old"))]
+
+
+def png_claiming(width, height):
+    """A PNG file whose header claims width x height pixels (no real pixels behind it)."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body)))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0,
+                                                               0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_generate_decompression_bomb_and_empty_prompt_are_one_line(tmp_path, capsys, lm_folder):
+    import generate
+    (tmp_path / "bomb.png").write_bytes(png_claiming(20000, 20000))
+    assert generate.main([f"--model={lm_folder}", "--prompt=x",
+                          f"--image={tmp_path / 'bomb.png'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"generate.py: --image: cannot read {tmp_path / 'bomb.png'} "
+                          "(DecompressionBombError: Image size (400000000 pixels) exceeds limit")
+    assert err.endswith(f"expected an image file of at most {Image.MAX_IMAGE_PIXELS} pixels\n")
+    assert err.count("\n") == 1
+    assert generate.main([f"--model={lm_folder}", "--prompt="]) == 2
+    assert capsys.readouterr().err == ("generate.py: --prompt is empty and there is no --image: "
+                                       "nothing to answer; expected --prompt=TEXT\n")

@@ -263,6 +263,29 @@ def test_nanovlm_checkpoint_with_image_splitting_loads_and_runs(tmp_path):
     assert again.view_token_ids == r.view_token_ids and again.image_splitting == r.image_splitting
 
 
+def test_a_train_py_splitting_student_exports_to_nanovlm_pixels_with_the_same_outputs(tmp_path):
+    """train.py builds image-splitting students that read [-1, 1] pixels; nanoVLM reads [0, 1].
+    save_nanovlm folds the difference into the patch embedding: the nanoVLM folder, fed its own
+    [0, 1] views, gives the student's outputs on the student's [-1, 1] views."""
+    from test_nanovlm import LM, VIS as NVIS
+    split = ImageSplitting(max_side=64, resize_to_max_side=False)          # pixels "[-1,1]"
+    student = VLM(LMConfig(**{**LM, "vocab_size": 166}), VisionConfig(**NVIS), 100, 2,
+                  view_token_ids=tuple(range(101, 166)), image_splitting=split).eval()
+    save_nanovlm(student, tmp_path / "nv")
+    nv = load_nanovlm(tmp_path / "nv").eval()
+    assert nv.image_splitting == ImageSplitting(max_side=64, resize_to_max_side=False,
+                                                pixels="[0,1]")
+    names = {data.IMAGE_TOKEN: 100, **{t: 101 + i for i, t in enumerate(data.VIEW_TOKENS)}}
+    image = quadrant_image(32, 1, 2)
+    ours, grid = image_views(image, 32, student.image_splitting)
+    theirs, _ = image_views(image, 32, nv.image_splitting)
+    assert ours.min() < 0 <= theirs.min() and grid == (1, 2)
+    ids = torch.tensor([[names[t] for t in view_tokens(*grid, nv.n_image_tokens)] + [5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(nv(ids, theirs)[0], student(ids, ours)[0], rtol=1e-4,
+                                   atol=1e-5)
+
+
 def test_nanovlm_without_view_tokens_keeps_one_view(tmp_path):
     from test_nanovlm import random_vlm, nanovlm_files_by_hand
     nanovlm_files_by_hand(random_vlm(), tmp_path / "nv")

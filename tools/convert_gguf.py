@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from runtime import atomic_write, write_json
+from runtime import atomic_write, check_new_folder, replace_folder, write_json
 
 log = logging.getLogger(__name__)
 
@@ -200,27 +200,32 @@ def open_gguf(gguf_path):
 
 
 def convert_gguf(gguf_path, out_dir):
-    """Convert `gguf_path` into an HF Llama folder at `out_dir`; returns `out_dir`. Nothing is
-    written unless the whole file reads."""
+    """Convert `gguf_path` into an HF Llama folder at `out_dir` (new or empty: a used folder would
+    keep an earlier conversion's files); returns `out_dir`. Nothing is written unless the whole
+    file reads, and the folder is written whole or not at all."""
     from safetensors.torch import save_file
+    check_new_folder(out_dir, "the output folder")
     reader = open_gguf(gguf_path)
     try:
         cfg = read_config(reader)
         tensors = read_tensors(reader, cfg)
     except ValueError as e:
         raise ValueError(f"{gguf_path}: {e}") from None
-    os.makedirs(out_dir, exist_ok=True)
-    atomic_write(os.path.join(out_dir, "model.safetensors"),
-                 lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    write_json(os.path.join(out_dir, "config.json"), cfg)
     built = build_tokenizer(reader)
-    if built is not None:
-        tok, tcfg = built
-        atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda p: tok.save(p))
-        write_json(os.path.join(out_dir, "tokenizer_config.json"), tcfg)
-        write_json(os.path.join(out_dir, "special_tokens_map.json"),
-                   {k: v for k,
-                    v in tcfg.items() if k in ("bos_token", "eos_token", "unk_token", "pad_token")})
+
+    def fill(folder):
+        atomic_write(os.path.join(folder, "model.safetensors"),
+                     lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        write_json(os.path.join(folder, "config.json"), cfg)
+        if built is not None:
+            tok, tcfg = built
+            atomic_write(os.path.join(folder, "tokenizer.json"), lambda p: tok.save(p))
+            write_json(os.path.join(folder, "tokenizer_config.json"), tcfg)
+            write_json(os.path.join(folder, "special_tokens_map.json"),
+                       {k: v for k, v in tcfg.items()
+                        if k in ("bos_token", "eos_token", "unk_token", "pad_token")})
+    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+    replace_folder(out_dir, fill)                 # whole or not at all
     return out_dir
 
 

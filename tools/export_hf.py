@@ -8,8 +8,10 @@ SRC_FOLDER: our VLM folder (train.py's adapted / distilled-*: weights.load_vlm; 
 exported, the vision tower and projector are dropped) or a Hugging Face LM folder (the teacher;
 weights.load_hf_lm). It must hold the tokenizer.json the model was trained with.
 
-OUT_FOLDER gets config.json + model.safetensors (weights.save_hf_lm: the explicit key map,
-tied head stored once) + tokenizer.json + tokenizer_config.json (+ generation_config.json).
+OUT_FOLDER must be new or empty (a used one would keep an earlier export's files, e.g. a
+special_tokens_map.json naming other ids) and is written whole or not at all. It gets
+config.json + model.safetensors (weights.save_hf_lm: the explicit key map, tied head stored
+once) + tokenizer.json + tokenizer_config.json (+ generation_config.json).
 config.json gains bos/eos/pad_token_id; tokenizer_config.json names tokenizer_class
 PreTrainedTokenizerFast, the eos/pad tokens of data.load_tokenizer's role mapping (so
 data.load_tokenizer on the export maps them again) and add_bos_token false (our models are
@@ -41,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data                                     # noqa: E402
 from model import VLM, Decoder  # noqa: E402
-from runtime import read_json, write_json  # noqa: E402
+from runtime import check_new_folder, read_json, replace_folder, write_json    # noqa: E402
 from weights import load_model_folder, save_hf_lm  # noqa: E402
 
 
@@ -87,6 +89,7 @@ def export(src, out, drop_image_row=False):
         raise FileNotFoundError(f"{tok_path}: the source folder has no tokenizer.json")
     if os.path.abspath(src) == os.path.abspath(out):
         raise ValueError("OUT_FOLDER must differ from SRC_FOLDER")
+    check_new_folder(out, "OUT_FOLDER")                   # before any work
     decoder, kind = load_decoder(src)
     extra, trimmed, tok = trailing_specials(tok_path)
     V = decoder.cfg.vocab_size
@@ -94,13 +97,22 @@ def export(src, out, drop_image_row=False):
     if n_tok > V:
         raise ValueError(f"{src}: tokenizer has {n_tok} ids (with the ones load_tokenizer adds) "
                          f"but the model only {V} rows")
-    os.makedirs(out, exist_ok=True)
+    if drop_image_row and (not extra or extra[-1] != V - 1):
+        raise ValueError(f"{src}: --drop_image_row: no appended <image>/<pad>/<eos> ids at the "
+                         f"end of the vocabulary (vocab_size {V}; the tokenizer's own tokens "
+                         "play those roles or sit inside its vocabulary, as in the tiny "
+                         "world): nothing to drop")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    info = {}
+    # written whole or not at all: a temp folder beside OUT, renamed into place
+    replace_folder(out, lambda tmp: info.update(write_export(src, tmp, decoder, extra, trimmed,
+                                                             tok, drop_image_row)))
+    return {"kind": kind, **info, "out": out}
+
+
+def write_export(src, out, decoder, extra, trimmed, tok, drop_image_row):
+    """The files of the export into the (new) folder `out`; see the module docstring."""
     if drop_image_row:
-        if not extra or extra[-1] != V - 1:
-            raise ValueError(f"{src}: --drop_image_row: no appended <image>/<pad>/<eos> ids at the "
-                             f"end of the vocabulary (vocab_size {V}; the tokenizer's own tokens "
-                             "play those roles or sit inside its vocabulary, as in the tiny "
-                             "world): nothing to drop")
         decoder = drop_rows(decoder, extra[0])
         write_json(os.path.join(out, "tokenizer.json"), trimmed)   # the source file minus those ids
         roles = tok.role_tokens
@@ -140,9 +152,8 @@ def export(src, out, drop_image_row=False):
     write_json(os.path.join(out, "config.json"), cfg)
     write_json(os.path.join(out, "generation_config.json"),
                {k: v for k, v in ids.items() if v is not None})
-    return {"kind": kind, "vocab_size": decoder.cfg.vocab_size,
-            "dropped_rows": extra if drop_image_row else [],
-            "eos_token": eos, "pad_token": pad, "out": out}
+    return {"vocab_size": decoder.cfg.vocab_size, "dropped_rows": extra if drop_image_row else [],
+            "eos_token": eos, "pad_token": pad}
 
 
 def main(argv):

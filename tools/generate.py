@@ -26,6 +26,7 @@ student's KV, ...) -> one line on stderr, exit 2; the teacher is checked before 
 import argparse
 import os
 import sys
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -78,10 +79,15 @@ def read_images(spec):
         if not os.path.isfile(path):
             raise BadInput(f"image file not found: {path}")
         try:
-            with Image.open(path) as im:
-                images.append(im.convert("RGB"))
-        except OSError as e:
-            raise BadInput(f"cannot read image {path} ({e})") from None
+            with warnings.catch_warnings():      # PIL only warns between 1x and 2x the limit
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    images.append(im.convert("RGB"))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning) as e:
+            raise BadInput(f"--image: cannot read {path} ({type(e).__name__}: {e}); expected an "
+                           "image file of at most "
+                           f"{Image.MAX_IMAGE_PIXELS} pixels") from None
     return images
 
 
@@ -161,11 +167,14 @@ def run(args):
     if args.max_new_tokens < 1 or args.temperature < 0 or (args.top_k is not None
                                                            and args.top_k < 1):
         raise BadInput("--max_new_tokens and --top_k must be >= 1, --temperature >= 0")
+    if not args.prompt.strip() and not args.image:
+        raise BadInput("--prompt is empty and there is no --image: nothing to answer; expected "
+                       "--prompt=TEXT")
     torch.manual_seed(args.seed)
+    images = read_images(args.image)                  # before the model loads
     model, kind, template = load_model(args.model)
     model.eval()
     tok = load_tok(args.tokenizer or os.path.join(args.model, "tokenizer.json"), model)
-    images = read_images(args.image)
     is_vlm = isinstance(model, VLM)
     if images and not is_vlm:
         raise BadInput(f"{args.model} is a text-only model; it cannot take --image")
