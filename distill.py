@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from model import check
+
 POLICIES = ("none", "uniform", "selective")
 DIVERGENCES = ("fkl", "rkl", "jsd")
 KIND_WEIGHTS = {"language": 1.0, "vision": 0.0}   # source kind -> KD weight (the source gate)
@@ -131,14 +133,15 @@ def source_weights(policy, sources, table=None):
 # The loss
 
 def _normalise(total, count, override, name):
-    """total / (override or count): count = this batch's (weighted) tokens, override = the step's
-    over all micro-batches and DDP ranks, so their losses sum to the global mean. No token: 0."""
-    denom = count if override is None else float(override)
-    if count == 0:
-        return total          # an empty sum: 0 with a grad_fn, zero gradients
-    if not denom > 0:
-        raise ValueError(f"{name} must be > 0 when the batch has {count} tokens, found {override}")
-    return total / denom
+    """total / (override or count): count = this batch's (weighted) tokens (a tensor: no host
+    sync), override = the step's over all micro-batches and DDP ranks, so their losses sum to the
+    global mean. No token: total is an empty sum, 0 with a graph."""
+    if override is None:
+        return total / torch.where(count > 0, count, torch.ones_like(count))
+    if not float(override) > 0:
+        check(count == 0, f"{name} must be > 0 when the batch has tokens, found {override}")
+        return total
+    return total / float(override)
 
 
 def cross_entropy(logits, labels, response_mask, normalizer=None):
@@ -146,12 +149,12 @@ def cross_entropy(logits, labels, response_mask, normalizer=None):
     first (pads never enter): the CE term of distill_loss, and the whole loss of stage 2."""
     real = response_mask.bool()                                              # (B, R)
     V, targets = logits.shape[-1], labels[real]                               # (N,)
-    if bool(((targets < 0) | (targets >= V)).any()):                         # one device sync
-        raise ValueError(f"labels must be token ids in [0, {V}) (the student's vocabulary), "
-                         f"found {int(targets.min())}..{int(targets.max())}")
+    check(((targets >= 0) & (targets < V)).all(), f"labels must be token ids in [0, {V}) (the "
+          "student's vocabulary)", lambda: f"labels must be token ids in [0, {V}) (the student's "
+          f"vocabulary), found {int(targets.min())}..{int(targets.max())}")
     dtype = torch.promote_types(logits.dtype, torch.float32)
     total = F.cross_entropy(logits[real].to(dtype), targets, reduction="sum")
-    return _normalise(total, float(real.sum()), normalizer, "ce_normalizer")
+    return _normalise(total, real.sum().to(total.dtype), normalizer, "ce_normalizer")
 
 
 def distill_loss(student_logits, labels, response_mask, teacher_logits, kd_weight, *, alpha=1.0,
@@ -168,16 +171,15 @@ def distill_loss(student_logits, labels, response_mask, teacher_logits, kd_weigh
     ce = cross_entropy(student_logits, labels, real, ce_normalizer)
     kd_weight = kd_weight.to(real.device)
     weights = real.float() * (kd_weight[:, None] if kd_weight.dim() == 1 else kd_weight)  # (B, R)
-    n_kd = float(weights.sum())
-    if n_kd > 0:
+    if teacher_logits is not None:         # no KD token: an empty sum, exactly 0, graph kept
         kd_sum = kd_token_sum(student_logits, teacher_logits.detach(), weights, divergence,
                               temperature, beta, chunk_size)
-    else:                                                     # exactly 0, graph kept
+    else:
         kd_sum = student_logits.reshape(-1)[:0].to(torch.promote_types(student_logits.dtype,
                                                                        torch.float32)).sum()
-    kd = _normalise(kd_sum, n_kd, kd_normalizer, "kd_normalizer")
-    return {"loss": ce + alpha * kd, "ce": ce.detach(), "kd": kd.detach(),
-            "n_ce_tokens": float(real.sum()), "n_kd_tokens": n_kd}
+    kd = _normalise(kd_sum, weights.sum().to(kd_sum.dtype), kd_normalizer, "kd_normalizer")
+    return {"loss": ce + alpha * kd, "ce": ce.detach(), "kd": kd.detach(),       # counts: tensors
+            "n_ce_tokens": real.sum(), "n_kd_tokens": weights.sum()}
 
 
 def check_loss_inputs(student_logits, labels, response_mask, teacher_logits, kd_weight, alpha):
@@ -191,11 +193,12 @@ def check_loss_inputs(student_logits, labels, response_mask, teacher_logits, kd_
         if x is not None and (x.dim() != len(want.split(",")) or x.shape[:2] != (B, R)):
             raise ValueError(f"{name} must be {want} = ({B}, {R}{', V' * (x.dim() == 3)}) like "
                              f"labels, found {tuple(x.shape)}")
-    if kd_weight.shape not in ((B,), (B, R)) or not bool((kd_weight >= 0).all()):
-        raise ValueError(f"kd_weight must be (B,) = ({B},) per example or (B, R) = ({B}, {R}) "
-                         f"per token, weights >= 0, found {kd_weight.tolist()}")
-    if teacher_logits is None and bool((kd_weight > 0).any()):
-        raise ValueError("KD weight > 0 needs teacher_logits (B, R, Vt); only a gate of zeros "
-                         "(policy 'none') runs without a teacher")
+    shape_ok = torch.tensor(kd_weight.shape in ((B,), (B, R)), device=kd_weight.device)
+    check(shape_ok & (kd_weight >= 0).all(), f"kd_weight must be (B,) = ({B},) per example or (B, "
+          f"R) = ({B}, {R}) per token, weights >= 0", lambda: f"kd_weight must be (B,) = ({B},) per "
+          f"example or (B, R) = ({B}, {R}) per token, weights >= 0, found {kd_weight.tolist()}")
+    if teacher_logits is None:
+        check(~(kd_weight > 0).any(), "KD weight > 0 needs teacher_logits (B, R, Vt); only a gate "
+              "of zeros (policy 'none') runs without a teacher")
     if not (math.isfinite(alpha) and alpha >= 0):
         raise ValueError(f"alpha must be a finite number >= 0, found {alpha}")

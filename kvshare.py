@@ -41,7 +41,7 @@ Callers pass VLM.student_only_ids (an int, a single image token id, is accepted 
 import torch
 
 import pack
-from model import check_teacher_vocab, positions_from_mask, student_only_mask
+from model import check, check_teacher_vocab, positions_from_mask, student_only_mask
 
 SCOPES = ("full", "image", "none")
 
@@ -118,9 +118,8 @@ def teacher_continue(teacher, student_kv, batch, student_only_ids, scope="full")
         return (teacher_on_text if scope == "none" else teacher_after_image)(
             teacher, student_kv, text_ids, mask, is_image, P)
     check_kv_shapes(teacher, student_kv)
-    if is_image[:, P - 1].any():
-        raise ValueError("scope 'full': a context ends with an image (student-only) token; the "
-                         "prompt after the image must have at least one text token")
+    check(~is_image[:, P - 1].any(), "scope 'full': a context ends with an image (student-only) "
+          "token; the prompt after the image must have at least one text token")
     T = ids.shape[1]                                     # P + R; the last column is never input
     # past: the student's K/V of context columns 0..P-2, (B, n_kv_heads, P-1, hd) per layer; new:
     # the last context token + the response but its last, at the positions continuing each context
@@ -155,9 +154,8 @@ def teacher_after_image(teacher, student_kv, text_ids, mask, is_image, P):
     every text column itself. A past key is visible to every new query, so images come first."""
     check_kv_shapes(teacher, student_kv)
     T, text_mask = text_ids.shape[1], mask * (~is_image)                           # (B, P+R)
-    if ((text_mask[:, :P].cumsum(-1) > 0) & is_image[:, :P]).any():
-        raise ValueError("scope 'image' needs the image tokens before the prompt text in every "
-                         "context")
+    check(~((text_mask[:, :P].cumsum(-1) > 0) & is_image[:, :P]).any(),
+          "scope 'image' needs the image tokens before the prompt text in every context")
     # past: per layer (K, V), each (B, n_kv_heads, P, head_dim); its mask: image columns only
     past = [(k[:, :, :P].detach(), v[:, :, :P].detach()) for k, v in student_kv]
     past_mask = mask[:, :P] * is_image[:, :P]                                       # (B, P)

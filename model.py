@@ -111,6 +111,16 @@ def positions_from_mask(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def check(ok, message, detail=None):
+    """Raise ValueError(detail() if given, else message) unless the bool tensor `ok` holds. On
+    CUDA an asynchronous device assert instead: no host sync (the step fails at its next sync,
+    with `message`)."""
+    if ok.is_cuda:
+        torch._assert_async(ok, message)
+    elif not bool(ok):
+        raise ValueError(detail() if detail else message)
+
+
 def build_attention_mask(attention_mask, q_len, past_len):
     """(B, 1, Tq, Tk), True = may attend: a query sees the past_len cached keys and the new ones
     up to itself (causal), minus pads, and always itself (a pad query: no all-masked row, NaN)."""
@@ -120,6 +130,17 @@ def build_attention_mask(attention_mask, q_len, past_len):
     causal = k_idx <= q_idx                                      # (Tq, Tk)
     mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
     return mask | (k_idx == q_idx)[None, None]
+
+
+def repeat_kv_for_mask(q):
+    """Repeat K/V to the query heads when a mask is given? On CUDA, yes: flash attention takes no
+    mask and the memory-efficient kernel no mask with fewer K/V heads, so SDPA would fall back to
+    its math kernel (fp32, the whole score matrix kept). On the CPU (the reference) GQA reads K/V
+    in place. REPEAT_KV = "always" / "never" overrides it (tests: both give the same output)."""
+    return REPEAT_KV == "always" or (REPEAT_KV == "cuda" and q.is_cuda)
+
+
+REPEAT_KV = "cuda"
 
 
 class Attention(nn.Module):
@@ -141,11 +162,13 @@ class Attention(nn.Module):
         if past_kv is not None:
             k = torch.cat([past_kv[0].to(k.dtype), k], dim=2)                   # (B, nkv, Tp+T, hd)
             v = torch.cat([past_kv[1].to(v.dtype), v], dim=2)
-        # enable_gqa: query head h reads K/V head h // (n_heads / n_kv_heads), K/V not copied
+        kv = (k, v)          # the cache keeps n_kv_heads; query head h reads K/V head h // group
+        if mask is not None and repeat_kv_for_mask(q):   # SDPA's fused CUDA kernels take a mask
+            k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, 1) for t in kv)  # w/o GQA
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, -1)                                      # (B, T, nh*hd)
-        return self.o_proj(y), (k, v)
+        return self.o_proj(y), kv
 
 
 class MLP(nn.Module):
@@ -393,10 +416,10 @@ class VLM(nn.Module):
         """Token embeddings with image features scattered into the placeholder positions."""
         x = self.decoder.embed(input_ids)                                                # (B, T, D)
         slots, n_views = input_ids == self.image_token_id, 0 if images is None else len(images)
-        if int(slots.sum()) != n_views * self.n_image_tokens:
-            raise ValueError(f"{int(slots.sum())} image placeholder tokens in input_ids but "
-                             f"{n_views * self.n_image_tokens} image features ({n_views} image "
-                             f"views x {self.n_image_tokens} tokens)")
+        check(slots.sum() == n_views * self.n_image_tokens, "image placeholder tokens in input_ids "
+              "and image features differ in number", lambda: f"{int(slots.sum())} image placeholder "
+              f"tokens in input_ids but {n_views * self.n_image_tokens} image features ({n_views} "
+              f"image views x {self.n_image_tokens} tokens)")
         if n_views == 0:
             return x
         feats = self.image_features(images).to(x.dtype)                          # (N, n_img_tok, D)
@@ -422,18 +445,20 @@ class VLM(nn.Module):
 
 
 def student_only_mask(ids, student_only_ids):
-    """True where ids is one of student_only_ids (VLM.student_only_ids, or one int)."""
-    only = [student_only_ids] if isinstance(student_only_ids, int) else list(student_only_ids)
-    return torch.isin(ids, torch.tensor(only, dtype=ids.dtype, device=ids.device))
+    """True where ids is one of student_only_ids (VLM.student_only_ids, or one int; a tensor of
+    them on ids' device is used as it is: no host-to-device copy per call)."""
+    only = [student_only_ids] if isinstance(student_only_ids, int) else student_only_ids
+    return torch.isin(ids, torch.as_tensor(only, dtype=ids.dtype, device=ids.device))
 
 
 def check_teacher_vocab(teacher, text_ids):
     """Every id the teacher embeds must lie in its vocabulary; one error says which did not."""
-    if int(text_ids.max()) >= teacher.cfg.vocab_size:
-        raise ValueError(f"token id {int(text_ids.max())} is outside the teacher's vocabulary "
-                         f"({teacher.cfg.vocab_size}); text tokens must lie in the shared prefix "
-                         "(ids the teacher must not embed, like image-splitting tokens, belong in "
-                         "student_only_ids)")
+    check(text_ids.max() < teacher.cfg.vocab_size, f"a token id is outside the teacher's "
+          f"vocabulary ({teacher.cfg.vocab_size}); text tokens must lie in the shared prefix (ids "
+          "the teacher must not embed, like image-splitting tokens, belong in student_only_ids)",
+          lambda: f"token id {int(text_ids.max())} is outside the teacher's vocabulary "
+          f"({teacher.cfg.vocab_size}); text tokens must lie in the shared prefix (ids the teacher "
+          "must not embed, like image-splitting tokens, belong in student_only_ids)")
 
 
 def grow_vocab(decoder, vocab_size):

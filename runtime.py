@@ -562,21 +562,21 @@ class StageRun:
                         total=self.steps, disable=not self.runtime.is_main, leave=False)
         return self.bar
 
-    def end_step(self, step, logs, batches, stop_requested):
+    def end_step(self, step, logs, counts, batches, stop_requested):
         cfg, runtime = self.cfg, self.runtime   # examples a streamed batch replaced: logged
         self.skipped_examples += sum(b.pop("skipped", 0) + b.pop("dropped", 0) for b in batches)
-        logs["tokens"] = float(sum(b["attention_mask"].sum() if "attention_mask" in b
-                                   else b["tokens"][:, 1:].numel() for b in batches))
-        logs = runtime.sum_over_ranks(logs)     # each rank's loss: its share of the global mean
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
-        if not (math.isfinite(logs["loss"]) and torch.isfinite(grad_norm)):
+        *values, grad_norm = torch.stack([*logs.values(), grad_norm.double()]).tolist()  # 1 sync
+        logs = {**runtime.sum_over_ranks(dict(zip(logs, values))),  # each rank's share, summed
+                "tokens": counts["tokens"]}                         # (over ranks already)
+        if not (math.isfinite(logs["loss"]) and math.isfinite(grad_norm)):
             return self.skip_bad_step()
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         record = {"stage": self.name, "step": step + 1,                # time: s since stage start
                   "time": round(time.time() - self.t_start, 4), "lr": self.sched.get_last_lr()[0],
-                  "grad_norm": float(grad_norm), "bad_steps": self.bad_steps,
+                  "grad_norm": grad_norm, "bad_steps": self.bad_steps,
                   "skipped_examples": self.skipped_examples, **logs}
         if runtime.cuda:
             record["max_mem_gib"] = torch.cuda.max_memory_allocated(runtime.device) / 2**30

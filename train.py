@@ -241,26 +241,29 @@ def stage_data(setup, stage, student, start):
 
 
 def stage_batches(setup, stage, student, start, kd_table=None):
-    """Each optimizer step's --grad_accum micro-batches, from step `start` on. In stage 3 each
-    carries its source gate (kd_table): batch["kd_weight"], (B,), or (1, N) per packed token."""
+    """Each step's micro-batches from step `start` on; stage 3's carry the gate (kd_table)."""
     streamed, encoded, mixture = stage_data(setup, stage, student, start)
     for step in itertools.count(start):
-        batches = [next(streamed) if streamed else text_batch(setup, step, m) if stage == "pretrain"
+        batches = [next(streamed) if streamed                                      # --data_path
+                   else text_batch(setup, step, m) if stage == "pretrain"
                    else get_batch(setup, stage, step, m, encoded, mixture)
                    for m in range(setup.cfg.grad_accum)]
-        for b in batches if kd_table is not None else []:
+        for b in batches if kd_table is not None else []:   # (B,), or (1, N) per packed token
             w = distill.source_weights(setup.cfg.policy, b["source"], kd_table)     # (B,)
             b["kd_weight"] = w[b["token_example"]] if "token_example" in b else w
         yield batches
 
 
 def token_counts(batches):
-    """{"ce", "kd"}: the (gate-weighted) tokens CE and KD average over in one optimizer step."""
-    counts = {"ce": 0.0, "kd": 0.0}
+    """{"ce", "kd"}: the (gate-weighted) tokens CE and KD average over in one optimizer step;
+    "tokens": every real token of its batches. Host tensors: no device sync."""
+    counts = {"ce": 0.0, "kd": 0.0, "tokens": 0.0}                        # tokens: all real ones
     for b in batches:
         if "tokens" in b:                                       # stage 1: every next token
             counts["ce"] += b["tokens"][:, 1:].numel()
+            counts["tokens"] += b["tokens"][:, 1:].numel()
             continue
+        counts["tokens"] += float(b["attention_mask"].sum())
         real = b["response_mask"].float()                                    # (B, R)
         counts["ce"] += float(real.sum())
         w = b.get("kd_weight", torch.zeros(()))     # (B,), or (1, N) per packed token; none: 0
@@ -323,16 +326,17 @@ def train_stage(setup, stage, model, param_groups, steps, step_fn, name=None, te
     model_as_called, teacher = run.compiled(model), run.compiled(teacher)  # --compile
     with stop_requests() as stop:
         for step in run.progress_bar():
-            micro_batches = [runtime.to_device(b) for b in next(batches)]
+            micro_batches = next(batches)       # counted on the host (no device sync), then moved
             counts = runtime.sum_over_ranks(token_counts(micro_batches))   # the normalisers
+            micro_batches = [runtime.to_device(b) for b in micro_batches]
             logs = {}
             for i, batch in enumerate(micro_batches):
                 last = i == len(micro_batches) - 1          # DDP syncs gradients on the last one
                 with runtime.no_sync(model_as_called, not last), runtime.autocast():
                     out = step_fn(setup, model_as_called, teacher, batch, counts)
-                for k, v in out.items():
-                    logs[k] = logs.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-            run.end_step(step, logs, micro_batches, stop.requested)  # clip, opt.step, log, ckpt
+                for k, v in out.items():                # summed on the device, fetched once a step
+                    logs[k] = logs.get(k, 0.0) + v.detach().double()
+            run.end_step(step, logs, counts, micro_batches, stop.requested)  # clip, opt, log, ckpt
     run.finish()
 
 
@@ -404,7 +408,7 @@ def stage_distill(setup, teacher, student):
     kvshare.check_compatible(teacher.cfg, student.decoder.cfg)    # once, before any step
     teacher = kvshare.freeze(teacher.to(runtime.device), torch.bfloat16 if runtime.cuda else None)
     kd_table = distill.table_from_kinds(setup.data.source_kinds)  # the source gate, once per run
-    setup.student_only_ids = student.student_only_ids
+    setup.student_only_ids = torch.tensor(student.student_only_ids, device=runtime.device)
     student.to(runtime.device).requires_grad_(True)
     student.decoder.gradient_checkpointing = cfg.grad_checkpointing
     train_stage(setup, "distill", runtime.wrap(student),
