@@ -217,3 +217,47 @@ def test_bad_processor_settings_are_one_clear_error(folder, tmp_path):
         pre.write_text(json.dumps(settings))
     with pytest.raises(ValueError, match=r"image_mean \[0.48, 0.45, 0.4\]"):
         load_smolvlm(str(path))
+
+
+# ---------------------------------------------------------------------------------------
+# Export: tools/export_smolvlm.py writes a folder transformers loads with its own classes
+
+@pytest.mark.parametrize("model_type,tied", [("smolvlm", False), ("idefics3", True)])
+def test_export_round_trip_transformers_gives_our_logits(tmp_path, model_type, tied):
+    import export_smolvlm
+    src = str(tmp_path / "src")
+    smolvlm_folder(src, tied=tied, model_type=model_type)
+    vlm = load_smolvlm(src)
+    with torch.no_grad():                                  # a "trained" student: new weights
+        for p in vlm.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_vlm(vlm, tmp_path / "student")                    # train.py's distilled-* folder
+    assert export_smolvlm.export(str(tmp_path / "student"), str(tmp_path / "out"),
+                                 like=src) == model_type
+    Model = {"smolvlm": transformers.SmolVLMForConditionalGeneration,
+             "idefics3": transformers.Idefics3ForConditionalGeneration}[model_type]
+    hf = transformers.AutoModelForImageTextToText.from_pretrained(str(tmp_path / "out")).eval()
+    assert type(hf) is Model                         # transformers' own class, as lmms-eval loads it
+    processor = transformers.Idefics3Processor(
+        transformers.Idefics3ImageProcessorPil.from_pretrained(str(tmp_path / "out")),
+        transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out")),
+        **{k: v for k, v in json.load(open(tmp_path / "out" / "processor_config.json")).items()
+           if k == "image_seq_len"})
+    tok = data.load_tokenizer(str(tmp_path / "out" / "tokenizer.json"))
+    for ex in EXAMPLES[:2]:
+        (ids, _, ours), (their_ids, _, theirs) = ours_and_theirs(vlm, tok, hf, processor, *ex)
+        assert ids.tolist() == their_ids.tolist()
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    again = load_smolvlm(str(tmp_path / "out"))             # and our loader reads it back exactly
+    for k, v in vlm.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+
+
+def test_export_refuses_a_student_without_the_idefics3_layout(tmp_path):
+    import export_smolvlm
+    from model import LMConfig, VisionConfig
+    vlm = VLM(LMConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64),
+              VisionConfig(image_size=16, patch_size=4, dim=32, n_layers=1, n_heads=2,
+                           mlp_dim=64), 2)
+    with pytest.raises(ValueError, match="no Idefics3 image layout"):
+        export_smolvlm.save_smolvlm(vlm, tmp_path / "out")
