@@ -39,15 +39,15 @@ import oracle
 import stream
 import tiles
 import world
-from checks import (check_config, check_out_dir, check_student_tokens, stages_to_train,
-                    variant_name)
+from checks import (check_config, check_image_size, check_out_dir, check_student_tokens,
+                    stages_to_train, variant_name)
 from model import SIGLIP2_B16_512, Decoder, LMConfig, VisionConfig, grow_vocab, unwrap, \
     vlm_from_teacher
 from runtime import (Checkpoints, Interrupted, Runtime, TrainingError, build_config, config_help,
                      drop_log_records, parse_flags, read_json, replace_folder, rng_state,
                      seed_everything, set_rng_state, stop_requests, wants_help, write_json)
-from weights import (load_hf_lm, load_hf_siglip, load_model_folder, save_hf_lm, save_tokenizer,
-                     save_vlm)
+from weights import (is_smolvlm_folder, load_hf_lm, load_hf_siglip, load_model_folder, save_hf_lm,
+                     save_tokenizer, save_vlm, with_student_only_tail)
 
 
 # ----------------------------------------------------------------------------------------
@@ -103,7 +103,9 @@ class TrainConfig:
     variant: str = ""             # name of the distilled model folder (default: policy-scope)
     # real checkpoints and data (README "Real weights"); empty = the tiny world from scratch
     teacher_path: str = ""        # HF Llama/SmolLM2 folder: the frozen teacher (stage 1 skipped)
-    student_path: str = ""        # nanoVLM or our VLM folder to start from
+    student_path: str = ""        # nanoVLM, SmolVLM / Idefics3 or our VLM folder to start from
+    rebase_rope: bool = False     # a student with another RoPE base: re-rotate its shared K to
+                                  # the teacher's (kvshare.rebase_rope_k); off: bases must match
     vision_path: str = ""         # HF SigLIP folder for a fresh student's vision tower
     data_path: str = ""           # JSONL / Parquet files (comma list) for stages 2-3
     image_root: str = ""          # folder the image paths of data_path are relative to
@@ -249,7 +251,7 @@ def lingudistill_loss(model, batch, counts, teacher, cfg):
     student's KV (kvshare.py), and the loss is CE + alpha * source-gated KD (distill.py)."""
     student_logits, teacher_logits = kvshare.distill_forward(
         model, teacher, batch, unwrap(model).student_only_ids, cfg.scope,
-        need_teacher=cfg.policy != "none")
+        need_teacher=cfg.policy != "none", rebase_rope=cfg.rebase_rope)
     out = distill.distill_loss(
         student_logits, batch["labels"], batch["response_mask"], teacher_logits,
         kd_weight=batch["kd_weight"], policy=cfg.policy, alpha=cfg.alpha, divergence=cfg.kd,
@@ -465,7 +467,7 @@ def stage_distill(setup, teacher, student):
     """Stage 3: CE + source-selective KD from the frozen teacher through the KV handoff. On
     CUDA the teacher is held in bf16 (cast once; no per-step weight casts under autocast)."""
     cfg, runtime = setup.cfg, setup.runtime
-    kvshare.check_compatible(teacher.cfg, student.decoder.cfg)    # once, before any step
+    kvshare.check_compatible(teacher.cfg, student.decoder.cfg, cfg.rebase_rope)  # once, first
     teacher = kvshare.freeze(teacher.to(runtime.device), torch.bfloat16 if runtime.cuda else None)
     kd_table = distill.table_from_kinds(setup.data.source_kinds)  # the source gate, once per run
     student.to(runtime.device).requires_grad_(True)
@@ -492,6 +494,9 @@ def initial_student(cfg, teacher, tok):
     if cfg.student_path:
         vlm = load_model_folder(cfg.student_path, image_token_id=image_id)
         check_student_tokens(vlm, tok, cfg.student_path)
+        if isinstance(vlm.image_splitting, tiles.Idefics3Splitting):     # SmolVLM / Idefics3
+            check_image_size(vlm, cfg)
+            with_student_only_tail(vlm, teacher.cfg.vocab_size)  # ids past the teacher's
         return vlm
     vision = load_hf_siglip(cfg.vision_path) if cfg.vision_path else None
     splitting = tiles.ImageSplitting(max_side=cfg.image_max_side) if cfg.image_splitting else None
@@ -513,7 +518,13 @@ def build_data_and_tokenizer(cfg):
     else:
         examples = world.build_world(cfg.seed, n_entities=cfg.n_entities,
                                      image_size=cfg.image_size)
-    if cfg.teacher_path:
+    if cfg.teacher_path and is_smolvlm_folder(cfg.student_path):
+        # a SmolVLM student reads its own tokenizer (image-layout tokens past the teacher's ids);
+        # the teacher's must agree on the shared prefix, which KD compares
+        tok = data.load_tokenizer(os.path.join(cfg.student_path, "tokenizer.json"))
+        kvshare.check_shared_vocab(
+            Tokenizer.from_file(os.path.join(cfg.teacher_path, "tokenizer.json")), tok)
+    elif cfg.teacher_path:
         tok = data.load_tokenizer(os.path.join(cfg.teacher_path, "tokenizer.json"),
                                   image_splitting=cfg.image_splitting)
     else:

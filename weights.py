@@ -645,6 +645,17 @@ def load_nanovlm(folder, image_token_id=None):
 SMOLVLM_MODEL_TYPES = ("smolvlm", "idefics3")
 
 
+def is_smolvlm_folder(folder):
+    """True if folder/config.json names a SmolVLM / Idefics3 model (False for anything else,
+    including no folder or an unreadable config: the loaders report those)."""
+    path = os.path.join(folder, "config.json") if folder else ""
+    try:
+        c = read_json(path) if os.path.isfile(path) else None
+    except ValueError:
+        return False
+    return isinstance(c, dict) and c.get("model_type") in SMOLVLM_MODEL_TYPES
+
+
 def smolvlm_configs(cfg_dict, source="config.json"):
     """(LMConfig, VisionConfig, scale_factor, image_token_id) from a SmolVLM / Idefics3
     config.json. The text part is read as a Hugging Face Llama config (lm_config_from_hf), the

@@ -43,8 +43,9 @@ def tokenizer_folder(folder):
         vocab_size=320, special_tokens=BASE_SPECIALS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     base = raw.get_vocab_size()
-    raw.add_special_tokens(LAYOUT)
     os.makedirs(folder, exist_ok=True)
+    raw.save(os.path.join(folder, "teacher_tokenizer.json"))       # the LM's own: ids 0..base-1
+    raw.add_special_tokens(LAYOUT)
     raw.save(os.path.join(folder, "tokenizer.json"))
     tok = transformers.PreTrainedTokenizerFast(
         tokenizer_file=os.path.join(folder, "tokenizer.json"), eos_token="<end_of_utterance>",
@@ -52,7 +53,8 @@ def tokenizer_folder(folder):
     return tok, base
 
 
-def smolvlm_folder(folder, split=True, tied=False, model_type="smolvlm", longest_edge=64):
+def smolvlm_folder(folder, split=True, tied=False, model_type="smolvlm", longest_edge=64,
+                   rope_theta=10000.0):
     """A tiny random SmolVLM (or Idefics3) checkpoint + its processor, written by transformers.
     Returns (model, processor, teacher vocabulary size)."""
     tok, base = tokenizer_folder(folder)
@@ -62,7 +64,8 @@ def smolvlm_folder(folder, split=True, tied=False, model_type="smolvlm", longest
                      "idefics3": (transformers.Idefics3Config,
                                   transformers.Idefics3ForConditionalGeneration)}[model_type]
     cfg = Config(vision_config=VISION, text_config={**TEXT, "vocab_size": n_vocab,
-                                                    "tie_word_embeddings": tied},
+                                                    "tie_word_embeddings": tied,
+                                                    "rope_theta": rope_theta},
                  scale_factor=SCALE, image_token_id=tok.convert_tokens_to_ids("<image>"),
                  tie_word_embeddings=tied)
     torch.manual_seed(0)
@@ -261,3 +264,57 @@ def test_export_refuses_a_student_without_the_idefics3_layout(tmp_path):
                            mlp_dim=64), 2)
     with pytest.raises(ValueError, match="no Idefics3 image layout"):
         export_smolvlm.save_smolvlm(vlm, tmp_path / "out")
+
+
+
+# ---------------------------------------------------------------------------------------
+# The smoke run: train.py distills a SmolVLM student, the export loads in transformers
+
+def test_smoke_distill_from_a_smolvlm_folder_ends_in_an_export_with_our_logits(tmp_path):
+    """A tiny random SmolVLM (RoPE base 100000) distilled from a teacher LM with SmolVLM's text
+    shapes (RoPE base 10000, the vocabulary below the image-layout tokens) on JSONL data:
+    refused without --rebase_rope, trained with it, exported, and transformers' own class gives
+    the distilled folder's logits."""
+    import shutil
+    import train
+    import export_smolvlm
+    from model import Decoder, LMConfig
+    from weights import save_hf_lm
+    src = tmp_path / "smolvlm"
+    _, processor, base = smolvlm_folder(str(src), rope_theta=100000.0)
+    teacher = Decoder(LMConfig(vocab_size=base, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                               ffn_dim=96, rope_theta=10000.0, rms_eps=1e-5, max_positions=512,
+                               tie_embeddings=False))
+    save_hf_lm(teacher, tmp_path / "teacher")
+    shutil.copy(src / "teacher_tokenizer.json", tmp_path / "teacher" / "tokenizer.json")
+    lines = []
+    for i in range(4):
+        picture(40 + 10 * i, 30, i).save(tmp_path / f"{i}.png")
+        lines.append({"image": f"{i}.png", "source": "vqa", "conversations": [
+            {"from": "human", "value": "<image>\nwhat is in the picture?"},
+            {"from": "gpt", "value": "a red circle ."}]})
+        lines.append({"source": "text_qa", "conversations": [
+            {"from": "human", "value": "what colour is it ?"}, {"from": "gpt", "value": "red ."}]})
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    out = tmp_path / "out"
+    argv = ["--preset=smoke", f"--teacher_path={tmp_path / 'teacher'}", f"--student_path={src}",
+            "--stage=distill", f"--data_path={tmp_path / 'train.jsonl'}", "--kd_sources=text_qa",
+            "--image_size=32", "--distill_steps=2", "--batch_size=2", "--num_workers=0",
+            "--max_len=256", "--eval=false", f"--out_dir={out}"]
+    with pytest.raises(SystemExit, match=r"rope_theta: teacher 10000.0 vs student 100000.0 "
+                                         r"\(--rebase_rope=true"):
+        train.main(argv)
+    train.main(argv + ["--rebase_rope=true", "--variant=rebased"])
+    distilled = out / "distilled-rebased"
+    export_smolvlm.export(str(distilled), str(tmp_path / "export"), like=str(src))
+    hf = transformers.AutoModelForImageTextToText.from_pretrained(str(tmp_path / "export")).eval()
+    assert type(hf) is transformers.SmolVLMForConditionalGeneration
+    ours = load_model_folder(str(distilled))
+    assert set(ours.student_only_ids) == set(range(base, ours.decoder.cfg.vocab_size))
+    tok = data.load_tokenizer(str(distilled / "tokenizer.json"))
+    (ids, _, our_logits), (their_ids, _, theirs) = ours_and_theirs(ours, tok, hf, processor,
+                                                                    *EXAMPLES[0])
+    assert ids.tolist() == their_ids.tolist()
+    torch.testing.assert_close(our_logits, theirs, atol=1e-4, rtol=0)
+    start = load_smolvlm(str(src))                          # and training did change the student
+    assert not torch.equal(start.decoder.embed.weight, ours.decoder.embed.weight)
