@@ -191,7 +191,8 @@ def idefics3_first_size(h, w, longest_edge):
 
 def idefics3_tile_size(h, w, tile):
     """(h, w) -> (H, W), both rounded UP to multiples of the tile: the long side first, the
-    short one from it by the aspect ratio (truncated), then rounded up (resize_for_vision_encoder)."""
+    short one from it by the aspect ratio (truncated), then rounded up (the processor's
+    resize_for_vision_encoder)."""
     aspect = w / h
     if w >= h:
         W = math.ceil(w / tile) * tile

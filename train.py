@@ -104,8 +104,7 @@ class TrainConfig:
     # real checkpoints and data (README "Real weights"); empty = the tiny world from scratch
     teacher_path: str = ""        # HF Llama/SmolLM2 folder: the frozen teacher (stage 1 skipped)
     student_path: str = ""        # nanoVLM, SmolVLM / Idefics3 or our VLM folder to start from
-    rebase_rope: bool = False     # a student with another RoPE base: re-rotate its shared K to
-                                  # the teacher's (kvshare.rebase_rope_k); off: bases must match
+    rebase_rope: bool = False     # re-rotate the shared K to the teacher's RoPE base (kvshare)
     vision_path: str = ""         # HF SigLIP folder for a fresh student's vision tower
     data_path: str = ""           # JSONL / Parquet files (comma list) for stages 2-3
     image_root: str = ""          # folder the image paths of data_path are relative to

@@ -818,7 +818,8 @@ def save_tokenizer(tokenizer, folder):
 
 def load_model_folder(folder, image_token_id=None):
     """The model in `folder`, by its config.json: our VLM (model_type "lingudistill_vlm"), a
-    SmolVLM / Idefics3 folder (model_type "smolvlm" / "idefics3"), a nanoVLM checkpoint (vit_* / lm_* fields; image_token_id as for load_nanovlm) or a
+    SmolVLM / Idefics3 folder (model_type "smolvlm" / "idefics3"), a nanoVLM checkpoint (vit_* /
+    lm_* fields; image_token_id as for load_nanovlm) or a
     Hugging Face decoder LM (load_hf_lm)."""
     cfg_path = os.path.join(folder, "config.json")
     c = read_json(cfg_path)

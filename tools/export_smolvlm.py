@@ -9,8 +9,9 @@ VLMEvalKit evaluate directly:
 Writes config.json, model.safetensors (weights.smolvlm_key_map: the explicit key map, a tied head
 stored once), preprocessor_config.json and processor_config.json (the student's
 tiles.Idefics3Splitting and image_seq_len), and the tokenizer files. --like: the SmolVLM folder
-the student came from; its tokenizer, chat template and special-token files are copied (train.py's
-folders keep only tokenizer.json and the eos/pad roles), and its model_type is kept. Without it the
+the student came from; its tokenizer, chat template, special-token and generation files are
+copied (train.py's folders keep only tokenizer.json and the eos/pad roles), the other keys of its
+processor_config.json kept, and its model_type kept. Without it the
 tokenizer files come from the student's folder and model_type is --model_type (default smolvlm).
 
 The student must have an Idefics3 image layout (loaded from a SmolVLM folder): a nanoVLM-style or
@@ -32,7 +33,7 @@ from weights import (SMOLVLM_MODEL_TYPES, lm_config_to_hf, load_model_folder,  #
 # Files of a SmolVLM folder that describe the tokenizer and the chat format (copied as they are).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.json", "chat_template.jinja", "vocab.json",
-                   "merges.txt")
+                   "merges.txt", "video_preprocessor_config.json", "generation_config.json")
 PROCESSOR_CLASS = {"smolvlm": "SmolVLMProcessor", "idefics3": "Idefics3Processor"}
 
 
@@ -43,7 +44,8 @@ def smolvlm_config_dict(vlm: VLM, model_type="smolvlm"):
         raise ValueError(f"model_type {model_type!r}; expected one of {SMOLVLM_MODEL_TYPES}")
     lm = vlm.decoder.cfg
     if lm.qkv_bias:
-        raise ValueError("SmolVLM's text model is a Llama: no q/k/v biases (qkv_bias must be False)")
+        raise ValueError("SmolVLM's text model is a Llama: no q/k/v biases (qkv_bias must be "
+                         "False)")
     text = {k: v for k, v in lm_config_to_hf(lm).items() if k not in ("architectures",
                                                                       "torch_dtype")}
     vision = {**vision_config_to_hf(vlm.vision.cfg), "model_type": f"{model_type}_vision"}
@@ -64,7 +66,8 @@ def processor_settings(vlm: VLM, model_type="smolvlm"):
                          "Idefics3 folder exports in this layout")
     processor_class = PROCESSOR_CLASS[model_type]
     image = {"image_processor_type": "Idefics3ImageProcessor", "processor_class": processor_class,
-             "do_convert_rgb": True, "do_resize": True, "size": {"longest_edge": split.longest_edge},
+             "do_convert_rgb": True, "do_resize": True,
+             "size": {"longest_edge": split.longest_edge},
              "resample": split.resample, "do_rescale": True, "rescale_factor": 1 / 255,
              "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
              "do_pad": True, "do_image_splitting": split.split,
@@ -102,6 +105,15 @@ def export(student, out, like=None, model_type=None):
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(tok_src, name)):
             shutil.copy(os.path.join(tok_src, name), os.path.join(out, name))
+    original = os.path.join(like, "processor_config.json") if like else ""
+    if os.path.isfile(original):            # keep its other keys (a chat template, ...)
+        merged = read_json(original)
+        if isinstance(merged, dict):
+            ours = read_json(os.path.join(out, "processor_config.json"))
+            if "image_processor" in merged:
+                merged["image_processor"] = read_json(os.path.join(out,
+                                                                   "preprocessor_config.json"))
+            write_json(os.path.join(out, "processor_config.json"), {**merged, **ours})
     return model_type
 
 
