@@ -495,6 +495,7 @@ def initial_student(cfg, teacher, tok):
         check_student_tokens(vlm, tok, cfg.student_path)
         if isinstance(vlm.image_splitting, tiles.Idefics3Splitting):     # SmolVLM / Idefics3
             check_image_size(vlm, cfg)
+            kvshare.check_compatible(teacher.cfg, vlm.decoder.cfg, cfg.rebase_rope)  # at setup
             with_student_only_tail(vlm, teacher.cfg.vocab_size)  # ids past the teacher's
         return vlm
     vision = load_hf_siglip(cfg.vision_path) if cfg.vision_path else None
