@@ -163,6 +163,17 @@ def test_idefics3_tied_and_unsplit_variants_load_with_their_logits(tmp_path, mod
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
+def test_sharded_checkpoint_loads_like_the_single_file(folder, tmp_path):
+    import shutil
+    path, model, _, _ = folder
+    shutil.copytree(path, tmp_path / "sharded", ignore=shutil.ignore_patterns("model.safetensors"))
+    model.save_pretrained(str(tmp_path / "sharded"), max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    one, many = load_smolvlm(path), load_smolvlm(str(tmp_path / "sharded"))
+    for k, v in one.state_dict().items():
+        assert torch.equal(many.state_dict()[k], v), k
+
+
 def test_connector_pixel_shuffle_is_model_pixel_shuffle():
     """Idefics3's connector ordering equals model.pixel_shuffle's (so the projector is reused)."""
     from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
