@@ -169,7 +169,8 @@ def check_pack_fits(cfg, examples, tok):
 def check_student_tokens(vlm, tok, folder):
     """A given student must read the run's tokenizer: a VLM, its <image> (and grid) ids those of
     the tokenizer, a vocabulary that covers it, and, if the folder has its own tokenizer, the
-    same token for every shared id (kvshare.check_shared_vocab)."""
+    same token for every shared id (kvshare.check_shared_vocab). A SmolVLM / Idefics3 student's
+    layout tokens come from its own tokenizer (weights.load_smolvlm), the run's."""
     image_id = tok.token_to_id(data.IMAGE_TOKEN)
     if getattr(vlm, "image_token_id", None) != image_id:
         raise ValueError(f"{folder}: not a VLM with the tokenizer's {data.IMAGE_TOKEN} id "
@@ -178,9 +179,19 @@ def check_student_tokens(vlm, tok, folder):
         raise ValueError(f"{folder}: the student's vocabulary ({vlm.decoder.cfg.vocab_size}) is "
                          f"smaller than the tokenizer's ({tok.get_vocab_size()})")
     view_ids = [tok.token_to_id(t) for t in data.VIEW_TOKENS]
-    if vlm.view_token_ids and list(vlm.view_token_ids) != view_ids:
+    idefics3 = isinstance(getattr(vlm, "image_splitting", None), tiles.Idefics3Splitting)
+    if vlm.view_token_ids and not idefics3 and list(vlm.view_token_ids) != view_ids:
         raise ValueError(f"{folder}: the student's image-splitting token ids differ from the "
                          "tokenizer's (load it with --image_splitting=true)")
     own = os.path.join(folder, "tokenizer.json")
     if os.path.isfile(own):
         kvshare.check_shared_vocab(tok, data.load_tokenizer(own))
+
+
+def check_image_size(vlm, cfg):
+    """--image_size is the side of every view collate and the data loader cut: a given student's
+    vision tower must take exactly that."""
+    if vlm.vision.cfg.image_size != cfg.image_size:
+        raise ValueError(f"--student_path={cfg.student_path}: its vision tower takes "
+                         f"{vlm.vision.cfg.image_size} px views; pass "
+                         f"--image_size={vlm.vision.cfg.image_size} (got {cfg.image_size})")

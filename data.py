@@ -16,7 +16,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import pack
-from tiles import GLOBAL_IMAGE_TOKEN, MAX_GRID, VIEW_TOKENS, grid_token, image_views
+from tiles import (GLOBAL_IMAGE_TOKEN, MAX_GRID, VIEW_TOKENS, Idefics3Grid, grid_token,
+                   idefics3_image_prompt, image_views)
 
 PAD_TOKEN, EOS_TOKEN, IMAGE_TOKEN = "<pad>", "<eos>", "<image>"
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, IMAGE_TOKEN)
@@ -94,7 +95,9 @@ def encode_example(example, tokenizer, n_image_tokens, grids=None):
 
     grids None: each image is n_image_tokens <image> ids (one view). grids = [(n_h, n_w) per image]
     (image splitting): each image is view_tokens(n_h, n_w, n_image_tokens), and with several
-    images each is preceded by the text "<image: i>" as nanoVLM writes it.
+    images each is preceded by the text "<image: i>" as nanoVLM writes it. An Idefics3Grid
+    (tiles.Idefics3Splitting, a SmolVLM student) is its processor's text for the image
+    (tiles.idefics3_image_prompt), tokenized as the processor tokenizes it.
     Text and image ids are encoded separately; with byte-level BPE a leading space belongs to the
     next word, so "<image> eats" + " apples ." tokenizes like "... eats apples ."."""
     prompt, n_images = example["prompt"], len(example_images(example))
@@ -108,10 +111,13 @@ def encode_example(example, tokenizer, n_image_tokens, grids=None):
         prompt = IMAGE_TOKEN * n_images + prompt
     texts, context = prompt.split(IMAGE_TOKEN), []
     for i, text in enumerate(texts):
-        if i < n_images and grids is not None and n_images > 1:
+        idefics3 = i < n_images and grids is not None and isinstance(grids[i], Idefics3Grid)
+        if i < n_images and grids is not None and n_images > 1 and not idefics3:
             text += f"<image: {i}>"
         context += tokenizer.encode(text).ids if text else []
-        if i < n_images:
+        if idefics3:
+            context += tokenizer.encode(idefics3_image_prompt(grids[i], n_image_tokens)).ids
+        elif i < n_images:
             if grids is None:
                 names = [IMAGE_TOKEN] * n_image_tokens
             else:

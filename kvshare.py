@@ -41,21 +41,55 @@ Callers pass VLM.student_only_ids (an int, a single image token id, is accepted 
 import torch
 
 import pack
-from model import check, check_teacher_vocab, positions_from_mask, student_only_mask
+from model import (check, check_teacher_vocab, apply_rope, positions_from_mask, rope_cos_sin,
+                   student_only_mask)
 
 SCOPES = ("full", "image", "none")
 
 
-def check_compatible(teacher_cfg, student_cfg):
+def check_compatible(teacher_cfg, student_cfg, rebase_rope=False):
     """The teacher can only read the student's KV if its attention has the same shape and
     the same RoPE. One error lists every difference. Run once, at setup (train.py, eval.py,
-    the tools); teacher_continue itself re-checks only what the KV tensors can tell."""
+    the tools); teacher_continue itself re-checks only what the KV tensors can tell.
+    rebase_rope=True accepts different RoPE bases: the shared K is then re-rotated to the
+    teacher's base (rebase_rope_k, distill_forward(rebase_from=...))."""
+    names = ("n_layers", "n_kv_heads", "head_dim") + (() if rebase_rope else ("rope_theta",))
     diffs = [f"{name}: teacher {getattr(teacher_cfg, name)} vs student {getattr(student_cfg, name)}"
-             for name in ("n_layers", "n_kv_heads", "head_dim", "rope_theta")
-             if getattr(teacher_cfg, name) != getattr(student_cfg, name)]
+             + (" (--rebase_rope=true re-rotates the shared K to the teacher's base)"
+                if name == "rope_theta" else "")
+             for name in names if getattr(teacher_cfg, name) != getattr(student_cfg, name)]
     if diffs:
         raise ValueError("teacher and student decoders are incompatible for KV sharing:\n  "
                          + "\n  ".join(diffs))
+
+
+def rebase_rope_k(k, positions, head_dim, theta_from, theta_to):
+    """K stored after RoPE with base theta_from -> K as RoPE with base theta_to stores it.
+
+    RoPE turns each frequency pair (i, i + head_dim/2) of K by the angle position * theta^(-2i/d),
+    a rotation, so it can be undone and redone exactly: rotate back by the student's angles
+    (apply_rope with -sin), forward by the teacher's, with model.py's own cos/sin tables (so the
+    result is what the teacher's Attention computes from the same pre-RoPE K, up to float
+    rounding). V carries no position and is unchanged.
+    k: (B, n_kv_heads, T, head_dim); positions: (B, T), the RoPE position of each column."""
+    if theta_from == theta_to:
+        return k
+    cos_from, sin_from = rope_cos_sin(positions, head_dim, theta_from, torch.float32)
+    cos_to, sin_to = rope_cos_sin(positions, head_dim, theta_to, torch.float32)
+    unrotated = apply_rope(k.float(), cos_from, -sin_from)                  # (B, nkv, T, hd)
+    return apply_rope(unrotated, cos_to, sin_to).to(k.dtype)
+
+
+def rebase_rope_kv(student_kv, batch, theta_from, theta_to):
+    """Every layer's (K, V) of student_prefill with K re-based (rebase_rope_k) at the batch's
+    positions: from the attention mask (the padded layout) or position_ids (packed rows)."""
+    if theta_from == theta_to:
+        return student_kv
+    positions = (batch["position_ids"] if "segment_ids" in batch
+                 else positions_from_mask(batch["attention_mask"]))                 # (B, P+R)
+    head_dim = student_kv[0][0].shape[-1]
+    return [(rebase_rope_k(k, positions, head_dim, theta_from, theta_to), v)
+            for k, v in student_kv]
 
 
 def check_shared_vocab(teacher_tokenizer, student_tokenizer):
@@ -166,11 +200,16 @@ def teacher_after_image(teacher, student_kv, text_ids, mask, is_image, P):
     return logits.detach()                                                    # (B, R, V_teacher)
 
 
-def distill_forward(student, teacher, batch, student_only_ids, scope="full", need_teacher=True):
+def distill_forward(student, teacher, batch, student_only_ids, scope="full", need_teacher=True,
+                    rebase_from=None):
     """Steps 1-3: (student logits with grad, teacher logits or None), for the padded reference
-    (above) or packed rows (pack.py, the same contract): the one place the layout is chosen."""
+    (above) or packed rows (pack.py, the same contract): the one place the layout is chosen.
+    rebase_from: the student's RoPE base, when the teacher's differs (rebase_rope_kv)."""
     prefill, continue_ = ((pack.student_prefill, pack.teacher_continue) if "segment_ids" in batch
                           else (student_prefill, teacher_continue))
     student_logits, kv = prefill(student, batch, need_teacher and scope != "none")
+    if rebase_from is not None and kv is not None:       # the shared K, to the teacher's base
+        kv = rebase_rope_kv([(k.detach(), v) for k, v in kv], batch, rebase_from,
+                            teacher.cfg.rope_theta)
     return student_logits, (continue_(teacher, kv, batch, student_only_ids, scope)
                             if need_teacher else None)

@@ -2,9 +2,14 @@
 Image splitting, nanoVLM's rule (--image_splitting=true): each image resized to a grid of
 tiles of the vision tower's input size, plus a global view; data.view_tokens writes the token
 layout, data.collate calls image_views. The tiny world never splits (one view per image).
+
+Idefics3 / SmolVLM's rule (Idefics3Splitting, read from a SmolVLM folder's processor settings):
+tiles first, the global view last, and its own token layout (idefics3_image_prompt); image_views
+returns an Idefics3Grid for it, which tells data.encode_example to write that layout.
 """
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -78,6 +83,12 @@ def tile_grid(h, w, tile):
 
 
 def image_views(image, tile, splitting=None):
+    if isinstance(splitting, Idefics3Splitting):
+        return splitting.views(image, tile)
+    return _nanovlm_views(image, tile, splitting)
+
+
+def _nanovlm_views(image, tile, splitting=None):
     """PIL image -> (views (k, 3, tile, tile), (n_h, n_w)), views in the order of view_tokens.
 
     splitting None: one view, the image resized to the tile (grid (1, 1)). Else nanoVLM's rule:
@@ -97,3 +108,111 @@ def image_views(image, tile, splitting=None):
     if len(views) > 1:
         views.insert(0, resized.resize((tile, tile), Image.BILINEAR))
     return torch.stack([image_to_tensor(v, tile, splitting.pixels) for v in views]), (n_h, n_w)
+
+
+# ----------------------------------------------------------------------------------------
+# Idefics3 / SmolVLM (transformers' Idefics3ImageProcessor and SmolVLMProcessor, PIL backend)
+
+FAKE_IMAGE_TOKEN = "<fake_token_around_image>"    # Idefics3's tokenizer defaults
+IDEFICS3_GLOBAL_TOKEN = "<global-img>"
+IDEFICS3_MAX_SIDE = 4096                          # the processor's absolute cap on a side
+
+
+class Idefics3Grid(NamedTuple):
+    """How one image was split by Idefics3Splitting: rows x cols tiles + a global view, or
+    (0, 0) for the global view alone (the processor's own convention)."""
+    rows: int
+    cols: int
+
+
+@dataclass(frozen=True)
+class Idefics3Splitting:
+    """The image preparation of an Idefics3 / SmolVLM processor (preprocessor_config.json).
+
+    longest_edge: size.longest_edge, the first resize (SmolVLM-256M: 2048 = 4 tiles).
+    tile: max_image_size.longest_edge, the side of every view = the vision tower's image_size.
+    split: do_image_splitting; False = one view per image, squeezed to tile x tile.
+    resample: the PIL filter (1 = LANCZOS, the processor's default).
+    Pixels are (x / 255 - 0.5) / 0.5 (image_mean = image_std = 0.5; weights.py checks)."""
+    longest_edge: int = 2048
+    tile: int = 512
+    split: bool = True
+    resample: int = 1
+
+    def check_tile(self, tile):
+        if tile != self.tile:
+            raise ValueError(f"Idefics3 splitting: views are {self.tile} px "
+                             f"(max_image_size.longest_edge) but the vision tower takes {tile} px")
+
+    def views(self, image, tile):
+        """PIL image -> (views (k, 3, tile, tile), Idefics3Grid), views in token order: the
+        rows x cols tiles row-major, then the global view. Three resizes, as the processor:
+        longest side to longest_edge (the other side by the aspect ratio, made even), each side
+        up to a multiple of the tile, and the global view squeezed to one tile."""
+        self.check_tile(tile)
+        image = image.convert("RGB")
+        resize = lambda im, hw: im.resize(hw[::-1], self.resample) if im.size != hw[::-1] else im
+        image = resize(image, idefics3_first_size(image.height, image.width, self.longest_edge))
+        T = self.tile
+        if not self.split:
+            views, grid = [resize(image, (T, T))], Idefics3Grid(0, 0)
+        else:
+            image = resize(image, idefics3_tile_size(image.height, image.width, T))
+            if image.height > T or image.width > T:
+                rows, cols = image.height // T, image.width // T
+                views = [image.crop((c * T, r * T, (c + 1) * T, (r + 1) * T))
+                         for r in range(rows) for c in range(cols)] + [resize(image, (T, T))]
+                grid = Idefics3Grid(rows, cols)
+            else:
+                views, grid = [image], Idefics3Grid(0, 0)
+        return torch.stack([image_to_tensor(v, T) for v in views]), grid
+
+
+def idefics3_first_size(h, w, longest_edge):
+    """(h, w) -> (H, W): the long side becomes longest_edge, the other follows the aspect ratio
+    (truncated, then made even), both at least 1, then capped at IDEFICS3_MAX_SIDE."""
+    aspect = w / h
+    if w >= h:
+        w = longest_edge
+        h = int(w / aspect)
+        h += h % 2
+    else:
+        h = longest_edge
+        w = int(h * aspect)
+        w += w % 2
+    h, w = max(h, 1), max(w, 1)
+    aspect = w / h
+    if w >= h and w > IDEFICS3_MAX_SIDE:
+        w, h = IDEFICS3_MAX_SIDE, int(IDEFICS3_MAX_SIDE / aspect)
+    elif h > w and h > IDEFICS3_MAX_SIDE:
+        h, w = IDEFICS3_MAX_SIDE, int(IDEFICS3_MAX_SIDE * aspect)
+    return max(h, 1), max(w, 1)
+
+
+def idefics3_tile_size(h, w, tile):
+    """(h, w) -> (H, W), both rounded UP to multiples of the tile: the long side first, the
+    short one from it by the aspect ratio (truncated), then rounded up (the processor's
+    resize_for_vision_encoder)."""
+    aspect = w / h
+    if w >= h:
+        W = math.ceil(w / tile) * tile
+        H = math.ceil(int(W / aspect) / tile) * tile
+    else:
+        H = math.ceil(h / tile) * tile
+        W = math.ceil(int(H * aspect) / tile) * tile
+    return H, W
+
+
+def idefics3_image_prompt(grid, n_image_tokens, image_token="<image>"):
+    """The text that stands for one image (SmolVLMProcessor / Idefics3Processor): for each tile
+    <fake_token_around_image><row_r_col_c> + n image tokens, a newline after each row, then
+    "\n" + <fake_token_around_image><global-img> + n image tokens + <fake_token_around_image>.
+    A (0, 0) grid is the global part alone (no newlines)."""
+    image = image_token * n_image_tokens
+    glob = f"{FAKE_IMAGE_TOKEN}{IDEFICS3_GLOBAL_TOKEN}{image}{FAKE_IMAGE_TOKEN}"
+    if grid.rows == 0 and grid.cols == 0:
+        return glob
+    rows = "".join("".join(f"{FAKE_IMAGE_TOKEN}{grid_token(r, c)}{image}"
+                           for c in range(1, grid.cols + 1)) + "\n"
+                   for r in range(1, grid.rows + 1))
+    return rows + "\n" + glob

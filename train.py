@@ -37,16 +37,14 @@ import oracle
 import stream
 import tiles
 import world
-from checks import (check_config, check_out_dir, check_student_tokens, stages_to_train,
-                    variant_name)
-from checks import check_pack_fits
+from checks import (check_config, check_image_size, check_out_dir, check_pack_fits,
+                    check_student_tokens, stages_to_train, variant_name)
 from model import SIGLIP2_B16_512, Decoder, LMConfig, VisionConfig, grow_vocab, vlm_from_teacher
-from runtime import (Interrupted, Runtime, StageRun, TrainingError, build_config, config_help,
-                     parse_flags, read_json, replace_folder, seed_everything, stop_requests,
-                     unwrap, wants_help, write_json)
-from runtime import FolderLock
-from weights import (load_hf_lm, load_hf_siglip, load_model_folder, save_hf_lm, save_tokenizer,
-                     save_vlm)
+from runtime import (FolderLock, Interrupted, Runtime, StageRun, TrainingError, build_config,
+                     config_help, parse_flags, read_json, replace_folder, seed_everything,
+                     stop_requests, unwrap, wants_help, write_json)
+from weights import (is_smolvlm_folder, load_hf_lm, load_hf_siglip, load_model_folder, save_hf_lm,
+                     save_tokenizer, save_vlm, with_student_only_tail)
 
 
 # ----------------------------------------------------------------------------------------
@@ -102,7 +100,8 @@ class TrainConfig:
     variant: str = ""             # name of the distilled model folder (default: policy-scope)
     # real checkpoints and data (README "Real weights"); empty = the tiny world from scratch
     teacher_path: str = ""        # HF Llama/SmolLM2 folder: the frozen teacher (stage 1 skipped)
-    student_path: str = ""        # nanoVLM or our VLM folder to start from
+    student_path: str = ""        # nanoVLM, SmolVLM / Idefics3 or our VLM folder to start from
+    rebase_rope: bool = False     # re-rotate the shared K to the teacher's RoPE base (kvshare)
     vision_path: str = ""         # HF SigLIP folder for a fresh student's vision tower
     data_path: str = ""           # JSONL / Parquet files (comma list) for stages 2-3
     image_root: str = ""          # folder the image paths of data_path are relative to
@@ -159,6 +158,7 @@ class TrainingSetup:
     tok: Tokenizer                # with the roles of data.load_tokenizer
     text_stream: torch.Tensor = None      # stage 1: the encoded corpus, (N,)
     student_only_ids: tuple = ()          # stage 3: ids the teacher never embeds (VLM's)
+    rebase_from: float = None             # stage 3, --rebase_rope: the student's RoPE base
 
     def __post_init__(self):
         self.pad_id = data.special_id(self.tok, data.PAD_TOKEN)
@@ -282,7 +282,7 @@ def distill_step(setup, student, teacher, batch, counts):
     # 1-3. the student prefills; the frozen teacher continues from the student's context KV
     student_logits, teacher_logits = kvshare.distill_forward(
         student, teacher, batch, setup.student_only_ids, cfg.scope,
-        need_teacher=cfg.policy != "none")
+        need_teacher=cfg.policy != "none", rebase_from=setup.rebase_from)
     # 4. CE on every response token + alpha * KD on the tokens the gate gives KD weight
     out = distill.distill_loss(
         student_logits, batch["labels"], batch["response_mask"], teacher_logits,
@@ -405,10 +405,11 @@ def stage_distill(setup, teacher, student):
     """Stage 3: CE + source-selective KD from the frozen teacher through the KV handoff. On
     CUDA the teacher is held in bf16 (cast once; no per-step weight casts under autocast)."""
     cfg, runtime = setup.cfg, setup.runtime
-    kvshare.check_compatible(teacher.cfg, student.decoder.cfg)    # once, before any step
+    kvshare.check_compatible(teacher.cfg, student.decoder.cfg, cfg.rebase_rope)  # once, first
     teacher = kvshare.freeze(teacher.to(runtime.device), torch.bfloat16 if runtime.cuda else None)
     kd_table = distill.table_from_kinds(setup.data.source_kinds)  # the source gate, once per run
     setup.student_only_ids = torch.tensor(student.student_only_ids, device=runtime.device)
+    setup.rebase_from = student.decoder.cfg.rope_theta if cfg.rebase_rope else None
     student.to(runtime.device).requires_grad_(True)
     student.decoder.gradient_checkpointing = cfg.grad_checkpointing
     train_stage(setup, "distill", runtime.wrap(student),
@@ -433,6 +434,10 @@ def initial_student(cfg, teacher, tok):
     if cfg.student_path:
         vlm = load_model_folder(cfg.student_path, image_token_id=image_id)
         check_student_tokens(vlm, tok, cfg.student_path)
+        if isinstance(vlm.image_splitting, tiles.Idefics3Splitting):     # SmolVLM / Idefics3
+            check_image_size(vlm, cfg)
+            kvshare.check_compatible(teacher.cfg, vlm.decoder.cfg, cfg.rebase_rope)  # at setup
+            with_student_only_tail(vlm, teacher.cfg.vocab_size)  # ids past the teacher's
         return vlm
     vision = load_hf_siglip(cfg.vision_path) if cfg.vision_path else None
     splitting = tiles.ImageSplitting(max_side=cfg.image_max_side) if cfg.image_splitting else None
@@ -454,7 +459,13 @@ def build_data_and_tokenizer(cfg):
     else:
         examples = world.build_world(cfg.seed, n_entities=cfg.n_entities,
                                      image_size=cfg.image_size)
-    if cfg.teacher_path:
+    if cfg.teacher_path and is_smolvlm_folder(cfg.student_path):
+        # a SmolVLM student reads its own tokenizer (image-layout tokens past the teacher's ids);
+        # the teacher's must agree on the shared prefix, which KD compares
+        tok = data.load_tokenizer(os.path.join(cfg.student_path, "tokenizer.json"))
+        kvshare.check_shared_vocab(
+            Tokenizer.from_file(os.path.join(cfg.teacher_path, "tokenizer.json")), tok)
+    elif cfg.teacher_path:
         tok = data.load_tokenizer(os.path.join(cfg.teacher_path, "tokenizer.json"),
                                   image_splitting=cfg.image_splitting)
     else:

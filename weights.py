@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import data
-from tiles import MAX_GRID, ImageSplitting
+import tiles
+from tiles import MAX_GRID, ImageSplitting, Idefics3Splitting
 from model import LMConfig, VisionConfig, Decoder, VisionEncoder, VLM
 from runtime import atomic_write, read_json, write_json
 
@@ -340,15 +341,30 @@ def vlm_key_map(vlm: VLM):
     return {k: k for k in keys}
 
 
+def _splitting_to_json(split):
+    """An image splitting as config.json stores it; an Idefics3 one is marked by its layout."""
+    if split is None:
+        return None
+    return {"layout": "idefics3", **asdict(split)} if isinstance(split, Idefics3Splitting) \
+        else asdict(split)
+
+
+def _splitting_from_json(split, source):
+    if split is None:
+        return None
+    split = dict(split)
+    cls = Idefics3Splitting if split.pop("layout", "nanovlm") == "idefics3" else ImageSplitting
+    return _build(cls, source, **split)
+
+
 def save_vlm(vlm: VLM, folder):
     """config.json also records the view token ids and the image splitting (None: one view)."""
-    split = vlm.image_splitting
     save_mapped(vlm, folder, vlm_key_map(vlm),
                 {"model_type": "lingudistill_vlm", "lm": asdict(vlm.decoder.cfg),
                  "vision": asdict(vlm.vision.cfg),
                  "image_token_id": vlm.image_token_id, "shuffle_factor": vlm.projector.factor,
                  "view_token_ids": list(vlm.view_token_ids),
-                 "image_splitting": None if split is None else asdict(split)})
+                 "image_splitting": _splitting_to_json(vlm.image_splitting)})
 
 
 def load_vlm(folder):
@@ -364,8 +380,7 @@ def load_vlm(folder):
     if not (isinstance(view_ids, list) and all(type(i) is int and i >= 0 for i in view_ids)):
         raise ValueError(f"{cfg_path}: field 'view_token_ids' is {view_ids!r}, expected a list of "
                          "ids")
-    split = c.get("image_splitting", "object", None)
-    split = None if split is None else _build(ImageSplitting, cfg_path, **split)
+    split = _splitting_from_json(c.get("image_splitting", "object", None), cfg_path)
     vlm = _build(VLM, cfg_path, lm_cfg=lm, vision_cfg=vision, image_token_id=image_token_id,
                  shuffle_factor=factor, view_token_ids=tuple(view_ids), image_splitting=split)
     origin = {}
@@ -609,6 +624,171 @@ def load_nanovlm(folder, image_token_id=None):
 
 
 # ----------------------------------------------------------------------------------------
+# SmolVLM / Idefics3 folders (transformers' SmolVLMForConditionalGeneration and
+# Idefics3ForConditionalGeneration; SmolVLM-256M/500M = SigLIP-B/16-512 + SmolLM2-135M/360M)
+#
+# Layout facts (transformers models/idefics3, models/smolvlm; the parity tests check them):
+# - config.json: model_type "smolvlm" or "idefics3", vision_config (SigLIP fields), text_config
+#   (a Llama config), scale_factor (the pixel shuffle), image_token_id, tie_word_embeddings (the
+#   top-level value decides the tying).
+# - Keys: model.vision_model.* (SigLIP's names), model.connector.modality_projection.proj.weight
+#   (Linear(D_vit * s^2, D_lm, bias=False)), model.text_model.* (Llama's names), lm_head.weight.
+# - The connector's pixel shuffle puts the features of each s x s neighbourhood in the order
+#   (row offset, column offset, channel), row-major over the output grid: model.pixel_shuffle's
+#   order, so the projector is reused as is.
+# - The vision tower's position ids (bucketised fractional coordinates, for images of any size)
+#   are 0..N-1 for a full tile, which is all the processor ever gives it.
+# - Image splitting and the image-token layout come from the processor's settings
+#   (preprocessor_config.json, or processor_config.json's "image_processor"):
+#   tiles.Idefics3Splitting and tiles.idefics3_image_prompt.
+
+SMOLVLM_MODEL_TYPES = ("smolvlm", "idefics3")
+
+
+def is_smolvlm_folder(folder):
+    """True if folder/config.json names a SmolVLM / Idefics3 model (False for anything else,
+    including no folder or an unreadable config: the loaders report those)."""
+    path = os.path.join(folder, "config.json") if folder else ""
+    try:
+        c = read_json(path) if os.path.isfile(path) else None
+    except ValueError:
+        return False
+    return isinstance(c, dict) and c.get("model_type") in SMOLVLM_MODEL_TYPES
+
+
+def smolvlm_configs(cfg_dict, source="config.json"):
+    """(LMConfig, VisionConfig, scale_factor, image_token_id) from a SmolVLM / Idefics3
+    config.json. The text part is read as a Hugging Face Llama config (lm_config_from_hf), the
+    vision part as SigLIP's (vision_config_from_hf); the tying is the top-level
+    tie_word_embeddings (transformers' rule; default false)."""
+    f = ConfigFields(cfg_dict, source)
+    model_type = f.get("model_type", "str")
+    if model_type not in SMOLVLM_MODEL_TYPES:
+        raise ValueError(f"{source}: model_type {model_type!r}, expected one of "
+                         f"{SMOLVLM_MODEL_TYPES}")
+    text = f.get("text_config", "object")
+    if text.get("model_type", "llama") != "llama":
+        raise ValueError(f"{source}: text_config.model_type {text.get('model_type')!r}; only a "
+                         "Llama decoder is supported")
+    lm = lm_config_from_hf(text, f"{source} (text_config)")
+    tied = f.get("tie_word_embeddings", "bool", text.get("tie_word_embeddings") is True)
+    lm = _build(LMConfig, source, **{**asdict(lm), "tie_embeddings": tied})
+    vision = vision_config_from_hf(f.get("vision_config", "object"), f"{source} (vision_config)")
+    s = f.get("scale_factor", "size", 2)
+    grid = vision.image_size // vision.patch_size
+    if grid % s:
+        raise ValueError(f"{source}: scale_factor {s} does not divide the {grid}x{grid} patch grid")
+    image_token_id = f.get("image_token_id", "index")
+    if image_token_id >= lm.vocab_size:
+        raise ValueError(f"{source}: image_token_id {image_token_id} is outside the text "
+                         f"vocabulary ({lm.vocab_size})")
+    return lm, vision, s, image_token_id
+
+
+def smolvlm_image_splitting(folder, vision: VisionConfig, n_image_tokens):
+    """tiles.Idefics3Splitting from the processor's settings in `folder`: preprocessor_config.json
+    (or processor_config.json holding "image_processor"). Checked: views of the vision tower's
+    size, pixels normalised to [-1, 1] (mean = std = 0.5, rescale 1/255), and, when the
+    processor names it, image_seq_len = the model's image tokens per view."""
+    pre, proc = (os.path.join(folder, n) for n in ("preprocessor_config.json",
+                                                   "processor_config.json"))
+    proc_cfg = read_json(proc) if os.path.isfile(proc) else {}
+    if os.path.isfile(pre):
+        source, settings = pre, read_json(pre)
+    elif isinstance(proc_cfg, dict) and isinstance(proc_cfg.get("image_processor"), dict):
+        source, settings = proc, proc_cfg["image_processor"]
+    else:
+        raise FileNotFoundError(f"{folder}: no image processor settings (expected "
+                                "preprocessor_config.json, as SmolVLM folders have)")
+    f = ConfigFields(settings, source)
+    longest = ConfigFields(f.get("size", "object", {"longest_edge": 4 * vision.image_size}),
+                           source, "size.").get("longest_edge", "size")
+    tile = ConfigFields(f.get("max_image_size", "object", {"longest_edge": vision.image_size}),
+                        source, "max_image_size.").get("longest_edge", "size")
+    mean, std = settings.get("image_mean", [0.5] * 3), settings.get("image_std", [0.5] * 3)
+    rescale = f.get("rescale_factor", "number", 1 / 255)
+    problems = ([f"max_image_size.longest_edge {tile} != the vision tower's image_size "
+                 f"{vision.image_size}"] * (tile != vision.image_size)
+                + [f"image_mean {mean} / image_std {std} (only 0.5: pixels in [-1, 1])"]
+                * (mean != [0.5] * 3 or std != [0.5] * 3)
+                + [f"rescale_factor {rescale} (only 1/255)"] * (abs(rescale * 255 - 1) > 1e-6)
+                + [f"{k} = false (only true)" for k in ("do_resize", "do_rescale", "do_normalize",
+                                                        "do_convert_rgb")
+                   if f.get(k, "bool", True) is False])
+    seq = proc_cfg.get("image_seq_len") if isinstance(proc_cfg, dict) else None
+    if seq is not None and seq != n_image_tokens:
+        problems.append(f"{proc}: image_seq_len {seq} != (image_size / patch_size)^2 / "
+                        f"scale_factor^2 = {n_image_tokens}")
+    if problems:
+        raise ValueError(f"{source}: unsupported image processing: " + "; ".join(problems))
+    resample = f.get("resample", "index", 1)
+    return _build(Idefics3Splitting, source, longest_edge=longest, tile=tile,
+                  split=f.get("do_image_splitting", "bool", True), resample=resample)
+
+
+def smolvlm_view_token_ids(tokenizer_path, splitting: Idefics3Splitting):
+    """The ids of the layout tokens around the image tokens (<fake_token_around_image>,
+    <global-img>, and <row_r_col_c> up to the largest grid the splitting can give), from the
+    folder's tokenizer.json; every one must be a token of it."""
+    from tokenizers import Tokenizer
+    if not os.path.isfile(tokenizer_path):
+        raise FileNotFoundError(f"{tokenizer_path}: a SmolVLM student needs its tokenizer.json")
+    tok = Tokenizer.from_file(tokenizer_path)
+    n = math.ceil(min(splitting.longest_edge, tiles.IDEFICS3_MAX_SIDE) / splitting.tile)
+    names = [tiles.FAKE_IMAGE_TOKEN, tiles.IDEFICS3_GLOBAL_TOKEN] + (
+        [tiles.grid_token(r, c) for r in range(1, n + 1) for c in range(1, n + 1)]
+        if splitting.split else [])
+    missing = [t for t in names if tok.token_to_id(t) is None]
+    if missing:
+        raise ValueError(f"{tokenizer_path}: no token(s) {missing[:4]}"
+                         f"{' ...' if len(missing) > 4 else ''} for the image layout")
+    return tok, tuple(tok.token_to_id(t) for t in names)
+
+
+def smolvlm_key_map(vlm: VLM):
+    """Our VLM key -> SmolVLM / Idefics3 key (SigLIP's and Llama's names under model.)."""
+    m = {"vision." + k: v for k, v in hf_vision_key_map(vlm.vision.cfg,
+                                                         "model.vision_model.").items()}
+    m["projector.proj.weight"] = "model.connector.modality_projection.proj.weight"
+    m.update({"decoder." + k: v for k, v in hf_lm_key_map(vlm.decoder.cfg,
+                                                          "model.text_model.").items()})
+    return m
+
+
+def load_smolvlm(folder):
+    """A VLM from a SmolVLM / Idefics3 folder (config.json, model.safetensors or shards,
+    tokenizer.json, the processor's settings). vlm.image_splitting is the processor's
+    (tiles.Idefics3Splitting), vlm.view_token_ids the image-layout tokens; train.py adds every
+    other id past the teacher's vocabulary to the student-only ids."""
+    cfg_path = os.path.join(folder, "config.json")
+    lm, vision, s, image_token_id = smolvlm_configs(read_json(cfg_path), cfg_path)
+    n_image_tokens = vision.n_patches // s ** 2
+    splitting = smolvlm_image_splitting(folder, vision, n_image_tokens)
+    tok_path = os.path.join(folder, "tokenizer.json")
+    tok, view_ids = smolvlm_view_token_ids(tok_path, splitting)
+    if tok.token_to_id(data.IMAGE_TOKEN) != image_token_id:
+        raise ValueError(f"{folder}: config.json's image_token_id {image_token_id} is not the "
+                         f"tokenizer's {data.IMAGE_TOKEN} ({tok.token_to_id(data.IMAGE_TOKEN)})")
+    origin = {}
+    tensors = read_safetensors_folder(folder, origin)
+    vlm = _build(VLM, cfg_path, lm_cfg=lm, vision_cfg=vision, image_token_id=image_token_id,
+                 shuffle_factor=s, view_token_ids=view_ids, image_splitting=splitting)
+    ignore = ("model.text_model.rotary_emb.",) + (("lm_head.weight",) if lm.tie_embeddings
+                                                  else ())
+    return load_mapped(vlm, tensors, smolvlm_key_map(vlm), ignore, source=folder, origin=origin)
+
+
+def with_student_only_tail(vlm: VLM, teacher_vocab_size):
+    """The VLM with every id >= teacher_vocab_size (the ids the teacher has no row for: a
+    SmolVLM vocabulary extended past SmolLM2's 49,152) among its student-only ids, so the
+    teacher reads their KV and never embeds them. Returns vlm (changed in place)."""
+    tail = [i for i in range(teacher_vocab_size, vlm.decoder.cfg.vocab_size)
+            if i != vlm.image_token_id and i not in vlm.view_token_ids]
+    vlm.view_token_ids = tuple(vlm.view_token_ids) + tuple(tail)
+    return vlm
+
+
+# ----------------------------------------------------------------------------------------
 # Tokenizers beside the weights
 
 def save_tokenizer(tokenizer, folder):
@@ -638,7 +818,8 @@ def save_tokenizer(tokenizer, folder):
 
 def load_model_folder(folder, image_token_id=None):
     """The model in `folder`, by its config.json: our VLM (model_type "lingudistill_vlm"), a
-    nanoVLM checkpoint (vit_* / lm_* fields; image_token_id as for load_nanovlm) or a
+    SmolVLM / Idefics3 folder (model_type "smolvlm" / "idefics3"), a nanoVLM checkpoint (vit_* /
+    lm_* fields; image_token_id as for load_nanovlm) or a
     Hugging Face decoder LM (load_hf_lm)."""
     cfg_path = os.path.join(folder, "config.json")
     c = read_json(cfg_path)
@@ -646,6 +827,8 @@ def load_model_folder(folder, image_token_id=None):
         raise ValueError(f"{cfg_path}: expected a JSON object, found {type(c).__name__}")
     if c.get("model_type") == "lingudistill_vlm":
         return load_vlm(folder)
+    if c.get("model_type") in SMOLVLM_MODEL_TYPES:
+        return load_smolvlm(folder)
     if "vit_hidden_dim" in c:
         return load_nanovlm(folder, image_token_id=image_token_id)
     return load_hf_lm(folder)
