@@ -10,12 +10,14 @@ The models of LinguDistill, from scratch and in reading order:
 
 Weight loading/saving for Hugging Face and nanoVLM layouts lives in weights.py.
 """
+import functools
 import math
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 
@@ -143,6 +145,12 @@ def repeat_kv_for_mask(q):
 REPEAT_KV = "cuda"
 
 
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention compiled (its fused kernel; uncompiled it is a slow reference), once."""
+    return torch.compile(flex_attention, dynamic=True)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
@@ -163,10 +171,14 @@ class Attention(nn.Module):
             k = torch.cat([past_kv[0].to(k.dtype), k], dim=2)                   # (B, nkv, Tp+T, hd)
             v = torch.cat([past_kv[1].to(v.dtype), v], dim=2)
         kv = (k, v)          # the cache keeps n_kv_heads; query head h reads K/V head h // group
-        if mask is not None and repeat_kv_for_mask(q):   # SDPA's fused CUDA kernels take a mask
+        if torch.is_tensor(mask) and repeat_kv_for_mask(q):   # SDPA's fused CUDA kernels take a mask
             k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, 1) for t in kv)  # w/o GQA
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=True)
+        if isinstance(mask, BlockMask):                 # packed rows on CUDA (pack.segment_mask)
+            y = (compiled_flex_attention() if q.is_cuda else flex_attention)(
+                q, k, v, block_mask=mask, enable_gqa=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, -1)                                      # (B, T, nh*hd)
         return self.o_proj(y), kv
 

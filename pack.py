@@ -19,6 +19,7 @@ student K/V, and the mask lets a query see only its example's shared columns. St
 teacher logits come out (1, N, V) for the N response tokens of the batch, in row order.
 """
 import torch
+from torch.nn.attention.flex_attention import create_block_mask
 
 from model import check_teacher_vocab, student_only_mask
 
@@ -87,15 +88,25 @@ def pack(pairs, pad, max_len):
 
 
 def segment_mask(q_seg, q_col, k_seg, k_col):
-    """The block-diagonal causal mask of packed rows (pack), (B, 1, Tq, Tk), True = may
-    attend: a query sees the keys of its own segment (example) at or before its column.
+    """The block-diagonal causal mask of packed rows (pack), True = may attend: a query sees the
+    keys of its own segment (example) at or before its column. (B, 1, Tq, Tk) booleans, the
+    reference; on CUDA (or BLOCK_MASKS = "always") a FlexAttention BlockMask of the same rule,
+    which holds no (Tq, Tk) tensor and which model.Attention runs with flex_attention.
 
     q_seg, q_col: (B, Tq) segment id and column of each query; k_seg, k_col: (B, Tk) of each
     key (past keys first, then the new ones, as Attention concatenates them). A key that no
     query may see gets a segment id no query has; a padding query gets one of its own, so that
     it sees only itself (no all-masked row, no NaN)."""
+    if BLOCK_MASKS == "always" or (BLOCK_MASKS == "cuda" and q_seg.is_cuda):
+        def visible(b, h, q, k):
+            return (q_seg[b, q] == k_seg[b, k]) & (k_col[b, k] <= q_col[b, q])
+        return create_block_mask(visible, q_seg.shape[0], None, q_seg.shape[1], k_seg.shape[1],
+                                 device=q_seg.device)
     same = q_seg[:, :, None] == k_seg[:, None, :]                              # (B, Tq, Tk)
     return (same & (k_col[:, None, :] <= q_col[:, :, None]))[:, None]
+
+
+BLOCK_MASKS = "cuda"     # "always" / "never": tests compare the two forms on the CPU
 
 
 def prefill_mask(seg):

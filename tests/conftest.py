@@ -18,6 +18,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _cpu_unless_a_cuda_test(request, monkeypatch):
+    """The suite asserts CPU numerics (bit-exact resume, fp32 parity): on a GPU machine every
+    test but tests/test_cuda.py runs on the CPU, in this process (device "auto" finds no GPU) and
+    in the processes it starts (CUDA_VISIBLE_DEVICES="")."""
+    if os.path.basename(str(request.node.fspath)) != "test_cuda.py":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 def _tree(root):
     """(path, size, mtime) of every file under the repository root but caches: a test that
     wrote into the working tree (out/, a stray file) changes it."""

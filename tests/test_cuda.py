@@ -1,29 +1,49 @@
-"""CUDA paths (bf16 autocast, pinned memory, fused AdamW): run where a GPU is present, skipped
-elsewhere."""
+"""CUDA paths, run where a GPU is present (skipped elsewhere): bf16 autocast, pinned memory and
+fused AdamW; every attention call of training and generation on a fused kernel (SDPA's math
+kernel disabled, so a silent fallback to it fails the test); packed rows' FlexAttention equal to
+the dense reference, gradients included; no host sync between the student prefill and the
+teacher continuation. tests/test_gpu_paths.py proves the same forms equal on the CPU."""
+import copy
+
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import data
+import kvshare
+import pack
 import train
-from train import get_config
+from test_gpu_paths import step
+from test_pack import PAD, examples, models
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+FUSED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+
+
+def on_cuda(layout):
+    teacher, student = models()
+    pairs, views, w = examples(student.n_image_tokens)
+    batch = data.lay_out(pairs, views, PAD, pack_len=80 if layout == "packed" else None)
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    return teacher.cuda(), student.cuda(), batch, w.cuda()
 
 
 def test_smoke_pipeline_on_cuda_with_bf16_autocast(tmp_path):
-    models, world, tok = train.run(get_config(["--preset=smoke", "--device=cuda",
-                                               f"--out_dir={tmp_path}", "--eval=false"]))
-    student = models["distilled-selective-full"]
+    models_, world, tok = train.run(train.get_config(["--preset=smoke", "--device=cuda",
+                                                      f"--out_dir={tmp_path}", "--eval=false"]))
+    student = models_["distilled-selective-full"]
     assert next(student.parameters()).device.type == "cuda"
     # master weights stay fp32 under autocast; the frozen teacher is held in bf16
     assert next(student.parameters()).dtype == torch.float32
-    assert next(models["teacher"].parameters()).dtype == torch.bfloat16
+    assert next(models_["teacher"].parameters()).dtype == torch.bfloat16
     import eval as evaluation
-    rows = evaluation.evaluate_models(models, world, tok, 32)
-    assert all(0 <= v <= 1 for r in rows.values() for v in r.values())
+    rows = evaluation.evaluate_models(models_, world, tok, 32)
+    assert all(0 <= v <= 1 for r in rows.values() for k, v in r.items() if k != "transfer")
 
 
-def test_runtime_uses_fused_adamw_pinned_memory_and_bf16():
-    rt = train.Runtime(get_config(["--device=cuda"]))
+def test_runtime_uses_pinned_memory_and_bf16():
+    rt = train.Runtime("cuda")
+    assert rt.cuda and rt.device.type == "cuda"
     batch = rt.to_device({"x": torch.ones(3), "s": ["a"]})
     assert batch["x"].device.type == "cuda" and batch["s"] == ["a"]
     with rt.autocast():
@@ -31,19 +51,49 @@ def test_runtime_uses_fused_adamw_pinned_memory_and_bf16():
     assert y.dtype == torch.bfloat16
 
 
-def test_distill_step_matches_between_cpu_fp32_and_cuda_fp32():
-    from model import LMConfig, Decoder
-    import kvshare
-    torch.manual_seed(0)
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("scope", ["full", "image", "none"])
+def test_distill_step_on_cuda_fp32_equals_the_cpu(scope, layout):
+    """The same step on both devices: logits, loss and gradients, with packed rows on
+    FlexAttention and masked attention on K/V repeated to the query heads on CUDA."""
     torch.backends.cuda.matmul.allow_tf32 = False        # Runtime turns TF32 on for training speed
-    lm = LMConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64)
-    teacher = kvshare.freeze(Decoder(lm))
-    ids = torch.randint(1, 60, (2, 10))
-    _, kv = teacher(ids, use_cache=True)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "context_len": 6,
-             "labels": ids[:, 6:]}
-    cpu = kvshare.teacher_continue(teacher, kv, batch, 63)
-    teacher.cuda()
+    teacher, student = models()
+    pairs, views, w = examples(student.n_image_tokens)
+    batch = data.lay_out(pairs, views, PAD, pack_len=80 if layout == "packed" else None)
     gpu_batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
-    gpu = kvshare.teacher_continue(teacher, [(k.cuda(), v.cuda()) for k, v in kv], gpu_batch, 63)
-    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
+    gpu = step(copy.deepcopy(student).cuda(), copy.deepcopy(teacher).cuda(), gpu_batch, w.cuda(),
+               scope)
+    cpu = step(student, teacher, batch, w, scope)
+    assert len(cpu) == len(gpu) > 3
+    for a, b in zip(cpu, gpu):
+        torch.testing.assert_close(b.cpu(), a, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("scope", ["full", "image", "none"])
+def test_every_training_attention_call_runs_on_a_fused_kernel(scope, layout):
+    teacher, student, batch, w = on_cuda(layout)
+    kvshare.freeze(teacher, torch.bfloat16)
+    with sdpa_kernel(FUSED), torch.autocast("cuda", dtype=torch.bfloat16):   # no math fallback
+        out = step(student, teacher, batch, w, scope)
+    assert all(torch.isfinite(x).all() for x in out)
+
+
+def test_cached_generation_runs_on_a_fused_kernel():
+    teacher, _, batch, _ = on_cuda("padded")
+    with sdpa_kernel(FUSED), torch.autocast("cuda", dtype=torch.bfloat16):
+        new = teacher.generate(batch["input_ids"][:, :6], batch["attention_mask"][:, :6],
+                               max_new_tokens=4)
+    assert new.shape == (batch["input_ids"].shape[0], 4)
+
+
+def test_no_host_sync_between_the_student_prefill_and_the_teacher_continuation():
+    teacher, student, batch, _ = on_cuda("padded")
+    ids = torch.tensor(student.student_only_ids, device="cuda")    # train.py holds it so
+    _, kv = kvshare.student_prefill(student, batch)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        kvshare.teacher_continue(teacher, kv, batch, ids, "full")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

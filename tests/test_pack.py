@@ -230,3 +230,4 @@ def test_ddp_packed_two_ranks_match_one_padded_process(tmp_path):
     for ra, rb in zip(a, b):
         for key in ("loss", "ce", "kd", "grad_norm", "tokens"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-7), (ra["step"], key)
+
