@@ -96,7 +96,7 @@ class TrainConfig:
     kd: str = "fkl"               # fkl | rkl | jsd
     temperature: float = 1.0      # KD temperature (T^2 scaling)
     jsd_beta: float = 0.5         # --kd=jsd: mixture weight, in (0, 1)
-    kd_chunk: int = 0             # tokens per KD chunk (0 = no chunking)
+    kd_chunk: int = 0             # tokens per KD chunk (0: 1024 at a vocabulary >= 8192, else none)
     variant: str = ""             # name of the distilled model folder (default: policy-scope)
     # real checkpoints and data (README "Real weights"); empty = the tiny world from scratch
     teacher_path: str = ""        # HF Llama/SmolLM2 folder: the frozen teacher (stage 1 skipped)
@@ -159,6 +159,7 @@ class TrainingSetup:
     text_stream: torch.Tensor = None      # stage 1: the encoded corpus, (N,)
     student_only_ids: tuple = ()          # stage 3: ids the teacher never embeds (VLM's)
     rebase_from: float = None             # stage 3, --rebase_rope: the student's RoPE base
+    kd_chunk: int = None                  # stage 3: tokens per KD chunk (--kd_chunk), or none
 
     def __post_init__(self):
         self.pad_id = data.special_id(self.tok, data.PAD_TOKEN)
@@ -287,7 +288,7 @@ def distill_step(setup, student, teacher, batch, counts):
     out = distill.distill_loss(
         student_logits, batch["labels"], batch["response_mask"], teacher_logits,
         batch["kd_weight"], alpha=cfg.alpha, divergence=cfg.kd, temperature=cfg.temperature,
-        beta=cfg.jsd_beta, chunk_size=cfg.kd_chunk or None, ce_normalizer=counts["ce"],
+        beta=cfg.jsd_beta, chunk_size=setup.kd_chunk, ce_normalizer=counts["ce"],
         kd_normalizer=counts["kd"])
     (out["loss"] * setup.runtime.world_size).backward()
     return {"loss": out["loss"], "ce": out["ce"], "kd": out["kd"]}
@@ -410,6 +411,8 @@ def stage_distill(setup, teacher, student):
     kd_table = distill.table_from_kinds(setup.data.source_kinds)  # the source gate, once per run
     setup.student_only_ids = torch.tensor(student.student_only_ids, device=runtime.device)
     setup.rebase_from = student.decoder.cfg.rope_theta if cfg.rebase_rope else None
+    # at a real vocabulary the float32 (tokens, V) softmax temporaries are the loss's memory peak
+    setup.kd_chunk = cfg.kd_chunk or (1024 if teacher.cfg.vocab_size >= 8192 else None)
     student.to(runtime.device).requires_grad_(True)
     student.decoder.gradient_checkpointing = cfg.grad_checkpointing
     train_stage(setup, "distill", runtime.wrap(student),

@@ -13,7 +13,7 @@ Benchmarks (not tests): ratios measured side by side in one run, printed as a ta
   python tools/bench.py --only=pack --device=cpu --B=16 --max_len=1024 --steps=3  # packed batches
 
 - handoff:  teacher continuation over the shared context KV vs the teacher recomputing the
-            whole sequence, against the ideal ratio R/(P+R).
+            whole sequence (both masked: the same attention kernel), against the ideal R/(P+R).
 - kd_memory: chunked vs naive KD at vocab 49,152: peak memory and equal loss.
 - step:     one full distill step (student prefill + teacher continuation + loss + backward).
 - hf_step:  the same step built from Hugging Face transformers modules (if installed).
@@ -125,7 +125,9 @@ def bench_handoff(device, lm, B=8, P=448, R=64):
         _, kv = teacher(batch["input_ids"], use_cache=True)
         t_cont = timeit(lambda: kvshare.teacher_continue(teacher, kv, batch, lm.vocab_size - 1,
                                                          "full"), device)
-        t_full = timeit(lambda: teacher(batch["input_ids"], logits_start=P - 1), device)
+        # like for like: the full forward with a mask too, so both run on the same kernel
+        t_full = timeit(lambda: teacher(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                        logits_start=P - 1), device)
     return [("handoff", f"teacher continuation, B={B} P={P} R={R}, {lm.n_layers}x{lm.dim}",
              f"{t_cont * 1e3:.1f} ms", f"full recompute {t_full * 1e3:.1f} ms",
              f"ratio {t_cont / t_full:.3f} (ideal R/(P+R) = {R / (P + R):.3f})")]
@@ -364,8 +366,8 @@ def bench_paper(device, size="paper", B=8, P=448, R=64, steps=5, warmup=2, amp=N
         t_cont = timeit(lambda: kvshare.teacher_continue(teacher_fwd, kv, batch, image_token_id,
                                                          "full"), device,
                         repeat=steps, warmup=warmup)
-        t_full = timeit(lambda: teacher_fwd(text_ids, logits_start=P), device, repeat=steps,
-                        warmup=warmup)
+        t_full = timeit(lambda: teacher_fwd(text_ids, attention_mask=batch["attention_mask"],
+                                            logits_start=P), device, repeat=steps, warmup=warmup)
     f_student, f_teacher = flops_per_step(student, teacher, B, P, R)
     achieved = (f_student + f_teacher) / t_step / 1e12
     return {"ms_per_step": t_step * 1e3, "tokens_per_s": B * (P + R) / t_step,
