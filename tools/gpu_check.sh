@@ -2,8 +2,8 @@
 # The GPU measurements of this repository in one run (README "Tests and limitations"): the CUDA
 # tests (fused attention kernels with SDPA's math kernel disabled, CPU == CUDA steps, no host
 # sync between prefill and continuation), then the paper-size distill step at B = 8 and 32
-# (P = 256, R = 128; eager, --compile), packed vs padded, and the loader at 512 px. About 8
-# minutes on one H100/H200-class GPU; everything is written to gpu_check/ (one log per part).
+# (P = 256, R = 128; eager, --compile), packed vs padded, and the loader at 512 px. Sized for
+# about 8 minutes of one GPU (each part has a timeout); written to gpu_check/, a log per part.
 #   bash tools/gpu_check.sh [OUT_DIR]
 set -uo pipefail
 if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then sed -n '2,7p' "$0" | cut -c3-; exit 0; fi
