@@ -193,10 +193,12 @@ def check_loss_inputs(student_logits, labels, response_mask, teacher_logits, kd_
         if x is not None and (x.dim() != len(want.split(",")) or x.shape[:2] != (B, R)):
             raise ValueError(f"{name} must be {want} = ({B}, {R}{', V' * (x.dim() == 3)}) like "
                              f"labels, found {tuple(x.shape)}")
-    shape_ok = torch.tensor(kd_weight.shape in ((B,), (B, R)), device=kd_weight.device)
-    check(shape_ok & (kd_weight >= 0).all(), f"kd_weight must be (B,) = ({B},) per example or (B, "
-          f"R) = ({B}, {R}) per token, weights >= 0", lambda: f"kd_weight must be (B,) = ({B},) per "
-          f"example or (B, R) = ({B}, {R}) per token, weights >= 0, found {kd_weight.tolist()}")
+    expected = f"kd_weight must be (B,) = ({B},) per example or (B, R) = ({B}, {R}) per token, " \
+               "weights >= 0"
+    detail = lambda: f"{expected}, found {kd_weight.tolist()}"  # noqa: E731 (values: CPU only)
+    if kd_weight.shape not in ((B,), (B, R)):
+        raise ValueError(detail())
+    check((kd_weight >= 0).all(), expected, detail)
     if teacher_logits is None:
         check(~(kd_weight > 0).any(), "KD weight > 0 needs teacher_logits (B, R, Vt); only a gate "
               "of zeros (policy 'none') runs without a teacher")
