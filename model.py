@@ -114,9 +114,8 @@ def positions_from_mask(attention_mask):
 
 
 def check(ok, message, detail=None):
-    """Raise ValueError(detail() if given, else message) unless the bool tensor `ok` holds. On
-    CUDA an asynchronous device assert instead: no host sync (the step fails at its next sync,
-    with `message`)."""
+    """ValueError(detail() if given, else message) unless the bool tensor `ok` holds; on CUDA an
+    asynchronous device assert (no host sync: the step fails at its next sync, with message)."""
     if ok.is_cuda:
         torch._assert_async(ok, message)
     elif not bool(ok):
@@ -134,15 +133,28 @@ def build_attention_mask(attention_mask, q_len, past_len):
     return mask | (k_idx == q_idx)[None, None]
 
 
-def repeat_kv_for_mask(q):
-    """Repeat K/V to the query heads when a mask is given? On CUDA, yes: flash attention takes no
-    mask and the memory-efficient kernel no mask with fewer K/V heads, so SDPA would fall back to
-    its math kernel (fp32, the whole score matrix kept). On the CPU (the reference) GQA reads K/V
-    in place. REPEAT_KV = "always" / "never" overrides it (tests: both give the same output)."""
-    return REPEAT_KV == "always" or (REPEAT_KV == "cuda" and q.is_cuda)
+def reference_attention(q, k, v, mask):
+    """SDPA with the boolean mask (B, 1, Tq, Tk), or plain causal (mask None); query head h reads
+    K/V head h // (n_heads / n_kv_heads) in place (GQA). The reference, which the CPU runs."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          enable_gqa=True)
 
 
-REPEAT_KV = "cuda"
+def cuda_attention(q, k, v, mask):
+    """reference_attention on CUDA's fused kernels (equal to it: tests/test_gpu_paths.py). SDPA's
+    flash kernel takes no mask and its memory-efficient kernel no mask with fewer K/V heads than
+    query heads, so a mask with GQA would silently run the math kernel (fp32, the whole score
+    matrix kept for backward): with a mask, K/V are repeated to the query heads. Packed rows'
+    FlexAttention block mask (pack.segment_mask) runs the compiled flex kernel."""
+    if isinstance(mask, BlockMask):
+        flex = compiled_flex_attention() if q.is_cuda else flex_attention  # CPU: tests only
+        return flex(q, k, v, block_mask=mask, enable_gqa=True)
+    if mask is not None:
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
+    return reference_attention(q, k, v, mask)
+
+
+CUDA_FORMS_ON_CPU = False      # tests set it: cuda_attention on the CPU, compared with the reference
 
 
 @functools.cache
@@ -170,17 +182,10 @@ class Attention(nn.Module):
         if past_kv is not None:
             k = torch.cat([past_kv[0].to(k.dtype), k], dim=2)                   # (B, nkv, Tp+T, hd)
             v = torch.cat([past_kv[1].to(v.dtype), v], dim=2)
-        kv = (k, v)          # the cache keeps n_kv_heads; query head h reads K/V head h // group
-        if torch.is_tensor(mask) and repeat_kv_for_mask(q):   # SDPA's fused CUDA kernels take a mask
-            k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, 1) for t in kv)  # w/o GQA
-        if isinstance(mask, BlockMask):                 # packed rows on CUDA (pack.segment_mask)
-            y = (compiled_flex_attention() if q.is_cuda else flex_attention)(
-                q, k, v, block_mask=mask, enable_gqa=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=True)
+        cuda_forms = q.is_cuda or CUDA_FORMS_ON_CPU or isinstance(mask, BlockMask)
+        y = (cuda_attention if cuda_forms else reference_attention)(q, k, v, mask)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, -1)                                      # (B, T, nh*hd)
-        return self.o_proj(y), kv
+        return self.o_proj(y), (k, v)     # the cache keeps n_kv_heads
 
 
 class MLP(nn.Module):
@@ -457,20 +462,18 @@ class VLM(nn.Module):
 
 
 def student_only_mask(ids, student_only_ids):
-    """True where ids is one of student_only_ids (VLM.student_only_ids, or one int; a tensor of
-    them on ids' device is used as it is: no host-to-device copy per call)."""
+    """True where ids is one of student_only_ids (VLM.student_only_ids, one int, or a tensor)."""
     only = [student_only_ids] if isinstance(student_only_ids, int) else student_only_ids
     return torch.isin(ids, torch.as_tensor(only, dtype=ids.dtype, device=ids.device))
 
 
 def check_teacher_vocab(teacher, text_ids):
     """Every id the teacher embeds must lie in its vocabulary; one error says which did not."""
-    check(text_ids.max() < teacher.cfg.vocab_size, f"a token id is outside the teacher's "
-          f"vocabulary ({teacher.cfg.vocab_size}); text tokens must lie in the shared prefix (ids "
-          "the teacher must not embed, like image-splitting tokens, belong in student_only_ids)",
-          lambda: f"token id {int(text_ids.max())} is outside the teacher's vocabulary "
-          f"({teacher.cfg.vocab_size}); text tokens must lie in the shared prefix (ids the teacher "
-          "must not embed, like image-splitting tokens, belong in student_only_ids)")
+    why = (f"outside the teacher's vocabulary ({teacher.cfg.vocab_size}); text tokens must lie in "
+           "the shared prefix (ids the teacher must not embed, like image-splitting tokens, "
+           "belong in student_only_ids)")
+    check(text_ids.max() < teacher.cfg.vocab_size, f"a token id is {why}",
+          lambda: f"token id {int(text_ids.max())} is {why}")
 
 
 def grow_vocab(decoder, vocab_size):

@@ -31,7 +31,7 @@ def test_repeated_kv_equals_gqa_forward_and_gradients(scope, layout, monkeypatch
     pairs, views, w = examples(student.n_image_tokens)
     batch = data.lay_out(pairs, views, PAD, pack_len=80 if layout == "packed" else None)
     reference = step(student, teacher, batch, w, scope)
-    monkeypatch.setattr(model, "REPEAT_KV", "always")
+    monkeypatch.setattr(model, "CUDA_FORMS_ON_CPU", True)
     repeated = step(student, teacher, batch, w, scope)
     assert len(reference) == len(repeated) > 3
     for a, b in zip(reference, repeated):
@@ -44,7 +44,7 @@ def test_repeated_kv_equals_gqa_in_cached_generation(monkeypatch):
     mask = torch.ones_like(ids)
     mask[0, :3] = 0                                                   # a left-padded prompt
     reference = teacher.generate(ids, mask, max_new_tokens=6)
-    monkeypatch.setattr(model, "REPEAT_KV", "always")
+    monkeypatch.setattr(model, "CUDA_FORMS_ON_CPU", True)
     assert torch.equal(teacher.generate(ids, mask, max_new_tokens=6), reference)
 
 
