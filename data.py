@@ -52,9 +52,8 @@ def encode_for_batch(example, tokenizer, n_image_tokens, image_size, image_split
 
 
 def batch_of(items, pad, max_len=None, pack=False):
-    """Encoded examples (encode_for_batch) -> a batch: the token part (pad_pairs, or pack.pack
-    into rows of max_len), "images": every view of the batch, (N_views, 3, S, S), in the order
-    of the <image> runs it fills, "grids" and "source" per example."""
+    """Encoded examples (encode_for_batch) -> a batch: the token part (pad_pairs, or pack.pack into
+    max_len rows), "images" (N_views, 3, S, S) in <image>-run order, "grids", "source"."""
     pairs = [it["pair"] for it in items]
     if max_len is not None:
         if any(len(c) >= max_len for c, _ in pairs):

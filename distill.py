@@ -47,12 +47,10 @@ def _check_kd_args(divergence, temperature, beta):
 
 
 def kd_divergence(student_logits, teacher_logits, divergence="fkl", temperature=1.0, beta=0.5):
-    """Per-token divergence (N,) between student (N, Vs) and teacher (N, Vt) logits, both at
-    temperature T in float32, times T^2 (so gradients do not shrink as T grows; Hinton et al.).
-    fkl: KL(teacher || student), the default; rkl: KL(student || teacher); jsd: generalised
-    JSD(beta) = beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s
-    (TRL GKD's convention; beta in (0, 1); 0.5 is the symmetric JSD). Vocabularies that differ
-    are compared on their shared prefix min(Vs, Vt) (kvshare.check_shared_vocab checks it)."""
+    """Per-token divergence (N,) of student (N, Vs) and teacher (N, Vt) logits at temperature T in
+    float32, times T^2 (Hinton et al.). fkl: KL(teacher || student), the default; rkl: KL(student
+    || teacher); jsd: beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s
+    (TRL GKD's; beta in (0, 1)). Vocabularies are compared on their shared prefix min(Vs, Vt)."""
     _check_kd_args(divergence, temperature, beta)
     V = min(student_logits.shape[-1], teacher_logits.shape[-1])
     log_s = _log_probs(student_logits[:, :V], temperature)                  # (N, V) log p_student
@@ -133,9 +131,8 @@ def source_weights(policy, sources, table=None):
 # The loss
 
 def _normalise(total, count, override, name):
-    """total / (override or count): count = this batch's (weighted) tokens (a tensor: no host
-    sync), override = the step's over all micro-batches and DDP ranks, so their losses sum to the
-    global mean. No token: total is an empty sum, 0 with a graph."""
+    """total / (override or count): count = this batch's (weighted) tokens (a tensor), override =
+    the step's over all micro-batches and DDP ranks (their losses sum to the global mean)."""
     if override is None:
         return total / torch.where(count > 0, count, torch.ones_like(count))
     if not float(override) > 0:
@@ -160,8 +157,8 @@ def cross_entropy(logits, labels, response_mask, normalizer=None):
 def distill_loss(student_logits, labels, response_mask, teacher_logits, kd_weight, *, alpha=1.0,
                  divergence="fkl", temperature=1.0, beta=0.5, chunk_size=None, ce_normalizer=None,
                  kd_normalizer=None):
-    """Total = CE + alpha * KD. Returns {"loss", "ce", "kd", "n_ce_tokens", "n_kd_tokens"}.
-    student_logits (B, R, Vs); labels (B, R) (pads arbitrary); response_mask (B, R), True for
+    """Total = CE + alpha * KD -> {"loss", "ce", "kd", "n_ce_tokens", "n_kd_tokens"}. student_logits
+    (B, R, Vs); labels (B, R) (pads arbitrary); response_mask (B, R), True for
     answer + EOS; teacher_logits (B, R, Vt), or None when no token gets KD (policy "none");
     kd_weight: the source gate, (B,) per example (source_weights) or (B, R) per token (packed).
     CE over the real response tokens; KD (kd_token_sum) over the weighted count of KD tokens;
@@ -193,12 +190,11 @@ def check_loss_inputs(student_logits, labels, response_mask, teacher_logits, kd_
         if x is not None and (x.dim() != len(want.split(",")) or x.shape[:2] != (B, R)):
             raise ValueError(f"{name} must be {want} = ({B}, {R}{', V' * (x.dim() == 3)}) like "
                              f"labels, found {tuple(x.shape)}")
-    expected = f"kd_weight must be (B,) = ({B},) per example or (B, R) = ({B}, {R}) per token, " \
-               "weights >= 0"
-    detail = lambda: f"{expected}, found {kd_weight.tolist()}"  # noqa: E731 (values: CPU only)
+    want = f"kd_weight must be (B,) = ({B},) per example or (B, R) = ({B}, {R}) per token, weights"
     if kd_weight.shape not in ((B,), (B, R)):
-        raise ValueError(detail())
-    check((kd_weight >= 0).all(), expected, detail)
+        raise ValueError(f"{want} >= 0, found {kd_weight.tolist()}")
+    check((kd_weight >= 0).all(), f"{want} >= 0",
+          lambda: f"{want} >= 0, found {kd_weight.tolist()}")
     if teacher_logits is None:
         check(~(kd_weight > 0).any(), "KD weight > 0 needs teacher_logits (B, R, Vt); only a gate "
               "of zeros (policy 'none') runs without a teacher")

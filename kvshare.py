@@ -135,9 +135,8 @@ def student_prefill(student, batch, keep_kv=True):
 
 @torch.no_grad()
 def teacher_continue(teacher, student_kv, batch, student_only_ids, scope="full"):
-    """Steps 2-3. Teacher logits (B, R, V_teacher) for the response tokens, detached; the teacher
-    frozen (freeze) and compatible (check_compatible, at setup). student_only_ids: ids it reads as
-    KV, never embeds. student_kv fp32 or bf16: the teacher's Attention casts it to its dtype."""
+    """Steps 2-3: teacher logits (B, R, V_teacher) of the response tokens, detached. Student-only
+    ids are read as KV, never embedded; student_kv fp32 or bf16 (Attention casts it)."""
     if scope not in SCOPES:
         raise ValueError(f"share scope {scope!r}; expected one of {SCOPES}")
     if teacher.training:
@@ -202,9 +201,8 @@ def teacher_after_image(teacher, student_kv, text_ids, mask, is_image, P):
 
 def distill_forward(student, teacher, batch, student_only_ids, scope="full", need_teacher=True,
                     rebase_from=None):
-    """Steps 1-3: (student logits with grad, teacher logits or None), for the padded reference
-    (above) or packed rows (pack.py, the same contract): the one place the layout is chosen.
-    rebase_from: the student's RoPE base, when the teacher's differs (rebase_rope_kv)."""
+    """Steps 1-3: (student logits, teacher logits or None), padded (above) or packed (pack.py, the
+    same contract): the one place the layout is chosen. rebase_from: see rebase_rope_kv."""
     prefill, continue_ = ((pack.student_prefill, pack.teacher_continue) if "segment_ids" in batch
                           else (student_prefill, teacher_continue))
     student_logits, kv = prefill(student, batch, need_teacher and scope != "none")

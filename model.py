@@ -114,8 +114,7 @@ def positions_from_mask(attention_mask):
 
 
 def check(ok, message, detail=None):
-    """ValueError(detail() if given, else message) unless the bool tensor `ok` holds; on CUDA an
-    asynchronous device assert (no host sync: the step fails at its next sync, with message)."""
+    """`ok` (a bool tensor) or ValueError(detail() or message); on CUDA an async assert: no sync."""
     if ok.is_cuda:
         torch._assert_async(ok, message)
     elif not bool(ok):
@@ -154,7 +153,7 @@ def cuda_attention(q, k, v, mask):
     return reference_attention(q, k, v, mask)
 
 
-CUDA_FORMS_ON_CPU = False      # tests set it: cuda_attention on the CPU, compared with the reference
+CUDA_FORMS_ON_CPU = False      # tests set it: cuda_attention on the CPU, against the reference
 
 
 @functools.cache
@@ -238,8 +237,8 @@ class Decoder(nn.Module):
         past_kv (per layer (K, V), (B, n_kv_heads, Tp, head_dim), K after RoPE). attention_mask
         (B, Tp+T): 1 real / 0 pad (None: all real); positions count the real tokens before each
         column. logits: the new columns from logits_start on; kv (use_cache): every layer's (K, V)
-        over past + new. Packed rows (pack.py): packed_mask (B, 1, T, Tp+T), True = may attend,
-        with position_ids; logit_index (N,) -> logits (1, N, V) at those flat columns."""
+        over past + new. Packed rows (pack.py): packed_mask (B, 1, T, Tp+T) + position_ids, and
+        logit_index (N,) -> logits (1, N, V)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds           # (B, T, D)
         B, T, _ = x.shape
         past_len = 0 if past_kv is None else past_kv[0][0].shape[2]
@@ -281,7 +280,8 @@ class Decoder(nn.Module):
         rows that emitted eos_id are filled with pad_id afterwards.
         top_k: sample among the k most likely tokens only. on_token(tok (B,)): called after each
         step (streaming). past_kv: a prefix already in the cache (e.g. a student's context KV for
-        the teacher, tools/generate.py's teacher_generate); attention_mask then covers past + prompt."""
+        the teacher, tools/generate.py's teacher_generate); attention_mask then covers past +
+        prompt."""
         x = inputs_embeds if inputs_embeds is not None else input_ids
         B, device = x.shape[0], x.device
         past_len = 0 if past_kv is None else past_kv[0][0].shape[2]
@@ -346,8 +346,7 @@ class VisionBlock(nn.Module):
         h = self.ln1(x)
         q, k, v = (p(h).view(B, N, self.n_heads, -1).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        # no mask: all patches
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D)  # no mask
         x = x + self.out_proj(a)
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x)), approximate="tanh"))
 
@@ -433,10 +432,10 @@ class VLM(nn.Module):
         """Token embeddings with image features scattered into the placeholder positions."""
         x = self.decoder.embed(input_ids)                                                # (B, T, D)
         slots, n_views = input_ids == self.image_token_id, 0 if images is None else len(images)
-        check(slots.sum() == n_views * self.n_image_tokens, "image placeholder tokens in input_ids "
-              "and image features differ in number", lambda: f"{int(slots.sum())} image placeholder "
-              f"tokens in input_ids but {n_views * self.n_image_tokens} image features ({n_views} "
-              f"image views x {self.n_image_tokens} tokens)")
+        n_feats = n_views * self.n_image_tokens
+        check(slots.sum() == n_feats, "image placeholder tokens and image features differ",
+              lambda: f"{int(slots.sum())} image placeholder tokens in input_ids but {n_feats} "
+              f"image features ({n_views} image views x {self.n_image_tokens} tokens)")
         if n_views == 0:
             return x
         feats = self.image_features(images).to(x.dtype)                          # (N, n_img_tok, D)

@@ -208,9 +208,8 @@ def text_batch(setup, step, micro):
 
 
 def get_batch(setup, stage, step, micro, encoded, mixture):
-    """Stages 2-3: tiny-world examples (`encoded` per source, stage_data) whose sources are drawn
-    from `mixture`, in the layout of data.collate (contexts left-padded to P, responses
-    right-padded to R; --pack: packed rows)."""
+    """Stages 2-3: tiny-world examples (`encoded`, stage_data) from sources drawn from `mixture`,
+    in data.collate's layout (contexts left-padded to P, responses right-padded to R)."""
     cfg, runtime = setup.cfg, setup.runtime
     rng = np.random.default_rng([cfg.seed, BATCH_STREAMS[stage], step, micro])
     names = sorted(mixture)

@@ -55,7 +55,7 @@ import kvshare  # noqa: E402
 import oracle  # noqa: E402
 import toolflags  # noqa: E402
 import train  # noqa: E402
-from runtime import write_json, write_text  # noqa: E402
+from runtime import Checkpoints, write_json, write_text  # noqa: E402
 
 PIPELINES = ("base", "align x3", "adapt lr /3", "scope image")
 FOLDERS = {"base": "base", "align x3": "align-x3", "adapt lr /3": "adapt-lr-div3",
@@ -123,8 +123,8 @@ def image_desc_match(student, teacher, world, tok, image_size):
 def aligned_model(cfg, teacher, tok, world):
     """The student right after ALIGN: train.py's initial student (with --tower=oracle, the
     oracle's) + the align stage's last checkpoint (its decoder is exactly the teacher's)."""
-    ckpts = train.Checkpoints(os.path.join(cfg.out_dir, "ckpt", "align"), cfg.keep_last,
-                              train.RESUME_MAY_CHANGE)
+    ckpts = Checkpoints(os.path.join(cfg.out_dir, "ckpt", "align"), cfg.keep_last,
+                        train.RESUME_MAY_CHANGE)
     state = ckpts.load(ckpts.paths()[-1], cfg)
     assert state["step"] == cfg.align_steps, (state["step"], cfg.align_steps)
     vlm = train.initial_student(cfg, teacher, tok)
