@@ -63,35 +63,6 @@ def check_compatible(teacher_cfg, student_cfg, rebase_rope=False):
                          + "\n  ".join(diffs))
 
 
-def rebase_rope_k(k, positions, head_dim, theta_from, theta_to):
-    """K stored after RoPE with base theta_from -> K as RoPE with base theta_to stores it.
-
-    RoPE turns each frequency pair (i, i + head_dim/2) of K by the angle position * theta^(-2i/d),
-    a rotation, so it can be undone and redone exactly: rotate back by the student's angles
-    (apply_rope with -sin), forward by the teacher's, with model.py's own cos/sin tables (so the
-    result is what the teacher's Attention computes from the same pre-RoPE K, up to float
-    rounding). V carries no position and is unchanged.
-    k: (B, n_kv_heads, T, head_dim); positions: (B, T), the RoPE position of each column."""
-    if theta_from == theta_to:
-        return k
-    cos_from, sin_from = rope_cos_sin(positions, head_dim, theta_from, torch.float32)
-    cos_to, sin_to = rope_cos_sin(positions, head_dim, theta_to, torch.float32)
-    unrotated = apply_rope(k.float(), cos_from, -sin_from)                  # (B, nkv, T, hd)
-    return apply_rope(unrotated, cos_to, sin_to).to(k.dtype)
-
-
-def rebase_rope_kv(student_kv, batch, theta_from, theta_to):
-    """Every layer's (K, V) of student_prefill with K re-based (rebase_rope_k) at the batch's
-    positions: from the attention mask (the padded layout) or position_ids (packed rows)."""
-    if theta_from == theta_to:
-        return student_kv
-    positions = (batch["position_ids"] if "segment_ids" in batch
-                 else positions_from_mask(batch["attention_mask"]))                 # (B, P+R)
-    head_dim = student_kv[0][0].shape[-1]
-    return [(rebase_rope_k(k, positions, head_dim, theta_from, theta_to), v)
-            for k, v in student_kv]
-
-
 def check_shared_vocab(teacher_tokenizer, student_tokenizer):
     """KD compares the first min(V_teacher, V_student) logits; both tokenizers must map those
     ids to the same tokens (tokenizers.Tokenizer objects)."""
@@ -211,3 +182,35 @@ def distill_forward(student, teacher, batch, student_only_ids, scope="full", nee
                             teacher.cfg.rope_theta)
     return student_logits, (continue_(teacher, kv, batch, student_only_ids, scope)
                             if need_teacher else None)
+
+
+# ----------------------------------------------------------------------------------------
+# Beyond the paper: the handoff across RoPE bases (--rebase_rope)
+
+def rebase_rope_k(k, positions, head_dim, theta_from, theta_to):
+    """K stored after RoPE with base theta_from -> K as RoPE with base theta_to stores it.
+
+    RoPE turns each frequency pair (i, i + head_dim/2) of K by the angle position * theta^(-2i/d),
+    a rotation, so it can be undone and redone exactly: rotate back by the student's angles
+    (apply_rope with -sin), forward by the teacher's, with model.py's own cos/sin tables (so the
+    result is what the teacher's Attention computes from the same pre-RoPE K, up to float
+    rounding). V carries no position and is unchanged.
+    k: (B, n_kv_heads, T, head_dim); positions: (B, T), the RoPE position of each column."""
+    if theta_from == theta_to:
+        return k
+    cos_from, sin_from = rope_cos_sin(positions, head_dim, theta_from, torch.float32)
+    cos_to, sin_to = rope_cos_sin(positions, head_dim, theta_to, torch.float32)
+    unrotated = apply_rope(k.float(), cos_from, -sin_from)                  # (B, nkv, T, hd)
+    return apply_rope(unrotated, cos_to, sin_to).to(k.dtype)
+
+
+def rebase_rope_kv(student_kv, batch, theta_from, theta_to):
+    """Every layer's (K, V) of student_prefill with K re-based (rebase_rope_k) at the batch's
+    positions: from the attention mask (the padded layout) or position_ids (packed rows)."""
+    if theta_from == theta_to:
+        return student_kv
+    positions = (batch["position_ids"] if "segment_ids" in batch
+                 else positions_from_mask(batch["attention_mask"]))                 # (B, P+R)
+    head_dim = student_kv[0][0].shape[-1]
+    return [(rebase_rope_k(k, positions, head_dim, theta_from, theta_to), v)
+            for k, v in student_kv]

@@ -8,7 +8,9 @@ The models of LinguDistill, from scratch and in reading order:
 3. The VLM: image placeholder tokens in the prompt are replaced by projected image
    features, then the decoder runs.
 
-Weight loading/saving for Hugging Face and nanoVLM layouts lives in weights.py.
+Attention is reference_attention (SDPA) on the CPU and cuda_attention (SDPA's fused kernels,
+FlexAttention for packed rows) on a GPU; tests/test_gpu_paths.py proves them equal. Weight
+loading/saving for Hugging Face, nanoVLM and SmolVLM layouts lives in weights.py.
 """
 import functools
 import math
@@ -137,29 +139,6 @@ def reference_attention(q, k, v, mask):
     K/V head h // (n_heads / n_kv_heads) in place (GQA). The reference, which the CPU runs."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                           enable_gqa=True)
-
-
-def cuda_attention(q, k, v, mask):
-    """reference_attention on CUDA's fused kernels (equal to it: tests/test_gpu_paths.py). SDPA's
-    flash kernel takes no mask and its memory-efficient kernel no mask with fewer K/V heads than
-    query heads, so a mask with GQA would silently run the math kernel (fp32, the whole score
-    matrix kept for backward): with a mask, K/V are repeated to the query heads. Packed rows'
-    FlexAttention block mask (pack.segment_mask) runs the compiled flex kernel."""
-    if isinstance(mask, BlockMask):
-        flex = compiled_flex_attention() if q.is_cuda else flex_attention  # CPU: tests only
-        return flex(q, k, v, block_mask=mask, enable_gqa=True)
-    if mask is not None:
-        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
-    return reference_attention(q, k, v, mask)
-
-
-CUDA_FORMS_ON_CPU = False      # tests set it: cuda_attention on the CPU, against the reference
-
-
-@functools.cache
-def compiled_flex_attention():
-    """flex_attention compiled (its fused kernel; uncompiled it is a slow reference), once."""
-    return torch.compile(flex_attention, dynamic=True)
 
 
 class Attention(nn.Module):
@@ -315,6 +294,33 @@ class Decoder(nn.Module):
                               use_cache=True)
         out = torch.stack(out, 1)
         return F.pad(out, (0, max_new_tokens - out.shape[1]), value=pad_id)
+
+
+# ----------------------------------------------------------------------------------------
+# The same attention on CUDA's fused kernels (Attention.forward picks it on a GPU)
+
+def cuda_attention(q, k, v, mask):
+    """reference_attention on CUDA's fused kernels (equal to it: tests/test_gpu_paths.py). SDPA's
+    flash kernel takes no mask and its memory-efficient kernel no mask with fewer K/V heads than
+    query heads, so a mask with GQA would silently run the math kernel (fp32, the whole score
+    matrix kept for backward): with a mask, K/V are repeated to the query heads. Packed rows'
+    FlexAttention block mask (pack.segment_mask) runs the compiled flex kernel."""
+    if isinstance(mask, BlockMask):
+        flex = compiled_flex_attention() if q.is_cuda else flex_attention  # CPU: tests only
+        return flex(q, k, v, block_mask=mask, enable_gqa=True)
+    if mask is not None:
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
+    return reference_attention(q, k, v, mask)
+
+
+CUDA_FORMS_ON_CPU = False      # tests set it: cuda_attention on the CPU, against the reference
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention compiled (its fused kernel; uncompiled it is a slow reference), once."""
+    return torch.compile(flex_attention, dynamic=True)
+
 
 
 def init_weights(m):
