@@ -110,6 +110,10 @@ def test_experiment_end_to_end_with_a_tiny_teacher(bench_folder, tmp_path):
         assert r["kl_blind"] > 0 and r["transfer"] == pytest.approx(
             1 - r["kl_handoff"] / r["kl_blind"])
     assert "transfer" not in rows["teacher"]
+    # text-replay KD on this data is the same run as the text-only teacher / LinguDistill
+    assert rows["text-replay KD (own text)"] == rows["text-only teacher KD"]
+    assert rows["text-replay KD (student KV)"] == rows["LinguDistill"]
+    assert not (out / "seed0" / "distilled-text-replay-kd-own-text").exists()
     assert rows["teacher"]["recovery_kl"] == 1 and rows["adapted"]["recovery_kl"] == 0
     assert rows["LinguDistill"]["recovery_kl"] == pytest.approx(
         1 - rows["LinguDistill"]["kl"] / rows["adapted"]["kl"])
@@ -125,7 +129,8 @@ def test_experiment_end_to_end_with_a_tiny_teacher(bench_folder, tmp_path):
     assert (out / "seed0.json").stat().st_mtime_ns == before
     # an interrupted seed keeps the rows it measured: only the missing model is measured again
     kept = json.loads((out / "seed1" / "rows.json").read_text())
-    assert set(kept) == names - {"teacher"}
+    assert set(kept) == names - {"teacher", "text-replay KD (own text)",      # the aliases
+                                 "text-replay KD (student KV)"}
     kept["LinguDistill"]["ppl"] = -1.0                    # a marker no measurement can give
     del kept["merge λ=0.5"]
     (out / "seed1" / "rows.json").write_text(json.dumps(kept))
@@ -170,3 +175,12 @@ def test_tool_bad_flags_exit_with_one_line(tool, argv, message, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{tool}: ") and message in lines[0]
     assert not out.exists()
+
+
+def test_text_replay_variants_are_aliases_of_the_same_config_here():
+    base = ["--kd_sources=text", "--seed=0"]
+    aliases = rx.variant_aliases(base, list(rx.experiment.VARIANTS))
+    assert aliases == {"text-replay KD (own text)": "text-only teacher KD",
+                       "text-replay KD (student KV)": "LinguDistill"}
+    assert rx.variant_aliases(base, ["text-replay KD (own text)", "CE-only"]) == {}
+    assert rx.effective_flags(["--a=1", "--b=2", "--a=3", "x"]) == (("a", "3"), ("b", "2"))

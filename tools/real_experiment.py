@@ -30,8 +30,11 @@ circle." as the oracle's text (colour, shape; transfer_items). The reserved BIG-
 are never read.
 
 Per seed (the seed sets the tower's init and the data order; teacher and data are fixed): one
-align + adapt run (train.py --stage=adapt), the four distill variants from that adapted model
-(experiment.VARIANTS), and the weight merges of the adapted decoder toward the teacher.
+align + adapt run (train.py --stage=adapt), the distill variants from that adapted model
+(experiment.VARIANTS), and the weight merges of the adapted decoder toward the teacher. The
+text-replay KD variants (KD on the image-free language sources only) are, on this data, the
+same runs as text-only teacher KD (own text) and LinguDistill (student KV), since the only KD
+source, "text", has no image: variant_aliases reports them without training them again.
 KL recovery = 1 - KL(model) / KL(adapted), the share of the held-out KL that adaptation added and
 the model removed; recovery = (model - adapted) / (teacher - adapted) on the dev-task mean.
 Paired differences (LinguDistill minus each baseline and each merge) on both, and vision.
@@ -82,6 +85,7 @@ QUESTIONS = {"colour": "What colour is the shape in the image?",
 # change the teacher's next token: 0.24 nats (colour), 1.21 (shape); 25 items each, seed 0.
 TRANSFER_LEADS = {"colour": "The shape is coloured", "shape": "It is a"}
 WORLD_SEED, IMAGE_SIZE = 0, 32
+TEXT_SOURCE = "text"          # the one language-intensive (KD) source: image-free real text
 
 
 def train_flags(train_argv):
@@ -175,14 +179,34 @@ def evaluate(model, tok, bench, vqa, transfer_set, heldout, teacher=None):
     return row
 
 
+def effective_flags(argv):
+    """train.py's --key=value flags as one {key: value} (a later flag overrides an earlier)."""
+    return tuple(sorted(dict(a[2:].split("=", 1) for a in argv if a.startswith("--")
+                             and "=" in a).items()))
+
+
+def variant_aliases(base, variants):
+    """{variant: the earlier variant of `variants` it equals}: variants whose stage-3 flags are
+    the same once filled in. Here the only KD source is the image-free "text" (TEXT_SOURCE), so
+    text-replay KD (own text) IS text-only teacher KD and text-replay KD (student KV) IS
+    LinguDistill (the same config, hence the same model): they are reported, not trained twice."""
+    first, aliases = {}, {}
+    for name in variants:
+        key = effective_flags(base + experiment.variant_flags(name, TEXT_SOURCE))
+        same = first.setdefault(key, name)
+        if same != name:
+            aliases[name] = same
+    return aliases
+
+
 def run_seed(seed, opts, train_argv, paths, heldout, bench, vision, teacher_row):
     """Adapt once, every distill variant and merge from it; evaluate all -> rows. Each model's
     row is kept in seed<N>/rows.json as soon as it is measured, so a re-run measures only the
     models still missing (train.py's --resume likewise skips finished stages)."""
     seed_dir = os.path.join(opts["out_dir"], f"seed{seed}")
     base = [f"--teacher_path={opts['teacher']}", f"--data_path={','.join(paths)}",
-            "--kd_sources=text", f"--seed={seed}", f"--out_dir={seed_dir}", "--eval=false",
-            "--resume=true"] + train_flags(train_argv)
+            f"--kd_sources={TEXT_SOURCE}", f"--seed={seed}", f"--out_dir={seed_dir}",
+            "--eval=false", "--resume=true"] + train_flags(train_argv)
     rows_path = os.path.join(seed_dir, "rows.json")
     rows = {"teacher": teacher_row}
     if os.path.isfile(rows_path):
@@ -193,8 +217,9 @@ def run_seed(seed, opts, train_argv, paths, heldout, bench, vision, teacher_row)
     teacher, adapted = kvshare.freeze(models["teacher"]), models["adapted"]
     times["adapt"] = time.time() - t0
     build = {"adapted": lambda: adapted}
-    build.update({name: (lambda name=name: experiment.train_variant(base, name))
-                  for name in opts["variants"]})
+    aliases = variant_aliases(base, opts["variants"])
+    build.update({name: (lambda name=name: experiment.train_variant(base, name, TEXT_SOURCE))
+                  for name in opts["variants"] if name not in aliases})
     build.update({experiment.merge_name(lam):
                   (lambda lam=lam: experiment.merge_toward_teacher(adapted, teacher, lam))
                   for lam in opts["merge_lams"]})
@@ -204,6 +229,8 @@ def run_seed(seed, opts, train_argv, paths, heldout, bench, vision, teacher_row)
             rows[name] = evaluate(make(), tok, bench, *vision, heldout, teacher)
             times[name] = time.time() - t0
             write_json(rows_path, {k: v for k, v in rows.items() if k != "teacher"})
+    for name, same in aliases.items():             # the same run by construction: its rows
+        rows[name] = dict(rows[same])
     drop, kl = rows["teacher"]["acc"] - rows["adapted"]["acc"], rows["adapted"]["kl"]
     for row in rows.values():
         row["recovery"] = (row["acc"] - rows["adapted"]["acc"]) / drop if drop > 0 else float("nan")
