@@ -184,3 +184,17 @@ def test_text_replay_variants_are_aliases_of_the_same_config_here():
                        "text-replay KD (student KV)": "LinguDistill"}
     assert rx.variant_aliases(base, ["text-replay KD (own text)", "CE-only"]) == {}
     assert rx.effective_flags(["--a=1", "--b=2", "--a=3", "x"]) == (("a", "3"), ("b", "2"))
+
+
+def test_strong_tasks_and_their_recovery():
+    bench = {"a": [{"options": ["x", "y"]}] * 4, "b": [{"options": ["x", "y", "z", "w"]}] * 4}
+    teacher = {"acc_a": 0.55, "acc_b": 0.40}             # a: 5 above chance 50; b: 15 above 25
+    assert rx.strong_tasks(teacher, bench) == ["b"]
+    assert rx.strong_tasks(teacher, bench, margin=0.05) == ["a", "b"]
+    rows = {"teacher": dict(teacher), "adapted": {"acc_a": 0.5, "acc_b": 0.20},
+            "LinguDistill": {"acc_a": 0.5, "acc_b": 0.35}}
+    rx.add_strong(rows, ["b"])
+    assert rows["LinguDistill"]["acc_strong"] == 0.35
+    assert rows["LinguDistill"]["recovery_strong"] == pytest.approx(0.75)
+    assert rows["adapted"]["recovery_strong"] == 0.0
+    assert "acc_strong" not in rx.add_strong({"teacher": {}}, [])["teacher"]

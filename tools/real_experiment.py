@@ -37,7 +37,10 @@ same runs as text-only teacher KD (own text) and LinguDistill (student KV), sinc
 source, "text", has no image: variant_aliases reports them without training them again.
 KL recovery = 1 - KL(model) / KL(adapted), the share of the held-out KL that adaptation added and
 the model removed; recovery = (model - adapted) / (teacher - adapted) on the dev-task mean.
-Paired differences (LinguDistill minus each baseline and each merge) on both, and vision.
+Strong-task recovery: the same on the mean of the dev tasks where the teacher is >= 10 points
+above chance (strong_tasks; chosen on the teacher's scores alone), the readout that is not the
+KD objective (the held-out KL is KD's own divergence on held-out text).
+Paired differences (LinguDistill minus each baseline and each merge) on all three, and vision.
 Writes real.md, real.json and (with matplotlib) real.png to --out_dir; a re-run in the same
 --out_dir resumes (finished seeds are read back from seed<N>.json, measured models from
 seed<N>/rows.json). The folder's settings.json records what the results depend on (the train
@@ -179,6 +182,32 @@ def evaluate(model, tok, bench, vqa, transfer_set, heldout, teacher=None):
     return row
 
 
+STRONG_MARGIN = 0.10       # a dev task is read when the teacher is this far above its chance
+
+
+def strong_tasks(teacher_row, bench, margin=STRONG_MARGIN):
+    """The dev tasks on which the teacher is >= margin above chance (chance: the mean over items
+    of 1 / number of options), in bench order: the readout that is not the KD objective (the
+    held-out KL is). Chosen on the teacher's own scores only, never on a student's."""
+    chance = {t: sum(1 / len(it["options"]) for it in items) / max(1, len(items))
+              for t, items in bench.items()}
+    return [t for t in bench if teacher_row[f"acc_{t}"] - chance[t] >= margin - 1e-12]
+
+
+def add_strong(rows, tasks):
+    """Each row's "acc_strong" (mean accuracy over `tasks`) and "recovery_strong"
+    ((model - adapted) / (teacher - adapted) on it); no keys when no task qualifies."""
+    if not tasks:
+        return rows
+    for row in rows.values():
+        row["acc_strong"] = sum(row[f"acc_{t}"] for t in tasks) / len(tasks)
+    drop = rows["teacher"]["acc_strong"] - rows["adapted"]["acc_strong"]
+    for row in rows.values():
+        row["recovery_strong"] = ((row["acc_strong"] - rows["adapted"]["acc_strong"]) / drop
+                                  if drop > 0 else float("nan"))
+    return rows
+
+
 def effective_flags(argv):
     """train.py's --key=value flags as one {key: value} (a later flag overrides an earlier)."""
     return tuple(sorted(dict(a[2:].split("=", 1) for a in argv if a.startswith("--")
@@ -235,14 +264,18 @@ def run_seed(seed, opts, train_argv, paths, heldout, bench, vision, teacher_row)
     for row in rows.values():
         row["recovery"] = (row["acc"] - rows["adapted"]["acc"]) / drop if drop > 0 else float("nan")
         row["recovery_kl"] = 1 - row["kl"] / kl if kl > 0 else float("nan")
+    add_strong(rows, strong_tasks(rows["teacher"], bench))
     print(f"seed {seed}: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()), flush=True)
     return rows
 
 
 COLUMNS = [("kl", "held-out KL"), ("recovery_kl", "KL recovery"), ("ppl", "held-out ppl"),
-           ("acc", "BIG-bench dev mean"), ("recovery", "dev recovery"), ("vision", "vision"),
+           ("acc", "BIG-bench dev mean"), ("recovery", "dev recovery"),
+           ("acc_strong", "strong dev tasks"), ("recovery_strong", "strong-task recovery"),
+           ("vision", "vision"),
            ("transfer", "T")] + [(f"transfer_{s}", f"T {s}") for s in TRANSFER_LEADS]
-DIFF_METRICS = {"recovery_kl": "KL recovery", "recovery": "dev recovery", "vision": "vision"}
+DIFF_METRICS = {"recovery_kl": "KL recovery", "recovery": "dev recovery",
+                "recovery_strong": "strong-task recovery", "vision": "vision"}
 
 
 def format_rows(mean, std, tasks):
@@ -373,6 +406,8 @@ def main(argv):
     diffs = experiment.paired_differences(per_seed, mean, metrics=DIFF_METRICS, every_merge=True)
     report = [f"seeds {opts['seeds']}, {opts['items']} items per dev task, "
               f"{len(heldout)} held-out texts; {time.time() - t_start:.0f}s in this call", "",
+              "strong dev tasks (the teacher >= 10 points above chance; the readout that is not "
+              f"the KD objective): {', '.join(strong_tasks(teacher_row, bench)) or 'none'}", "",
               format_rows(mean, std, list(bench)), "",
               experiment.format_differences(diffs, mean, metrics=DIFF_METRICS)]
     text = "\n".join(report)
