@@ -1,12 +1,23 @@
 """
 The miniature experiment: seeds x {teacher, adapted, CE-only, uniform KD, text-only teacher
-KD, LinguDistill, weight merges}, every model on the tiny world's benchmarks, mean ± std over
-seeds, and paired per-seed differences of LinguDistill against each baseline with 95 %
-t-intervals.
+KD, LinguDistill, text-replay KD (own text / student KV), weight merges}, every model on the
+tiny world's benchmarks (test items), mean ± std over seeds, and paired per-seed differences of
+LinguDistill against each baseline with 95 % t-intervals and Holm-adjusted p-values.
 
   python tools/experiment.py --seeds=0,1,2 [--jobs=3] [--threads=0] [--out_dir=out/experiment]
-                             [--merge_lams=0.25,0.5,0.75] [--teachers_from=DIR] [TRAIN FLAGS]
+                             [--merge_lams=0.25,0.5,0.75] [--teachers_from=DIR]
+                             [--variants=ce-only,lingudistill,...] [TRAIN FLAGS]
   python tools/experiment.py --help           # every flag, its default and what it does
+
+Text-replay KD (issue 31): KD on the image-free language source text_qa only (train.py
+--kd_sources=text_qa), CE everywhere, the teacher on its own text (--scope=none) or through the
+student's K/V of that text (--scope=full). LinguDistill minus it is what KD through the handoff
+on image-grounded examples adds. Every model is measured on the test items; the validation
+split's items (world.World.bench(..., "val")) give the val_* keys, on which the one setting the
+report chooses (the merge at equal vision) is chosen. Transfer T comes with its shuffled-image
+null (eval.shuffled_items): T_shuffled, T - T_shuffled paired over seeds, the blind teacher's
+top-1 and the raw KLs. The report states the family of its intervals and their Holm-adjusted
+p-values, and the outcome of the pre-stated rule (decide; RESULTS.md).
 
 Every VLM also gets the transfer measure T (eval.transfer: does the frozen teacher see the
 image through the KV handoff? 1 = as if it read the image's words, 0 = as if no image);
