@@ -123,6 +123,9 @@ def test_experiment_end_to_end_with_a_tiny_teacher(bench_folder, tmp_path):
     assert "| difference | KL recovery | dev recovery | vision | KL recovery per seed |" in \
         (out / "real.md").read_text()
     assert (out / "real.md").read_text().startswith("seeds [0, 1]")
+    assert "Holm-adjusted over the family" in (out / "real.md").read_text()
+    assert "LinguDistill − CE-only | recovery_kl" in result["p_holm"]
+    assert "transfer_shuffled" in rows["LinguDistill"]           # the null on the vision prompts
     # a re-run reads the finished seeds back instead of training again
     before = (out / "seed0.json").stat().st_mtime_ns
     rx.main(argv)

@@ -404,16 +404,23 @@ def main(argv):
     mean, std = experiment.aggregate(per_seed)
     # every merge, its vision difference beside: "equal vision" needs a tower that learns vision
     diffs = experiment.paired_differences(per_seed, mean, metrics=DIFF_METRICS, every_merge=True)
+    gaps = experiment.transfer_differences(per_seed)          # T - T_shuffled, where measured
+    raw, adjusted = experiment.family_pvalues(diffs, gaps)
     report = [f"seeds {opts['seeds']}, {opts['items']} items per dev task, "
               f"{len(heldout)} held-out texts; {time.time() - t_start:.0f}s in this call", "",
               "strong dev tasks (the teacher >= 10 points above chance; the readout that is not "
               f"the KD objective): {', '.join(strong_tasks(teacher_row, bench)) or 'none'}", "",
               format_rows(mean, std, list(bench)), "",
-              experiment.format_differences(diffs, mean, metrics=DIFF_METRICS)]
+              experiment.format_differences(diffs, mean, metrics=DIFF_METRICS), "",
+              experiment.format_pvalues(diffs, gaps, raw, adjusted, metrics=DIFF_METRICS)]
+    if gaps:
+        report += ["", experiment.format_null(mean, std, gaps, raw, adjusted)]
     text = "\n".join(report)
     write_text(os.path.join(out, "real.md"), text + "\n")
     write_json(os.path.join(out, "real.json"), {"per_seed": per_seed, "mean": mean, "std": std,
-                                                "paired": diffs})
+                                                "paired": diffs, "transfer_gap": gaps,
+                                                "p_holm": {" | ".join(k): v
+                                                           for k, v in adjusted.items()}})
     plot(mean, std, os.path.join(out, "real.png"))
     print(text)
 
