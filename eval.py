@@ -138,7 +138,7 @@ def teacher_handoff_accuracy(student, teacher, items, tok, image_size=32, scope=
     return sum(hits) / max(1, len(hits))
 
 
-def transfer_from_logits(oracle, handoff, blind, splits=None):
+def transfer_from_logits(oracle, handoff, blind, splits=None, shuffled=None):
     """The transfer measure from three next-token logit sets of the frozen teacher over the same
     N prompts, each (N, V): oracle (the image replaced by its words, on the teacher's own text),
     handoff (continuing from the student's KV, scope full), blind (no image, scope none).
@@ -149,21 +149,56 @@ def transfer_from_logits(oracle, handoff, blind, splits=None):
     it, 0 when it gives no more than no image at all, < 0 when it misleads; nan when the words
     tell the teacher nothing (mean KL to blind = 0). top1: how often the handoff's argmax is
     the oracle's. splits (N labels, e.g. "seen"/"unseen"): the same per split, keys suffixed
-    "_<split>". Returns {"transfer", "transfer_top1", "kl_handoff", "kl_blind", ...}."""
-    lo, lh, lb = (F.log_softmax(x.float(), -1) for x in (oracle, handoff, blind))   # (N, V)
+    "_<split>". transfer_top1_blind: the same agreement for the blind teacher.
+
+    shuffled (N, V), optional: the null, the teacher continuing from the same student's KV of
+    the same prompts with each image replaced by another entity's (shuffled_items). Adds
+    transfer_shuffled = 1 - mean KL(p_oracle || p_shuffled) / mean KL(p_oracle || p_blind),
+    transfer_gap = transfer - transfer_shuffled (> 0: the handoff carries *this* image's
+    information, not just "an image"), kl_shuffled and transfer_top1_shuffled.
+    Returns {"transfer", "transfer_top1", "kl_handoff", "kl_blind", ...}."""
+    named = {"handoff": handoff, "blind": blind, **({"shuffled": shuffled}
+                                                     if shuffled is not None else {})}
+    lo = F.log_softmax(oracle.float(), -1)                                           # (N, V)
+    logp = {k: F.log_softmax(x.float(), -1) for k, x in named.items()}              # (N, V)
     p = lo.exp()
-    kl_h, kl_b = (p * (lo - lh)).sum(-1), (p * (lo - lb)).sum(-1)                    # (N,)
-    top1 = (lh.argmax(-1) == lo.argmax(-1)).float()                                  # (N,)
-    groups = {"": torch.ones_like(top1, dtype=torch.bool)}
+    kl = {k: (p * (lo - lq)).sum(-1) for k, lq in logp.items()}                      # (N,)
+    top1 = {k: (lq.argmax(-1) == lo.argmax(-1)).float() for k, lq in logp.items()}  # (N,)
+    groups = {"": torch.ones_like(top1["handoff"], dtype=torch.bool)}
     for s in sorted(set(splits or [])):
-        groups[f"_{s}"] = torch.tensor([x == s for x in splits], device=top1.device)
+        groups[f"_{s}"] = torch.tensor([x == s for x in splits], device=lo.device)
     out = {}
     for suffix, g in groups.items():
-        mean_h, mean_b = float(kl_h[g].mean()), float(kl_b[g].mean())
-        out[f"transfer{suffix}"] = 1 - mean_h / mean_b if mean_b > 0 else float("nan")
-        out[f"transfer_top1{suffix}"] = float(top1[g].mean())
-        out[f"kl_handoff{suffix}"], out[f"kl_blind{suffix}"] = mean_h, mean_b
+        mean = {k: float(v[g].mean()) for k, v in kl.items()}
+        ratio = (lambda k: 1 - mean[k] / mean["blind"]) if mean["blind"] > 0 else \
+            (lambda k: float("nan"))
+        out[f"transfer{suffix}"] = ratio("handoff")
+        out[f"transfer_top1{suffix}"] = float(top1["handoff"][g].mean())
+        out[f"kl_handoff{suffix}"], out[f"kl_blind{suffix}"] = mean["handoff"], mean["blind"]
+        out[f"transfer_top1_blind{suffix}"] = float(top1["blind"][g].mean())
+        if "shuffled" in mean:
+            out[f"transfer_shuffled{suffix}"] = ratio("shuffled")
+            out[f"transfer_gap{suffix}"] = out[f"transfer{suffix}"] - ratio("shuffled")
+            out[f"kl_shuffled{suffix}"] = mean["shuffled"]
+            out[f"transfer_top1_shuffled{suffix}"] = float(top1["shuffled"][g].mean())
     return out
+
+
+def shuffled_items(items):
+    """The shuffled-image null: the same items (prompts, responses, splits), each image replaced
+    by the image of an item about another entity. A fixed derangement of the entities: the
+    distinct "desc"s in order of first appearance, each item taking the image of the first item
+    of the next desc (cyclically), so no item keeps its own entity's image. Needs >= 2 entities."""
+    descs = list(dict.fromkeys(it["desc"] for it in items))
+    if len(descs) < 2:
+        raise ValueError(f"shuffled_items: {len(descs)} entity in the items; the null needs two "
+                         "or more")
+    first = {}
+    for it in items:
+        first.setdefault(it["desc"], it["image"])
+    nxt = {d: descs[(i + 1) % len(descs)] for i, d in enumerate(descs)}
+    return [{**it, "image": first[nxt[it["desc"]]], "image_desc": nxt[it["desc"]]}
+            for it in items]
 
 
 def oracle_example(item):
@@ -177,30 +212,38 @@ def oracle_example(item):
 
 
 @torch.no_grad()
-def transfer(student, teacher, items, tok, image_size=32, batch_size=64):
+def transfer(student, teacher, items, tok, image_size=32, batch_size=64, null=True):
     """Does the frozen teacher see the image? For each item (an image example with a "desc",
     e.g. world.knowledge_bench: "<image> eats" on a render of the red circle), the teacher's
     distribution over the first response token three ways: p_oracle on "the red circle eats"
     (its own text), p_handoff from the student's KV (kvshare scope "full"), p_blind from the
-    prompt text alone (scope "none"). Returns transfer_from_logits(...), per "split" too if
-    the items have one."""
+    prompt text alone (scope "none"), and with `null` p_shuffled, the handoff from the same
+    student's KV with each image another entity's (shuffled_items; skipped with fewer than two
+    entities). Returns transfer_from_logits(...), per "split" too if the items have one."""
     was_training = student.training
     student.eval()
     device = next(student.parameters()).device
     oracle_rows = [oracle_example(it) for it in items]
-    handoff, blind, oracle = [], [], []
+    null = null and len({it["desc"] for it in items}) > 1
+    handoff, blind, oracle, shuffled = [], [], [], []
     try:
         for b in batches(items, tok, student, image_size, batch_size, device):
             _, kv = kvshare.student_prefill(student, b)
             for scope, out in (("full", handoff), ("none", blind)):
                 logits = kvshare.teacher_continue(teacher, kv, b, student.student_only_ids, scope)
                 out.append(logits[:, 0].float())                                    # (B, V)
+        for b in batches(shuffled_items(items) if null else [], tok, student, image_size,
+                         batch_size, device):
+            _, kv = kvshare.student_prefill(student, b)
+            logits = kvshare.teacher_continue(teacher, kv, b, student.student_only_ids, "full")
+            shuffled.append(logits[:, 0].float())                                   # (B, V)
     finally:
         student.train(was_training)
     for b in batches(oracle_rows, tok, teacher, image_size, batch_size, device):
         oracle.append(response_logits(teacher, b)[:, 0])                            # (B, V)
     splits = [it["split"] for it in items] if all("split" in it for it in items) else None
-    return transfer_from_logits(torch.cat(oracle), torch.cat(handoff), torch.cat(blind), splits)
+    return transfer_from_logits(torch.cat(oracle), torch.cat(handoff), torch.cat(blind), splits,
+                                torch.cat(shuffled) if null else None)
 
 
 @torch.no_grad()
@@ -231,10 +274,21 @@ def held_out_scores(model, texts, tok, batch_size=32, teacher=None):
 # ----------------------------------------------------------------------------------------
 # The table: every model on the tiny world's benchmarks
 
-def evaluate_models(models, tiny, tok, image_size, teacher=None):
+def bench(tiny, name, part="test"):
+    """Benchmark `name` of the tiny world in `part` (world.World.bench: "test", "val" or "all");
+    a world without the validation split (RealData, a test's stand-in) has only test items."""
+    return tiny.bench(name, part) if hasattr(tiny, "bench") else getattr(tiny, name)
+
+
+def evaluate_models(models, tiny, tok, image_size, teacher=None, part="test"):
     """One row per model on the tiny world `tiny`: language MC (overall, seen/unseen), vision
     VQA, knowledge VQA, and for every VLM the teacher-through-handoff diagnostic and the
-    transfer measure on knowledge VQA (`transfer`'s keys: transfer, transfer_seen, ...)."""
+    transfer measure on knowledge VQA (`transfer`'s keys: transfer, transfer_seen, ..., the
+    shuffled-image null's transfer_shuffled, transfer_gap, kl_shuffled). part: the benchmark
+    items, "test" (what results report) or "val" (the validation split settings are chosen on),
+    world.World.bench."""
+    language, vision, knowledge = (bench(tiny, n, part) for n in
+                                   ("language_bench", "vision_bench", "knowledge_bench"))
     teacher = teacher or models.get("teacher")
     if teacher is not None:
         kvshare.freeze(teacher)
@@ -243,15 +297,15 @@ def evaluate_models(models, tiny, tok, image_size, teacher=None):
         if isinstance(model, VLM) and teacher is not None:
             kvshare.check_compatible(teacher.cfg, model.decoder.cfg)
         model.eval()
-        mc = multiple_choice(model, tok, tiny.language_bench, image_size=image_size)
+        mc = multiple_choice(model, tok, language, image_size=image_size)
         row = {k: v for k, v in mc.items() if k.startswith("acc")}
         if isinstance(model, VLM):
-            row["vision"] = vqa_accuracy(model, tiny.vision_bench, tok, image_size)
-            row["knowledge_vqa"] = vqa_accuracy(model, tiny.knowledge_bench, tok, image_size)
+            row["vision"] = vqa_accuracy(model, vision, tok, image_size)
+            row["knowledge_vqa"] = vqa_accuracy(model, knowledge, tok, image_size)
             if teacher is not None:
                 row["teacher_handoff"] = teacher_handoff_accuracy(
-                    model, teacher, tiny.knowledge_bench, tok, image_size)
-                row.update(transfer(model, teacher, tiny.knowledge_bench, tok, image_size))
+                    model, teacher, knowledge, tok, image_size)
+                row.update(transfer(model, teacher, knowledge, tok, image_size))
         rows[name] = row
     return rows
 
@@ -309,7 +363,7 @@ def evaluate_folder(folder, teacher_folder=None):
                              "from the teacher: give --teacher=FOLDER")
         model = oracle.OracleVLM.wrap(model, teacher, tiny, tok)
     rows = evaluate_models({name: model}, tiny, tok, cfg["image_size"], teacher=teacher)
-    held_out = [it["context"] + it["options"][it["answer"]] for it in tiny.language_bench]
+    held_out = [it["context"] + it["options"][it["answer"]] for it in bench(tiny, "language_bench")]
     return (format_table(rows) + "\nperplexity on the language benchmark's correct sentences: "
             f"{held_out_scores(model, held_out, tok)['ppl']:.3f}")
 

@@ -105,7 +105,7 @@ class TrainConfig:
     vision_path: str = ""         # HF SigLIP folder for a fresh student's vision tower
     data_path: str = ""           # JSONL / Parquet files (comma list) for stages 2-3
     image_root: str = ""          # folder the image paths of data_path are relative to
-    kd_sources: str = ""          # comma list of data_path sources that get KD
+    kd_sources: str = ""          # comma list of the sources that get KD (default: language)
     skip_bad: bool = False        # skip (and count) bad lines of data_path instead of stopping
     num_workers: int = 2          # DataLoader workers decoding data_path images (0: in-process)
     max_len: int = 2048           # context + response tokens (responses cut); --pack row size
@@ -409,7 +409,8 @@ def stage_distill(setup, teacher, student):
     cfg, runtime = setup.cfg, setup.runtime
     kvshare.check_compatible(teacher.cfg, student.decoder.cfg, cfg.rebase_rope)  # once, first
     teacher = kvshare.freeze(teacher.to(runtime.device), torch.bfloat16 if runtime.cuda else None)
-    kd_table = distill.table_from_kinds(setup.data.source_kinds)  # the source gate, once per run
+    kd_table = distill.table_from_kinds(  # the source gate, once per run (--kd_sources too)
+        getattr(setup.data, "gate_kinds", setup.data.source_kinds))
     setup.student_only_ids = torch.tensor(student.student_only_ids, device=runtime.device)
     setup.rebase_from = student.decoder.cfg.rope_theta if cfg.rebase_rope else None
     # at a real vocabulary the float32 (tokens, V) softmax temporaries are the loss's memory peak
@@ -462,7 +463,8 @@ def build_data_and_tokenizer(cfg):
                                    [s for s in cfg.kd_sources.split(",") if s])
     else:
         examples = world.build_world(cfg.seed, n_entities=cfg.n_entities,
-                                     image_size=cfg.image_size)
+                                     image_size=cfg.image_size,
+                                     kd_sources=[s for s in cfg.kd_sources.split(",") if s])
     if cfg.teacher_path and is_smolvlm_folder(cfg.student_path):
         # a SmolVLM student reads its own tokenizer (image-layout tokens past the teacher's ids);
         # the teacher's must agree on the shared prefix, which KD compares

@@ -16,6 +16,11 @@ a CPU in minutes (no downloads). build_world(seed) -> World.
   benchmark asks exactly those. Benchmark images are fresh renders (layouts no training
   image has). Language sources cover only "seen" entities; the benchmark reports
   seen/unseen (KD's gain is mostly on unseen entities).
+- a validation split (issue 31): a fixed fifth of the seen and of the unseen entities
+  (VAL_FRACTION, drawn from its own RNG stream, so no training example and no benchmark item
+  changes) are validation entities; every benchmark item about one of them is a validation
+  item, every other item a test item. World.bench(name, part) gives either part; settings are
+  chosen on "val", results are reported on "test" (eval.evaluate_models' default).
 """
 from dataclasses import dataclass
 
@@ -44,6 +49,9 @@ SUMS = tuple((a, b) for a in range(1, 10) for b in range(1, 11 - a))
 OPPOSITES = (("big", "small"), ("hot", "cold"), ("up", "down"), ("day", "night"), ("fast", "slow"),
              ("old", "new"), ("happy", "sad"), ("wet", "dry"))
 BACKGROUND = (25, 25, 25)
+VAL_FRACTION = 0.2          # of the seen and of the unseen entities: the validation entities
+BENCHES = ("language_bench", "vision_bench", "knowledge_bench")
+PARTS = ("test", "val", "all")
 
 # Fact templates: {s} = subject (a name, a description, or <image>), {v} = value. The text
 # before " {v}" is a context, the rest completes the sentence.
@@ -112,6 +120,36 @@ class World:
     language_bench: list    # 4-way multiple choice, text only, held-out templates
     vision_bench: list      # one fresh render per entity per vision source
     knowledge_bench: list   # "<image> eats" / "<image> lives in the" on fresh renders
+    # bench name -> "val" / "test" per item of that benchmark (the validation split); empty:
+    # every item is a test item
+    parts: dict = None
+    kd_sources: tuple = ()  # given: only these sources get KD (the gate's table, gate_kinds)
+
+    def bench(self, name, part="test"):
+        """The items of benchmark `name` (BENCHES) in `part`: "test" (what results report),
+        "val" (what settings are chosen on) or "all"."""
+        if name not in BENCHES or part not in PARTS:
+            raise ValueError(f"bench({name!r}, {part!r}): expected a name of {BENCHES} and a "
+                             f"part of {PARTS}")
+        items = getattr(self, name)
+        if part == "all":
+            return items
+        labels = (self.parts or {}).get(name) or ["test"] * len(items)
+        return [it for it, p in zip(items, labels) if p == part]
+
+    @property
+    def val_entities(self):
+        return [e.name for e in self.entities if getattr(e, "val", False)]
+
+    @property
+    def gate_kinds(self):
+        """source -> kind for the KD gate only (distill.table_from_kinds): SOURCE_KINDS, or with
+        kd_sources (train.py --kd_sources) those sources "language" and the others "vision". The
+        stage mixtures keep reading source_kinds, so --kd_sources changes the KD and nothing
+        else."""
+        if not self.kd_sources:
+            return SOURCE_KINDS
+        return {s: "language" if s in self.kd_sources else "vision" for s in SOURCE_KINDS}
 
     @property
     def source_kinds(self):
@@ -273,8 +311,27 @@ def _mc_item(e, relation, kind, entities, rng):
             "split": "seen" if e.seen else "unseen"}
 
 
-def build_world(seed=0, n_entities=40, image_size=32, examples_per_source=600, seen_fraction=0.5):
-    """The whole tiny world from one seed; same arguments -> byte-identical data."""
+def _validation_entities(seed, entities, fraction=VAL_FRACTION):
+    """The validation entities: round(fraction * n) of the seen and of the unseen ones (at least
+    one of each group of two or more, never a whole group), drawn from the world's own RNG
+    stream 4, which nothing else reads. Returns their indices."""
+    rng, val = np.random.default_rng([seed, 4]), set()
+    for group in ([i for i, e in enumerate(entities) if e.seen],
+                  [i for i, e in enumerate(entities) if not e.seen]):
+        k = min(len(group) - 1, max(1, round(fraction * len(group)))) if len(group) > 1 else 0
+        val.update(int(group[j]) for j in rng.permutation(len(group))[:k])
+    return val
+
+
+def build_world(seed=0, n_entities=40, image_size=32, examples_per_source=600, seen_fraction=0.5,
+                kd_sources=()):
+    """The whole tiny world from one seed; same arguments -> byte-identical data. kd_sources:
+    the sources the KD gate gives weight (World.gate_kinds; empty: SOURCE_KINDS' language
+    ones)."""
+    unknown = sorted(set(kd_sources) - set(SOURCE_KINDS))
+    if unknown:
+        raise ValueError(f"--kd_sources {unknown} are not tiny-world sources (sources: "
+                         f"{sorted(SOURCE_KINDS)})")
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16 to draw the shapes, got {image_size}")
     rng = lambda part: np.random.default_rng([seed, part])
@@ -291,6 +348,10 @@ def build_world(seed=0, n_entities=40, image_size=32, examples_per_source=600, s
     sources["text_qa"] = [{"image": None, "prompt": p, "response": r, "source": "text_qa"}
                           for p, r in [qa for e in seen for qa in _entity_qa(e)] + _general_qa()]
     # benchmarks last: their scenes must be fresh against every training scene
+    val = _validation_entities(seed, entities)
+    for i, e in enumerate(entities):
+        e.val = i in val                   # an attribute, not a field: Entity's repr is unchanged
+    part = lambda i: "val" if i in val else "test"
     return World(
         seed, image_size, entities, corpus, sources,
         language_bench=[_mc_item(e, rel, kind, entities, pick) for e in entities for rel,
@@ -299,4 +360,8 @@ def build_world(seed=0, n_entities=40, image_size=32, examples_per_source=600, s
                       for e in entities],
         knowledge_bench=[{**_knowledge_example(e, rel, 0, scenes, fresh=True),
                           "split": "seen" if e.seen else "unseen"}
-                         for e in entities for rel in ("food", "home")])
+                         for e in entities for rel in ("food", "home")],
+        parts={"language_bench": [part(i) for i in range(n_entities) for _ in BENCH_FACTS],
+               "vision_bench": [part(i) for _ in VISION_PROMPTS for i in range(n_entities)],
+               "knowledge_bench": [part(i) for i in range(n_entities) for _ in range(2)]},
+        kd_sources=tuple(kd_sources))

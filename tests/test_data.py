@@ -293,3 +293,53 @@ def test_load_jsonl_skip_bad_counts_skipped_lines(jsonl_dir, capsys):
     examples = load_jsonl(path, skip_bad=True)
     assert len(examples) == 2
     assert "skipped 3 bad line(s)" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- validation split
+
+def test_validation_split_holds_out_whole_entities_of_every_benchmark(world):
+    val = set(world.val_entities)
+    seen = {e.name for e in world.entities if e.seen}
+    assert len(val & seen) == 4 and len(val - seen) == 4          # a fifth of each group of 20
+    names = {e.desc: e.name for e in world.entities}
+    for bench in tinyworld.BENCHES:
+        test, held = world.bench(bench), world.bench(bench, "val")
+        assert len(test) + len(held) == len(getattr(world, bench)) == len(world.bench(bench, "all"))
+        assert len(held) == len(getattr(world, bench)) * 8 // 40
+        if bench == "language_bench":              # the context names the entity or describes it
+            about = lambda it: next(n for d, n in names.items()
+                                    if n in it["context"].split(" ") or d in it["context"])
+        else:
+            about = lambda it: names[it["desc"]]
+        assert all(about(it) in val for it in held) and not any(about(it) in val for it in test)
+        if bench != "vision_bench":                 # both splits keep seen and unseen entities
+            assert {it["split"] for it in held} == {it["split"] for it in test} == {"seen",
+                                                                                    "unseen"}
+    with pytest.raises(ValueError, match="bench"):
+        world.bench("language_bench", "train")
+
+
+def test_validation_split_changes_no_training_example_and_no_benchmark_item(world):
+    """The split draws from its own RNG stream: the world is the one the code before the split
+    built (its items are all there, in order), and the split is the same on every build."""
+    again = tinyworld.build_world(0)
+    assert again.val_entities == world.val_entities and again.parts == world.parts
+    assert tinyworld.build_world(1).val_entities != world.val_entities
+    plain = {k: v for k, v in vars(world).items() if k not in ("parts", "kd_sources")}
+    assert set(plain) == {"seed", "image_size", "entities", "corpus", "sources",
+                          "language_bench", "vision_bench", "knowledge_bench"}
+    small = tinyworld.build_world(0, n_entities=4)          # groups of two: one val entity each
+    assert len(small.val_entities) == 2
+    assert len(small.bench("language_bench")) == len(small.bench("language_bench", "val")) == 10
+
+
+def test_kd_sources_change_the_gate_kinds_only(world):
+    assert world.gate_kinds == world.source_kinds == tinyworld.SOURCE_KINDS
+    only_text = tinyworld.build_world(0, kd_sources=["text_qa"])
+    assert only_text.source_kinds == tinyworld.SOURCE_KINDS     # the stage mixtures' input
+    assert only_text.gate_kinds == {s: "language" if s == "text_qa" else "vision"
+                                    for s in tinyworld.SOURCE_KINDS}
+    assert only_text.sources["knowledge_vqa"][0]["prompt"] == world.sources["knowledge_vqa"][0][
+        "prompt"]
+    with pytest.raises(ValueError, match=r"--kd_sources \['nope'\] are not tiny-world sources"):
+        tinyworld.build_world(0, kd_sources=["nope"])

@@ -131,7 +131,7 @@ def test_report_with_merges():
     assert diffs["LinguDistill − CE-only"]["vision"]["mean"] == pytest.approx(-0.01)
     assert result["best_merge"] == "merge λ=0.5"
     for needle in ("| merge λ=0.25 |", "| merge λ=0.75 |", "Best merge at equal or better vision",
-                   "merge λ=0.5 (language 62.0, vision 79.5)",
+                   "merge λ=0.5 (language 62.0, vision 79.5 there)",
                    "| difference | recovery | lang unseen | knowledge VQA | vision |",
                    "| LinguDistill − CE-only | +30.0 ± 12.4 [+17.6, +42.4] | "
                    "+12.0 ± 5.0 [+7.0, +17.0] | -1.0 ± 2.5 [-3.5, +1.5] | -1.0 ± 2.5",
@@ -180,16 +180,26 @@ def test_run_seed_smoke_end_to_end(tmp_path):
             "--distill_steps=1", "--device=cpu"]
     rows = experiment.run_seed(0, argv, str(tmp_path), merge_lams=(0.25, 0.5, 0.75))
     assert list(rows) == ["teacher", "adapted", "CE-only", "uniform KD", "text-only teacher KD",
-                          "LinguDistill", "merge λ=0.25", "merge λ=0.5", "merge λ=0.75"]
+                          "LinguDistill", "text-replay KD (own text)",
+                          "text-replay KD (student KV)", "merge λ=0.25", "merge λ=0.5",
+                          "merge λ=0.75"]
     for name, row in rows.items():
-        assert {"acc", "acc_seen", "acc_unseen", "recovery"} <= set(row), name
+        assert {"acc", "acc_seen", "acc_unseen", "recovery", "val_acc", "val_recovery"} <= \
+            set(row), name
         if name != "teacher":
-            assert {"vision", "knowledge_vqa", "teacher_handoff"} <= set(row), name
+            assert {"vision", "knowledge_vqa", "teacher_handoff", "transfer_shuffled",
+                    "transfer_gap", "kl_shuffled", "transfer_top1_blind", "val_vision"} <= \
+                set(row), name
     if rows["teacher"]["acc"] > rows["adapted"]["acc"]:
         assert rows["adapted"]["recovery"] == 0.0 and rows["teacher"]["recovery"] == 1.0
     else:                                                # no drop: recovery is undefined
         assert all(math.isnan(r["recovery"]) for r in rows.values())
     assert (tmp_path / "seed0" / "distilled-lingudistill").is_dir()
+    for name in ("text-replay-kd-own-text", "text-replay-kd-student-kv"):
+        cfg = json.loads((tmp_path / "seed0" / f"distilled-{name}" / "train_config.json")
+                         .read_text())
+        assert cfg["kd_sources"] == "text_qa" and cfg["policy"] == "selective"
+        assert cfg["scope"] == ("none" if name.endswith("own-text") else "full")
 
 
 def test_finished_seeds_are_read_back_and_teachers_shared(tmp_path, monkeypatch):
@@ -223,3 +233,106 @@ def test_main_rejects_bad_merge_lams():
         experiment.main(["--merge_lams=1.5"])
     with pytest.raises(ValueError, match="--merge_lams=a"):
         experiment.main(["--merge_lams=a"])
+
+
+# --------------------------------------------------------------------------- issue 31
+
+def test_variant_slugs_keep_the_old_folder_names():
+    assert [experiment.slug(n) for n in experiment.VARIANTS] == [
+        "ce-only", "uniform-kd", "text-only-teacher-kd", "lingudistill",
+        "text-replay-kd-own-text", "text-replay-kd-student-kv"]
+    assert experiment.variant_flags("text-replay KD (own text)", "text") == [
+        "--policy=selective", "--scope=none", "--kd_sources=text"]
+
+
+def test_t_pvalue_against_closed_forms_and_holm_by_hand():
+    assert experiment.t_pvalue(1.0, 1) == pytest.approx(0.5)          # Cauchy: P(|T| > 1)
+    for t in (0.5, 2.0, 4.303):                                       # df = 2 closed form
+        assert experiment.t_pvalue(t, 2) == pytest.approx(1 - t / math.sqrt(2 + t * t))
+    assert experiment.t_pvalue(2.262, 9) == pytest.approx(0.05, abs=2e-4)     # the t table
+    assert experiment.t_pvalue(0.0, 5) == pytest.approx(1.0)
+    assert experiment.holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": None}) == \
+        pytest.approx({"a": 0.03, "c": 0.06, "b": 0.06})
+    assert experiment.holm({"a": 0.5, "b": 0.9}) == pytest.approx({"a": 1.0, "b": 1.0})
+    t = experiment.t_interval([1.0, 2.0, 3.0])                        # t = 2 / (1 / sqrt 3)
+    assert experiment.paired_pvalue(t) == pytest.approx(experiment.t_pvalue(2 * 3 ** 0.5, 2))
+    assert experiment.paired_pvalue(experiment.t_interval([0.1])) is None
+    stats = pytest.importorskip("scipy.stats", reason="scipy is optional (a cross-check)")
+    for t, df in ((2.5, 4), (0.3, 9), (10.0, 30), (-3.0, 7)):
+        assert experiment.t_pvalue(t, df) == pytest.approx(2 * stats.t.sf(abs(t), df), rel=1e-9)
+
+
+def replay_seed(gain, gap, k):
+    """One seed's rows with both text-replay forms: LinguDistill's recovery is theirs + gain,
+    its T - T_shuffled is gap (+ a little seed noise k)."""
+    def row(lang, vision=0.8, t=0.5, t_shuf=0.5):
+        r = {"acc": lang, "acc_unseen": lang, "recovery": (lang - 0.5) / 0.4, "vision": vision,
+             "knowledge_vqa": 0.5, "val_vision": vision, "val_acc": lang}
+        r.update(transfer=t, transfer_shuffled=t_shuf, transfer_gap=t - t_shuf,
+                 transfer_top1=0.5, transfer_top1_shuffled=0.4, transfer_top1_blind=0.3,
+                 kl_handoff=0.1, kl_blind=0.2, kl_shuffled=0.15)
+        return r
+    return {"teacher": {"acc": 0.9, "acc_unseen": 0.9, "recovery": 1.0},
+            "adapted": row(0.5), "CE-only": row(0.6 + k),
+            "LinguDistill": row(0.7 + k, t=0.5 + gap + k / 10, t_shuf=0.5),
+            "text-replay KD (own text)": row(0.7 - 0.4 * gain + k + k * k),
+            "text-replay KD (student KV)": row(0.7 - 0.4 * gain + k - k * k)}
+
+
+def test_report_has_the_null_the_holm_family_and_the_rule():
+    ks = [0.0, 0.01, -0.01, 0.02, -0.02, 0.005, -0.005, 0.015, -0.015, 0.0]
+    per_seed = [replay_seed(0.10, 0.3, k) for k in ks]
+    text, result = experiment.report(list(range(10)), [], per_seed, 1.0)
+    assert result["rule"]["verdict"] == "the handoff adds something"
+    for needle in ("| LinguDistill − text-replay KD (own text) |",
+                   "| LinguDistill − text-replay KD (student KV) |",
+                   "Holm-adjusted over the family of all",
+                   "| model | T | T_shuffled | top-1 handoff | top-1 shuffled | top-1 blind |",
+                   "| KL(o‖h) | KL(o‖b) | KL(o‖s) |", "| T − T_shuffled, LinguDistill |",
+                   "The pre-stated rule (RESULTS.md): the handoff adds something.",
+                   "here ± is the interval's half-width"):
+        assert needle in text, needle
+    assert result["p_holm"]["LinguDistill − text-replay KD (own text) | recovery"] < 0.05
+    m = len([p for p in result["p_values"].values() if p is not None])
+    assert f"all {m} intervals" in text
+    # no T gap: the rule says nothing is added, though the language gain is there
+    flat = [replay_seed(0.10, 0.0, k) for k in ks]
+    for s, k in zip(flat, ks):                  # T - T_shuffled around 0
+        s["LinguDistill"]["transfer_gap"] = k
+    assert experiment.report(list(range(10)), [], flat, 1.0)[1]["rule"]["verdict"] == \
+        "the handoff adds nothing measurable"
+    # the vision cost decides too: 5 points lower vision fails "equal vision"
+    costly = [replay_seed(0.10, 0.3, k) for k in ks]
+    for s in costly:
+        s["LinguDistill"]["vision"] = 0.75 + ks[0]
+    assert experiment.report(list(range(10)), [], costly, 1.0)[1]["rule"]["verdict"] == \
+        "the handoff adds nothing measurable"
+    verdict = experiment.report([0, 1, 2], [], per_seed[:3], 1.0)[1]["rule"]["verdict"]
+    assert verdict == "not decided (n = 3 < 10, the rule's n)"
+
+
+def test_best_merge_is_chosen_on_the_validation_split():
+    per_seed = [fake_seed(0.70, 0.60, 0.81, 0.0)]
+    for s in per_seed:                          # on validation λ=0.25 is the one at equal vision
+        for n, r in s.items():
+            r["val_vision"], r["val_acc"] = r.get("vision", 0), r["acc"]
+        s["merge λ=0.5"]["val_vision"] = 0.70
+    mean, _ = experiment.aggregate(per_seed)
+    assert experiment.best_merge(mean) == "merge λ=0.25"
+    assert "chosen on the validation split" in experiment.format_differences(
+        experiment.paired_differences(per_seed, mean), mean)
+
+
+def test_main_takes_a_variant_subset_and_refuses_unknown_ones_and_kd_sources(tmp_path):
+    with pytest.raises(ValueError, match="--variants=nope: expected a comma list of ce-only"):
+        experiment.main(["--variants=nope"])
+    with pytest.raises(ValueError, match="--kd_sources: set by this tool itself"):
+        experiment.main(["--kd_sources=text_qa"])
+    argv = ["--preset=smoke", "--pretrain_steps=2", "--align_steps=1", "--adapt_steps=1",
+            "--distill_steps=1", "--device=cpu"]
+    experiment.main([f"--out_dir={tmp_path}", "--seeds=0", "--merge_lams=",
+                     "--variants=lingudistill,text-replay-kd-own-text"] + argv)
+    rows = json.loads((tmp_path / "seed0.json").read_text())
+    assert rows["variants"] == ["LinguDistill", "text-replay KD (own text)"]
+    assert list(rows["rows"]) == ["teacher", "adapted", "LinguDistill",
+                                  "text-replay KD (own text)"]

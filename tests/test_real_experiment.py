@@ -110,6 +110,10 @@ def test_experiment_end_to_end_with_a_tiny_teacher(bench_folder, tmp_path):
         assert r["kl_blind"] > 0 and r["transfer"] == pytest.approx(
             1 - r["kl_handoff"] / r["kl_blind"])
     assert "transfer" not in rows["teacher"]
+    # text-replay KD on this data is the same run as the text-only teacher / LinguDistill
+    assert rows["text-replay KD (own text)"] == rows["text-only teacher KD"]
+    assert rows["text-replay KD (student KV)"] == rows["LinguDistill"]
+    assert not (out / "seed0" / "distilled-text-replay-kd-own-text").exists()
     assert rows["teacher"]["recovery_kl"] == 1 and rows["adapted"]["recovery_kl"] == 0
     assert rows["LinguDistill"]["recovery_kl"] == pytest.approx(
         1 - rows["LinguDistill"]["kl"] / rows["adapted"]["kl"])
@@ -119,13 +123,17 @@ def test_experiment_end_to_end_with_a_tiny_teacher(bench_folder, tmp_path):
     assert "| difference | KL recovery | dev recovery | vision | KL recovery per seed |" in \
         (out / "real.md").read_text()
     assert (out / "real.md").read_text().startswith("seeds [0, 1]")
+    assert "Holm-adjusted over the family" in (out / "real.md").read_text()
+    assert "LinguDistill − CE-only | recovery_kl" in result["p_holm"]
+    assert "transfer_shuffled" in rows["LinguDistill"]           # the null on the vision prompts
     # a re-run reads the finished seeds back instead of training again
     before = (out / "seed0.json").stat().st_mtime_ns
     rx.main(argv)
     assert (out / "seed0.json").stat().st_mtime_ns == before
     # an interrupted seed keeps the rows it measured: only the missing model is measured again
     kept = json.loads((out / "seed1" / "rows.json").read_text())
-    assert set(kept) == names - {"teacher"}
+    assert set(kept) == names - {"teacher", "text-replay KD (own text)",      # the aliases
+                                 "text-replay KD (student KV)"}
     kept["LinguDistill"]["ppl"] = -1.0                    # a marker no measurement can give
     del kept["merge λ=0.5"]
     (out / "seed1" / "rows.json").write_text(json.dumps(kept))
@@ -170,3 +178,26 @@ def test_tool_bad_flags_exit_with_one_line(tool, argv, message, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{tool}: ") and message in lines[0]
     assert not out.exists()
+
+
+def test_text_replay_variants_are_aliases_of_the_same_config_here():
+    base = ["--kd_sources=text", "--seed=0"]
+    aliases = rx.variant_aliases(base, list(rx.experiment.VARIANTS))
+    assert aliases == {"text-replay KD (own text)": "text-only teacher KD",
+                       "text-replay KD (student KV)": "LinguDistill"}
+    assert rx.variant_aliases(base, ["text-replay KD (own text)", "CE-only"]) == {}
+    assert rx.effective_flags(["--a=1", "--b=2", "--a=3", "x"]) == (("a", "3"), ("b", "2"))
+
+
+def test_strong_tasks_and_their_recovery():
+    bench = {"a": [{"options": ["x", "y"]}] * 4, "b": [{"options": ["x", "y", "z", "w"]}] * 4}
+    teacher = {"acc_a": 0.55, "acc_b": 0.40}             # a: 5 above chance 50; b: 15 above 25
+    assert rx.strong_tasks(teacher, bench) == ["b"]
+    assert rx.strong_tasks(teacher, bench, margin=0.05) == ["a", "b"]
+    rows = {"teacher": dict(teacher), "adapted": {"acc_a": 0.5, "acc_b": 0.20},
+            "LinguDistill": {"acc_a": 0.5, "acc_b": 0.35}}
+    rx.add_strong(rows, ["b"])
+    assert rows["LinguDistill"]["acc_strong"] == 0.35
+    assert rows["LinguDistill"]["recovery_strong"] == pytest.approx(0.75)
+    assert rows["adapted"]["recovery_strong"] == 0.0
+    assert "acc_strong" not in rx.add_strong({"teacher": {}}, [])["teacher"]

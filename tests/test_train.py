@@ -367,3 +367,27 @@ def test_image_splitting_trains_with_tiles_and_grid_tokens(tmp_path):
     assert set(student.student_only_ids) >= {student.image_token_id, *student.view_token_ids}
     log = read_log(str(tmp_path / "out"), "distill-selective-full")
     assert len(log) == 3 and all(math.isfinite(r["loss"]) and r["kd"] > 0 for r in log)
+
+
+def test_kd_sources_in_the_tiny_world_set_the_gate_and_nothing_else(smoke_run, monkeypatch):
+    """--kd_sources=text_qa (text-replay KD, issue 31): the distill stage's source gate gives KD
+    to text_qa only; without it, to the language kinds (knowledge_vqa, text_qa) as before; the
+    stage mixtures (which sources adapt trains on) do not move."""
+    import distill
+    import world as tinyworld
+    out, _, world, _ = smoke_run
+    tables = []
+    real = distill.table_from_kinds
+    monkeypatch.setattr(distill, "table_from_kinds",
+                        lambda kinds, *a: tables.append(real(kinds, *a)) or tables[-1])
+    for extra in ([], ["--kd_sources=text_qa"]):
+        train.run(get_config(["--preset=smoke", f"--out_dir={out}", "--eval=false",
+                              "--stage=distill", "--distill_steps=1",
+                              f"--variant=gate{len(tables)}"] + extra))
+    default, text_only = tables
+    assert default == {s: float(k == "language") for s, k in tinyworld.SOURCE_KINDS.items()}
+    assert text_only == {s: float(s == "text_qa") for s in tinyworld.SOURCE_KINDS}
+    replay = train.build_data_and_tokenizer(get_config(["--preset=smoke",
+                                                        "--kd_sources=text_qa"]))[0]
+    for stage in ("align", "adapt", "distill"):
+        assert train.stage_mixture(replay, stage) == train.stage_mixture(world, stage)

@@ -145,3 +145,84 @@ def test_held_out_perplexity_and_kl_from_teacher():
     assert scores["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-4)
     alone = evaluation.held_out_scores(other, texts, tok)                        # no teacher
     assert set(alone) == {"ppl"} and alone["ppl"] == pytest.approx(scores["ppl"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- the shuffled null
+
+def test_transfer_from_logits_with_the_shuffled_null_on_hand_made_distributions():
+    oracle_logits, handoff, blind = torch.randn(6, 11), torch.randn(6, 11), torch.randn(6, 11)
+    splits = ["seen", "unseen"] * 3
+    same = evaluation.transfer_from_logits(oracle_logits, handoff, blind, splits, shuffled=handoff)
+    assert same["transfer_shuffled"] == same["transfer"]                # no image information
+    assert same["transfer_gap"] == 0.0 and same["transfer_gap_unseen"] == 0.0
+    assert same["kl_shuffled"] == same["kl_handoff"]
+    nothing = evaluation.transfer_from_logits(oracle_logits, oracle_logits, blind, splits,
+                                              shuffled=blind)
+    assert nothing["transfer"] == 1.0 and nothing["transfer_shuffled"] == 0.0
+    assert nothing["transfer_gap"] == 1.0 and nothing["transfer_gap_seen"] == 1.0
+    top1_blind = float((blind.argmax(-1) == oracle_logits.argmax(-1)).float().mean())
+    assert nothing["transfer_top1_blind"] == top1_blind
+    assert nothing["transfer_top1_shuffled"] == top1_blind
+    assert "transfer_shuffled" not in evaluation.transfer_from_logits(oracle_logits, handoff, blind)
+
+
+def test_shuffled_items_is_a_fixed_derangement_of_the_entities():
+    _, world, _ = smoke_world()
+    items = world.bench("knowledge_bench")
+    shuffled = evaluation.shuffled_items(items)
+    assert shuffled == evaluation.shuffled_items(items)                 # fixed
+    by_desc = {}
+    for it in items:
+        by_desc.setdefault(it["desc"], it["image"])
+    for a, b in zip(items, shuffled):
+        assert (b["prompt"], b["response"], b["split"], b["desc"]) == \
+            (a["prompt"], a["response"], a["split"], a["desc"])          # the same item ...
+        assert b["image_desc"] != a["desc"]                             # ... another entity's
+        assert b["image"] is by_desc[b["image_desc"]]                   # image
+    assert {it["image_desc"] for it in shuffled} == set(by_desc)        # every image used
+    with pytest.raises(ValueError, match="two or more"):
+        evaluation.shuffled_items([it for it in items if it["desc"] == items[0]["desc"]])
+
+
+def identity_setup():
+    """The identity test's teacher, vision config and items (9-token descriptions)."""
+    cfg, world, tok = smoke_world()
+    teacher = Decoder(train.lm_config(cfg, tok))
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.normal_(0.0, 0.3 if p.ndim > 1 else 1.0)
+    kvshare.freeze(teacher)
+    vision = VisionConfig(image_size=48, patch_size=4, dim=32, n_layers=1, n_heads=2, mlp_dim=64)
+    items = [it for it in world.knowledge_bench if len(tok.encode(it["desc"]).ids) == 9]
+    assert len({it["desc"] for it in items}) >= 2
+    return teacher, vision, items, tok
+
+
+def test_shuffled_null_equals_t_when_the_image_carries_nothing_and_is_below_t_for_the_oracle():
+    teacher, vision, items, tok = identity_setup()
+    image_id = tok.token_to_id(data.IMAGE_TOKEN)
+
+    class ImageBlindVLM(type(vlm_from_teacher(teacher, vision, image_id, 4))):
+        """Image tokens that ignore the image: a fixed learned-looking constant."""
+        def image_features(self, images):
+            base = torch.linspace(-1, 1, self.n_image_tokens * self.decoder.cfg.dim)
+            return base.view(1, self.n_image_tokens, -1).expand(images.shape[0], -1, -1)
+
+    plain = vlm_from_teacher(teacher, vision, image_id, 4)
+    blind = ImageBlindVLM(plain.decoder.cfg, plain.vision.cfg, plain.image_token_id,
+                          plain.projector.factor)
+    blind.load_state_dict(plain.state_dict())
+    out = evaluation.transfer(blind, teacher, items, tok, image_size=48)
+    assert out["transfer_shuffled"] == out["transfer"]
+    assert out["transfer_gap"] == 0.0 and out["kl_shuffled"] == out["kl_handoff"]
+
+    only = types.SimpleNamespace(sources={}, vision_bench=[], knowledge_bench=items)
+    student = oracle.OracleVLM.wrap(vlm_from_teacher(teacher, vision, image_id, 4), teacher, only,
+                                    tok, eps=0.0)
+    out = evaluation.transfer(student, teacher, items, tok, image_size=48)
+    assert out["transfer"] == pytest.approx(1.0, abs=1e-4)
+    assert out["transfer"] > out["transfer_shuffled"] + 0.5            # another entity's words
+    assert out["kl_shuffled"] > out["kl_handoff"]
+    assert out["transfer_gap"] == pytest.approx(out["transfer"] - out["transfer_shuffled"])
+    assert evaluation.transfer(student, teacher, items, tok, image_size=48, null=False).keys() \
+        == {k for k in out if "shuffled" not in k and "gap" not in k}

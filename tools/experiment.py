@@ -1,12 +1,23 @@
 """
 The miniature experiment: seeds x {teacher, adapted, CE-only, uniform KD, text-only teacher
-KD, LinguDistill, weight merges}, every model on the tiny world's benchmarks, mean ± std over
-seeds, and paired per-seed differences of LinguDistill against each baseline with 95 %
-t-intervals.
+KD, LinguDistill, text-replay KD (own text / student KV), weight merges}, every model on the
+tiny world's benchmarks (test items), mean ± std over seeds, and paired per-seed differences of
+LinguDistill against each baseline with 95 % t-intervals and Holm-adjusted p-values.
 
   python tools/experiment.py --seeds=0,1,2 [--jobs=3] [--threads=0] [--out_dir=out/experiment]
-                             [--merge_lams=0.25,0.5,0.75] [--teachers_from=DIR] [TRAIN FLAGS]
+                             [--merge_lams=0.25,0.5,0.75] [--teachers_from=DIR]
+                             [--variants=ce-only,lingudistill,...] [TRAIN FLAGS]
   python tools/experiment.py --help           # every flag, its default and what it does
+
+Text-replay KD (issue 31): KD on the image-free language source text_qa only (train.py
+--kd_sources=text_qa), CE everywhere, the teacher on its own text (--scope=none) or through the
+student's K/V of that text (--scope=full). LinguDistill minus it is what KD through the handoff
+on image-grounded examples adds. Every model is measured on the test items; the validation
+split's items (world.World.bench(..., "val")) give the val_* keys, on which the one setting the
+report chooses (the merge at equal vision) is chosen. Transfer T comes with its shuffled-image
+null (eval.shuffled_items): T_shuffled, T - T_shuffled paired over seeds, the blind teacher's
+top-1 and the raw KLs. The report states the family of its intervals and their Holm-adjusted
+p-values, and the outcome of the pre-stated rule (decide; RESULTS.md).
 
 Every VLM also gets the transfer measure T (eval.transfer: does the frozen teacher see the
 image through the KV handoff? 1 = as if it read the image's words, 0 = as if no image);
@@ -30,6 +41,7 @@ is installed, experiment.png (language vs vision per model) to --out_dir.
 """
 import copy
 import json
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -46,14 +58,23 @@ import toolflags  # noqa: E402
 import train  # noqa: E402
 from runtime import write_json, write_text  # noqa: E402
 
-VARIANTS = {                                   # name -> train.py overrides for stage 3
+# name -> train.py overrides for stage 3; "{text}" is the image-free language sources (the tiny
+# world's text_qa; a tool on other data names its own: real_experiment's "text")
+VARIANTS = {
     "CE-only": ["--policy=none", "--scope=full"],
     "uniform KD": ["--policy=uniform", "--scope=full"],
     "text-only teacher KD": ["--policy=selective", "--scope=none"],
     "LinguDistill": ["--policy=selective", "--scope=full"],
+    # text-replay KD (issue 31): KD on the image-free language sources only, CE everywhere else,
+    # the teacher reading its own text (scope none) or the student's K/V of that text (full)
+    "text-replay KD (own text)": ["--policy=selective", "--scope=none", "--kd_sources={text}"],
+    "text-replay KD (student KV)": ["--policy=selective", "--scope=full", "--kd_sources={text}"],
 }
+TEXT_SOURCES = "text_qa"                       # the tiny world's image-free language source
 MERGE_LAMS = (0.25, 0.5, 0.75)
-BASELINES = ("CE-only", "text-only teacher KD", "uniform KD")    # LinguDistill minus each of these
+# LinguDistill minus each of these
+BASELINES = ("CE-only", "text-replay KD (own text)", "text-replay KD (student KV)",
+             "text-only teacher KD", "uniform KD")
 # paired differences are reported on these metrics (eval.evaluate_models keys): the recovery of
 # the language drop, the unseen-entity language split and knowledge VQA (the handoff's natural
 # readouts), and vision
@@ -86,19 +107,40 @@ def merge_toward_teacher(vlm, teacher, lam):
     return merged
 
 
-def train_variant(base_argv, name):
+def slug(name):
+    """A variant's folder name: "text-replay KD (own text)" -> "text-replay-kd-own-text"."""
+    out = "".join(c if c.isalnum() else "-" for c in name.lower())
+    return "-".join(filter(None, out.split("-")))
+
+
+def variant_flags(name, text_sources=TEXT_SOURCES):
+    """VARIANTS[name] with its image-free language sources filled in."""
+    return [f.replace("{text}", text_sources) for f in VARIANTS[name]]
+
+
+def train_variant(base_argv, name, text_sources=TEXT_SOURCES):
     """Stage 3 of one VARIANTS entry from the adapted model in base_argv's --out_dir -> the
-    distilled model (folder distilled-<name as a slug>)."""
-    slug = name.lower().replace(" ", "-")
-    models, _, _ = train.run(train.get_config(base_argv + ["--stage=distill", f"--variant={slug}"]
-                                              + VARIANTS[name]))
-    return models[f"distilled-{slug}"]
+    distilled model (folder distilled-<slug(name)>)."""
+    models, _, _ = train.run(train.get_config(base_argv + ["--stage=distill",
+                                                           f"--variant={slug(name)}"]
+                                              + variant_flags(name, text_sources)))
+    return models[f"distilled-{slug(name)}"]
 
 
-def run_seed(seed, train_argv, out_dir, merge_lams=MERGE_LAMS, teachers_from=""):
-    """Pretrain + adapt once, then every distill variant from the same adapted model, and the
-    merges of the adapted model toward the teacher; eval all. With teachers_from, the teacher
-    is copied from teachers_from/seed<N>/teacher and stage 1 is not run."""
+def add_val(rows, val_rows):
+    """Each model's validation-split metrics (eval.evaluate_models(part="val")) into its row
+    as "val_<key>" (the settings a report chooses, e.g. the merge at equal vision, read these)."""
+    for name, row in rows.items():
+        row.update({f"val_{k}": v for k, v in val_rows[name].items()})
+    return rows
+
+
+def run_seed(seed, train_argv, out_dir, merge_lams=MERGE_LAMS, teachers_from="",
+             variants=tuple(VARIANTS)):
+    """Pretrain + adapt once, then every distill variant of `variants` from the same adapted
+    model, and the merges of the adapted model toward the teacher; eval all on the test items,
+    and on the validation items (val_* keys). With teachers_from, the teacher is copied from
+    teachers_from/seed<N>/teacher and stage 1 is not run."""
     # --resume: a re-run in the same --out_dir continues where an interrupted one stopped
     resume = [] if any(a.startswith("--resume") for a in train_argv) else ["--resume=true"]
     seed_dir = os.path.join(out_dir, f"seed{seed}")
@@ -116,22 +158,27 @@ def run_seed(seed, train_argv, out_dir, merge_lams=MERGE_LAMS, teachers_from="")
     models, world, tok = train.run(train.get_config(base + ["--stage=adapt"]))
     teacher = models["teacher"]
     rows_models = {"teacher": teacher, "adapted": models["adapted"]}
-    for name in VARIANTS:
+    for name in variants:
         rows_models[name] = train_variant(base, name)
     for lam in merge_lams:
         rows_models[merge_name(lam)] = merge_toward_teacher(rows_models["adapted"], teacher, lam)
     cfg = train.get_config(base)
     rows = evaluation.evaluate_models(rows_models, world, tok, cfg.image_size, teacher=teacher)
-    for name, row in rows.items():
-        drop = rows["teacher"]["acc"] - rows["adapted"]["acc"]
-        row["recovery"] = (row["acc"] - rows["adapted"]["acc"]) / drop if drop > 0 else float("nan")
-    return rows
+    val = evaluation.evaluate_models(rows_models, world, tok, cfg.image_size, teacher=teacher,
+                                     part="val")
+    for part, table in (("", rows), ("val_", val)):
+        drop = table["teacher"]["acc"] - table["adapted"]["acc"]
+        for row in table.values():
+            row["recovery"] = (row["acc"] - table["adapted"]["acc"]) / drop if drop > 0 \
+                else float("nan")
+    return add_val(rows, val)
 
 
 def _run_seed_to_file(args):
-    seed, train_argv, out_dir, jobs, merge_lams, threads, teachers_from = args
+    seed, train_argv, out_dir, jobs, merge_lams, threads, teachers_from, variants = args
     path = os.path.join(out_dir, f"seed{seed}.json")
-    made_by = {"train_argv": list(train_argv), "merge_lams": list(merge_lams)}
+    made_by = {"train_argv": list(train_argv), "merge_lams": list(merge_lams),
+               "variants": list(variants)}
     if os.path.isfile(path):                     # a finished seed of the same experiment
         with open(path) as f:
             done = json.load(f)
@@ -139,7 +186,7 @@ def _run_seed_to_file(args):
             return done["rows"]
     # share the cores between seeds (CPU float results, hence the models, depend on it)
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // jobs))
-    rows = run_seed(seed, train_argv, out_dir, merge_lams, teachers_from)
+    rows = run_seed(seed, train_argv, out_dir, merge_lams, teachers_from, variants)
     write_json(path, {**made_by, "rows": rows})
     return rows
 
@@ -192,12 +239,78 @@ def t_interval(diffs):
     return out
 
 
+def _betacf(a, b, x, iters=300, eps=1e-15):
+    """The continued fraction of the regularised incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, iters + 1):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            break
+    return h
+
+
+def betainc(a, b, x):
+    """The regularised incomplete beta function I_x(a, b), 0 <= x <= 1."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                     + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_pvalue(t, df):
+    """Two-sided p-value of Student's t with df degrees of freedom: P(|T| >= |t|) =
+    I_{df / (df + t^2)}(df / 2, 1 / 2)."""
+    if df < 1:
+        raise ValueError(f"t_pvalue: df must be >= 1, got {df}")
+    if math.isinf(t):
+        return 0.0
+    return betainc(df / 2.0, 0.5, df / (df + t * t))
+
+
+def paired_pvalue(t):
+    """The two-sided paired t-test p-value of a t_interval (None with n = 1 or no spread)."""
+    if t["sd"] is None or math.isnan(t["sd"]) or math.isnan(t["mean"]):
+        return None
+    if t["sd"] == 0:
+        return 0.0 if t["mean"] != 0 else 1.0
+    return t_pvalue(t["mean"] / (t["sd"] / t["n"] ** 0.5), t["n"] - 1)
+
+
+def holm(pvalues):
+    """Holm's step-down adjustment of a family of p-values ({name: p}; None entries are left
+    out): the k-th smallest becomes max over j <= k of min(1, (m - j + 1) p_(j)); controls the
+    family-wise error rate at the nominal level."""
+    given = sorted(((p, k) for k, p in pvalues.items() if p is not None), key=lambda x: x[0])
+    m, out, running = len(given), {}, 0.0
+    for j, (p, k) in enumerate(given):
+        running = max(running, min(1.0, (m - j) * p))
+        out[k] = running
+    return out
+
+
 def best_merge(mean, ref="LinguDistill", slack=VISION_SLACK):
     """The merge at equal or better vision than `ref`: among the merges whose mean vision is
-    >= ref's mean vision - slack, the one with the highest mean language (None if none)."""
+    >= ref's mean vision - slack, the one with the highest mean language (None if none). Chosen
+    on the validation split (val_vision, val_acc) where the rows have it, so the test items
+    that report the comparison do not choose it."""
+    v, a = ("val_vision", "val_acc") if "val_vision" in mean.get(ref, {}) else ("vision", "acc")
     ok = [n for n in mean if n.startswith("merge ")
-          and mean[n]["vision"] >= mean[ref]["vision"] - slack - 1e-9]
-    return max(ok, key=lambda n: mean[n]["acc"]) if ok else None
+          and mean[n][v] >= mean[ref][v] - slack - 1e-9]
+    return max(ok, key=lambda n: mean[n][a]) if ok else None
 
 
 def paired_differences(per_seed, mean, ref="LinguDistill", metrics=DIFF_METRICS,
@@ -231,12 +344,15 @@ def format_differences(diffs, mean, ref="LinguDistill", metrics=DIFF_METRICS):
     lines = []
     if merges:
         merge = best_merge(mean, ref)
-        floor = 100 * (mean[ref]["vision"] - VISION_SLACK)
+        val = "val_vision" in mean[ref]
+        v, a = ("val_vision", "val_acc") if val else ("vision", "acc")
+        on = "on the validation split" if val else "on the reported items (no validation split)"
+        floor = 100 * (mean[ref][v] - VISION_SLACK)
         if merge:
-            lines.append(f"Best merge at equal or better vision (mean vision >= {floor:.1f}, "
-                         f"{ref}'s minus 1 point; highest mean language): {merge} (language "
-                         f"{100 * mean[merge]['acc']:.1f}, vision "
-                         f"{100 * mean[merge]['vision']:.1f}).")
+            lines.append(f"Best merge at equal or better vision, chosen {on} (mean vision >= "
+                         f"{floor:.1f}, {ref}'s minus 1 point; highest mean language): {merge} "
+                         f"(language {100 * mean[merge][a]:.1f}, vision "
+                         f"{100 * mean[merge][v]:.1f} there).")
         elif any(f"{ref} − {m}" in diffs for m in merges):
             lines.append(f"No merge has mean vision >= {floor:.1f} ({ref}'s minus 1 point): "
                          "the merges below are compared at lower vision.")
@@ -245,8 +361,9 @@ def format_differences(diffs, mean, ref="LinguDistill", metrics=DIFF_METRICS):
                          f"no merge comparison ({', '.join(merges)}).")
     if not keys:
         return "\n".join(lines + ["", f"No baseline beside {ref}: no paired differences."])
-    lines += ["", "Paired differences (same seed), points, mean ± t_{0.975,n-1} · s / √n "
-              "[95 % interval] (s: sample std over seeds):", "",
+    lines += ["", "Paired differences (same seed), points: mean ± half-width [95 % interval]; "
+              "here ± is the interval's half-width t_{0.975,n-1} · s / √n (s: sample std over "
+              "seeds), not a std:", "",
               f"| difference | {' | '.join(metrics[k] for k in keys)} | {metrics[keys[0]]} per "
               "seed |", "|---" * (len(keys) + 2) + "|"]
     for name, d in diffs.items():
@@ -254,6 +371,129 @@ def format_differences(diffs, mean, ref="LinguDistill", metrics=DIFF_METRICS):
         cells = " | ".join(format_interval(d[k]) for k in keys)
         lines.append(f"| {name} | {cells} | {per} |")
     return "\n".join(lines)
+
+
+TRANSFER_KEYS = ("transfer", "transfer_shuffled", "transfer_gap")
+
+
+def transfer_differences(per_seed, models=None):
+    """{model: t_interval of T - T_shuffled over seeds} (paired: the same student and prompts,
+    its own images vs another entity's), for every model whose rows have the null."""
+    names = [n for n in per_seed[0] if "transfer_gap" in per_seed[0][n]
+             and (models is None or n in models)]
+    return {n: t_interval([s[n]["transfer_gap"] for s in per_seed]) for n in names}
+
+
+def family_pvalues(diffs, gaps):
+    """Holm-adjusted p-values over the report's whole family of intervals: every (difference,
+    metric) of `diffs` and every model's T - T_shuffled of `gaps`. -> (raw, adjusted), keyed
+    (difference, metric) and ("T − T_shuffled", model)."""
+    raw = {(d, k): paired_pvalue(t) for d, per in diffs.items() for k, t in per.items()}
+    raw.update({("T − T_shuffled", n): paired_pvalue(t) for n, t in gaps.items()})
+    return raw, holm(raw)
+
+
+def _p(x):
+    return "—" if x is None else (f"{x:.3f}" if x >= 0.001 else f"{x:.1e}")
+
+
+def format_pvalues(diffs, gaps, raw, adjusted, metrics=DIFF_METRICS):
+    """Markdown: the paired t-test p-values of every interval, raw / Holm-adjusted."""
+    keys = [k for k in metrics if k in next(iter(diffs.values()), {})]
+    m = sum(p is not None for p in raw.values())
+    lines = [f"Paired t-test p-values, raw / Holm-adjusted over the family of all {m} intervals "
+             "of this report (every difference × metric above and every model's T − T_shuffled "
+             "below):", "", f"| difference | {' | '.join(metrics[k] for k in keys)} |",
+             "|---" * (len(keys) + 1) + "|"]
+    for name in diffs:
+        cells = " | ".join(f"{_p(raw[name, k])} / {_p(adjusted.get((name, k)))}" for k in keys)
+        lines.append(f"| {name} | {cells} |")
+    for n in gaps:
+        key = ("T − T_shuffled", n)
+        lines.append(f"| T − T_shuffled, {n} | {_p(raw[key])} / {_p(adjusted.get(key))} |"
+                     + " |" * (len(keys) - 1))
+    return "\n".join(lines)
+
+
+def format_null(mean, std, gaps, raw, adjusted):
+    """Markdown: transfer T against the shuffled-image null, per split, the top-1 agreement
+    with the oracle of the handoff, the shuffled handoff and the blind teacher, and the raw KLs
+    from the oracle (nats), mean ± population std over seeds; then T − T_shuffled paired over
+    seeds (interval and Holm p)."""
+    models = [n for n, m in mean.items() if "transfer_shuffled" in m]
+    if not models:
+        return ""
+    f2 = lambda n, k: f"{mean[n][k]:.2f} ± {std[n][k]:.2f}" if k in mean[n] else "—"
+    pc = lambda n, k: f"{100 * mean[n][k]:.1f} ± {100 * std[n][k]:.1f}" if k in mean[n] else "—"
+    splits = [sp for sp in ("", "_seen", "_unseen") if f"transfer_shuffled{sp}" in mean[models[0]]]
+    head = [f"T{sp.replace('_', ' ')}" for sp in splits] + \
+        [f"T_shuffled{sp.replace('_', ' ')}" for sp in splits]
+    lines = ["Transfer T against the shuffled-image null (the same student and prompts, each "
+             "image another entity's: eval.shuffled_items), mean ± population std over seeds; "
+             "top-1: how often the teacher's argmax is the oracle's (points):", "",
+             "| model | " + " | ".join(head) + " | top-1 handoff | top-1 shuffled | top-1 blind |",
+             "|---" * (len(head) + 4) + "|"]
+    for n in models:
+        cells = [f2(n, f"transfer{sp}") for sp in splits] + \
+            [f2(n, f"transfer_shuffled{sp}") for sp in splits] + \
+            [pc(n, k) for k in ("transfer_top1", "transfer_top1_shuffled", "transfer_top1_blind")]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    kls = [(f"kl_{w}{sp}", f"KL(o‖{w[0]}){sp.replace('_', ' ')}") for sp in splits
+           for w in ("handoff", "blind", "shuffled")]
+    lines += ["", "Raw KLs from the oracle's next-token distribution, nats (mean ± population "
+              "std over seeds): o = oracle (the image's words), h = handoff, b = blind (no "
+              "image), s = shuffled image:", "",
+              "| model | " + " | ".join(h for _, h in kls) + " |", "|---" * (len(kls) + 1) + "|"]
+    f3 = lambda n, k: f"{mean[n][k]:.3f} ± {std[n][k]:.3f}" if k in mean[n] else "—"
+    lines += [f"| {n} | " + " | ".join(f3(n, k) for k, _ in kls) + " |" for n in models]
+    lines += ["", "T − T_shuffled, paired over seeds (± = the 95 % interval's half-width; p: "
+              "raw / Holm over the report's family):", "",
+              "| model | T − T_shuffled | p | per seed |", "|---|---|---|---|"]
+    for n, t in gaps.items():
+        key = ("T − T_shuffled", n)
+        ci = (f"{t['mean']:+.2f} (n=1, no interval)" if t["half_width"] is None else
+              f"{t['mean']:+.2f} ± {t['half_width']:.2f} [{t['lo']:+.2f}, {t['hi']:+.2f}]")
+        per = " / ".join(f"{x:+.2f}" for x in t["diffs"])
+        lines.append(f"| {n} | {ci} | {_p(raw[key])} / {_p(adjusted.get(key))} | {per} |")
+    return "\n".join(lines)
+
+
+# The pre-stated rule (RESULTS.md, "Is it the handoff?"): the handoff adds something in a world
+# only if LinguDistill beats both text-replay forms on recovery at equal vision, and the
+# LinguDistill student's T beats the shuffled-image null.
+RULE_BASELINES = ("text-replay KD (own text)", "text-replay KD (student KV)")
+RULE_VISION_FLOOR = -0.02         # "equal vision": the vision difference's interval above -2 points
+RULE_N = 10
+
+
+def decide(diffs, gaps, adjusted, ref="LinguDistill", n_required=RULE_N):
+    """The rule's outcome -> (verdict, [reasons]). Each part needs the 95 % interval above its
+    bound and, where a p-value applies, Holm p < 0.05; decided only at n >= n_required."""
+    parts = []
+    for b in RULE_BASELINES:
+        d = diffs.get(f"{ref} − {b}")
+        if d is None:
+            return "not decided", [f"no {b} in these rows"]
+        rec, vis = d["recovery"], d["vision"]
+        p = adjusted.get((f"{ref} − {b}", "recovery"))
+        ok = rec["lo"] is not None and rec["lo"] > 0 and p is not None and p < 0.05
+        okv = vis["lo"] is not None and vis["lo"] > RULE_VISION_FLOOR
+        parts.append((ok and okv, f"{ref} − {b}: recovery {format_interval(rec)} (Holm p "
+                                  f"{_p(p)}), vision {format_interval(vis)}"))
+    g = gaps.get(ref)
+    if g is None:
+        return "not decided", [f"no T_shuffled for {ref}"]
+    p = adjusted.get(("T − T_shuffled", ref))
+    okg = g["lo"] is not None and g["lo"] > 0 and p is not None and p < 0.05
+    parts.append((okg, f"T − T_shuffled of {ref}: {g['mean']:+.2f}"
+                  + ("" if g["lo"] is None else f" [{g['lo']:+.2f}, {g['hi']:+.2f}]")
+                  + f" (Holm p {_p(p)})"))
+    n = g["n"]
+    reasons = [("met: " if ok else "not met: ") + r for ok, r in parts]
+    if n < n_required:
+        return f"not decided (n = {n} < {n_required}, the rule's n)", reasons
+    return ("the handoff adds something" if all(ok for ok, _ in parts)
+            else "the handoff adds nothing measurable"), reasons
 
 
 def format_per_seed(per_seed, seeds):
@@ -322,25 +562,38 @@ def report(seeds, train_argv, per_seed, seconds):
     """(experiment.md text, experiment.json object) from the per-seed rows."""
     mean, std = aggregate(per_seed)
     diffs = paired_differences(per_seed, mean)
+    gaps = transfer_differences(per_seed)
+    raw, adjusted = family_pvalues(diffs, gaps)
+    verdict, reasons = decide(diffs, gaps, adjusted) if "LinguDistill" in mean else ("", [])
     rec = " | ".join(f"{n}: {100 * mean[n]['recovery']:.0f} ± {100 * std[n]['recovery']:.0f}%"
                      for n in mean if n not in ("teacher", "adapted"))
-    text = (f"{evaluation.format_table(mean, std)}\n\n"
-            f"mean ± std over {len(seeds)} seed(s) (population std). Recovery of the language "
-            f"drop, (model - adapted) / (teacher - adapted): {rec}\n\n"
-            f"{format_differences(diffs, mean)}\n\n{format_transfer(mean, std)}\n\n"
-            f"{format_per_seed(per_seed, seeds)}\n\n"
+    rule = (f"The pre-stated rule (RESULTS.md): {verdict}.\n" + "\n".join(f"- {r}" for r in reasons)
+            + "\n\n") if verdict else ""
+    text = (f"Test items (the validation split's entities excluded); mean ± population std over "
+            f"{len(seeds)} seed(s):\n\n{evaluation.format_table(mean, std)}\n\n"
+            f"Recovery of the language drop, (model - adapted) / (teacher - adapted): {rec}\n\n"
+            f"{format_differences(diffs, mean)}\n\n"
+            + (f"{format_pvalues(diffs, gaps, raw, adjusted)}\n\n" if diffs else "")
+            + rule
+            + (f"{format_null(mean, std, gaps, raw, adjusted)}\n\n" if gaps else
+               f"{format_transfer(mean, std)}\n\n")
+            + f"{format_per_seed(per_seed, seeds)}\n\n"
             f"seeds {seeds}; train.py {' '.join(train_argv)}; {seconds:.0f}s\n")
     has_merges = any(n.startswith("merge ") for n in mean)
     return text, {"seeds": seeds, "train_argv": train_argv, "per_seed": per_seed, "mean": mean,
                   "std": std, "best_merge": best_merge(mean) if has_merges else None,
-                  "paired_differences": diffs}
+                  "paired_differences": diffs, "transfer_differences": gaps,
+                  "p_values": {" | ".join(k): v for k, v in raw.items()},
+                  "p_holm": {" | ".join(k): v for k, v in adjusted.items()},
+                  "rule": {"verdict": verdict, "reasons": reasons}}
 
 
 def experiment(seeds, train_argv, out_dir, jobs=1, merge_lams=MERGE_LAMS, threads=0,
-               teachers_from=""):
+               teachers_from="", variants=tuple(VARIANTS)):
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
-    args = [(s, train_argv, out_dir, jobs, merge_lams, threads, teachers_from) for s in seeds]
+    args = [(s, train_argv, out_dir, jobs, merge_lams, threads, teachers_from, tuple(variants))
+            for s in seeds]
     if jobs > 1:
         with mp.get_context("spawn").Pool(jobs) as pool:
             per_seed = pool.map(_run_seed_to_file, args)
@@ -359,14 +612,24 @@ FLAGS = {"seeds": ("0,1,2", "comma list of seeds: one pretrain + adapt + every v
          "out_dir": ("out/experiment", "seed<N>/ folders, experiment.md / .json / .png"),
          "merge_lams": (",".join(f"{lam:g}" for lam in MERGE_LAMS),
                         "merge toward the teacher at these λ (empty: no merges)"),
-         "teachers_from": ("", "reuse each seed's teacher from DIR/seed<N>/teacher (no stage 1)")}
+         "teachers_from": ("", "reuse each seed's teacher from DIR/seed<N>/teacher (no stage 1)"),
+         "variants": (",".join(slug(n) for n in VARIANTS),
+                      "comma list of the distill variants to train (slugs), e.g. "
+                      "ce-only,lingudistill,text-replay-kd-own-text,text-replay-kd-student-kv")}
 
 
 def main(argv):
     if toolflags.asks_help(argv, __doc__.split("\n\n")[1], FLAGS):
         return
     opts, train_argv = toolflags.parse(argv, FLAGS, reserved=("seed", "stage", "variant",
-                                                               "policy", "scope"))
+                                                               "policy", "scope", "kd_sources"))
+    by_slug = {slug(n): n for n in VARIANTS}
+    asked = [v for v in opts["variants"].split(",") if v]
+    unknown = [v for v in asked if v not in by_slug]
+    if unknown or not asked:
+        raise ValueError(f"--variants={opts['variants']}: expected a comma list of "
+                         f"{', '.join(by_slug)}")
+    variants = [n for n in VARIANTS if n in {by_slug[v] for v in asked}]     # VARIANTS' order
     try:
         seeds = [int(s) for s in opts["seeds"].split(",")]
         jobs, threads = int(opts["jobs"]), int(opts["threads"])
@@ -382,7 +645,7 @@ def main(argv):
         raise ValueError(f"--merge_lams={opts['merge_lams']}: expected numbers in [0, 1]")
     train.get_config(train_argv)                  # bad train flags fail before any work
     print(experiment(seeds, train_argv, opts["out_dir"], jobs, lams, threads,
-                     opts["teachers_from"]))
+                     opts["teachers_from"], variants))
 
 
 if __name__ == "__main__":

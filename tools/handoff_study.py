@@ -166,14 +166,14 @@ def train_pipeline(name, seed, out_dir, train_argv):
 
 def measure(model, teacher, world, tok, image_size, text):
     row = evaluation.evaluate_models({"m": model}, world, tok, image_size, teacher=teacher)["m"]
+    knowledge = world.bench("knowledge_bench")          # the test items, as evaluate_models'
     row["handoff_image"] = evaluation.teacher_handoff_accuracy(
-        model, teacher, world.knowledge_bench, tok, image_size, scope="image")
+        model, teacher, knowledge, tok, image_size, scope="image")
     for split in ("seen", "unseen"):       # seen: the entity's knowledge VQA is in training
-        items = [it for it in world.knowledge_bench if it["split"] == split]
+        items = [it for it in knowledge if it["split"] == split]
         row[f"kvqa_{split}"] = evaluation.vqa_accuracy(model, items, tok, image_size)
         row[f"handoff_{split}"] = evaluation.teacher_handoff_accuracy(model, teacher, items, tok,
                                                                       image_size)
-    row.update(evaluation.transfer(model, teacher, world.knowledge_bench, tok, image_size))
     row["drift"] = kv_drift(model, teacher, text)
     row["img_desc"] = image_desc_match(model, teacher, world, tok, image_size)
     return row

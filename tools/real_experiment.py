@@ -30,11 +30,17 @@ circle." as the oracle's text (colour, shape; transfer_items). The reserved BIG-
 are never read.
 
 Per seed (the seed sets the tower's init and the data order; teacher and data are fixed): one
-align + adapt run (train.py --stage=adapt), the four distill variants from that adapted model
-(experiment.VARIANTS), and the weight merges of the adapted decoder toward the teacher.
+align + adapt run (train.py --stage=adapt), the distill variants from that adapted model
+(experiment.VARIANTS), and the weight merges of the adapted decoder toward the teacher. The
+text-replay KD variants (KD on the image-free language sources only) are, on this data, the
+same runs as text-only teacher KD (own text) and LinguDistill (student KV), since the only KD
+source, "text", has no image: variant_aliases reports them without training them again.
 KL recovery = 1 - KL(model) / KL(adapted), the share of the held-out KL that adaptation added and
 the model removed; recovery = (model - adapted) / (teacher - adapted) on the dev-task mean.
-Paired differences (LinguDistill minus each baseline and each merge) on both, and vision.
+Strong-task recovery: the same on the mean of the dev tasks where the teacher is >= 10 points
+above chance (strong_tasks; chosen on the teacher's scores alone), the readout that is not the
+KD objective (the held-out KL is KD's own divergence on held-out text).
+Paired differences (LinguDistill minus each baseline and each merge) on all three, and vision.
 Writes real.md, real.json and (with matplotlib) real.png to --out_dir; a re-run in the same
 --out_dir resumes (finished seeds are read back from seed<N>.json, measured models from
 seed<N>/rows.json). The folder's settings.json records what the results depend on (the train
@@ -82,6 +88,7 @@ QUESTIONS = {"colour": "What colour is the shape in the image?",
 # change the teacher's next token: 0.24 nats (colour), 1.21 (shape); 25 items each, seed 0.
 TRANSFER_LEADS = {"colour": "The shape is coloured", "shape": "It is a"}
 WORLD_SEED, IMAGE_SIZE = 0, 32
+TEXT_SOURCE = "text"          # the one language-intensive (KD) source: image-free real text
 
 
 def train_flags(train_argv):
@@ -175,14 +182,60 @@ def evaluate(model, tok, bench, vqa, transfer_set, heldout, teacher=None):
     return row
 
 
+STRONG_MARGIN = 0.10       # a dev task is read when the teacher is this far above its chance
+
+
+def strong_tasks(teacher_row, bench, margin=STRONG_MARGIN):
+    """The dev tasks on which the teacher is >= margin above chance (chance: the mean over items
+    of 1 / number of options), in bench order: the readout that is not the KD objective (the
+    held-out KL is). Chosen on the teacher's own scores only, never on a student's."""
+    chance = {t: sum(1 / len(it["options"]) for it in items) / max(1, len(items))
+              for t, items in bench.items()}
+    return [t for t in bench if teacher_row[f"acc_{t}"] - chance[t] >= margin - 1e-12]
+
+
+def add_strong(rows, tasks):
+    """Each row's "acc_strong" (mean accuracy over `tasks`) and "recovery_strong"
+    ((model - adapted) / (teacher - adapted) on it); no keys when no task qualifies."""
+    if not tasks:
+        return rows
+    for row in rows.values():
+        row["acc_strong"] = sum(row[f"acc_{t}"] for t in tasks) / len(tasks)
+    drop = rows["teacher"]["acc_strong"] - rows["adapted"]["acc_strong"]
+    for row in rows.values():
+        row["recovery_strong"] = ((row["acc_strong"] - rows["adapted"]["acc_strong"]) / drop
+                                  if drop > 0 else float("nan"))
+    return rows
+
+
+def effective_flags(argv):
+    """train.py's --key=value flags as one {key: value} (a later flag overrides an earlier)."""
+    return tuple(sorted(dict(a[2:].split("=", 1) for a in argv if a.startswith("--")
+                             and "=" in a).items()))
+
+
+def variant_aliases(base, variants):
+    """{variant: the earlier variant of `variants` it equals}: variants whose stage-3 flags are
+    the same once filled in. Here the only KD source is the image-free "text" (TEXT_SOURCE), so
+    text-replay KD (own text) IS text-only teacher KD and text-replay KD (student KV) IS
+    LinguDistill (the same config, hence the same model): they are reported, not trained twice."""
+    first, aliases = {}, {}
+    for name in variants:
+        key = effective_flags(base + experiment.variant_flags(name, TEXT_SOURCE))
+        same = first.setdefault(key, name)
+        if same != name:
+            aliases[name] = same
+    return aliases
+
+
 def run_seed(seed, opts, train_argv, paths, heldout, bench, vision, teacher_row):
     """Adapt once, every distill variant and merge from it; evaluate all -> rows. Each model's
     row is kept in seed<N>/rows.json as soon as it is measured, so a re-run measures only the
     models still missing (train.py's --resume likewise skips finished stages)."""
     seed_dir = os.path.join(opts["out_dir"], f"seed{seed}")
     base = [f"--teacher_path={opts['teacher']}", f"--data_path={','.join(paths)}",
-            "--kd_sources=text", f"--seed={seed}", f"--out_dir={seed_dir}", "--eval=false",
-            "--resume=true"] + train_flags(train_argv)
+            f"--kd_sources={TEXT_SOURCE}", f"--seed={seed}", f"--out_dir={seed_dir}",
+            "--eval=false", "--resume=true"] + train_flags(train_argv)
     rows_path = os.path.join(seed_dir, "rows.json")
     rows = {"teacher": teacher_row}
     if os.path.isfile(rows_path):
@@ -193,8 +246,9 @@ def run_seed(seed, opts, train_argv, paths, heldout, bench, vision, teacher_row)
     teacher, adapted = kvshare.freeze(models["teacher"]), models["adapted"]
     times["adapt"] = time.time() - t0
     build = {"adapted": lambda: adapted}
-    build.update({name: (lambda name=name: experiment.train_variant(base, name))
-                  for name in opts["variants"]})
+    aliases = variant_aliases(base, opts["variants"])
+    build.update({name: (lambda name=name: experiment.train_variant(base, name, TEXT_SOURCE))
+                  for name in opts["variants"] if name not in aliases})
     build.update({experiment.merge_name(lam):
                   (lambda lam=lam: experiment.merge_toward_teacher(adapted, teacher, lam))
                   for lam in opts["merge_lams"]})
@@ -204,18 +258,24 @@ def run_seed(seed, opts, train_argv, paths, heldout, bench, vision, teacher_row)
             rows[name] = evaluate(make(), tok, bench, *vision, heldout, teacher)
             times[name] = time.time() - t0
             write_json(rows_path, {k: v for k, v in rows.items() if k != "teacher"})
+    for name, same in aliases.items():             # the same run by construction: its rows
+        rows[name] = dict(rows[same])
     drop, kl = rows["teacher"]["acc"] - rows["adapted"]["acc"], rows["adapted"]["kl"]
     for row in rows.values():
         row["recovery"] = (row["acc"] - rows["adapted"]["acc"]) / drop if drop > 0 else float("nan")
         row["recovery_kl"] = 1 - row["kl"] / kl if kl > 0 else float("nan")
+    add_strong(rows, strong_tasks(rows["teacher"], bench))
     print(f"seed {seed}: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()), flush=True)
     return rows
 
 
 COLUMNS = [("kl", "held-out KL"), ("recovery_kl", "KL recovery"), ("ppl", "held-out ppl"),
-           ("acc", "BIG-bench dev mean"), ("recovery", "dev recovery"), ("vision", "vision"),
+           ("acc", "BIG-bench dev mean"), ("recovery", "dev recovery"),
+           ("acc_strong", "strong dev tasks"), ("recovery_strong", "strong-task recovery"),
+           ("vision", "vision"),
            ("transfer", "T")] + [(f"transfer_{s}", f"T {s}") for s in TRANSFER_LEADS]
-DIFF_METRICS = {"recovery_kl": "KL recovery", "recovery": "dev recovery", "vision": "vision"}
+DIFF_METRICS = {"recovery_kl": "KL recovery", "recovery": "dev recovery",
+                "recovery_strong": "strong-task recovery", "vision": "vision"}
 
 
 def format_rows(mean, std, tasks):
@@ -344,14 +404,23 @@ def main(argv):
     mean, std = experiment.aggregate(per_seed)
     # every merge, its vision difference beside: "equal vision" needs a tower that learns vision
     diffs = experiment.paired_differences(per_seed, mean, metrics=DIFF_METRICS, every_merge=True)
+    gaps = experiment.transfer_differences(per_seed)          # T - T_shuffled, where measured
+    raw, adjusted = experiment.family_pvalues(diffs, gaps)
     report = [f"seeds {opts['seeds']}, {opts['items']} items per dev task, "
               f"{len(heldout)} held-out texts; {time.time() - t_start:.0f}s in this call", "",
+              "strong dev tasks (the teacher >= 10 points above chance; the readout that is not "
+              f"the KD objective): {', '.join(strong_tasks(teacher_row, bench)) or 'none'}", "",
               format_rows(mean, std, list(bench)), "",
-              experiment.format_differences(diffs, mean, metrics=DIFF_METRICS)]
+              experiment.format_differences(diffs, mean, metrics=DIFF_METRICS), "",
+              experiment.format_pvalues(diffs, gaps, raw, adjusted, metrics=DIFF_METRICS)]
+    if gaps:
+        report += ["", experiment.format_null(mean, std, gaps, raw, adjusted)]
     text = "\n".join(report)
     write_text(os.path.join(out, "real.md"), text + "\n")
     write_json(os.path.join(out, "real.json"), {"per_seed": per_seed, "mean": mean, "std": std,
-                                                "paired": diffs})
+                                                "paired": diffs, "transfer_gap": gaps,
+                                                "p_holm": {" | ".join(k): v
+                                                           for k, v in adjusted.items()}})
     plot(mean, std, os.path.join(out, "real.png"))
     print(text)
 
