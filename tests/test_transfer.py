@@ -45,16 +45,8 @@ def test_transfer_is_one_when_the_image_tokens_are_the_descriptions_own_embeddin
     """Identity: the student is the teacher's decoder and its image tokens are the teacher's
     embeddings of the description's tokens (oracle tower, no perturbation, exactly as many image
     tokens as description tokens): the handoff IS the teacher reading the words."""
-    cfg, world, tok = smoke_world()
-    teacher = Decoder(train.lm_config(cfg, tok))          # any weights, far from uniform outputs
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.normal_(0.0, 0.3 if p.ndim > 1 else 1.0)
-    kvshare.freeze(teacher)
     # 48 px / patch 4 / shuffle 4: 3 x 3 = 9 image tokens; the items whose words are 9 tokens
-    vision = VisionConfig(image_size=48, patch_size=4, dim=32, n_layers=1, n_heads=2, mlp_dim=64)
-    items = [it for it in world.knowledge_bench if len(tok.encode(it["desc"]).ids) == 9]
-    assert len(items) >= 2
+    teacher, vision, items, tok = identity_setup()
     student = vlm_from_teacher(teacher, vision, tok.token_to_id(data.IMAGE_TOKEN), 4)
     only = types.SimpleNamespace(sources={}, vision_bench=[], knowledge_bench=items)
     student = oracle.OracleVLM.wrap(student, teacher, only, tok, eps=0.0)
@@ -185,7 +177,8 @@ def test_shuffled_items_is_a_fixed_derangement_of_the_entities():
 
 
 def identity_setup():
-    """The identity test's teacher, vision config and items (9-token descriptions)."""
+    """The identity tests' teacher (any weights, far from uniform outputs), vision config and
+    items (9-token descriptions)."""
     cfg, world, tok = smoke_world()
     teacher = Decoder(train.lm_config(cfg, tok))
     with torch.no_grad():
@@ -194,7 +187,7 @@ def identity_setup():
     kvshare.freeze(teacher)
     vision = VisionConfig(image_size=48, patch_size=4, dim=32, n_layers=1, n_heads=2, mlp_dim=64)
     items = [it for it in world.knowledge_bench if len(tok.encode(it["desc"]).ids) == 9]
-    assert len({it["desc"] for it in items}) >= 2
+    assert len(items) >= 2 and len({it["desc"] for it in items}) >= 2
     return teacher, vision, items, tok
 
 
