@@ -65,18 +65,16 @@ def batch_of(items, pad, max_len=None, pack=False):
 
 
 def lay_out(pairs, views, pad, pack_len=None):
-    """The token part of a batch (pad_pairs, or with pack_len pack) and its images: views[i] is
-    example i's list of (k, 3, S, S) view tensors; "images" (N_views, 3, S, S) follows the
-    order in which the examples' <image> ids appear in the batch (row by row)."""
+    """Tokens (pad_pairs, or pack.pack into pack_len rows) + "images": example i's views[i], (k, 3,
+    S, S) tensors, concatenated in the order their <image> ids appear in the batch, row by row."""
     batch = pad_pairs(pairs, pad) if pack_len is None else pack.pack(pairs, pad, pack_len)
     flat = [v for i in batch.pop("order", range(len(pairs))) for v in views[i]]
     return {**batch, "images": torch.cat(flat) if flat else None}
 
 
 def pad_pairs(pairs, pad):
-    """[(context_ids, response_ids), ...] -> the token part of a batch: input_ids and
-    attention_mask (contexts LEFT-padded to P, responses RIGHT-padded to R), context_len = P,
-    labels and response_mask (the R response columns)."""
+    """[(context_ids, response_ids), ...] -> input_ids, attention_mask (contexts LEFT-padded to P,
+    responses RIGHT-padded to R), context_len = P, labels and response_mask (the R columns)."""
     P, R = max(len(c) for c, _ in pairs), max(len(r) for _, r in pairs)
     ids = torch.full((len(pairs), P + R), pad, dtype=torch.long)  # (B, P+R)
     mask = torch.zeros((len(pairs), P + R), dtype=torch.long)  # (B, P+R)

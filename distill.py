@@ -47,10 +47,9 @@ def _check_kd_args(divergence, temperature, beta):
 
 
 def kd_divergence(student_logits, teacher_logits, divergence="fkl", temperature=1.0, beta=0.5):
-    """Per-token divergence (N,) of student (N, Vs) and teacher (N, Vt) logits at temperature T in
-    float32, times T^2 (Hinton et al.). fkl: KL(teacher || student), the default; rkl: KL(student
-    || teacher); jsd: beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s
-    (TRL GKD's; beta in (0, 1)). Vocabularies are compared on their shared prefix min(Vs, Vt)."""
+    """Per-token divergence (N,) of student (N, Vs) / teacher (N, Vt) logits at temperature T, fp32,
+    times T^2. fkl: KL(teacher || student), the default; rkl: KL(student || teacher); jsd: beta
+    KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s; the shared vocabulary."""
     _check_kd_args(divergence, temperature, beta)
     V = min(student_logits.shape[-1], teacher_logits.shape[-1])
     log_s = _log_probs(student_logits[:, :V], temperature)                  # (N, V) log p_student
@@ -157,12 +156,10 @@ def cross_entropy(logits, labels, response_mask, normalizer=None):
 def distill_loss(student_logits, labels, response_mask, teacher_logits, kd_weight, *, alpha=1.0,
                  divergence="fkl", temperature=1.0, beta=0.5, chunk_size=None, ce_normalizer=None,
                  kd_normalizer=None):
-    """Total = CE + alpha * KD -> {"loss", "ce", "kd", "n_ce_tokens", "n_kd_tokens"}. student_logits
-    (B, R, Vs); labels (B, R) (pads arbitrary); response_mask (B, R), True for
-    answer + EOS; teacher_logits (B, R, Vt), or None when no token gets KD (policy "none");
-    kd_weight: the source gate, (B,) per example (source_weights) or (B, R) per token (packed).
-    CE over the real response tokens; KD (kd_token_sum) over the weighted count of KD tokens;
-    normalisers: _normalise. No KD token: KD is exactly 0."""
+    """CE + alpha * KD -> {"loss", "ce", "kd", "n_ce_tokens", "n_kd_tokens"}. student_logits (B, R,
+    Vs), labels (B, R), response_mask (B, R) (True: answer + EOS), teacher_logits (B, R, Vt) or None
+    (no KD token); kd_weight, the gate: (B,) per example (source_weights) or (B, R) per token. CE
+    over the real tokens, KD over the weighted KD tokens (normalisers: _normalise)."""
     check_loss_inputs(student_logits, labels, response_mask, teacher_logits, kd_weight, alpha)
     real = response_mask.bool()                                              # (B, R)
     ce = cross_entropy(student_logits, labels, real, ce_normalizer)

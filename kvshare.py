@@ -95,8 +95,7 @@ def freeze(teacher, dtype=None):
 
 
 def student_prefill(student, batch, keep_kv=True):
-    """Step 1. The response logits (B, R, V) and (keep_kv) every layer's (K, V) over all P+R
-    columns, each (B, n_kv_heads, P+R, head_dim). `student`: a VLM (or a Decoder, text only)."""
+    """Step 1: response logits (B, R, V); every layer's (K, V), (B, n_kv, P+R, hd), if keep_kv."""
     P, R = batch["context_len"], batch["labels"].shape[1]
     images = {} if batch["images"] is None else {"images": batch["images"]}
     logits, kv = student(batch["input_ids"], attention_mask=batch["attention_mask"],

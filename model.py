@@ -135,8 +135,7 @@ def build_attention_mask(attention_mask, q_len, past_len):
 
 
 def reference_attention(q, k, v, mask):
-    """SDPA with the boolean mask (B, 1, Tq, Tk), or plain causal (mask None); query head h reads
-    K/V head h // (n_heads / n_kv_heads) in place (GQA). The reference, which the CPU runs."""
+    """The reference (the CPU's): SDPA with the mask (B, 1, Tq, Tk) or causal; GQA in place."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                           enable_gqa=True)
 
@@ -214,10 +213,9 @@ class Decoder(nn.Module):
                 past_kv=None, use_cache=False, logits_start=0, packed_mask=None, logit_index=None):
         """(logits, kv) of the new tokens input_ids (B, T) (or inputs_embeds (B, T, D)) after
         past_kv (per layer (K, V), (B, n_kv_heads, Tp, head_dim), K after RoPE). attention_mask
-        (B, Tp+T): 1 real / 0 pad (None: all real); positions count the real tokens before each
-        column. logits: the new columns from logits_start on; kv (use_cache): every layer's (K, V)
-        over past + new. Packed rows (pack.py): packed_mask (B, 1, T, Tp+T) + position_ids, and
-        logit_index (N,) -> logits (1, N, V)."""
+        (B, Tp+T): 1 real / 0 pad (None: all real), positions count its real tokens. logits: new
+        columns from logits_start on; kv (use_cache): every layer's (K, V) over past + new. Packed
+        rows (pack.py): packed_mask (B, 1, T, Tp+T), position_ids, logit_index (N,) -> (1, N, V)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds           # (B, T, D)
         B, T, _ = x.shape
         past_len = 0 if past_kv is None else past_kv[0][0].shape[2]
@@ -448,8 +446,7 @@ class VLM(nn.Module):
         return x.masked_scatter(slots[..., None], feats.reshape(-1, x.shape[-1]))
 
     def image_features(self, images):
-        """images (N, 3, H, W) -> the decoder inputs of their image tokens (N, n_image_tokens,
-        D): vision tower, then projector. (oracle.OracleVLM replaces this for a control.)"""
+        """images (N, 3, H, W) -> (N, n_image_tokens, D): tower, projector (oracle.py: control)."""
         return self.projector(self.vision(images))
 
     def forward(self, input_ids, images=None, attention_mask=None, position_ids=None,

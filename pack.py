@@ -46,17 +46,12 @@ def pack_rows(lengths, max_len):
 
 
 def pack(pairs, pad, max_len):
-    """[(context_ids, response_ids), ...] -> the token part of a PACKED batch: the examples laid
-    end to end, [context_i response_i], in rows of L <= max_len columns (pack_rows), each
-    example's positions restarting at 0; the student and teacher attend block-diagonally
-    (segment_mask, kvshare.py). The loss side is padding-free: the N response tokens
-    of the batch, in row order.
-
-      input_ids, attention_mask (1 real / 0 pad), segment_ids (the example's index in `pairs`,
-          -1 for pads), position_ids (within the example), context_mask: (rows, L)
-      logit_index (N,): flat index (row * L + column) of the column that predicts each response
-          token (the column before it)
-      labels, response_mask (all True), token_example (example index of each token): (1, N)
+    """[(context_ids, response_ids), ...] -> a PACKED batch: [context_i response_i] end to end in
+    rows of L <= max_len columns (pack_rows), positions restarting at 0 per example.
+      input_ids, attention_mask, segment_ids (example index, -1 for pads), position_ids (within
+          the example), context_mask: (rows, L)
+      logit_index (N,): flat index (row * L + column) of the column before each response token
+      labels, response_mask (all True), token_example (each token's example): (1, N), row order
       order: the example indices in row order (so the images can follow it)."""
     rows = pack_rows([len(c) + len(r) for c, r in pairs], max_len)
     L = max(sum(len(c) + len(r) for c, r in (pairs[i] for i in row)) for row in rows)
@@ -98,12 +93,17 @@ def segment_mask(q_seg, q_col, k_seg, k_col):
     query may see gets a segment id no query has; a padding query gets one of its own, so that
     it sees only itself (no all-masked row, no NaN)."""
     if BLOCK_MASKS == "always" or (BLOCK_MASKS == "cuda" and q_seg.is_cuda):
-        def visible(b, h, q, k):
-            return (q_seg[b, q] == k_seg[b, k]) & (k_col[b, k] <= q_col[b, q])
-        return create_block_mask(visible, q_seg.shape[0], None, q_seg.shape[1], k_seg.shape[1],
-                                 device=q_seg.device)
+        return segment_block_mask(q_seg, q_col, k_seg, k_col)
     same = q_seg[:, :, None] == k_seg[:, None, :]                              # (B, Tq, Tk)
     return (same & (k_col[:, None, :] <= q_col[:, :, None]))[:, None]
+
+
+def segment_block_mask(q_seg, q_col, k_seg, k_col):
+    """segment_mask's rule as a FlexAttention BlockMask (built blockwise; no (Tq, Tk) tensor)."""
+    def visible(b, h, q, k):
+        return (q_seg[b, q] == k_seg[b, k]) & (k_col[b, k] <= q_col[b, q])
+    return create_block_mask(visible, q_seg.shape[0], None, q_seg.shape[1], k_seg.shape[1],
+                             device=q_seg.device)
 
 
 BLOCK_MASKS = "cuda"     # "always" / "never": tests compare the two forms on the CPU
@@ -119,12 +119,10 @@ def prefill_mask(seg):
 
 
 def teacher_inputs(batch, is_image, scope):
-    """What kvshare.teacher_continue runs on packed rows: (new_ids (rows, Lt), the teacher's
-    keyword inputs). The teacher's new tokens are the columns it runs ("run"), gathered
-    left-aligned per row; its past (added by the caller, scopes full / image) is the row's student
-    K/V, of which a query sees only its own example's shared columns. Its logits come out
-    (1, N, V) at the N response-predicting columns, in row order. is_image: (rows, L) student-only
-    columns."""
+    """What teacher_continue runs on packed rows: (new_ids (rows, Lt), the teacher's keyword
+    inputs). The columns it runs, gathered left-aligned per row; its past (scopes full / image) is
+    the row's student K/V, a query seeing only its example's shared columns; logits (1, N, V) at
+    the response-predicting columns. is_image: (rows, L) student-only columns."""
     ids, seg, pos, ctx = (batch[k] for k in ("input_ids", "segment_ids", "position_ids",
                                              "context_mask"))              # (rows, L) each
     rows, L = ids.shape

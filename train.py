@@ -257,8 +257,7 @@ def stage_batches(setup, stage, student, start, kd_table=None):
 
 
 def token_counts(batches):
-    """{"ce", "kd"}: the (gate-weighted) tokens CE and KD average over in one optimizer step;
-    "tokens": every real token of its batches. Host tensors: no device sync."""
+    """The step's CE and (gate-weighted) KD token counts and all its real "tokens", on the host."""
     counts = {"ce": 0.0, "kd": 0.0, "tokens": 0.0}                        # tokens: all real ones
     for b in batches:
         if "tokens" in b:                                       # stage 1: every next token
@@ -278,8 +277,7 @@ def token_counts(batches):
 # over ranks, so each rank's loss (its share of the global token mean) is scaled by world_size.
 
 def distill_step(setup, student, teacher, batch, counts):
-    """Stage 3, LinguDistill (README "How LinguDistill works here"). batch["kd_weight"] is the
-    source gate (stage_batches); counts, the step's global token counts (token_counts)."""
+    """Stage 3, LinguDistill: batch["kd_weight"] is the gate, counts the step's global counts."""
     cfg = setup.cfg
     # 1-3. the student prefills; the frozen teacher continues from the student's context KV
     student_logits, teacher_logits = kvshare.distill_forward(
@@ -318,9 +316,8 @@ def lm_step(setup, model, teacher, batch, counts):
 
 def train_stage(setup, stage, model, param_groups, steps, step_fn, name=None, teacher=None,
                 kd_table=None):
-    """Train `model` (the parameters in `param_groups`) for `steps` optimizer steps of `stage`
-    ("pretrain" | "align" | "adapt" | "distill"), step_fn per micro-batch; `name`: its checkpoint
-    folder and log lines (default: the stage). Stage 3: the frozen `teacher`, kd_table the gate."""
+    """`steps` optimizer steps of `stage` on `param_groups`, step_fn per micro-batch; `name`: its
+    checkpoint folder and log lines (default: the stage); stage 3: `teacher` and kd_table (gate)."""
     cfg, runtime = setup.cfg, setup.runtime
     run = StageRun(cfg, runtime, stage, name or stage, model, param_groups, steps,
                    RESUME_MAY_CHANGE)
