@@ -157,17 +157,17 @@ def encode_corpus(corpus, tokenizer):
 # ----------------------------------------------------------------------------------------
 # Tokenizers
 
-def train_tokenizer(corpus, vocab_size=512):
-    """Byte-level BPE (GPT-2 style: a space belongs to the word after it) with <pad>, <eos>,
-    <image> as ids 0, 1, 2."""
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (bytes + special "
+def train_tokenizer(corpus, vocab_size=512, special_tokens=SPECIAL_TOKENS):
+    """Byte-level BPE (GPT-2 style: a space belongs to the word after it) with the special tokens
+    as its first ids (ours: <pad>, <eos>, <image> as 0, 1, 2)."""
+    if vocab_size < 256 + len(special_tokens):
+        raise ValueError(f"vocab_size must be >= {256 + len(special_tokens)} (bytes + special "
                          f"tokens), got {vocab_size}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+        vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return tok
 

@@ -38,13 +38,7 @@ CORPUS = ["The following are multiple choice questions (with answers) about alge
 def build_smol_like(folder, config=True, template=False):
     """tokenizer.json (+ tokenizer_config.json like SmolLM2-Instruct's) in folder; returns the raw
     Tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=420, special_tokens=SMOL_SPECIALS, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = data.train_tokenizer(CORPUS, 420, SMOL_SPECIALS)
     os.makedirs(folder, exist_ok=True)
     tok.save(os.path.join(folder, "tokenizer.json"))
     if config:

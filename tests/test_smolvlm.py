@@ -35,13 +35,7 @@ def tokenizer_folder(folder):
     """A byte-level BPE tokenizer (the teacher's, ids 0..base-1) with SmolVLM's image-layout
     tokens appended after it, saved as transformers saves a SmolVLM tokenizer. Returns
     (hf tokenizer, base vocabulary size)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=BASE_SPECIALS, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    raw = data.train_tokenizer(CORPUS, 320, BASE_SPECIALS)
     base = raw.get_vocab_size()
     os.makedirs(folder, exist_ok=True)
     raw.save(os.path.join(folder, "teacher_tokenizer.json"))       # the LM's own: ids 0..base-1
