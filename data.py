@@ -1,23 +1,21 @@
 """
 What the method consumes: the tokenizer roles and the batch layout of the KV handoff.
 
-- The layout (collate, pad_pairs): contexts LEFT-padded to P columns, responses RIGHT-padded
-  to R, so every context ends in column P-1 (kvshare.py draws it). The reference, and the
-  default. pack.py: the packed layout (--pack=true), several examples end to end per row.
+- The layout (collate: encode_for_batch, then batch_of / pad_pairs): contexts LEFT-padded to P
+  columns, responses RIGHT-padded to R, so every context ends in column P-1 (kvshare.py draws it).
 - Tokenizers: train_tokenizer (the tiny world's byte-level BPE) or load_tokenizer (any Hugging
   Face tokenizer.json); <pad>, <eos> and <image> are roles, played by the tokenizer's own
   tokens where it has them (special_id).
-- Image splitting: tiles.py (nanoVLM's tiles + global view per image; view_tokens here).
+- One view per image, image_to_tensor. Other layouts are composed from outside: image splitting
+  (scale/tiles.py: tiles + a global view per image), packed rows (scale/pack.py).
 """
 import json
 import os
 
+import numpy as np
 import torch
+from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-import pack
-from tiles import (GLOBAL_IMAGE_TOKEN, MAX_GRID, VIEW_TOKENS, Idefics3Grid, grid_token,
-                   idefics3_image_prompt, image_views)
 
 PAD_TOKEN, EOS_TOKEN, IMAGE_TOKEN = "<pad>", "<eos>", "<image>"
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, IMAGE_TOKEN)
@@ -25,56 +23,52 @@ SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, IMAGE_TOKEN)
 # ----------------------------------------------------------------------------------------
 # The batch layout of the handoff
 
-def collate(examples, tokenizer, n_image_tokens, image_size, max_len=None, image_splitting=None,
-            pack=False):
-    """Batch in the layout of kvshare.py: contexts LEFT-padded to P, responses RIGHT-padded to R
-    (pack=True: the packed layout of pack.pack, rows of at most max_len columns).
-    max_len cuts each response (not the context) so that context + response <= max_len.
-    encode_for_batch, then batch_of (train.py encodes the tiny world once per stage)."""
-    if pack and max_len is None:
-        raise ValueError("collate: pack=True needs max_len (the tokens of one packed row)")
-    items = [encode_for_batch(ex, tokenizer, n_image_tokens, image_size, image_splitting)
-             for ex in examples]
-    return batch_of(items, special_id(tokenizer, PAD_TOKEN), max_len, pack)
+def collate(examples, tokenizer, n_image_tokens, image_size, max_len=None):
+    """Examples -> a batch in the layout of kvshare.py: contexts LEFT-padded to P, responses
+    RIGHT-padded to R; max_len cuts each response (not the context) so that context + response
+    <= max_len. encode_for_batch, then batch_of (train.py encodes the tiny world once per stage)."""
+    items = [encode_for_batch(ex, tokenizer, n_image_tokens, image_size) for ex in examples]
+    return batch_of(items, special_id(tokenizer, PAD_TOKEN), max_len)
 
 
-def encode_for_batch(example, tokenizer, n_image_tokens, image_size, image_splitting=None):
+def encode_for_batch(example, tokenizer, n_image_tokens, image_size):
     """One example, ready for batch_of: its (context_ids, response_ids) (encode_example), its
-    image views, (k, 3, S, S) tensors in token order (global view then tiles), the grid
-    (n_h, n_w) of each image, and its source. image_splitting: None (one view per image) or an
-    ImageSplitting (nanoVLM's rule)."""
-    per_image = [image_views(im, image_size, image_splitting) for im in example_images(example)]
-    grids = [g for _, g in per_image]
-    pair = encode_example(example, tokenizer, n_image_tokens,
-                          grids if image_splitting is not None else None)
-    return {"pair": pair, "views": [v for v, _ in per_image], "grids": grids,
-            "source": example["source"]}
+    image views, (1, 3, S, S) tensors, one per image, the grid (1, 1) of each, and its source."""
+    images = example_images(example)
+    return {"pair": encode_example(example, tokenizer, n_image_tokens),
+            "views": [image_to_tensor(im, image_size)[None] for im in images],
+            "grids": [(1, 1)] * len(images), "source": example["source"]}
 
 
-def batch_of(items, pad, max_len=None, pack=False):
-    """Encoded examples (encode_for_batch) -> a batch: the token part (pad_pairs, or pack.pack into
-    max_len rows), "images" (N_views, 3, S, S) in <image>-run order, "grids", "source"."""
-    pairs = [it["pair"] for it in items]
-    if max_len is not None:
-        if any(len(c) >= max_len for c, _ in pairs):
-            raise ValueError(f"a context is {max(len(c) for c, _ in pairs)} tokens; max_len "
-                             f"{max_len} leaves no room for its response")
-        pairs = [(c, r[:max_len - len(c)]) for c, r in pairs]
-    return {**lay_out(pairs, [it["views"] for it in items], pad, max_len if pack else None),
+def batch_of(items, pad, max_len=None):
+    """Encoded examples (encode_for_batch) -> a batch: the tokens (pad_pairs), "images"
+    (N_views, 3, S, S) in <image>-run order, "grids", "source"."""
+    return {**lay_out(fit_pairs([it["pair"] for it in items], max_len),
+                      [it["views"] for it in items], pad),
             "grids": [it["grids"] for it in items], "source": [it["source"] for it in items]}
 
 
-def lay_out(pairs, views, pad, pack_len=None):
-    """Tokens (pad_pairs, or pack.pack into pack_len rows) + "images": example i's views[i], (k, 3,
-    S, S) tensors, concatenated in the order their <image> ids appear in the batch, row by row."""
-    batch = pad_pairs(pairs, pad) if pack_len is None else pack.pack(pairs, pad, pack_len)
-    flat = [v for i in batch.pop("order", range(len(pairs))) for v in views[i]]
-    return {**batch, "images": torch.cat(flat) if flat else None}
+def fit_pairs(pairs, max_len=None):
+    """Each response cut so that context + response <= max_len (None: unchanged)."""
+    if max_len is None:
+        return pairs
+    if any(len(c) >= max_len for c, _ in pairs):
+        raise ValueError(f"a context is {max(len(c) for c, _ in pairs)} tokens; max_len "
+                         f"{max_len} leaves no room for its response")
+    return [(c, r[:max_len - len(c)]) for c, r in pairs]
+
+
+def lay_out(pairs, views, pad):
+    """Tokens (pad_pairs) + "images": example i's views[i], (k, 3, S, S) tensors, concatenated in
+    the order their <image> ids appear in the batch, row by row."""
+    flat = [v for vs in views for v in vs]
+    return {**pad_pairs(pairs, pad), "images": torch.cat(flat) if flat else None}
 
 
 def pad_pairs(pairs, pad):
     """[(context_ids, response_ids), ...] -> input_ids, attention_mask (contexts LEFT-padded to P,
-    responses RIGHT-padded to R), context_len = P, labels and response_mask (the R columns)."""
+    responses RIGHT-padded to R), context_len = P, labels, response_mask and token_example (the
+    example of each response token: its row) over the R columns."""
     P, R = max(len(c) for c, _ in pairs), max(len(r) for _, r in pairs)
     ids = torch.full((len(pairs), P + R), pad, dtype=torch.long)  # (B, P+R)
     mask = torch.zeros((len(pairs), P + R), dtype=torch.long)  # (B, P+R)
@@ -82,45 +76,34 @@ def pad_pairs(pairs, pad):
         ids[i, P - len(c):P + len(r)] = torch.tensor(c + r)
         mask[i, P - len(c):P + len(r)] = 1
     return {"input_ids": ids, "attention_mask": mask, "context_len": P,
-            "labels": ids[:, P:], "response_mask": mask[:, P:].bool()}  # (B, R) each
+            "labels": ids[:, P:], "response_mask": mask[:, P:].bool(),         # (B, R) each
+            "token_example": torch.arange(len(pairs))[:, None].expand(-1, R)}  # each row's index
 
 
-def encode_example(example, tokenizer, n_image_tokens, grids=None):
+def encode_example(example, tokenizer, n_image_tokens, image_part=None):
     """-> (context_ids, response_ids). Context: the prompt, where the i-th "<image>" tag becomes
     image i's tokens (all tags at the start if the prompt names none; the tag count must match the
     images); response: answer + <eos>.
 
-    grids None: each image is n_image_tokens <image> ids (one view). grids = [(n_h, n_w) per image]
-    (image splitting): each image is view_tokens(n_h, n_w, n_image_tokens), and with several
-    images each is preceded by the text "<image: i>" as nanoVLM writes it. An Idefics3Grid
-    (tiles.Idefics3Splitting, a SmolVLM student) is its processor's text for the image
-    (tiles.idefics3_image_prompt), tokenized as the processor tokenizes it.
-    Text and image ids are encoded separately; with byte-level BPE a leading space belongs to the
-    next word, so "<image> eats" + " apples ." tokenizes like "... eats apples ."."""
+    Image i is n_image_tokens <image> ids (one view); image_part(i) -> (text, ids) replaces that:
+    text appended to the prompt text before the image, and the image's ids (scale/tiles.py's
+    layouts of a split image). Text and image ids are encoded separately; with byte-level BPE a
+    leading space belongs to the next word, so "<image> eats" + " apples ." tokenizes like
+    "... eats apples ."."""
     prompt, n_images = example["prompt"], len(example_images(example))
     n_tags = prompt.count(IMAGE_TOKEN)
     if n_tags and n_tags != n_images:
         raise ValueError(f"prompt {prompt!r} has {n_tags} {IMAGE_TOKEN} tags for {n_images} "
                          "image(s)")
-    if grids is not None and len(grids) != n_images:
-        raise ValueError(f"{len(grids)} image grids for {n_images} image(s)")
     if n_images and not n_tags:
         prompt = IMAGE_TOKEN * n_images + prompt
-    texts, context = prompt.split(IMAGE_TOKEN), []
-    for i, text in enumerate(texts):
-        idefics3 = i < n_images and grids is not None and isinstance(grids[i], Idefics3Grid)
-        if i < n_images and grids is not None and n_images > 1 and not idefics3:
-            text += f"<image: {i}>"
-        context += tokenizer.encode(text).ids if text else []
-        if idefics3:
-            context += tokenizer.encode(idefics3_image_prompt(grids[i], n_image_tokens)).ids
-        elif i < n_images:
-            if grids is None:
-                names = [IMAGE_TOKEN] * n_image_tokens
-            else:
-                names = view_tokens(*grids[i], n_image_tokens)
-            ids = {t: special_id(tokenizer, t) for t in set(names)}
-            context += [ids[t] for t in names]
+    one_view = [special_id(tokenizer, IMAGE_TOKEN)] * n_image_tokens if n_images else []
+    context = []
+    for i, text in enumerate(prompt.split(IMAGE_TOKEN)):
+        suffix, image_ids = ("", []) if i == n_images else \
+            image_part(i) if image_part else ("", one_view)
+        text += suffix
+        context += (tokenizer.encode(text).ids if text else []) + image_ids
     if not context:
         raise ValueError(f"example from source {example['source']!r} has an empty context; "
                          "the first response token needs a context position to be predicted from")
@@ -133,18 +116,13 @@ def example_images(example):
     return [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
 
 
-def view_tokens(n_h, n_w, n_image_tokens):
-    """The token sequence of one image split into n_h x n_w tiles (nanoVLM get_image_string):
-    GLOBAL_IMAGE_TOKEN + n <image> (the global view), then for each tile in row-major order
-    grid_token(r, c) (1-based) + n <image>. A 1x1 split is the global view alone."""
-    if not (1 <= n_h <= MAX_GRID and 1 <= n_w <= MAX_GRID):
-        raise ValueError(f"a {n_h}x{n_w} split has no grid tokens; at most {MAX_GRID}x{MAX_GRID}")
-    out = [GLOBAL_IMAGE_TOKEN] + [IMAGE_TOKEN] * n_image_tokens
-    if (n_h, n_w) != (1, 1):
-        for r in range(1, n_h + 1):
-            for c in range(1, n_w + 1):
-                out += [grid_token(r, c)] + [IMAGE_TOKEN] * n_image_tokens
-    return out
+def image_to_tensor(image, image_size, pixels="[-1,1]"):
+    """PIL image -> (3, image_size, image_size) float in [-1, 1] (or [0, 1]); resized if needed."""
+    image = image.convert("RGB")
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+    return x if pixels == "[0,1]" else (x - 0.5) / 0.5
 
 
 def encode_corpus(corpus, tokenizer):
@@ -172,7 +150,7 @@ def train_tokenizer(corpus, vocab_size=512, special_tokens=SPECIAL_TOKENS):
     return tok
 
 
-def load_tokenizer(path, roles=None, image_splitting=False):
+def load_tokenizer(path, roles=None, extra_tokens=()):
     """A tokenizer.json (ours or any Hugging Face one), ready for encode_example/collate.
 
     The <pad> and <eos> roles are played by the tokenizer's OWN tokens where it has them, so
@@ -185,8 +163,8 @@ def load_tokenizer(path, roles=None, image_splitting=False):
     Whatever is still missing, and "<image>" (always a literal token), is added as a new id
     at the END of the vocabulary (SmolLM2: <image> = 49152); no existing id changes. The model's
     embedding must cover added ids. The mapping is kept on the object (`tok.role_tokens`) and
-    read by special_id. image_splitting=True also appends VIEW_TOKENS (global-image and grid
-    tokens) after <image>, in nanoVLM's order, where the tokenizer lacks them."""
+    read by special_id. extra_tokens (e.g. scale.tiles.VIEW_TOKENS, image splitting's global-image
+    and grid tokens) are appended after <image>, in their order, where the tokenizer lacks them."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: file not found; expected a tokenizer.json (every model "
                                 "folder needs one)")
@@ -214,8 +192,7 @@ def load_tokenizer(path, roles=None, image_splitting=False):
         elif role in (roles or {}):
             raise ValueError(f"roles: {path} has no token {token!r} for {role}")
     missing = [t for t in SPECIAL_TOKENS if t not in role_tokens and tok.token_to_id(t) is None]
-    if image_splitting:
-        missing += [t for t in VIEW_TOKENS if tok.token_to_id(t) is None]
+    missing += [t for t in extra_tokens if tok.token_to_id(t) is None]
     if missing:
         tok.add_special_tokens(missing)
     tok.role_tokens = role_tokens

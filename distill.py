@@ -18,8 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model import check
-
 POLICIES = ("none", "uniform", "selective")
 DIVERGENCES = ("fkl", "rkl", "jsd")
 KIND_WEIGHTS = {"language": 1.0, "vision": 0.0}   # source kind -> KD weight (the source gate)
@@ -129,51 +127,42 @@ def source_weights(policy, sources, table=None):
 # ----------------------------------------------------------------------------------------
 # The loss
 
-def _normalise(total, count, override, name):
-    """total / (override or count): count = this batch's (weighted) tokens (a tensor), override =
-    the step's over all micro-batches and DDP ranks (their losses sum to the global mean)."""
-    if override is None:
-        return total / torch.where(count > 0, count, torch.ones_like(count))
-    if not float(override) > 0:
-        check(count == 0, f"{name} must be > 0 when the batch has tokens, found {override}")
-        return total
-    return total / float(override)
+def mean_over(total, count):
+    """total / count, the count of tokens it sums over (training: the step's, over every micro-batch
+    and DDP rank, so the micro-batches' losses add up to the global mean); a count of 0 (no such
+    token in the step) leaves the sum, which is then 0."""
+    return total / count if count > 0 else total
 
 
-def cross_entropy(logits, labels, response_mask, normalizer=None):
+def cross_entropy(logits, labels, response_mask, n_tokens=None):
     """Mean float32 cross-entropy over the real response tokens (B, R, V) vs (B, R), gathered
-    first (pads never enter): the CE term of distill_loss, and the whole loss of stage 2."""
+    first (pads never enter): the CE term of distill_loss, and the whole loss of stage 2.
+    n_tokens: what to divide by (default: this batch's real tokens)."""
     real = response_mask.bool()                                              # (B, R)
-    V, targets = logits.shape[-1], labels[real]                               # (N,)
-    check(((targets >= 0) & (targets < V)).all(), f"labels must be token ids in [0, {V}) (the "
-          "student's vocabulary)", lambda: f"labels must be token ids in [0, {V}) (the student's "
-          f"vocabulary), found {int(targets.min())}..{int(targets.max())}")
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    total = F.cross_entropy(logits[real].to(dtype), targets, reduction="sum")
-    return _normalise(total, real.sum().to(total.dtype), normalizer, "ce_normalizer")
+    total = F.cross_entropy(logits[real].to(dtype), labels[real], reduction="sum")
+    return mean_over(total, float(real.sum()) if n_tokens is None else n_tokens)
 
 
 def distill_loss(student_logits, labels, response_mask, teacher_logits, kd_weight, *, alpha=1.0,
-                 divergence="fkl", temperature=1.0, beta=0.5, chunk_size=None, ce_normalizer=None,
-                 kd_normalizer=None):
-    """CE + alpha * KD -> {"loss", "ce", "kd", "n_ce_tokens", "n_kd_tokens"}. student_logits (B, R,
-    Vs), labels (B, R), response_mask (B, R) (True: answer + EOS), teacher_logits (B, R, Vt) or None
-    (no KD token); kd_weight, the gate: (B,) per example (source_weights) or (B, R) per token. CE
-    over the real tokens, KD over the weighted KD tokens (normalisers: _normalise)."""
-    check_loss_inputs(student_logits, labels, response_mask, teacher_logits, kd_weight, alpha)
+                 divergence="fkl", temperature=1.0, beta=0.5, chunk_size=None, ce_tokens=None,
+                 kd_tokens=None):
+    """CE + alpha * KD -> {"loss", "ce", "kd"}. student_logits (B, R, Vs), labels (B, R),
+    response_mask (B, R) (True: answer + EOS), teacher_logits (B, R, Vt) or None (no KD token);
+    kd_weight (B, R), the gate per token (source_weights of each row's source). CE is the mean
+    over the real tokens, KD the weighted mean over the KD tokens; ce_tokens / kd_tokens: the
+    counts to divide by (default: this batch's). Inputs: check_loss_inputs (callers, on the host)."""
     real = response_mask.bool()                                              # (B, R)
-    ce = cross_entropy(student_logits, labels, real, ce_normalizer)
-    kd_weight = kd_weight.to(real.device)
-    weights = real.float() * (kd_weight[:, None] if kd_weight.dim() == 1 else kd_weight)  # (B, R)
+    ce = cross_entropy(student_logits, labels, real, ce_tokens)
+    weights = real.float() * kd_weight.to(real.device)                      # (B, R)
     if teacher_logits is not None:         # no KD token: an empty sum, exactly 0, graph kept
         kd_sum = kd_token_sum(student_logits, teacher_logits.detach(), weights, divergence,
                               temperature, beta, chunk_size)
     else:
         kd_sum = student_logits.reshape(-1)[:0].to(torch.promote_types(student_logits.dtype,
                                                                        torch.float32)).sum()
-    kd = _normalise(kd_sum, weights.sum().to(kd_sum.dtype), kd_normalizer, "kd_normalizer")
-    return {"loss": ce + alpha * kd, "ce": ce.detach(), "kd": kd.detach(),       # counts: tensors
-            "n_ce_tokens": real.sum(), "n_kd_tokens": weights.sum()}
+    kd = mean_over(kd_sum, float(weights.sum()) if kd_tokens is None else kd_tokens)
+    return {"loss": ce + alpha * kd, "ce": ce.detach(), "kd": kd.detach()}
 
 
 def check_loss_inputs(student_logits, labels, response_mask, teacher_logits, kd_weight, alpha):
@@ -187,13 +176,16 @@ def check_loss_inputs(student_logits, labels, response_mask, teacher_logits, kd_
         if x is not None and (x.dim() != len(want.split(",")) or x.shape[:2] != (B, R)):
             raise ValueError(f"{name} must be {want} = ({B}, {R}{', V' * (x.dim() == 3)}) like "
                              f"labels, found {tuple(x.shape)}")
-    want = f"kd_weight must be (B,) = ({B},) per example or (B, R) = ({B}, {R}) per token, weights"
-    if kd_weight.shape not in ((B,), (B, R)):
-        raise ValueError(f"{want} >= 0, found {kd_weight.tolist()}")
-    check((kd_weight >= 0).all(), f"{want} >= 0",
-          lambda: f"{want} >= 0, found {kd_weight.tolist()}")
-    if teacher_logits is None:
-        check(~(kd_weight > 0).any(), "KD weight > 0 needs teacher_logits (B, R, Vt); only a gate "
-              "of zeros (policy 'none') runs without a teacher")
+    V = student_logits.shape[-1]
+    targets = labels[response_mask.bool()]
+    if len(targets) and not (int(targets.min()) >= 0 and int(targets.max()) < V):
+        raise ValueError(f"labels must be token ids in [0, {V}) (the student's vocabulary), "
+                         f"found {int(targets.min())}..{int(targets.max())}")
+    want = f"kd_weight must be (B, R) = ({B}, {R}) per token, weights >= 0"
+    if kd_weight.shape != (B, R) or not bool((kd_weight >= 0).all()):
+        raise ValueError(f"{want}, found {kd_weight.tolist()}")
+    if teacher_logits is None and bool((kd_weight > 0).any()):
+        raise ValueError("KD weight > 0 needs teacher_logits (B, R, Vt); only a gate of zeros "
+                         "(policy 'none') runs without a teacher")
     if not (math.isfinite(alpha) and alpha >= 0):
         raise ValueError(f"alpha must be a finite number >= 0, found {alpha}")

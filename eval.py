@@ -28,10 +28,12 @@ import torch.nn.functional as F
 import data
 import world
 import kvshare
-import oracle
+from scale import tiles
+from tools import oracle
 from model import VLM, Decoder
-from runtime import read_json, unwrap
-from weights import load_model_folder
+from plumbing.files import read_json
+from plumbing.loop import unwrap
+from scale.weights import load_model_folder
 
 
 def batches(examples, tok, model, image_size, batch_size, device):
@@ -40,14 +42,14 @@ def batches(examples, tok, model, image_size, batch_size, device):
     n_image_tokens = model.n_image_tokens if isinstance(model, VLM) else 0
     splitting = getattr(model, "image_splitting", None)
     for i in range(0, len(examples), batch_size):
-        b = data.collate(examples[i:i + batch_size], tok, n_image_tokens, image_size,
-                         image_splitting=splitting)
+        b = tiles.collate(examples[i:i + batch_size], tok, n_image_tokens, image_size,
+                          splitting)
         yield {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
 
 
 def response_logits(model, batch):
     """(B, R, V) float32 logits predicting each response token (VLM or text-only Decoder)."""
-    return kvshare.student_prefill(model, batch, keep_kv=False)[0].float()
+    return kvshare.student_prefill(model, batch)[0].float()
 
 
 def _mc_rows(items):
@@ -133,7 +135,7 @@ def teacher_handoff_accuracy(student, teacher, items, tok, image_size=32, scope=
     hits = []
     for b in batches(items, tok, student, image_size, batch_size, device):
         _, kv = kvshare.student_prefill(student, b)
-        teacher_logits = kvshare.teacher_continue(teacher, kv, b, student.student_only_ids, scope)
+        teacher_logits = kvshare.SCOPES[scope](teacher, kv, b, student.student_only_ids)
         hits += _exact_match(teacher_logits.float(), b)
     return sum(hits) / max(1, len(hits))
 
@@ -230,12 +232,12 @@ def transfer(student, teacher, items, tok, image_size=32, batch_size=64, null=Tr
         for b in batches(items, tok, student, image_size, batch_size, device):
             _, kv = kvshare.student_prefill(student, b)
             for scope, out in (("full", handoff), ("none", blind)):
-                logits = kvshare.teacher_continue(teacher, kv, b, student.student_only_ids, scope)
+                logits = kvshare.SCOPES[scope](teacher, kv, b, student.student_only_ids)
                 out.append(logits[:, 0].float())                                    # (B, V)
         for b in batches(shuffled_items(items) if null else [], tok, student, image_size,
                          batch_size, device):
             _, kv = kvshare.student_prefill(student, b)
-            logits = kvshare.teacher_continue(teacher, kv, b, student.student_only_ids, "full")
+            logits = kvshare.teacher_continue(teacher, kv, b, student.student_only_ids)
             shuffled.append(logits[:, 0].float())                                   # (B, V)
     finally:
         student.train(was_training)

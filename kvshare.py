@@ -28,23 +28,21 @@ logits at columns P-1 .. P+R-2 predict the R response tokens.
    scope "none": the teacher reads the text alone, no image KV ("text-only teacher").
 The teacher is frozen (eval, no grad); its logits are detached.
 
-Packed batches (--pack=true): pack.student_prefill / pack.teacher_continue, the same contract
-on rows of several examples end to end; distill_forward picks the pair for a batch.
-
 Student-only ids: the ids the teacher never embeds, because they mean something only to the
 student: the <image> placeholders and, with nanoVLM's image splitting, the <|global_image|> and
 <row_r_col_c> tokens that frame each view (ids past the teacher's vocabulary, 49152+ for
 SmolLM2). Their columns behave like image columns everywhere: the teacher reads their K/V
 (scope "full" and "image" share them all), never runs them, and scope "none" drops them.
 Callers pass VLM.student_only_ids (an int, a single image token id, is accepted too).
+
+What is checked where: check_compatible and freeze at setup; the data (ids the teacher can
+embed, a text token ending every context) on the host where the batch is built (data.py). The
+functions below hold the math. Other layouts and options are composed from outside, chosen once
+at setup: packed rows (scale/pack.py), a student with another RoPE base (scale/rope.py).
 """
 import torch
 
-import pack
-from model import (check, check_teacher_vocab, apply_rope, positions_from_mask, rope_cos_sin,
-                   student_only_mask)
-
-SCOPES = ("full", "image", "none")
+from model import positions_from_mask, student_only_mask
 
 
 def check_compatible(teacher_cfg, student_cfg, rebase_rope=False):
@@ -94,71 +92,75 @@ def freeze(teacher, dtype=None):
     return teacher
 
 
-def student_prefill(student, batch, keep_kv=True):
-    """Step 1: response logits (B, R, V); every layer's (K, V), (B, n_kv, P+R, hd), if keep_kv."""
+def student_prefill(student, batch):
+    """Step 1: response logits (B, R, V) and every layer's (K, V), (B, n_kv_heads, P+R, head_dim).
+    The logits of columns P-1 .. P+R-1 are computed, R + 1 of them; the first R predict the R
+    response tokens (the last column predicts nothing and is dropped)."""
     P, R = batch["context_len"], batch["labels"].shape[1]
-    images = {} if batch["images"] is None else {"images": batch["images"]}
+    images = {} if batch["images"] is None else {"images": batch["images"]}  # a Decoder: none
     logits, kv = student(batch["input_ids"], attention_mask=batch["attention_mask"],
-                         use_cache=keep_kv, logits_start=P - 1, **images)   # columns P-1 ..
+                         use_cache=True, logits_start=P - 1, **images)     # columns P-1 ..
     return logits[:, :R], kv                                                  # (B, R, V)
 
 
-@torch.no_grad()
-def teacher_continue(teacher, student_kv, batch, student_only_ids, scope="full"):
-    """Steps 2-3: teacher logits (B, R, V_teacher) of the response tokens, detached. Student-only
-    ids are read as KV, never embedded; student_kv fp32 or bf16 (Attention casts it)."""
-    if scope not in SCOPES:
-        raise ValueError(f"share scope {scope!r}; expected one of {SCOPES}")
-    if teacher.training:
-        raise ValueError("teacher_continue: the teacher must be frozen (call kvshare.freeze)")
-    ids, mask, P = batch["input_ids"], batch["attention_mask"], batch["context_len"]  # (B, P+R)
+def teacher_ids(ids, mask, student_only_ids):
+    """The ids the teacher embeds, (B, P+R): 0 at student-only ids, pads and each row's last real
+    token (no new token is predicted from it, and a student's EOS may not be in the teacher's
+    vocabulary), whose outputs are never scored; and the student-only columns, (B, P+R) bool."""
     is_image = student_only_mask(ids, student_only_ids)                              # (B, P+R)
-    # never embedded: student-only ids, pads, a row's last real token (an EOS it may not have)
     last_real = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()
-    text_ids = ids.masked_fill(is_image | ~mask.bool() | last_real, 0)              # (B, P+R)
-    check_teacher_vocab(teacher, text_ids)
-    if scope != "full":
-        return (teacher_on_text if scope == "none" else teacher_after_image)(
-            teacher, student_kv, text_ids, mask, is_image, P)
-    check_kv_shapes(teacher, student_kv)
-    check(~is_image[:, P - 1].any(), "scope 'full': a context ends with an image (student-only) "
-          "token; the prompt after the image must have at least one text token")
+    return ids.masked_fill(is_image | ~mask.bool() | last_real, 0), is_image
+
+
+@torch.no_grad()
+def teacher_continue(teacher, student_kv, batch, student_only_ids):
+    """Steps 2-3, scope "full" (the paper): the frozen teacher's logits (B, R, V_teacher) for the R
+    response tokens, detached, continuing from the student's context K/V.
+
+    Worked example, one row, P = 4, R = 3 (T = P + R = 7 columns), mask 0 1 1 1 1 1 0:
+
+        column     0    1      2      3      4        5       6
+        student    pad  <img>  <img>  eats   apples   <eos>   pad
+        position   0    0      1      2      3        4       4     (real tokens before it)
+        past       K/V  K/V    K/V                                   student's, pad masked out
+        teacher                       eats   apples   0              runs columns 3..5
+        predicts                      apples <eos>    (pad)          the R response tokens
+
+    The past is columns 0..P-2; the teacher re-runs the last context token (column P-1) itself,
+    so that the first response token gets a KD target. Each new query attends to the past minus
+    pads and causally to the new tokens; <img> is never embedded (student-only), and the last
+    real token (here <eos>) runs as id 0: its output predicts a pad and is never scored."""
+    ids, mask, P = batch["input_ids"], batch["attention_mask"], batch["context_len"]  # (B, P+R)
     T = ids.shape[1]                                     # P + R; the last column is never input
-    # past: the student's K/V of context columns 0..P-2, (B, n_kv_heads, P-1, hd) per layer; new:
-    # the last context token + the response but its last, at the positions continuing each context
+    text_ids, _ = teacher_ids(ids, mask, student_only_ids)                          # (B, P+R)
     past = [(k[:, :, :P - 1].detach(), v[:, :, :P - 1].detach()) for k, v in student_kv]
     logits, _ = teacher(text_ids[:, P - 1:T - 1], attention_mask=mask[:, :T - 1],
                         position_ids=positions_from_mask(mask)[:, P - 1:T - 1], past_kv=past)
     return logits.detach()                                                    # (B, R, V_teacher)
 
 
-def check_kv_shapes(teacher, student_kv):
-    """What the KV tensors show of check_compatible (layers, KV heads, head size)."""
-    k, c = student_kv[0][0], teacher.cfg                   # k: (B, n_kv_heads, P+R, head_dim)
-    diffs = [f"{name}: teacher {ours} vs student {theirs}" for name, ours, theirs in (
-        ("n_layers", c.n_layers, len(student_kv)), ("n_kv_heads", c.n_kv_heads, k.shape[1]),
-        ("head_dim", teacher.head_dim, k.shape[3])) if ours != theirs]
-    if diffs:
-        raise ValueError("teacher and student decoders are incompatible for KV sharing:\n  "
-                         + "\n  ".join(diffs))
+# ----------------------------------------------------------------------------------------
+# The ablation scopes (--scope): the teacher gets less of the student
 
-
-def teacher_on_text(teacher, student_kv, text_ids, mask, is_image, P):
+@torch.no_grad()
+def teacher_on_text(teacher, student_kv, batch, student_only_ids):
     """Scope "none", the text-only teacher: it reads the text columns alone, no student KV."""
-    T, text_mask = text_ids.shape[1], mask * (~is_image)                           # (B, P+R)
+    ids, mask, P = batch["input_ids"], batch["attention_mask"], batch["context_len"]
+    text_ids, is_image = teacher_ids(ids, mask, student_only_ids)
+    T, text_mask = ids.shape[1], mask * (~is_image)                                # (B, P+R)
     logits, _ = teacher(text_ids[:, :T - 1], attention_mask=text_mask[:, :T - 1],
                         position_ids=positions_from_mask(text_mask)[:, :T - 1],
                         logits_start=P - 1)
     return logits.detach()                                                    # (B, R, V_teacher)
 
 
-def teacher_after_image(teacher, student_kv, text_ids, mask, is_image, P):
+@torch.no_grad()
+def teacher_after_image(teacher, student_kv, batch, student_only_ids):
     """Scope "image": the past is the student's K/V at image columns only; the teacher re-runs
     every text column itself. A past key is visible to every new query, so images come first."""
-    check_kv_shapes(teacher, student_kv)
-    T, text_mask = text_ids.shape[1], mask * (~is_image)                           # (B, P+R)
-    check(~((text_mask[:, :P].cumsum(-1) > 0) & is_image[:, :P]).any(),
-          "scope 'image' needs the image tokens before the prompt text in every context")
+    ids, mask, P = batch["input_ids"], batch["attention_mask"], batch["context_len"]
+    text_ids, is_image = teacher_ids(ids, mask, student_only_ids)
+    T, text_mask = ids.shape[1], mask * (~is_image)                                # (B, P+R)
     # past: per layer (K, V), each (B, n_kv_heads, P, head_dim); its mask: image columns only
     past = [(k[:, :, :P].detach(), v[:, :, :P].detach()) for k, v in student_kv]
     past_mask = mask[:, :P] * is_image[:, :P]                                       # (B, P)
@@ -169,47 +171,27 @@ def teacher_after_image(teacher, student_kv, text_ids, mask, is_image, P):
     return logits.detach()                                                    # (B, R, V_teacher)
 
 
-def distill_forward(student, teacher, batch, student_only_ids, scope="full", need_teacher=True,
-                    rebase_from=None):
-    """Steps 1-3: (student logits, teacher logits or None), padded (above) or packed (pack.py, the
-    same contract): the one place the layout is chosen. rebase_from: see rebase_rope_kv."""
-    prefill, continue_ = ((pack.student_prefill, pack.teacher_continue) if "segment_ids" in batch
-                          else (student_prefill, teacher_continue))
-    student_logits, kv = prefill(student, batch, need_teacher and scope != "none")
-    if rebase_from is not None and kv is not None:       # the shared K, to the teacher's base
-        kv = rebase_rope_kv([(k.detach(), v) for k, v in kv], batch, rebase_from,
-                            teacher.cfg.rope_theta)
-    return student_logits, (continue_(teacher, kv, batch, student_only_ids, scope)
-                            if need_teacher else None)
+SCOPES = {"full": teacher_continue, "image": teacher_after_image, "none": teacher_on_text}
 
 
 # ----------------------------------------------------------------------------------------
-# Beyond the paper: the handoff across RoPE bases (--rebase_rope)
+# What the handoff needs of the data: checked on the host, where the batch is built
 
-def rebase_rope_k(k, positions, head_dim, theta_from, theta_to):
-    """K stored after RoPE with base theta_from -> K as RoPE with base theta_to stores it.
-
-    RoPE turns each frequency pair (i, i + head_dim/2) of K by the angle position * theta^(-2i/d),
-    a rotation, so it can be undone and redone exactly: rotate back by the student's angles
-    (apply_rope with -sin), forward by the teacher's, with model.py's own cos/sin tables (so the
-    result is what the teacher's Attention computes from the same pre-RoPE K, up to float
-    rounding). V carries no position and is unchanged.
-    k: (B, n_kv_heads, T, head_dim); positions: (B, T), the RoPE position of each column."""
-    if theta_from == theta_to:
-        return k
-    cos_from, sin_from = rope_cos_sin(positions, head_dim, theta_from, torch.float32)
-    cos_to, sin_to = rope_cos_sin(positions, head_dim, theta_to, torch.float32)
-    unrotated = apply_rope(k.float(), cos_from, -sin_from)                  # (B, nkv, T, hd)
-    return apply_rope(unrotated, cos_to, sin_to).to(k.dtype)
-
-
-def rebase_rope_kv(student_kv, batch, theta_from, theta_to):
-    """Every layer's (K, V) of student_prefill with K re-based (rebase_rope_k) at the batch's
-    positions: from the attention mask (the padded layout) or position_ids (packed rows)."""
-    if theta_from == theta_to:
-        return student_kv
-    positions = (batch["position_ids"] if "segment_ids" in batch
-                 else positions_from_mask(batch["attention_mask"]))                 # (B, P+R)
-    head_dim = student_kv[0][0].shape[-1]
-    return [(rebase_rope_k(k, positions, head_dim, theta_from, theta_to), v)
-            for k, v in student_kv]
+def check_batch(batch, student_only_ids, teacher_vocab_size, scope="full"):
+    """A padded batch (data.batch_of, CPU tensors) the teacher can continue: every id it embeds
+    lies in its vocabulary; scope "full": every context ends with a text token (the teacher runs
+    it); scope "image": the image tokens come before the prompt text. ValueError otherwise."""
+    ids, mask, P = batch["input_ids"], batch["attention_mask"], batch["context_len"]
+    text_ids, is_image = teacher_ids(ids, mask, student_only_ids)
+    if int(text_ids.max()) >= teacher_vocab_size:
+        raise ValueError(f"token id {int(text_ids.max())} is outside the teacher's vocabulary "
+                         f"({teacher_vocab_size}); text tokens must lie in the shared prefix (ids "
+                         "the teacher must not embed, like image-splitting tokens, belong in "
+                         "student_only_ids)")
+    if scope == "full" and is_image[:, P - 1].any():
+        raise ValueError("scope 'full': a context ends with an image (student-only) token; the "
+                         "prompt after the image must have at least one text token")
+    text = mask[:, :P].bool() & ~is_image[:, :P]
+    if scope == "image" and ((text.long().cumsum(-1) > 0) & is_image[:, :P]).any():
+        raise ValueError("scope 'image' needs the image tokens before the prompt text in every "
+                         "context")

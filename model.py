@@ -8,18 +8,16 @@ The models of LinguDistill, from scratch and in reading order:
 3. The VLM: image placeholder tokens in the prompt are replaced by projected image
    features, then the decoder runs.
 
-Attention is reference_attention (SDPA) on the CPU and cuda_attention (SDPA's fused kernels,
-FlexAttention for packed rows) on a GPU; tests/test_gpu_paths.py proves them equal. Weight
-loading/saving for Hugging Face, nanoVLM and SmolVLM layouts lives in weights.py.
+Attention runs reference_attention (SDPA). On a GPU, train.py swaps in scale/cuda.py's forms
+once at setup (scale.cuda.use_cuda_attention; tests/test_gpu_paths.py proves them equal). Weight
+loading/saving for Hugging Face, nanoVLM and SmolVLM layouts lives in scale/weights.py.
 """
-import functools
 import math
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 
@@ -141,6 +139,9 @@ def reference_attention(q, k, v, mask):
 
 
 class Attention(nn.Module):
+    # the attention function: the reference; scale.cuda.use_cuda_attention sets a GPU form
+    attend = staticmethod(reference_attention)
+
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -159,8 +160,7 @@ class Attention(nn.Module):
         if past_kv is not None:
             k = torch.cat([past_kv[0].to(k.dtype), k], dim=2)                   # (B, nkv, Tp+T, hd)
             v = torch.cat([past_kv[1].to(v.dtype), v], dim=2)
-        cuda_forms = q.is_cuda or CUDA_FORMS_ON_CPU or isinstance(mask, BlockMask)
-        y = (cuda_attention if cuda_forms else reference_attention)(q, k, v, mask)  # (B, nh, T, hd)
+        y = self.attend(q, k, v, mask)                                              # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, -1)                                      # (B, T, nh*hd)
         return self.o_proj(y), (k, v)     # the cache keeps n_kv_heads
 
@@ -210,24 +210,29 @@ class Decoder(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
-                past_kv=None, use_cache=False, logits_start=0, packed_mask=None, logit_index=None):
+                past_kv=None, use_cache=False, logits_start=0):
         """(logits, kv) of the new tokens input_ids (B, T) (or inputs_embeds (B, T, D)) after
         past_kv (per layer (K, V), (B, n_kv_heads, Tp, head_dim), K after RoPE). attention_mask
         (B, Tp+T): 1 real / 0 pad (None: all real), positions count its real tokens. logits: new
-        columns from logits_start on; kv (use_cache): every layer's (K, V) over past + new. Packed
-        rows (pack.py): packed_mask (B, 1, T, Tp+T), position_ids, logit_index (N,) -> (1, N, V)."""
+        columns from logits_start on; kv (use_cache): every layer's (K, V) over past + new."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds           # (B, T, D)
         B, T, _ = x.shape
         past_len = 0 if past_kv is None else past_kv[0][0].shape[2]
         if attention_mask is None and past_kv is not None:
             attention_mask = torch.ones(B, past_len + T, dtype=torch.long, device=x.device)
-        # packed rows bring their own (block-diagonal) mask; no past and no pads: plain causal
-        mask = (packed_mask if packed_mask is not None else None if attention_mask is None
-                else build_attention_mask(attention_mask, T, past_len))         # (B, 1, T, Tp+T)
+        # no past and no pads: plain causal (mask None)
+        mask = None if attention_mask is None else build_attention_mask(attention_mask, T, past_len)
         if position_ids is None:
             position_ids = (torch.arange(T, device=x.device).expand(B, T) if attention_mask is None
                             else positions_from_mask(attention_mask)[:, past_len:])     # (B, T)
-        if past_len + T > self.cfg.max_positions:          # only then: .max() is a device sync
+        x, kv = self.blocks(x, mask, position_ids, past_kv)
+        return self.lm_head(self.norm(x[:, logits_start:])), (kv if use_cache else None)
+
+    def blocks(self, x, mask, position_ids, past_kv=None):
+        """The decoder blocks on embeddings x (B, T, D) -> (hidden (B, T, D), every layer's (K, V)).
+        mask: None (causal) or what Attention.attend takes; position_ids (B, T): RoPE positions."""
+        past_len = 0 if past_kv is None else past_kv[0][0].shape[2]
+        if past_len + x.shape[1] > self.cfg.max_positions:   # only then: .max() is a device sync
             self.check_positions(position_ids, past_len)
         cos, sin = rope_cos_sin(position_ids, self.head_dim, self.cfg.rope_theta, x.dtype)
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()  # recompute in backward
@@ -236,8 +241,7 @@ class Decoder(nn.Module):
             args = (x, cos, sin, mask, None if past_kv is None else past_kv[i])
             x, kv = checkpoint(layer, *args, use_reentrant=False) if ckpt else layer(*args)
             new_kv.append(kv)
-        x = x[:, logits_start:] if logit_index is None else x.reshape(B * T, -1)[logit_index][None]
-        return self.lm_head(self.norm(x)), (new_kv if use_cache else None)
+        return x, new_kv
 
     def check_positions(self, position_ids, past_len):
         longest = int(position_ids.max()) + 1
@@ -292,33 +296,6 @@ class Decoder(nn.Module):
                               use_cache=True)
         out = torch.stack(out, 1)
         return F.pad(out, (0, max_new_tokens - out.shape[1]), value=pad_id)
-
-
-# ----------------------------------------------------------------------------------------
-# The same attention on CUDA's fused kernels (Attention.forward picks it on a GPU)
-
-def cuda_attention(q, k, v, mask):
-    """reference_attention on CUDA's fused kernels (equal to it: tests/test_gpu_paths.py). SDPA's
-    flash kernel takes no mask and its memory-efficient kernel no mask with fewer K/V heads than
-    query heads, so a mask with GQA would silently run the math kernel (fp32, the whole score
-    matrix kept for backward): with a mask, K/V are repeated to the query heads. Packed rows'
-    FlexAttention block mask (pack.segment_mask) runs the compiled flex kernel."""
-    if isinstance(mask, BlockMask):
-        flex = compiled_flex_attention() if q.is_cuda else flex_attention  # CPU: tests only
-        return flex(q, k, v, block_mask=mask, enable_gqa=True)
-    if mask is not None:
-        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
-    return reference_attention(q, k, v, mask)
-
-
-CUDA_FORMS_ON_CPU = False      # tests set it: cuda_attention on the CPU, against the reference
-
-
-@functools.cache
-def compiled_flex_attention():
-    """flex_attention compiled (its fused kernel; uncompiled it is a slow reference), once."""
-    return torch.compile(flex_attention, dynamic=True)
-
 
 
 def init_weights(m):
@@ -450,11 +427,11 @@ class VLM(nn.Module):
         return self.projector(self.vision(images))
 
     def forward(self, input_ids, images=None, attention_mask=None, position_ids=None,
-                use_cache=False, logits_start=0, **packed):
-        """Decoder.forward on the embedded tokens (packed: packed_mask, logit_index)."""
+                use_cache=False, logits_start=0):
+        """Decoder.forward on the embedded tokens."""
         return self.decoder(inputs_embeds=self.embed(input_ids, images),
                             attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=use_cache, logits_start=logits_start, **packed)
+                            use_cache=use_cache, logits_start=logits_start)
 
     @torch.no_grad()
     def generate(self, input_ids, images=None, attention_mask=None, **kw):

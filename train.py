@@ -1,6 +1,8 @@
 """
-LinguDistill in three stages, top to bottom: the config, the batches, the losses, the one
-training loop, the three stages, main. (Plumbing -- flags, DDP, checkpoints -- is in runtime.py.)
+LinguDistill in three stages, top to bottom: the config, the batches, the steps (one per stage),
+the one training loop, the three stages, setup, main. The method is kvshare.py + distill.py;
+what runs around it (flags, DDP, checkpoints, real data, packed rows) is in plumbing/ and scale/,
+chosen here once at setup.
 
   python train.py                              # all stages on the tiny world, then the eval table
   python train.py --help                       # every flag, its default and what it does
@@ -18,33 +20,34 @@ Stage 3 distill:  from the adapted VLM, CE + source-selective KD from the frozen
 """
 import copy
 import itertools
+import math
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
 import data
 import distill
 import eval as evaluation           # `eval` is a Python builtin: keep the module under another name
 import kvshare
-import oracle
-import stream
-import tiles
 import world
-from checks import (check_config, check_image_size, check_out_dir, check_pack_fits,
-                    check_student_tokens, stages_to_train, variant_name)
 from model import SIGLIP2_B16_512, Decoder, LMConfig, VisionConfig, grow_vocab, vlm_from_teacher
-from runtime import (FolderLock, Interrupted, Runtime, StageRun, TrainingError, build_config,
-                     config_help, parse_flags, read_json, replace_folder, seed_everything,
-                     stop_requests, unwrap, wants_help, write_json)
-from weights import (is_smolvlm_folder, load_hf_lm, load_hf_siglip, load_model_folder, save_hf_lm,
-                     save_tokenizer, save_vlm, with_student_only_tail)
+from plumbing.checks import (check_config, check_image_size, check_out_dir, check_pack_fits,
+                             check_student_tokens, stages_to_train, variant_name)
+from plumbing.devices import Devices, seed_everything
+from plumbing.files import FolderLock, read_json, replace_folder, write_json
+from plumbing.flags import build_config, config_help, parse_flags, wants_help
+from plumbing.loop import Interrupted, StageBooks, TrainingError, stop_requests, unwrap
+from scale import cuda, pack, rope, stream, tiles
+from scale.weights import (is_smolvlm_folder, load_hf_lm, load_hf_siglip, load_model_folder,
+                           save_hf_lm, save_tokenizer, save_vlm, with_student_only_tail)
+from tools import oracle
 
 
 # ----------------------------------------------------------------------------------------
@@ -150,16 +153,13 @@ RESUME_MAY_CHANGE = {"stage", "resume", "eval", "device", "compile", "log_every"
 
 @dataclass
 class TrainingSetup:
-    """What every stage reads, made once by run(): the config, the device / DDP runtime, the
-    data (the tiny world, or streamed --data_path files) and the tokenizer."""
+    """What every stage reads, made once by run(): the config, the devices (device, DDP ranks),
+    the data (the tiny world, or streamed --data_path files) and the tokenizer."""
     cfg: TrainConfig
-    runtime: Runtime
+    devices: Devices
     data: "world.World | stream.RealData"
     tok: Tokenizer                # with the roles of data.load_tokenizer
     text_stream: torch.Tensor = None      # stage 1: the encoded corpus, (N,)
-    student_only_ids: tuple = ()          # stage 3: ids the teacher never embeds (VLM's)
-    rebase_from: float = None             # stage 3, --rebase_rope: the student's RoPE base
-    kd_chunk: int = None                  # stage 3: tokens per KD chunk (--kd_chunk), or none
 
     def __post_init__(self):
         self.pad_id = data.special_id(self.tok, data.PAD_TOKEN)
@@ -191,34 +191,36 @@ def stage_mixture(examples, stage):
     return {s: 1.0 for s in vision or image_sources}
 
 
-def rank_slice(items, runtime):
+def rank_slice(items, devices):
     """This rank's share of a global batch (the whole batch without DDP)."""
-    n = len(items) // runtime.world_size
-    return items[runtime.rank * n:(runtime.rank + 1) * n]
+    n = len(items) // devices.world_size
+    return items[devices.rank * n:(devices.rank + 1) * n]
 
 
 def text_batch(setup, step, micro):
     """Stage 1: random windows of seq_len + 1 tokens of the corpus -> {"tokens": (B, L+1)}."""
-    cfg, runtime = setup.cfg, setup.runtime
+    cfg, devices = setup.cfg, setup.devices
     rng = np.random.default_rng([cfg.seed, BATCH_STREAMS["pretrain"], step, micro])
     starts = rng.integers(0, len(setup.text_stream) - cfg.seq_len - 1,
-                          size=cfg.batch_size * runtime.world_size)
-    windows = [setup.text_stream[s:s + cfg.seq_len + 1] for s in rank_slice(starts, runtime)]
+                          size=cfg.batch_size * devices.world_size)
+    windows = [setup.text_stream[s:s + cfg.seq_len + 1] for s in rank_slice(starts, devices)]
     return {"tokens": torch.stack(windows)}                                 # (B, L+1)
 
 
 def get_batch(setup, stage, step, micro, encoded, mixture):
     """Stages 2-3: tiny-world examples (`encoded`, stage_data) from sources drawn from `mixture`,
-    in data.collate's layout (contexts left-padded to P, responses right-padded to R)."""
-    cfg, runtime = setup.cfg, setup.runtime
+    in data.batch_of's layout (contexts left-padded to P, responses right-padded to R), or packed
+    rows (--pack=true: scale.pack.batch_of)."""
+    cfg, devices = setup.cfg, setup.devices
     rng = np.random.default_rng([cfg.seed, BATCH_STREAMS[stage], step, micro])
     names = sorted(mixture)
     probs = np.array([mixture[s] for s in names], dtype=np.float64)
     probs /= probs.sum()
     picks = [(names[i], rng.random())
-             for i in rng.choice(len(names), size=cfg.batch_size * runtime.world_size, p=probs)]
-    items = [encoded[s][int(u * len(encoded[s]))] for s, u in rank_slice(picks, runtime)]
-    return data.batch_of(items, setup.pad_id, cfg.max_len if cfg.pack else None, cfg.pack)
+             for i in rng.choice(len(names), size=cfg.batch_size * devices.world_size, p=probs)]
+    items = [encoded[s][int(u * len(encoded[s]))] for s, u in rank_slice(picks, devices)]
+    return pack.batch_of(items, setup.pad_id, cfg.max_len) if cfg.pack else \
+        data.batch_of(items, setup.pad_id)
 
 
 def stage_data(setup, stage, student, start):
@@ -226,33 +228,39 @@ def stage_data(setup, stage, student, start):
     stream of --data_path batches from step `start` on, or the tiny world's examples encoded
     once (data.encode_for_batch, per source: its ~3.6k images are 44 MB of float32 views at the
     default 32 px, ~11 GB at 512 px); the stage's source mixture."""
-    cfg, runtime = setup.cfg, setup.runtime
+    cfg, devices = setup.cfg, setup.devices
     if stage == "pretrain":                                 # text windows (text_batch)
         return None, None, None
     mixture = stage_mixture(setup.data, stage)
     if isinstance(setup.data, stream.RealData):
         streamed = setup.data.batches(                    # a pure function of (seed, stage, k)
             student, setup.tok, mixture, f"stage {stage}", cfg.batch_size,
-            [cfg.seed, BATCH_STREAMS[stage]], start * cfg.grad_accum, runtime.rank,
-            runtime.world_size, cfg.num_workers, runtime.cuda, cfg.pack)
+            [cfg.seed, BATCH_STREAMS[stage]], start * cfg.grad_accum, devices.rank,
+            devices.world_size, cfg.num_workers, devices.cuda, cfg.pack)
         return streamed, None, mixture
-    encoded = {s: [data.encode_for_batch(ex, setup.tok, student.n_image_tokens, cfg.image_size,
-                                         student.image_splitting) for ex in setup.data.sources[s]]
-               for s in mixture}
+    split = student.image_splitting                          # None in the tiny world
+    encoded = {s: [tiles.encode_for_batch(ex, setup.tok, student.n_image_tokens, cfg.image_size,
+                                          split) if split else
+                   data.encode_for_batch(ex, setup.tok, student.n_image_tokens, cfg.image_size)
+                   for ex in setup.data.sources[s]] for s in mixture}
     return None, encoded, mixture
 
 
-def stage_batches(setup, stage, student, start, kd_table=None):
-    """Each step's micro-batches from step `start` on; stage 3's carry the gate (kd_table)."""
+def stage_batches(setup, stage, student, start, args):
+    """Each step's micro-batches from step `start` on; stage 3's carry the gate, kd_weight, one
+    weight per response token (source_weights of its example's source), and are checked on the
+    host (args.check_batch) before any device work."""
     streamed, encoded, mixture = stage_data(setup, stage, student, start)
     for step in itertools.count(start):
         batches = [next(streamed) if streamed                                      # --data_path
                    else text_batch(setup, step, m) if stage == "pretrain"
                    else get_batch(setup, stage, step, m, encoded, mixture)
                    for m in range(setup.cfg.grad_accum)]
-        for b in batches if kd_table is not None else []:   # (B,), or (1, N) per packed token
-            w = distill.source_weights(setup.cfg.policy, b["source"], kd_table)     # (B,)
-            b["kd_weight"] = w[b["token_example"]] if "token_example" in b else w
+        for b in batches if stage == "distill" else []:
+            w = distill.source_weights(setup.cfg.policy, b["source"], args.kd_table)  # (B,)
+            b["kd_weight"] = w[b["token_example"]]                     # (B, R) (packed: (1, N))
+            if args.check_batch:
+                args.check_batch(b)
         yield batches
 
 
@@ -267,8 +275,7 @@ def token_counts(batches):
         counts["tokens"] += float(b["attention_mask"].sum())
         real = b["response_mask"].float()                                    # (B, R)
         counts["ce"] += float(real.sum())
-        w = b.get("kd_weight", torch.zeros(()))     # (B,), or (1, N) per packed token; none: 0
-        counts["kd"] += float((real * (w[:, None] if w.dim() == 1 else w)).sum())
+        counts["kd"] += float((real * b.get("kd_weight", torch.zeros(()))).sum())  # none: 0
     return counts
 
 
@@ -276,67 +283,120 @@ def token_counts(batches):
 # One micro-batch of each stage: the loss, then backward. Under DDP the gradients are averaged
 # over ranks, so each rank's loss (its share of the global token mean) is scaled by world_size.
 
-def distill_step(setup, student, teacher, batch, counts):
-    """Stage 3, LinguDistill: batch["kd_weight"] is the gate, counts the step's global counts."""
-    cfg = setup.cfg
-    # 1-3. the student prefills; the frozen teacher continues from the student's context KV
-    student_logits, teacher_logits = kvshare.distill_forward(
-        student, teacher, batch, setup.student_only_ids, cfg.scope,
-        need_teacher=cfg.policy != "none", rebase_from=setup.rebase_from)
+@dataclass(frozen=True)
+class StepArgs:
+    """What a step needs besides the model, the batch and the step's token counts; made by its
+    stage (stage 3: stage_distill), never changed."""
+    world_size: int = 1                    # DDP ranks (1 without DDP)
+    teacher: torch.nn.Module = None        # stage 3: the frozen teacher
+    student_only_ids: torch.Tensor = None  # stage 3: ids the teacher never embeds (VLM's)
+    loss: dict = None                      # stage 3: distill_loss's options (alpha, kd, T, ...)
+    kd_table: dict = None                  # stage 3: source -> KD weight (the source gate)
+    check_batch: object = None             # stage 3: the host check of a batch, or None
+    # the functions of variant_step and response_step, chosen at setup (padded: kvshare's)
+    student_prefill: object = kvshare.student_prefill
+    teacher_continue: object = kvshare.teacher_continue    # None: no teacher (--policy=none)
+
+
+def distill_step(student, batch, counts, args):
+    """Stage 3, LinguDistill (scope "full", padded): batch["kd_weight"] is the gate, counts the
+    step's global token counts (the loss is each micro-batch's share of the step's mean)."""
+    # 1. the student prefills: response logits and every layer's K/V
+    student_logits, kv = kvshare.student_prefill(student, batch)
+    # 2-3. the frozen teacher continues from the student's context K/V
+    teacher_logits = kvshare.teacher_continue(args.teacher, kv, batch, args.student_only_ids)
     # 4. CE on every response token + alpha * KD on the tokens the gate gives KD weight
-    out = distill.distill_loss(
-        student_logits, batch["labels"], batch["response_mask"], teacher_logits,
-        batch["kd_weight"], alpha=cfg.alpha, divergence=cfg.kd, temperature=cfg.temperature,
-        beta=cfg.jsd_beta, chunk_size=setup.kd_chunk, ce_normalizer=counts["ce"],
-        kd_normalizer=counts["kd"])
-    (out["loss"] * setup.runtime.world_size).backward()
-    return {"loss": out["loss"], "ce": out["ce"], "kd": out["kd"]}
+    out = distill.distill_loss(student_logits, batch["labels"], batch["response_mask"],
+                               teacher_logits, batch["kd_weight"], **args.loss,
+                               ce_tokens=counts["ce"], kd_tokens=counts["kd"])
+    (out["loss"] * args.world_size).backward()
+    return out
 
 
-def response_step(setup, model, teacher, batch, counts):
+def variant_step(student, batch, counts, args):
+    """distill_step with the functions chosen at setup (StepArgs): packed rows (scale/pack.py),
+    an ablation scope (--scope=image | none: kvshare.SCOPES) or no teacher (--policy=none)."""
+    logits, kv = args.student_prefill(student, batch)
+    teacher_logits = None if args.teacher_continue is None else \
+        args.teacher_continue(args.teacher, kv, batch, args.student_only_ids)
+    out = distill.distill_loss(logits, batch["labels"], batch["response_mask"], teacher_logits,
+                               batch["kd_weight"], **args.loss, ce_tokens=counts["ce"],
+                               kd_tokens=counts["kd"])
+    (out["loss"] * args.world_size).backward()
+    return out
+
+
+def response_step(model, batch, counts, args):
     """Stage 2 (align, adapt): cross-entropy on the response tokens; no teacher."""
-    logits, _ = kvshare.distill_forward(model, None, batch, (), need_teacher=False)  # (B, R, V)
+    logits, _ = args.student_prefill(model, batch)                         # (B, R, V)
     ce = distill.cross_entropy(logits, batch["labels"], batch["response_mask"], counts["ce"])
-    (ce * setup.runtime.world_size).backward()
+    (ce * args.world_size).backward()
     return {"loss": ce, "ce": ce.detach()}
 
 
-def lm_step(setup, model, teacher, batch, counts):
+def lm_step(model, batch, counts, args):
     """Stage 1: next-token cross-entropy on text windows."""
     x, y = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
     logits, _ = model(x)                                                    # (B, L, V)
     ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
     loss = ce / counts["ce"]
-    (loss * setup.runtime.world_size).backward()
+    (loss * args.world_size).backward()
     return {"loss": loss, "ce": loss.detach()}
 
 
 # ----------------------------------------------------------------------------------------
-# The training loop, one for every stage; its plumbing is runtime.StageRun.
+# The training loop, one for every stage. Its bookkeeping (resume, log.jsonl, checkpoints,
+# Ctrl-C, skipped steps) is plumbing.loop.StageBooks.
 
-def train_stage(setup, stage, model, param_groups, steps, step_fn, name=None, teacher=None,
-                kd_table=None):
-    """`steps` optimizer steps of `stage` on `param_groups`, step_fn per micro-batch; `name`: its
-    checkpoint folder and log lines (default: the stage); stage 3: `teacher` and kd_table (gate)."""
-    cfg, runtime = setup.cfg, setup.runtime
-    run = StageRun(cfg, runtime, stage, name or stage, model, param_groups, steps,
-                   RESUME_MAY_CHANGE)
-    batches = stage_batches(setup, stage, unwrap(model), run.start, kd_table)
-    model_as_called, teacher = run.compiled(model), run.compiled(teacher)  # --compile
+def lr_schedule(steps, warmup_frac):
+    """The learning-rate factor of each step: linear warmup, then cosine decay to 10 % of the peak."""
+    warmup = max(1, int(steps * warmup_frac))
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def train_stage(setup, stage, model, param_groups, steps, step_fn, args, name=None):
+    """`steps` optimizer steps of `stage` on `param_groups`, step_fn(model, batch, counts, args)
+    per micro-batch; `name`: its checkpoint folder and log lines (default: the stage)."""
+    cfg, devices = setup.cfg, setup.devices
+    opt = torch.optim.AdamW(param_groups, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
+                            fused=devices.cuda)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(steps, cfg.warmup_frac))
+    params = [p for g in param_groups for p in g["params"]]
+    books = StageBooks(cfg, devices, stage, name or stage, model, opt, sched, steps,
+                       RESUME_MAY_CHANGE)                # resumes from a checkpoint if asked
+    batches = stage_batches(setup, stage, unwrap(model), books.start, args)
+    model_as_called = torch.compile(model) if cfg.compile else model
     with stop_requests() as stop:
-        for step in run.progress_bar():
-            micro_batches = next(batches)       # counted on the host (no device sync), then moved
-            counts = runtime.sum_over_ranks(token_counts(micro_batches))   # the normalisers
-            micro_batches = [runtime.to_device(b) for b in micro_batches]
+        for step in books.progress_bar():
+            # the step's micro-batches and their token counts (the normalisers), on the host
+            micro_batches = next(batches)
+            counts = devices.sum_over_ranks(token_counts(micro_batches))
+            # forward + backward of each micro-batch (DDP all-reduces on the last one)
             logs = {}
             for i, batch in enumerate(micro_batches):
-                last = i == len(micro_batches) - 1          # DDP syncs gradients on the last one
-                with runtime.no_sync(model_as_called, not last), runtime.autocast():
-                    out = step_fn(setup, model_as_called, teacher, batch, counts)
-                for k, v in out.items():                # summed on the device, fetched once a step
+                skip_sync = i < len(micro_batches) - 1
+                with devices.no_sync(model_as_called, skip_sync), devices.autocast():
+                    out = step_fn(model_as_called, devices.to_device(batch), counts, args)
+                for k, v in out.items():                # summed on the device, fetched once
                     logs[k] = logs.get(k, 0.0) + v.detach().double()
-            run.end_step(step, logs, counts, micro_batches, stop.requested)  # clip, opt, log, ckpt
-    run.finish()
+            # clip the gradient norm; update, unless the loss or the gradient is not finite
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            logs = books.gather(logs, grad_norm, counts, micro_batches)   # one device sync
+            if not books.finite_or_skip(logs):
+                opt.zero_grad(set_to_none=True)
+                continue
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            # log.jsonl, progress bar, checkpoint; Ctrl-C / SIGTERM stop here
+            books.end_step(step, logs, stop.requested)
+    books.finish()
 
 
 # ----------------------------------------------------------------------------------------
@@ -364,14 +424,24 @@ def save_model_folder(setup, folder, save_weights):
     replace_folder(folder, fill)
 
 
+def for_layout(setup, model):
+    """The model as the steps call it, chosen once per stage: with the CUDA forms of attention on
+    a GPU (scale/cuda.py) and, on packed rows (--pack=true), wrapped in scale.pack.PackedRows."""
+    if setup.devices.cuda:
+        cuda.use_cuda_attention(model)
+    return pack.PackedRows(model) if setup.cfg.pack else model
+
+
 def stage_pretrain(setup):
     """Stage 1: the teacher LM, trained on text only."""
-    cfg, runtime = setup.cfg, setup.runtime
-    model = Decoder(lm_config(cfg, setup.tok)).to(runtime.device)
-    train_stage(setup, "pretrain", runtime.wrap(model),
+    cfg, devices = setup.cfg, setup.devices
+    model = Decoder(lm_config(cfg, setup.tok)).to(devices.device)
+    if devices.cuda:
+        cuda.use_cuda_attention(model)
+    train_stage(setup, "pretrain", devices.wrap(model),
                 [{"params": list(model.parameters()), "lr": cfg.pretrain_lr}], cfg.pretrain_steps,
-                lm_step)
-    if runtime.is_main:
+                lm_step, StepArgs(devices.world_size))
+    if devices.is_main:
         save_model_folder(setup, os.path.join(cfg.out_dir, "teacher"),
                           lambda d: save_hf_lm(model, d))
     return model
@@ -380,22 +450,25 @@ def stage_pretrain(setup):
 def stage_adapt(setup, teacher):
     """Stage 2: teacher copy + vision tower + projector. Align (decoder frozen), then full
     fine-tune with CE on vision-heavy data: the language ability erodes."""
-    cfg, runtime = setup.cfg, setup.runtime
-    vlm = initial_student(cfg, teacher, setup.tok).to(runtime.device)
-    if cfg.tower == "oracle":                     # the control (oracle.py), not the method
+    cfg, devices = setup.cfg, setup.devices
+    vlm = initial_student(cfg, teacher, setup.tok).to(devices.device)
+    if cfg.tower == "oracle":                     # the control (tools/oracle.py), not the method
         vlm = oracle.OracleVLM.wrap(vlm, teacher, setup.data, setup.tok)
     vlm.decoder.gradient_checkpointing = cfg.grad_checkpointing
     vision_params = list(vlm.vision.parameters()) + list(vlm.projector.parameters())
+    args = StepArgs(devices.world_size,
+                    student_prefill=pack.student_prefill if cfg.pack else kvshare.student_prefill)
     vlm.decoder.requires_grad_(False)
     if cfg.align_steps:
-        train_stage(setup, "align", runtime.wrap(vlm),
-                    [{"params": vision_params, "lr": cfg.align_lr}], cfg.align_steps, response_step)
+        train_stage(setup, "align", devices.wrap(for_layout(setup, vlm)),
+                    [{"params": vision_params, "lr": cfg.align_lr}], cfg.align_steps,
+                    response_step, args)
     vlm.decoder.requires_grad_(True)
-    train_stage(setup, "adapt", runtime.wrap(vlm),
+    train_stage(setup, "adapt", devices.wrap(for_layout(setup, vlm)),
                 [{"params": list(vlm.decoder.parameters()), "lr": cfg.adapt_lr},
                  {"params": vision_params, "lr": cfg.adapt_vision_lr}], cfg.adapt_steps,
-                response_step)
-    if runtime.is_main:
+                response_step, args)
+    if devices.is_main:
         save_model_folder(setup, os.path.join(cfg.out_dir, "adapted"), lambda d: save_vlm(vlm, d))
     return vlm
 
@@ -403,22 +476,40 @@ def stage_adapt(setup, teacher):
 def stage_distill(setup, teacher, student):
     """Stage 3: CE + source-selective KD from the frozen teacher through the KV handoff. On
     CUDA the teacher is held in bf16 (cast once; no per-step weight casts under autocast)."""
-    cfg, runtime = setup.cfg, setup.runtime
+    cfg, devices = setup.cfg, setup.devices
     kvshare.check_compatible(teacher.cfg, student.decoder.cfg, cfg.rebase_rope)  # once, first
-    teacher = kvshare.freeze(teacher.to(runtime.device), torch.bfloat16 if runtime.cuda else None)
-    kd_table = distill.table_from_kinds(  # the source gate, once per run (--kd_sources too)
-        getattr(setup.data, "gate_kinds", setup.data.source_kinds))
-    setup.student_only_ids = torch.tensor(student.student_only_ids, device=runtime.device)
-    setup.rebase_from = student.decoder.cfg.rope_theta if cfg.rebase_rope else None
-    # at a real vocabulary the float32 (tokens, V) softmax temporaries are the loss's memory peak
-    setup.kd_chunk = cfg.kd_chunk or (1024 if teacher.cfg.vocab_size >= 8192 else None)
-    student.to(runtime.device).requires_grad_(True)
+    teacher = kvshare.freeze(teacher.to(devices.device), torch.bfloat16 if devices.cuda else None)
+    teacher_vocab = teacher.cfg.vocab_size
+    only_ids = torch.tensor(student.student_only_ids, device=devices.device)
+    student.to(devices.device).requires_grad_(True)
     student.decoder.gradient_checkpointing = cfg.grad_checkpointing
-    train_stage(setup, "distill", runtime.wrap(student),
+    model = for_layout(setup, student)
+    if cfg.rebase_rope:                              # the shared K, in the teacher's RoPE base
+        model = rope.RebasedRoPE(model, student.decoder.cfg.rope_theta, teacher.cfg.rope_theta)
+    teacher = for_layout(setup, teacher)
+    teacher = torch.compile(teacher) if cfg.compile else teacher
+    # the step: the reference (padded, scope full), or variant_step with the functions chosen here
+    if cfg.pack:
+        prefill, continue_ = pack.student_prefill, partial(pack.teacher_continue, scope=cfg.scope)
+    else:
+        prefill, continue_ = kvshare.student_prefill, kvshare.SCOPES[cfg.scope]
+    args = StepArgs(
+        devices.world_size, teacher, only_ids,
+        # at a real vocabulary the float32 (tokens, V) softmax temporaries are the loss's peak
+        loss=dict(alpha=cfg.alpha, divergence=cfg.kd, temperature=cfg.temperature,
+                  beta=cfg.jsd_beta,
+                  chunk_size=cfg.kd_chunk or (1024 if teacher_vocab >= 8192 else None)),
+        kd_table=distill.table_from_kinds(  # the source gate, once per run (--kd_sources too)
+            getattr(setup.data, "gate_kinds", setup.data.source_kinds)),
+        check_batch=None if cfg.pack else lambda b: kvshare.check_batch(  # noqa: E731
+            b, student.student_only_ids, teacher_vocab, cfg.scope),
+        student_prefill=prefill, teacher_continue=None if cfg.policy == "none" else continue_)
+    reference = not cfg.pack and cfg.scope == "full" and cfg.policy != "none"
+    train_stage(setup, "distill", devices.wrap(model),
                 [{"params": list(student.parameters()), "lr": cfg.distill_lr}], cfg.distill_steps,
-                distill_step, name=f"distill-{variant_name(cfg)}", teacher=teacher,
-                kd_table=kd_table)
-    if runtime.is_main:
+                distill_step if reference else variant_step, args,
+                name=f"distill-{variant_name(cfg)}")
+    if devices.is_main:
         save_model_folder(setup, os.path.join(cfg.out_dir, f"distilled-{variant_name(cfg)}"),
                           lambda d: save_vlm(student, d))
     return student
@@ -432,7 +523,7 @@ def initial_student(cfg, teacher, tok):
     decoder (vocabulary grown for <image> and, with --image_splitting, the grid tokens) + a
     vision tower (--vision_path or fresh) + a fresh projector."""
     image_id = tok.token_to_id(data.IMAGE_TOKEN)
-    view_ids = [tok.token_to_id(t) for t in data.VIEW_TOKENS] if cfg.image_splitting else []
+    view_ids = [tok.token_to_id(t) for t in tiles.VIEW_TOKENS] if cfg.image_splitting else []
     if cfg.student_path:
         vlm = load_model_folder(cfg.student_path, image_token_id=image_id)
         check_student_tokens(vlm, tok, cfg.student_path)
@@ -470,7 +561,7 @@ def build_data_and_tokenizer(cfg):
             Tokenizer.from_file(os.path.join(cfg.teacher_path, "tokenizer.json")), tok)
     elif cfg.teacher_path:
         tok = data.load_tokenizer(os.path.join(cfg.teacher_path, "tokenizer.json"),
-                                  image_splitting=cfg.image_splitting)
+                                  extra_tokens=tiles.VIEW_TOKENS if cfg.image_splitting else ())
     else:
         tok = data.train_tokenizer(examples.corpus, cfg.vocab_size)
     return examples, tok
@@ -498,36 +589,36 @@ def get_config(argv):
 def run(cfg):
     """Run the configured stages. Returns (models, data, tok): models maps "teacher",
     "adapted" and "distilled-<variant>" to what the stages trained or loaded. One run per
-    out_dir: rank 0 holds its lock (runtime.FolderLock) from the checks to the end."""
+    out_dir: rank 0 holds its lock (devices.FolderLock) from the checks to the end."""
     with FolderLock(cfg.out_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
         check_out_dir(cfg)
-        return run_stages(cfg)
+        return train_stages(cfg)
 
 
-def run_stages(cfg):
-    runtime = Runtime(cfg.device)
+def train_stages(cfg):
+    devices = Devices(cfg.device)
     seed_everything(cfg.seed)
     examples, tok = build_data_and_tokenizer(cfg)
     check_pack_fits(cfg, examples, tok)
-    setup = TrainingSetup(cfg, runtime, examples, tok)
+    setup = TrainingSetup(cfg, devices, examples, tok)
     if "pretrain" in stages_to_train(cfg):
         setup.text_stream = data.encode_corpus(examples.corpus, tok)           # (N,)
         if len(setup.text_stream) < cfg.seq_len + 2:
             raise ValueError(f"--seq_len={cfg.seq_len} is longer than the whole text corpus "
                              f"({len(setup.text_stream)} tokens)")
     os.makedirs(cfg.out_dir, exist_ok=True)          # only once the data and the inputs are good
-    if runtime.is_main:
+    if devices.is_main:
         write_json(os.path.join(cfg.out_dir, "run_config.json"), asdict(cfg))
     t0 = time.time()
     models = {}
     teacher_dir = os.path.join(cfg.out_dir, "teacher")
     adapted_dir = os.path.join(cfg.out_dir, "adapted")
     if cfg.teacher_path:
-        models["teacher"] = load_hf_lm(cfg.teacher_path).to(runtime.device)
+        models["teacher"] = load_hf_lm(cfg.teacher_path).to(devices.device)
     elif cfg.stage in ("pretrain", "all"):
         models["teacher"] = stage_pretrain(setup)
     else:
-        models["teacher"] = load_hf_lm(teacher_dir).to(runtime.device)
+        models["teacher"] = load_hf_lm(teacher_dir).to(devices.device)
     if cfg.stage in ("adapt", "all"):
         models["adapted"] = stage_adapt(setup, models["teacher"])
     elif cfg.stage == "distill":
@@ -539,13 +630,13 @@ def run_stages(cfg):
                 start = oracle.OracleVLM.wrap(start, models["teacher"], examples, tok)
         else:
             start = initial_student(cfg, models["teacher"], tok)
-        models["adapted"] = start.to(runtime.device)
+        models["adapted"] = start.to(devices.device)
     if cfg.stage in ("distill", "all"):
         student = copy.deepcopy(models["adapted"]) if cfg.stage == "all" else models.pop("adapted")
         models[f"distilled-{variant_name(cfg)}"] = stage_distill(setup, models["teacher"], student)
-    runtime.barrier()                        # every rank waits for rank 0's saves before going on
-    if runtime.is_main:
-        print(f"stages {cfg.stage} done in {time.time() - t0:.1f}s on {runtime.device}; "
+    devices.barrier()                        # every rank waits for rank 0's saves before going on
+    if devices.is_main:
+        print(f"stages {cfg.stage} done in {time.time() - t0:.1f}s on {devices.device}; "
               f"models in {cfg.out_dir}/")
     return models, examples, tok
 

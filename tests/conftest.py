@@ -61,7 +61,7 @@ def make_teacher_and_jsonl(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
     import world
     from model import Decoder, LMConfig
-    from weights import save_hf_lm
+    from scale.weights import save_hf_lm
     world = world.build_world(0, n_entities=8, image_size=32, examples_per_source=20)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(
@@ -93,7 +93,7 @@ def make_teacher_and_jsonl(tmp_path):
 
 def _parse_line(raw, image_root):
     """One JSONL line (bytes) -> the example of its last turn, its image decoded."""
-    from stream import _decode_utf8, _open_image, _parse_record, conversation_examples
+    from scale.stream import _decode_utf8, _open_image, _parse_record, conversation_examples
     rec = _parse_record(_decode_utf8(raw), image_root)
     (prompt, response), = conversation_examples(rec["turns"], last_only=True)
     paths = rec["image"] if isinstance(rec["image"],
@@ -136,5 +136,5 @@ def load_jsonl(path, image_root=None, skip_bad=False):
 
 
 def save_hf_siglip(encoder, folder):
-    from weights import hf_vision_key_map, save_mapped, vision_config_to_hf
+    from scale.weights import hf_vision_key_map, save_mapped, vision_config_to_hf
     save_mapped(encoder, folder, hf_vision_key_map(encoder.cfg), vision_config_to_hf(encoder.cfg))

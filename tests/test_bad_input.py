@@ -17,16 +17,16 @@ from safetensors.torch import load_file, save_file
 
 import data
 from conftest import load_jsonl
-import runtime
-import weights
+from plumbing import files, loop
+from scale import weights
 from types import SimpleNamespace
 
 import eval as evaluation
 from kvshare import check_compatible, distill_forward, freeze, student_prefill, teacher_continue
 from model import LMConfig, VisionConfig, Decoder, VLM, VisionEncoder
-from runtime import atomic_write
+from plumbing.files import atomic_write
 from conftest import save_hf_siglip
-from weights import (load_hf_lm, load_hf_siglip, load_vlm, nanovlm_configs,
+from scale.weights import (load_hf_lm, load_hf_siglip, load_vlm, nanovlm_configs,
                      save_hf_lm, save_vlm)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,7 +198,7 @@ def test_save_tokenizer_writes_atomically(tmp_path, monkeypatch):
     written = []
     monkeypatch.setattr(weights, "atomic_write", lambda path,
                         fn: (written.append(os.path.basename(path)),
-                                                                runtime.atomic_write(path, fn)))
+                                                                files.atomic_write(path, fn)))
     weights.save_tokenizer(tok, str(tmp_path))
     assert written == ["tokenizer.json", "tokenizer_config.json"]
     assert json.loads((tmp_path / "tokenizer_config.json").read_text()) == {"eos_token": "<eos>"}
@@ -505,7 +505,7 @@ def test_a_checkpoint_without_the_train_keys_is_refused(tmp_path):
     torch.save({"weights": torch.ones(1)}, path)
     with pytest.raises(ValueError, match=r"step_0000001\.pt is not a train\.py checkpoint: missing "
                                          r"\['bad_steps', 'config', 'model'"):
-        runtime.Checkpoints(str(tmp_path), 2).load(str(path), train.TrainConfig())
+        loop.Checkpoints(str(tmp_path), 2).load(str(path), train.TrainConfig())
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -576,7 +576,7 @@ def train_exit(argv):
 
 def test_a_second_run_on_a_folder_in_use_refuses_at_once_naming_the_process(tmp_path):
     out = tmp_path / "out"
-    with runtime.FolderLock(str(out)):                    # this process holds the folder
+    with files.FolderLock(str(out)):                    # this process holds the folder
         r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *SMOKE,
                             f"--out_dir={out}"], capture_output=True, text=True, cwd=tmp_path)
         assert r.returncode == 1
@@ -604,7 +604,7 @@ def test_out_dir_whose_parent_is_a_file_or_read_only(tmp_path, monkeypatch):
     assert train_exit(SMOKE + [f"--out_dir={tmp_path / 'f' / 'out'}"]) == (
         f"train.py: --out_dir={tmp_path / 'f' / 'out'}: {tmp_path / 'f'} is a file; expected a "
         "folder")
-    import checks
+    from plumbing import checks
     monkeypatch.setattr(checks.os, "access", lambda path, mode: False)   # as on a read-only mount
     assert train_exit(SMOKE + [f"--out_dir={tmp_path / 'new'}"]) == (
         f"train.py: --out_dir={tmp_path / 'new'}: cannot write in {tmp_path} (read-only or no "
@@ -614,9 +614,9 @@ def test_out_dir_whose_parent_is_a_file_or_read_only(tmp_path, monkeypatch):
 
     def read_only(path, *a, **k):
         raise OSError(errno.EROFS, "Read-only file system", path)
-    monkeypatch.setattr(runtime.os, "makedirs", read_only)    # what the lock meets there
+    monkeypatch.setattr(files.os, "makedirs", read_only)    # what the lock meets there
     with pytest.raises(ValueError) as e:
-        runtime.FolderLock(str(tmp_path / "ro")).__enter__()
+        files.FolderLock(str(tmp_path / "ro")).__enter__()
     assert str(e.value) == (f"--out_dir={tmp_path / 'ro'}: cannot create the folder or its lock "
                             f"file (Read-only file system: {tmp_path / 'ro'}); expected a "
                             "writable folder")
@@ -631,7 +631,7 @@ def test_a_full_disk_during_a_checkpoint_names_the_file_and_keeps_the_earlier_on
         if len(calls) == 2:
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
         return real(obj, f, *a, **k)
-    monkeypatch.setattr(runtime.torch, "save", full_disk)
+    monkeypatch.setattr(loop.torch, "save", full_disk)
     message = train_exit(SMOKE + ["--stage=pretrain", "--pretrain_steps=4", "--ckpt_every=2",
                                   f"--out_dir={out}"])
     ckpt = out / "ckpt" / "pretrain"
@@ -669,12 +669,14 @@ def test_ctrl_c_with_dataloader_workers_says_stopping_once(tmp_path):
     script = f"""
 import os, signal, sys, time
 sys.path.insert(0, {ROOT!r})
-import torch, runtime, stream
+import torch
+from plumbing import loop
+from scale import stream
 class Numbers(torch.utils.data.Dataset):
     def __len__(self): return 8
     def __getitem__(self, i): return torch.tensor(i)
 loader = stream.make_loader(Numbers(), 2, seed=0, num_workers=2, collate_fn=torch.stack, timeout=30)
-with runtime.stop_requests() as stop:
+with loop.stop_requests() as stop:
     batches = iter(loader)
     next(batches)                                   # the workers are up
     os.killpg(os.getpgrp(), signal.SIGINT)
@@ -697,7 +699,7 @@ def jsonl(tmp_path, *records, name="d.jsonl"):
 
 
 def index(path, **kw):
-    import stream
+    from scale import stream
     return stream.StreamDataset(str(path), None, 0, 16, **kw)
 
 

@@ -11,7 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
 import kvshare
-import pack
+from scale import pack
 import train
 from test_gpu_paths import step
 from test_pack import PAD, examples, models

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import data
-import tiles
+from scale import tiles
 import world as tinyworld
 from conftest import load_jsonl
 

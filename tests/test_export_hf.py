@@ -16,9 +16,9 @@ sys.path.insert(0,
 import export_hf               # noqa: E402
 
 import data                    # noqa: E402
-import weights  # noqa: E402
+from scale import weights  # noqa: E402
 from model import LMConfig, VLM, VisionConfig   # noqa: E402
-from weights import save_vlm, save_hf_lm         # noqa: E402
+from scale.weights import save_vlm, save_hf_lm         # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TEXT = "Question: what does the red circle eat? Answer: apples ."

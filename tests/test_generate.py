@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 import data
-import tiles
-import weights
+from scale import tiles
+from scale import weights
 from model import LMConfig, VisionConfig, Decoder, vlm_from_teacher
-from weights import save_vlm, save_hf_lm
+from scale.weights import save_vlm, save_hf_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))

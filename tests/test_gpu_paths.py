@@ -8,7 +8,7 @@ import torch
 import data
 import distill
 import model
-import pack
+from scale import pack
 from kvshare import distill_forward
 from test_pack import PAD, examples, models
 

@@ -33,10 +33,10 @@ sys.path.insert(0,
 import export_hf               # noqa: E402
 
 import data                    # noqa: E402
-import weights  # noqa: E402
+from scale import weights  # noqa: E402
 import eval as evaluation      # noqa: E402
 from model import Decoder, LMConfig, VLM, VisionConfig   # noqa: E402
-from weights import save_vlm   # noqa: E402
+from scale.weights import save_vlm   # noqa: E402
 
 WORDS = ("apples bread carrots cheese fish grapes honey nuts rice seeds soup plums forest cave "
          "river desert castle garden mountain lake village meadow red green blue yellow circle "

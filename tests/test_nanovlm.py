@@ -13,7 +13,7 @@ from dataclasses import replace
 from bench import SMOLLM2_360M
 from export_nanovlm import save_nanovlm
 from model import LMConfig, VisionConfig, VLM, SIGLIP2_B16_512
-from weights import load_nanovlm, nanovlm_configs, nanovlm_key_map
+from scale.weights import load_nanovlm, nanovlm_configs, nanovlm_key_map
 
 LM = dict(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
           rope_theta=10000.0)

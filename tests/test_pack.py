@@ -11,8 +11,8 @@ import torch
 
 import data
 import distill
-import pack
-import stream
+from scale import pack
+from scale import stream
 from kvshare import distill_forward, freeze
 from model import VLM, Decoder, LMConfig, VisionConfig
 
@@ -113,7 +113,7 @@ def test_train_stages_packed_train_like_padded(tmp_path):
     log the same losses and gradient norms as the padded layout: same examples, same source
     gate (kd_weight per token), same normalisers."""
     import train
-    from runtime import Runtime
+    from plumbing.devices import Runtime
     cfg = train.get_config(["--preset=smoke", "--eval=false", "--align_steps=0",
                             "--adapt_steps=1", "--distill_steps=2", "--max_len=64"])
     examples, tok = train.build_data_and_tokenizer(cfg)

@@ -14,12 +14,12 @@ from PIL import Image
 import bigbench
 import chat
 import data
-import weights
+from scale import weights
 import demo_photo
 import eval as evaluation
 import mmlu
 from model import Decoder, LMConfig, grow_vocab
-from weights import save_hf_lm
+from scale.weights import save_hf_lm
 
 SMOL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # SmolLM2-Instruct's chat template (tokenizer_config.json)

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-import pack
+from scale import pack
 from kvshare import (check_compatible, distill_forward, freeze, rebase_rope_k, rebase_rope_kv,
                      teacher_continue)
 from model import LMConfig, Decoder, apply_rope, positions_from_mask, rope_cos_sin

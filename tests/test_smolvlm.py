@@ -13,9 +13,9 @@ transformers = pytest.importorskip("transformers",
                                    reason="transformers not installed (requirements-dev.txt)")
 
 import data                                                   # noqa: E402
-import tiles                                                  # noqa: E402
+from scale import tiles                                                  # noqa: E402
 from model import VLM, pixel_shuffle                          # noqa: E402
-from weights import load_model_folder, load_smolvlm, save_vlm, with_student_only_tail  # noqa: E402
+from scale.weights import load_model_folder, load_smolvlm, save_vlm, with_student_only_tail  # noqa: E402
 
 BASE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = ["User: what is in the picture? Assistant: a red circle and a blue square .",
@@ -284,7 +284,7 @@ def test_smoke_distill_from_a_smolvlm_folder_ends_in_an_export_with_our_logits(t
     import train
     import export_smolvlm
     from model import Decoder, LMConfig
-    from weights import save_hf_lm
+    from scale.weights import save_hf_lm
     src = tmp_path / "smolvlm"
     _, processor, base = smolvlm_folder(str(src), rope_theta=100000.0)
     teacher = Decoder(LMConfig(vocab_size=base, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import data
-import stream
+from scale import stream
 from conftest import load_jsonl
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200),

@@ -11,14 +11,14 @@ import torch
 from PIL import Image
 
 import data
-import tiles
+from scale import tiles
 from conftest import load_jsonl
 from data import view_tokens
-from tiles import ImageSplitting, image_views, split_size, tile_grid
+from scale.tiles import ImageSplitting, image_views, split_size, tile_grid
 from kvshare import freeze, distill_forward, teacher_continue
 from model import LMConfig, VisionConfig, Decoder, VLM, vlm_from_teacher
 from export_nanovlm import save_nanovlm
-from weights import load_nanovlm, save_vlm, load_vlm, NANOVLM_EXTRA_TOKENS
+from scale.weights import load_nanovlm, save_vlm, load_vlm, NANOVLM_EXTRA_TOKENS
 
 
 # ---------------------------------------------------------------------------------------

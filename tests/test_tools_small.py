@@ -8,7 +8,7 @@ from PIL import Image
 import make_examples
 import plot_log
 from conftest import make_teacher_and_jsonl
-from weights import load_model_folder
+from scale.weights import load_model_folder
 
 
 def test_make_examples_writes_the_images_and_a_tinyvision_student(tmp_path, capsys):

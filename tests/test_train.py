@@ -10,7 +10,7 @@ import torch
 
 import train
 from conftest import make_teacher_and_jsonl
-from runtime import Checkpoints
+from plumbing.loop import Checkpoints
 from train import get_config, TrainConfig
 
 
@@ -96,7 +96,7 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_pipeline_checkpoints_reload_and_eval_gives_fractions(smoke_run):
     import eval as evaluation
-    from weights import load_hf_lm, load_vlm
+    from scale.weights import load_hf_lm, load_vlm
     out, models, world, tok = smoke_run
     reloaded = {"teacher": load_hf_lm(os.path.join(out, "teacher")),
                 "adapted": load_vlm(os.path.join(out, "adapted")),
@@ -118,7 +118,7 @@ def test_smoke_pipeline_checkpoints_reload_and_eval_gives_fractions(smoke_run):
 
 
 def test_adapt_stage_trains_only_vision_during_alignment(smoke_run):
-    from weights import load_hf_lm, load_vlm
+    from scale.weights import load_hf_lm, load_vlm
     out, models, _, _ = smoke_run
     teacher, adapted = load_hf_lm(os.path.join(out,
                                                "teacher")), load_vlm(os.path.join(out, "adapted"))
@@ -306,7 +306,7 @@ def test_teacher_folder_and_jsonl_data_run_adapt_and_distill(tmp_path):
     """--teacher_path (an HF folder whose tokenizer has no <image>) + --data_path (LLaVA JSONL):
     the same stage code runs; the student's vocabulary grows for the new ids, old ids keep
     the teacher's embedding rows, and KD applies to --kd_sources only."""
-    from weights import load_hf_lm
+    from scale.weights import load_hf_lm
     teacher_dir, teacher, _ = make_teacher_and_jsonl(tmp_path)
     out = tmp_path / "out"
     models, _, tok2 = train.run(get_config([

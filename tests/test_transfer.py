@@ -11,7 +11,7 @@ import kvshare
 import oracle
 import train
 from model import Decoder, VisionConfig, vlm_from_teacher
-from weights import load_model_folder, save_vlm
+from scale.weights import load_model_folder, save_vlm
 
 
 def test_transfer_is_one_for_the_oracle_and_zero_for_blind_on_hand_made_distributions():

@@ -9,7 +9,7 @@ from safetensors.torch import save_file, load_file
 
 from model import LMConfig, VisionConfig, Decoder, VisionEncoder, vlm_from_teacher
 from conftest import save_hf_siglip
-from weights import (load_hf_lm, save_hf_lm, load_hf_siglip, save_vlm,
+from scale.weights import (load_hf_lm, save_hf_lm, load_hf_siglip, save_vlm,
                      load_vlm, lm_config_to_hf)
 
 LM = dict(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,

@@ -47,11 +47,11 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data
-import stream
+from scale import pack, stream
 import distill
 import kvshare
 import train
-from weights import save_hf_lm
+from scale.weights import save_hf_lm
 from model import (SIGLIP2_B16_512, Decoder, LMConfig, VisionConfig,
                    vlm_from_teacher)
 
@@ -123,8 +123,7 @@ def bench_handoff(device, lm, B=8, P=448, R=64):
     batch = make_batch(B, P, R, lm.vocab_size, lm.vocab_size - 1, 0, 0, device, with_images=False)
     with torch.no_grad():
         _, kv = teacher(batch["input_ids"], use_cache=True)
-        t_cont = timeit(lambda: kvshare.teacher_continue(teacher, kv, batch, lm.vocab_size - 1,
-                                                         "full"), device)
+        t_cont = timeit(lambda: kvshare.teacher_continue(teacher, kv, batch, lm.vocab_size - 1), device)
         # like for like: the full forward with a mask too, so both run on the same kernel
         t_full = timeit(lambda: teacher(batch["input_ids"], attention_mask=batch["attention_mask"],
                                         logits_start=P - 1), device)
@@ -155,10 +154,10 @@ def bench_kd_memory(device, V=49152, N=2048, chunk=256):
 
 
 def distill_step_ours(student, teacher, batch):
-    s_logits, t_logits = kvshare.distill_forward(student, teacher, batch, batch["image_token_id"],
-                                                 "full")
-    out = distill.distill_loss(s_logits, batch["labels"], batch["response_mask"], t_logits,
-                               distill.source_weights("uniform", batch["source"]))
+    s_logits, kv = kvshare.student_prefill(student, batch)
+    t_logits = kvshare.teacher_continue(teacher, kv, batch, batch["image_token_id"])
+    w = distill.source_weights("uniform", batch["source"])[:, None].expand_as(batch["labels"])
+    out = distill.distill_loss(s_logits, batch["labels"], batch["response_mask"], t_logits, w)
     out["loss"].backward()
     return float(out["loss"].detach())
 
@@ -349,10 +348,11 @@ def bench_paper(device, size="paper", B=8, P=448, R=64, steps=5, warmup=2, amp=N
     def step():
         with autocast():
             s_logits, kv = kvshare.student_prefill(student_fwd, batch)
-            t_logits = kvshare.teacher_continue(teacher_fwd, kv, batch, image_token_id, "full")
+            t_logits = kvshare.teacher_continue(teacher_fwd, kv, batch, image_token_id)
+            w = distill.source_weights("uniform", batch["source"])[:, None].expand_as(
+                batch["labels"]).to(s_logits.device)
             out = distill.distill_loss(s_logits, batch["labels"], batch["response_mask"], t_logits,
-                                       distill.source_weights("uniform", batch["source"]),
-                                       chunk_size=kd_chunk)
+                                       w, chunk_size=kd_chunk)
         out["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -363,8 +363,7 @@ def bench_paper(device, size="paper", B=8, P=448, R=64, steps=5, warmup=2, amp=N
     with torch.no_grad(), autocast():
         _, kv = kvshare.student_prefill(student_fwd, batch)
         text_ids = batch["input_ids"].masked_fill(batch["input_ids"] == image_token_id, 0)
-        t_cont = timeit(lambda: kvshare.teacher_continue(teacher_fwd, kv, batch, image_token_id,
-                                                         "full"), device,
+        t_cont = timeit(lambda: kvshare.teacher_continue(teacher_fwd, kv, batch, image_token_id), device,
                         repeat=steps, warmup=warmup)
         t_full = timeit(lambda: teacher_fwd(text_ids, attention_mask=batch["attention_mask"],
                                             logits_start=P), device, repeat=steps, warmup=warmup)
@@ -439,14 +438,14 @@ def bench_pack(device, size="tiny", B=16, max_len=1024, steps=3, n_batches=4, se
             views.append([torch.randn(x["views"], 3, vis.image_size, vis.image_size,
                                       generator=gen)] if x["views"] else [])
         for name, pack_len in (("padded", None), ("packed", max_len)):
-            b = data.lay_out(pairs, views, 0, pack_len)
+            b = pack.lay_out(pairs, views, 0, pack_len) if pack_len else data.lay_out(pairs, views, 0)
             b = {key: v.to(device) if torch.is_tensor(v) else v for key, v in b.items()}
             batches[name].append(b)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=device.type == "cuda")
 
     def step(b):
         with autocast():
-            s, t = kvshare.distill_forward(student, teacher, b, student.student_only_ids, "full")
+            s, t = pack.handoff(student, teacher, b, student.student_only_ids)
             loss = distill.distill_loss(s, b["labels"], b["response_mask"], t,
                                         kd_weight=torch.ones(s.shape[:2], device=device))["loss"]
         loss.backward()

@@ -72,7 +72,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
 import eval as ev  # noqa: E402
-from weights import load_model_folder  # noqa: E402
+from scale.weights import load_model_folder  # noqa: E402
 
 DEV_TASKS = ("social_iqa", "phrase_relatedness", "physics", "disambiguation_qa")
 RESERVED_TASKS = ("movie_recommendation", "date_understanding", "understanding_fables",

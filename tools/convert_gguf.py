@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from runtime import atomic_write, check_new_folder, replace_folder, write_json
+from plumbing.files import atomic_write, check_new_folder, replace_folder, write_json
 
 log = logging.getLogger(__name__)
 

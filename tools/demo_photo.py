@@ -25,7 +25,7 @@ import data  # noqa: E402
 import chat  # noqa: E402
 import kvshare  # noqa: E402
 from model import VisionConfig, vlm_from_teacher  # noqa: E402
-from weights import load_hf_lm  # noqa: E402
+from scale.weights import load_hf_lm  # noqa: E402
 
 
 def skimage_photos(names=("chelsea.png", "coffee.png"), wheel=None, out_dir=None):
@@ -81,9 +81,9 @@ def demo_real_photo(lm_folder, image_paths, image_size=64, question="What is in 
     student_logits, kv = kvshare.student_prefill(student, batch)
     t_student = time.time() - t1
     t1 = time.time()
-    full = kvshare.teacher_continue(teacher, kv, batch, image_id, "full")
+    full = kvshare.teacher_continue(teacher, kv, batch, image_id)
     t_teacher = time.time() - t1
-    none = kvshare.teacher_continue(teacher, kv, batch, image_id, "none")
+    none = kvshare.teacher_on_text(teacher, kv, batch, image_id)
     V = teacher.cfg.vocab_size
     last = int(batch["response_mask"][0].sum()) - 1     # predicts the token after the response text
     diff = (student_logits[..., :V] - full).abs()[batch["response_mask"]]

@@ -56,7 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import eval as evaluation  # noqa: E402
 import toolflags  # noqa: E402
 import train  # noqa: E402
-from runtime import write_json, write_text  # noqa: E402
+from plumbing.files import write_json, write_text  # noqa: E402
 
 # name -> train.py overrides for stage 3; "{text}" is the image-free language sources (the tiny
 # world's text_qa; a tool on other data names its own: real_experiment's "text")

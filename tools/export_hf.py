@@ -43,8 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data                                     # noqa: E402
 from model import VLM, Decoder  # noqa: E402
-from runtime import check_new_folder, read_json, replace_folder, write_json    # noqa: E402
-from weights import load_model_folder, save_hf_lm  # noqa: E402
+from plumbing.files import check_new_folder, read_json, replace_folder, write_json    # noqa: E402
+from scale.weights import load_model_folder, save_hf_lm  # noqa: E402
 
 
 def load_decoder(folder):

@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import VLM  # noqa: E402
-from runtime import check_new_folder, replace_folder, write_json  # noqa: E402
-from weights import (NANOVLM_EXTRA_TOKENS, _nanovlm_qkv_part, load_model_folder,  # noqa: E402
+from plumbing.files import check_new_folder, replace_folder, write_json  # noqa: E402
+from scale.weights import (NANOVLM_EXTRA_TOKENS, _nanovlm_qkv_part, load_model_folder,  # noqa: E402
                      nanovlm_key_map, save_safetensors)
 
 

@@ -25,9 +25,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import VLM  # noqa: E402
-from runtime import read_json, write_json  # noqa: E402
-from tiles import Idefics3Splitting  # noqa: E402
-from weights import (SMOLVLM_MODEL_TYPES, lm_config_to_hf, load_model_folder,  # noqa: E402
+from plumbing.files import read_json, write_json  # noqa: E402
+from scale.tiles import Idefics3Splitting  # noqa: E402
+from scale.weights import (SMOLVLM_MODEL_TYPES, lm_config_to_hf, load_model_folder,  # noqa: E402
                      save_safetensors, smolvlm_key_map, vision_config_to_hf)
 
 # Files of a SmolVLM folder that describe the tokenizer and the chat format (copied as they are).

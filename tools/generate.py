@@ -36,9 +36,9 @@ from PIL import Image  # noqa: E402
 import data  # noqa: E402
 import chat  # noqa: E402
 import kvshare  # noqa: E402
-import runtime  # noqa: E402
-import weights  # noqa: E402
-from model import VLM  # noqa: E402
+from plumbing.files import read_json  # noqa: E402
+from scale import tiles, weights  # noqa: E402
+from model import VLM, check_teacher_vocab  # noqa: E402
 
 
 class BadInput(Exception):
@@ -51,7 +51,7 @@ def load_model(folder):
         raise BadInput(f"model folder not found: {folder}")
     # the one loader that picks the layout (and refuses a config that is none of them)
     model = weights.load_model_folder(folder)
-    cfg = runtime.read_json(os.path.join(folder, "config.json"))
+    cfg = read_json(os.path.join(folder, "config.json"))
     nanovlm = "vit_hidden_dim" in cfg
     template = (cfg.get("lm_chat_template") if nanovlm else None) or chat.load_chat_template(folder)
     kind = ("nanovlm" if nanovlm else "vlm") if isinstance(model, VLM) else "lm"
@@ -62,10 +62,10 @@ def load_tok(path, model):
     if not os.path.isfile(path):
         raise BadInput(f"tokenizer not found: {path} (pass --tokenizer=PATH/tokenizer.json)")
     split = isinstance(model, VLM) and bool(model.view_token_ids)
-    tok = data.load_tokenizer(path, image_splitting=split)
+    tok = data.load_tokenizer(path, extra_tokens=tiles.VIEW_TOKENS if split else ())
     if isinstance(model, VLM):
         ids = {data.IMAGE_TOKEN: model.image_token_id,
-               **dict(zip(data.VIEW_TOKENS, model.view_token_ids))}
+               **dict(zip(tiles.VIEW_TOKENS, model.view_token_ids))}
         wrong = [f"{t} is {tok.token_to_id(t)} in the tokenizer, {i} in the model" for t,
                  i in ids.items() if tok.token_to_id(t) != i]
         if wrong:
@@ -125,7 +125,7 @@ def teacher_generate(teacher, student_kv, input_ids, attention_mask, student_onl
     if kvshare.student_only_mask(input_ids[:, P - 1], student_only_ids).any():
         raise ValueError("teacher_generate: a context ends with an image (student-only) token; the "
                          "prompt after the image must have at least one text token")
-    kvshare.check_teacher_vocab(
+    check_teacher_vocab(
         teacher, input_ids[:, P - 1:].masked_fill(~attention_mask[:, P - 1:].bool(), 0))
     # past: per layer (K, V), each (B, n_kv_heads, P-1, head_dim)
     past = [(k[:, :, :P - 1], v[:, :, :P - 1]) for k, v in student_kv]
@@ -188,8 +188,8 @@ def run(args):
         prompt = chat.chat_prompt(prompt, template)
     example = {"image": images or None, "prompt": prompt, "response": "", "source": "generate"}
     if is_vlm:
-        batch = data.collate([example], tok, model.n_image_tokens, model.vision.cfg.image_size,
-                             image_splitting=model.image_splitting)
+        batch = tiles.collate([example], tok, model.n_image_tokens, model.vision.cfg.image_size,
+                              model.image_splitting)
     else:
         batch = data.collate([example], tok, 0, 0)
     P = batch["context_len"]

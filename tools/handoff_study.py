@@ -55,7 +55,8 @@ import kvshare  # noqa: E402
 import oracle  # noqa: E402
 import toolflags  # noqa: E402
 import train  # noqa: E402
-from runtime import Checkpoints, write_json, write_text  # noqa: E402
+from plumbing.loop import Checkpoints  # noqa: E402
+from plumbing.files import write_json, write_text  # noqa: E402
 
 PIPELINES = ("base", "align x3", "adapt lr /3", "scope image")
 FOLDERS = {"base": "base", "align x3": "align-x3", "adapt lr /3": "adapt-lr-div3",

@@ -27,10 +27,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
-import tiles  # noqa: E402
+from scale import tiles  # noqa: E402
 import world  # noqa: E402
 from model import VisionConfig, grow_vocab, vlm_from_teacher  # noqa: E402
-from weights import load_hf_lm, save_tokenizer, save_vlm  # noqa: E402
+from scale.weights import load_hf_lm, save_tokenizer, save_vlm  # noqa: E402
 
 TINY_TOWER = VisionConfig(image_size=64, patch_size=8, dim=64, n_layers=2, n_heads=4, mlp_dim=256)
 
@@ -61,11 +61,12 @@ def tinyvision_folder(lm_folder, out, seed=0):
     """A student VLM folder: the LM's decoder (vocabulary grown for <image> and the grid tokens)
     + TINY_TOWER (random) + a fresh projector, nanoVLM image splitting at a 192-px long side."""
     torch.manual_seed(seed)
-    tok = data.load_tokenizer(os.path.join(lm_folder, "tokenizer.json"), image_splitting=True)
+    tok = data.load_tokenizer(os.path.join(lm_folder, "tokenizer.json"),
+                              extra_tokens=tiles.VIEW_TOKENS)
     teacher = load_hf_lm(lm_folder)
     vlm = vlm_from_teacher(grow_vocab(teacher, tok.get_vocab_size()), TINY_TOWER,
                            tok.token_to_id(data.IMAGE_TOKEN), shuffle_factor=2,
-                           view_token_ids=[tok.token_to_id(t) for t in data.VIEW_TOKENS],
+                           view_token_ids=[tok.token_to_id(t) for t in tiles.VIEW_TOKENS],
                            image_splitting=tiles.ImageSplitting(max_side=192))
     save_vlm(vlm, out)
     config = os.path.join(lm_folder, "tokenizer_config.json")

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
 import eval as evaluation  # noqa: E402
-from weights import load_model_folder  # noqa: E402
+from scale.weights import load_model_folder  # noqa: E402
 
 # Multiple choice from files: lm-eval's MMLU prompt file, or generic JSON / JSONL
 #

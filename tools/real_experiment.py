@@ -66,8 +66,8 @@ import kvshare  # noqa: E402
 import toolflags  # noqa: E402
 import train  # noqa: E402
 from model import VLM  # noqa: E402
-from runtime import atomic_write, read_json, write_json, write_text  # noqa: E402
-from weights import load_hf_lm  # noqa: E402
+from plumbing.files import atomic_write, read_json, write_json, write_text  # noqa: E402
+from scale.weights import load_hf_lm  # noqa: E402
 
 # The student: the teacher's decoder + this tower (train.py flags); the run's defaults. The adapt
 # learning rate is the one that degrades the LM without destroying it (seed 0, 60 steps, held-out

@@ -10,7 +10,7 @@ from dataclasses import fields
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
-from runtime import config_help, flag_line, unknown_key, wants_help  # noqa: E402
+from plumbing.flags import config_help, flag_line, unknown_key, wants_help  # noqa: E402
 
 
 def help_text(usage, own):

@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import data
-import tiles
-from tiles import MAX_GRID, ImageSplitting, Idefics3Splitting
+from scale import tiles
+from scale.tiles import MAX_GRID, ImageSplitting, Idefics3Splitting
 from model import LMConfig, VisionConfig, Decoder, VisionEncoder, VLM
-from runtime import atomic_write, read_json, write_json
+from plumbing.files import atomic_write, read_json, write_json
 
 
 
@@ -488,7 +488,7 @@ def nanovlm_image_splitting(cfg_dict, source="config.json"):
 
     The ids are lm_base_vocab_size + the index of each token in vlm_extra_tokens (how nanoVLM's
     tokenizer numbers its added tokens): "global_image_token" then "r1c1".."r8c8", in
-    data.VIEW_TOKENS order (49153, 49154, ..., 49217 for nanoVLM-460M-8k). A config whose extra
+    tiles.VIEW_TOKENS order (49153, 49154, ..., 49217 for nanoVLM-460M-8k). A config whose extra
     tokens lack any of them (older nanoVLM, or only "image_token") gets ((), None): one view per
     image. The splitting takes max_img_size (default 2048) and resize_to_max_side_len (default
     True: nanoVLM builds VLMConfig(**config.json), so a missing key takes its dataclass default)
@@ -603,8 +603,8 @@ def load_nanovlm(folder, image_token_id=None):
     image-token positions, exactly as nanoVLM's model computes it. The checkpoint's image
     splitting comes with it (nanovlm_image_splitting): vlm.view_token_ids = the <|global_image|>
     and <row_r_col_c> ids, vlm.image_splitting = max_img_size, resize_to_max_side_len and [0, 1]
-    pixels, for data.collate(image_splitting=vlm.image_splitting) with a tokenizer from
-    data.load_tokenizer(..., image_splitting=True)."""
+    pixels, for tiles.collate(..., vlm.image_splitting) with a tokenizer from
+    data.load_tokenizer(..., extra_tokens=tiles.VIEW_TOKENS)."""
     cfg_path = os.path.join(folder, "config.json")
     lm, vision, s, inferred = nanovlm_configs(read_json(cfg_path), cfg_path)
     image_token_id = inferred if image_token_id is None else image_token_id

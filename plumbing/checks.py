@@ -10,10 +10,10 @@ import os
 import data
 import distill
 import kvshare
-import tiles
+from scale import tiles
 import world
-import stream
-from runtime import Checkpoints, read_log
+from scale import stream
+from plumbing.loop import Checkpoints, read_log
 
 STAGES = ("pretrain", "adapt", "distill", "all")
 
@@ -178,7 +178,7 @@ def check_student_tokens(vlm, tok, folder):
     if vlm.decoder.cfg.vocab_size < tok.get_vocab_size():
         raise ValueError(f"{folder}: the student's vocabulary ({vlm.decoder.cfg.vocab_size}) is "
                          f"smaller than the tokenizer's ({tok.get_vocab_size()})")
-    view_ids = [tok.token_to_id(t) for t in data.VIEW_TOKENS]
+    view_ids = [tok.token_to_id(t) for t in tiles.VIEW_TOKENS]
     idefics3 = isinstance(getattr(vlm, "image_splitting", None), tiles.Idefics3Splitting)
     if vlm.view_token_ids and not idefics3 and list(vlm.view_token_ids) != view_ids:
         raise ValueError(f"{folder}: the student's image-splitting token ids differ from the "

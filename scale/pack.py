@@ -3,14 +3,15 @@ Packed batches (train.py --pack=true), the throughput path of stages 2-3: severa
 end in rows of at most --max_len tokens instead of one padded row each (on a Cauldron-like length
 mix, 98 % real tokens instead of 24-35 %). data.collate's padded layout stays the readable
 reference; per example the two give the same logits, teacher logits, losses and gradients
-(tests/test_pack.py).
+(tests/test_pack.py). train.py chooses this layout once at setup: batch_of for the batches,
+PackedRows around the student and the teacher, response_step / distill_step for the steps.
 
 Each example's positions restart at 0; attention is block-diagonal (segment_mask) in the
 student prefill and in the teacher continuation, where the teacher runs, per example, the tokens
 it runs in the padded layout against that example's own student K/V only. The loss side is
 padding-free: (1, N) labels for the N response tokens of the batch. This file only lays out
 tensors and masks, and runs the two halves of the handoff on them (student_prefill,
-teacher_continue: kvshare.py's contract; kvshare.distill_forward picks the layout).
+teacher_continue: kvshare.py's contract).
 
 The teacher runs, per example, the same tokens as in the padded layout (scope "full": the last
 context token and the response without its last token; "image" / "none": every text token but
@@ -19,9 +20,13 @@ student K/V, and the mask lets a query see only its example's shared columns. St
 teacher logits come out (1, N, V) for the N response tokens of the batch, in row order.
 """
 import torch
-from torch.nn.attention.flex_attention import create_block_mask
+import torch.nn as nn
 
-from model import check_teacher_vocab, student_only_mask
+import data
+import distill
+import kvshare
+from model import VLM, check_teacher_vocab, student_only_mask
+from scale.cuda import segment_block_mask
 
 
 def pack_rows(lengths, max_len):
@@ -43,6 +48,20 @@ def pack_rows(lengths, max_len):
         if max(fill) <= max_len:           # always true by n_rows = len(lengths)
             return [sorted(row) for row in rows]
         n_rows += 1
+
+
+def batch_of(items, pad, max_len):
+    """data.batch_of in the packed layout: encoded examples -> rows of at most max_len tokens."""
+    return {**lay_out(data.fit_pairs([it["pair"] for it in items], max_len),
+                      [it["views"] for it in items], pad, max_len),
+            "grids": [it["grids"] for it in items], "source": [it["source"] for it in items]}
+
+
+def lay_out(pairs, views, pad, max_len):
+    """data.lay_out in the packed layout (pack): the images follow the examples' row order."""
+    batch = pack(pairs, pad, max_len)
+    flat = [v for i in batch.pop("order") for v in views[i]]
+    return {**batch, "images": torch.cat(flat) if flat else None}
 
 
 def pack(pairs, pad, max_len):
@@ -96,14 +115,6 @@ def segment_mask(q_seg, q_col, k_seg, k_col):
         return segment_block_mask(q_seg, q_col, k_seg, k_col)
     same = q_seg[:, :, None] == k_seg[:, None, :]                              # (B, Tq, Tk)
     return (same & (k_col[:, None, :] <= q_col[:, :, None]))[:, None]
-
-
-def segment_block_mask(q_seg, q_col, k_seg, k_col):
-    """segment_mask's rule as a FlexAttention BlockMask (built blockwise; no (Tq, Tk) tensor)."""
-    def visible(b, h, q, k):
-        return (q_seg[b, q] == k_seg[b, k]) & (k_col[b, k] <= q_col[b, q])
-    return create_block_mask(visible, q_seg.shape[0], None, q_seg.shape[1], k_seg.shape[1],
-                             device=q_seg.device)
 
 
 BLOCK_MASKS = "cuda"     # "always" / "never": tests compare the two forms on the CPU
@@ -173,24 +184,81 @@ def teacher_inputs(batch, is_image, scope):
     return new_ids, inputs
 
 
-def student_prefill(student, batch, keep_kv=True):
-    """kvshare.student_prefill on packed rows: logits (1, N, V) for the batch's N response
-    tokens, K/V (rows, n_kv_heads, L, head_dim)."""
-    images = {} if batch["images"] is None else {"images": batch["images"]}
-    logits, kv = student(batch["input_ids"], packed_mask=prefill_mask(batch["segment_ids"]),
-                         position_ids=batch["position_ids"], use_cache=keep_kv,
-                         logit_index=batch["logit_index"], **images)
-    return logits, kv                                                        # (1, N, V)
+class PackedRows(nn.Module):
+    """A Decoder or VLM run on packed rows: the mask is given (block-diagonal, segment_mask), the
+    positions restart per example, and the logits are taken at logit_index only (N,) ->
+    (1, N, V). Wraps the model once at setup (train.py); `module` is the model (runtime's unwrap
+    and the checkpoints see through it)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    @property
+    def cfg(self):
+        return self.decoder.cfg
+
+    @property
+    def decoder(self):
+        return self.module.decoder if isinstance(self.module, VLM) else self.module
+
+    def forward(self, input_ids, mask, position_ids, logit_index, images=None, past_kv=None,
+                use_cache=True):
+        x = (self.module.embed(input_ids, images) if isinstance(self.module, VLM)
+             else self.module.embed(input_ids))                                   # (rows, L, D)
+        x, kv = self.decoder.blocks(x, mask, position_ids, past_kv)
+        x = x.reshape(-1, x.shape[-1])[logit_index][None]                         # (1, N, D)
+        return self.decoder.lm_head(self.decoder.norm(x)), (kv if use_cache else None)
+
+
+def student_prefill(student, batch):
+    """kvshare.student_prefill on packed rows (student: PackedRows): logits (1, N, V) for the
+    batch's N response tokens, K/V (rows, n_kv_heads, L, head_dim)."""
+    return student(batch["input_ids"], mask=prefill_mask(batch["segment_ids"]),
+                   position_ids=batch["position_ids"], logit_index=batch["logit_index"],
+                   images=batch["images"])                                   # (1, N, V), kv
 
 
 @torch.no_grad()
 def teacher_continue(teacher, student_kv, batch, student_only_ids, scope="full"):
-    """kvshare.teacher_continue on packed rows: teacher logits (1, N, V_teacher), detached.
-    The scope, the frozen teacher and its compatibility are checked at setup (train.py)."""
+    """kvshare.teacher_continue (and its ablation scopes) on packed rows (teacher: PackedRows):
+    teacher logits (1, N, V_teacher), detached. The scope, the frozen teacher and its
+    compatibility are checked at setup (train.py)."""
     new_ids, inputs = teacher_inputs(batch, student_only_mask(batch["input_ids"],
                                                               student_only_ids), scope)
     check_teacher_vocab(teacher, new_ids)
     if scope != "none":        # past: per layer (K, V), each (rows, n_kv_heads, L, head_dim)
         inputs["past_kv"] = [(k.detach(), v.detach()) for k, v in student_kv]
-    logits, _ = teacher(new_ids, **inputs)
+    logits, _ = teacher(new_ids, inputs.pop("packed_mask"), **inputs, use_cache=False)
     return logits.detach()                                                   # (1, N, V_teacher)
+
+
+def response_step(model, batch, counts, args):
+    """train.response_step on packed rows."""
+    logits, _ = student_prefill(model, batch)                                # (1, N, V)
+    ce = distill.cross_entropy(logits, batch["labels"], batch["response_mask"], counts["ce"])
+    (ce * args.world_size).backward()
+    return {"loss": ce, "ce": ce.detach()}
+
+
+def distill_step(student, batch, counts, args):
+    """train.distill_step (every scope and policy) on packed rows: the gate kd_weight is (1, N)."""
+    student_logits, kv = student_prefill(student, batch)
+    teacher_logits = (teacher_continue(args.teacher, kv, batch, args.student_only_ids, args.scope)
+                      if args.policy != "none" else None)
+    out = distill.distill_loss(student_logits, batch["labels"], batch["response_mask"],
+                               teacher_logits, batch["kd_weight"], **args.loss_options(counts))
+    (out["loss"] * args.world_size).backward()
+    return out
+
+
+def handoff(student, teacher, batch, student_only_ids, scope="full"):
+    """Steps 1-3 on a batch of either layout, for tests and tools: (student logits, teacher
+    logits): kvshare's padded reference, or on packed rows ("segment_ids" in the batch) this
+    file's, the models wrapped in PackedRows here. train.py chooses its layout once, at setup."""
+    if "segment_ids" not in batch:
+        student_logits, kv = kvshare.student_prefill(student, batch)
+        return student_logits, kvshare.SCOPES[scope](teacher, kv, batch, student_only_ids)
+    wrap = lambda m: m if isinstance(m, PackedRows) else PackedRows(m)  # noqa: E731
+    student_logits, kv = student_prefill(wrap(student), batch)
+    return student_logits, teacher_continue(wrap(teacher), kv, batch, student_only_ids, scope)

@@ -1,19 +1,22 @@
 """
 Image splitting, nanoVLM's rule (--image_splitting=true): each image resized to a grid of
-tiles of the vision tower's input size, plus a global view; data.view_tokens writes the token
-layout, data.collate calls image_views. The tiny world never splits (one view per image).
+tiles of the vision tower's input size, plus a global view; view_tokens writes the token
+layout, image_views the views, collate / encode_for_batch the batch (data.py's layout, with
+these views and tokens). The tiny world never splits (one view per image: data.collate).
 
 Idefics3 / SmolVLM's rule (Idefics3Splitting, read from a SmolVLM folder's processor settings):
 tiles first, the global view last, and its own token layout (idefics3_image_prompt); image_views
-returns an Idefics3Grid for it, which tells data.encode_example to write that layout.
+returns an Idefics3Grid for it, which tells encode_example to write that layout.
 """
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from PIL import Image
+
+import data
+from data import image_to_tensor  # noqa: F401  (tiles.image_to_tensor: the same function)
 
 # nanoVLM's image-splitting tokens (models/config.py vlm_extra_tokens): one global-view token and
 # an 8x8 table of 1-based grid tokens; load_tokenizer(image_splitting=True) appends them after
@@ -24,15 +27,6 @@ GLOBAL_IMAGE_TOKEN = "<|global_image|>"
 grid_token = "<row_{}_col_{}>".format          # grid_token(row, col), both 1-based
 VIEW_TOKENS = (GLOBAL_IMAGE_TOKEN,
                *(grid_token(r, c) for r in range(1, MAX_GRID + 1) for c in range(1, MAX_GRID + 1)))
-
-
-def image_to_tensor(image, image_size, pixels="[-1,1]"):
-    """PIL image -> (3, image_size, image_size) float in [-1, 1] (or [0, 1]); resized if needed."""
-    image = image.convert("RGB")
-    if image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
-    return x if pixels == "[0,1]" else (x - 0.5) / 0.5
 
 
 @dataclass(frozen=True)
@@ -216,3 +210,58 @@ def idefics3_image_prompt(grid, n_image_tokens, image_token="<image>"):
                            for c in range(1, grid.cols + 1)) + "\n"
                    for r in range(1, grid.rows + 1))
     return rows + "\n" + glob
+
+
+# ----------------------------------------------------------------------------------------
+# Batches of split images: data.py's layout with these views and tokens
+
+def collate(examples, tokenizer, n_image_tokens, image_size, splitting=None, max_len=None):
+    """data.collate with each image split by `splitting` (None: one view per image, as there)."""
+    items = [encode_for_batch(ex, tokenizer, n_image_tokens, image_size, splitting)
+             for ex in examples]
+    return data.batch_of(items, data.special_id(tokenizer, data.PAD_TOKEN), max_len)
+
+
+def encode_for_batch(example, tokenizer, n_image_tokens, image_size, splitting=None):
+    """data.encode_for_batch with split images: the views of each image (image_views, in token
+    order: global view then tiles) and its grid (n_h, n_w), the ids of encode_example."""
+    per_image = [image_views(im, image_size, splitting) for im in data.example_images(example)]
+    grids = [g for _, g in per_image]
+    return {"pair": encode_example(example, tokenizer, n_image_tokens,
+                                   grids if splitting is not None else None),
+            "views": [v for v, _ in per_image], "grids": grids, "source": example["source"]}
+
+
+def encode_example(example, tokenizer, n_image_tokens, grids=None):
+    """data.encode_example with grids = [(n_h, n_w) per image] (None: one view per image): each
+    image is view_tokens(n_h, n_w, n_image_tokens), and with several images each is preceded by
+    the text "<image: i>" as nanoVLM writes it. An Idefics3Grid (Idefics3Splitting, a SmolVLM
+    student) is its processor's text for the image (idefics3_image_prompt), tokenized as the
+    processor tokenizes it."""
+    n_images = len(data.example_images(example))
+    if grids is None:
+        return data.encode_example(example, tokenizer, n_image_tokens)
+    if len(grids) != n_images:
+        raise ValueError(f"{len(grids)} image grids for {n_images} image(s)")
+
+    def image_part(i):
+        if isinstance(grids[i], Idefics3Grid):
+            return "", tokenizer.encode(idefics3_image_prompt(grids[i], n_image_tokens)).ids
+        names = view_tokens(*grids[i], n_image_tokens)
+        ids = {t: data.special_id(tokenizer, t) for t in set(names)}
+        return f"<image: {i}>" if n_images > 1 else "", [ids[t] for t in names]
+    return data.encode_example(example, tokenizer, n_image_tokens, image_part)
+
+
+def view_tokens(n_h, n_w, n_image_tokens):
+    """The token sequence of one image split into n_h x n_w tiles (nanoVLM get_image_string):
+    GLOBAL_IMAGE_TOKEN + n <image> (the global view), then for each tile in row-major order
+    grid_token(r, c) (1-based) + n <image>. A 1x1 split is the global view alone."""
+    if not (1 <= n_h <= MAX_GRID and 1 <= n_w <= MAX_GRID):
+        raise ValueError(f"a {n_h}x{n_w} split has no grid tokens; at most {MAX_GRID}x{MAX_GRID}")
+    out = [GLOBAL_IMAGE_TOKEN] + [data.IMAGE_TOKEN] * n_image_tokens
+    if (n_h, n_w) != (1, 1):
+        for r in range(1, n_h + 1):
+            for c in range(1, n_w + 1):
+                out += [grid_token(r, c)] + [data.IMAGE_TOKEN] * n_image_tokens
+    return out

@@ -27,8 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data import IMAGE_TOKEN, PAD_TOKEN, encode_example, lay_out, special_id
-from tiles import image_views
+import data
+from data import IMAGE_TOKEN, PAD_TOKEN, special_id
+from scale import pack
+from scale.tiles import encode_example, image_views
 
 # ----------------------------------------------------------------------------------------
 # Real data
@@ -433,16 +435,17 @@ class StreamDataset(torch.utils.data.Dataset):
                          f"max_len={self.max_len}"
                          + (f"; first error: {errors[0]}" if errors else ""))
 
-    def collate(self, items, pack=False):
-        """dataset[i] items -> a batch in data.collate's layout (pack=True: data.pack's, rows of
+    def collate(self, items, packed=False):
+        """dataset[i] items -> a batch in data.collate's layout (packed=True: pack.pack's, rows of
         max_len tokens), plus "index" (LongTensor), "skipped" / "dropped" (ints: bad / too-long
         examples replaced) and "errors" (messages)."""
-        if pack and self.max_len is None:
+        if packed and self.max_len is None:
             raise ValueError("StreamDataset.collate: pack=True needs max_len (the tokens of one "
                              "packed row)")
         views = [[] if it["image"] is None else [it["image"]] for it in items]
-        return {**lay_out([(it["context"], it["response"]) for it in items], views, self.pad_id,
-                          self.max_len if pack else None),      # images: (N_views, 3, S, S)
+        pairs = [(it["context"], it["response"]) for it in items]
+        return {**(pack.lay_out(pairs, views, self.pad_id, self.max_len) if packed
+                   else data.lay_out(pairs, views, self.pad_id)),   # images: (N_views, 3, S, S)
                 "grids": [it["grids"] for it in items],
                 "source": [it["source"] for it in items],
                 "index": torch.tensor([it["index"] for it in items]),
@@ -487,7 +490,7 @@ class RealData:
         loader = make_loader(torch.utils.data.Subset(dataset, indices), batch_size, seed=seed,
                              start_step=start_step, rank=rank, world_size=world_size,
                              num_workers=num_workers, pin_memory=pin_memory,
-                             collate_fn=functools.partial(dataset.collate, pack=pack),
+                             collate_fn=functools.partial(dataset.collate, packed=pack),
                              timeout=600 if num_workers else 0)
         for batch in loader:
             yield {k: v for k, v in batch.items() if k not in ("index", "errors")}

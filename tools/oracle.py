@@ -28,7 +28,7 @@ import hashlib
 import torch
 
 import data
-import tiles
+from scale import tiles
 from model import VLM
 
 # Bound of the learned perturbation, relative to the teacher's embedding RMS. Tiny world seed 0,

@@ -1,0 +1,273 @@
+"""
+Around one stage's training loop (train.train_stage), kept out of the method's reading path:
+checkpoints, log.jsonl, resume, bad-step skipping, the progress bar and Ctrl-C / SIGTERM.
+"""
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import torch
+from tqdm import tqdm
+
+from plumbing.devices import rng_state, set_rng_state
+from plumbing.files import atomic_write, write_text
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints: {model, optimizer, scheduler, step, config, rng, bad_steps}, written atomically
+
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "step", "config", "rng", "bad_steps"}
+
+
+class TrainingError(RuntimeError):
+    """A stage cannot go on (non-finite losses past --max_bad_steps, no good step at all)."""
+
+
+class Checkpoints:
+    """ckpt/<stage>/step_NNNNNNN.pt, written atomically; the newest keep_last are kept.
+    run_keys: config keys that may differ between a checkpoint and the run resuming it."""
+
+    def __init__(self, folder, keep_last, run_keys=()):
+        self.folder, self.keep_last, self.run_keys = folder, keep_last, set(run_keys)
+
+    def paths(self):
+        if not os.path.isdir(self.folder):
+            return []
+        return sorted(os.path.join(self.folder, f) for f in os.listdir(self.folder)
+                      if f.startswith("step_") and f.endswith(".pt"))
+
+    def remove_orphans(self):
+        """Temp files a kill left behind mid-write (never a complete checkpoint)."""
+        if os.path.isdir(self.folder):
+            for f in os.listdir(self.folder):
+                if f.startswith(".tmp-"):
+                    os.remove(os.path.join(self.folder, f))
+
+    def save(self, step, state):
+        path = os.path.join(self.folder, f"step_{step:07d}.pt")
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            atomic_write(path, lambda tmp: torch.save(state, tmp))
+        except (OSError, RuntimeError) as e:    # torch.save: "[enforce fail ...] unexpected pos"
+            free = shutil.disk_usage(self.folder).free if os.path.isdir(self.folder) else 0
+            raise TrainingError(f"cannot write checkpoint {path}: the write failed "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                                f"{free / 2**20:.0f} MiB free there -- is the disk full? The "
+                                "checkpoints written before are kept") from None
+        older = [p for p in self.paths() if p < path]          # never the one just written
+        for old in older[:max(0, len(older) - (self.keep_last - 1))]:
+            os.remove(old)
+
+    def load(self, path, cfg):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"checkpoint {path} is truncated or corrupt "
+                             f"({type(e).__name__}: {e})") from None
+        missing = sorted(CHECKPOINT_KEYS - set(state)) if isinstance(state, dict) else ["all"]
+        if missing:
+            raise ValueError(f"checkpoint {path} is not a train.py checkpoint: missing {missing}")
+        ours = asdict(cfg)
+        diffs = [f"{k}: checkpoint {v!r} vs run {ours.get(k)!r}"
+                 for k, v in state["config"].items() if k not in self.run_keys and ours.get(k) != v]
+        if diffs:
+            raise ValueError(f"checkpoint {path} comes from another config:\n  "
+                             + "\n  ".join(diffs))
+        return state
+
+
+def read_log(log_path):
+    """log.jsonl -> (lines, records). A last line that is not a whole JSON record (a crash or a
+    full disk mid-write) is dropped from the file, said on stderr; a bad line before it is a
+    ValueError naming the file and line."""
+    with open(log_path, "rb") as f:
+        lines = f.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n < len(lines):
+                raise ValueError(f"{log_path} line {n}: not a JSON record ({e}); expected one "
+                                 "record per line") from None
+            print(f"{log_path}: dropping its torn last line {n} ({line.strip()[:40]!r}...): an "
+                  "interrupted write", file=sys.stderr)
+            lines.pop()
+            write_text(log_path, "".join(lines))
+    return lines, records
+
+
+def drop_log_records(log_path, name, after_step):
+    """Remove the log lines of stage `name` past `after_step` (a resumed run logs them again)."""
+    if not os.path.isfile(log_path):
+        return
+    lines, records = read_log(log_path)
+    keep = [line for line, r in zip(lines, records)
+            if not (r.get("stage") == name and r["step"] > after_step)]
+    if len(keep) != len(lines):
+        write_text(log_path, "".join(keep))
+
+
+# ----------------------------------------------------------------------------------------
+# The bookkeeping of one stage's loop (train.train_stage holds the update itself)
+
+class StageBooks:
+    """What runs around one stage's optimizer steps: resume from the stage's newest checkpoint
+    (--resume: model, optimizer, schedule, step, RNG), the progress bar, and after each step
+    (end_step) log.jsonl, checkpoints and Ctrl-C / SIGTERM on any rank, which end the stage after
+    the current step, with a checkpoint, by raising Interrupted. A step whose loss or gradient is
+    not finite is skipped (finite_or_skip), never saved; past --max_bad_steps skipped steps, or
+    with no good step at all, the stage stops with a TrainingError.
+    run_keys: config keys that may differ between a checkpoint and the run resuming it."""
+
+    def __init__(self, cfg, devices, stage, name, model, opt, sched, steps, run_keys):
+        self.cfg, self.devices, self.name, self.model, self.steps = cfg, devices, name, model, steps
+        self.stage, self.opt, self.sched = stage, opt, sched
+        self.ckpts = Checkpoints(os.path.join(cfg.out_dir, "ckpt", name), cfg.keep_last, run_keys)
+        self.log_path = os.path.join(cfg.out_dir, "log.jsonl")
+        self.start, self.bad_steps, self.skipped_examples = 0, 0, 0
+        if devices.is_main:
+            self.ckpts.remove_orphans()
+        if cfg.resume and self.ckpts.paths():
+            self.resume()
+        elif cfg.resume and devices.is_main:     # steps a crash logged before any checkpoint
+            drop_log_records(self.log_path, name, after_step=0)
+        if cfg.compile:     # a fresh compile per stage: no graph traced while others were frozen
+            torch.compiler.reset()
+        self.t_start = time.time()
+
+    def resume(self):
+        state = self.ckpts.load(self.ckpts.paths()[-1], self.cfg)
+        unwrap(self.model).load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.start, self.bad_steps = state["step"], state["bad_steps"]
+        set_rng_state(state["rng"])
+        if self.devices.is_main:
+            drop_log_records(self.log_path, self.name, after_step=self.start)  # the crash's steps
+            was = state["config"][f"{self.stage}_steps"]
+            if was != self.steps:
+                print(f"{self.name}: resuming at step {self.start} of a run planned for {was} "
+                      f"steps; training on to {self.steps} steps (the learning-rate schedule is "
+                      f"that of {self.steps} steps) and then replacing this stage's model folder")
+
+    def progress_bar(self):
+        self.bar = tqdm(range(self.start, self.steps), desc=self.name, initial=self.start,
+                        total=self.steps, disable=not self.devices.is_main, leave=False)
+        return self.bar
+
+    def gather(self, logs, grad_norm, counts, batches):
+        """The step's summed logs and grad norm as floats (one device sync), summed over ranks;
+        the examples a streamed batch replaced (bad or too long) are counted."""
+        self.skipped_examples += sum(b.pop("skipped", 0) + b.pop("dropped", 0) for b in batches)
+        *values, grad_norm = torch.stack([*logs.values(), grad_norm.double()]).tolist()
+        return {**self.devices.sum_over_ranks(dict(zip(logs, values))),  # each rank's share
+                "grad_norm": grad_norm, "tokens": counts["tokens"]}      # (over ranks already)
+
+    def finite_or_skip(self, logs):
+        """True if the step's loss and gradient norm are finite; else the step is counted as
+        skipped (a TrainingError past --max_bad_steps) and False."""
+        if math.isfinite(logs["loss"]) and math.isfinite(logs["grad_norm"]):
+            return True
+        self.bad_steps += 1
+        if self.bad_steps > self.cfg.max_bad_steps:
+            last = self.ckpts.paths()[-1] if self.ckpts.paths() else "none was written"
+            raise TrainingError(f"{self.name}: {self.bad_steps} steps with non-finite loss or "
+                                f"gradients (limit --max_bad_steps={self.cfg.max_bad_steps}); "
+                                f"last good checkpoint: {last}; no model folder saved for this "
+                                "stage")
+        return False
+
+    def end_step(self, step, logs, stop_requested):
+        """After an optimizer step: log.jsonl, the progress bar, checkpoints, and a stop request
+        (Ctrl-C / SIGTERM on any rank) ends the stage with Interrupted."""
+        cfg, devices = self.cfg, self.devices
+        grad_norm = logs.pop("grad_norm")
+        record = {"stage": self.name, "step": step + 1,                # time: s since stage start
+                  "time": round(time.time() - self.t_start, 4), "lr": self.sched.get_last_lr()[0],
+                  "grad_norm": grad_norm, "bad_steps": self.bad_steps,
+                  "skipped_examples": self.skipped_examples, **logs}
+        if devices.cuda:
+            record["max_mem_gib"] = torch.cuda.max_memory_allocated(devices.device) / 2**30
+        stop = devices.sum_over_ranks({"stop": float(stop_requested)})["stop"] > 0   # any rank
+        if devices.is_main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if (step + 1) % cfg.log_every == 0:
+                self.bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k != "tokens"})
+            if (step + 1) % cfg.ckpt_every == 0 or step + 1 == self.steps or stop:
+                self.save(step + 1)
+        if stop and step + 1 < self.steps:
+            self.bar.close()
+            raise Interrupted(f"{self.name} stopped at step {step + 1} of {self.steps}; "
+                              f"checkpoint saved in {self.ckpts.folder}")
+
+    def save(self, step):
+        self.ckpts.save(step, {"model": unwrap(self.model).state_dict(),
+                               "optimizer": self.opt.state_dict(),
+                               "scheduler": self.sched.state_dict(), "step": step,
+                               "bad_steps": self.bad_steps, "config": asdict(self.cfg),
+                               "rng": rng_state()})
+
+    def finish(self):
+        if self.bad_steps >= self.steps:
+            raise TrainingError(f"{self.name}: all {self.steps} steps had a non-finite loss or "
+                                "gradients; no model folder saved for this stage")
+        wall = time.time() - self.t_start   # also the "time" of the stage's last log record
+        if self.devices.is_main:
+            print(f"{self.name}: {self.steps - self.start} steps in {wall:.1f}s, {self.bad_steps} "
+                  "skipped (non-finite loss or gradients)" + (
+                      f", {self.skipped_examples} examples replaced (bad or too long)"
+                      if self.skipped_examples else ""))
+
+
+def unwrap(model):
+    """The plain module under DDP (`module.`) and torch.compile (`_orig_mod.`) wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+# ----------------------------------------------------------------------------------------
+# Interrupts: Ctrl-C and SIGTERM end a stage at a step boundary with a checkpoint
+
+class Interrupted(Exception):
+    """Raised by train.py after it saved the checkpoint of the step an interrupt arrived in."""
+
+
+@contextmanager
+def stop_requests():
+    """While inside: Ctrl-C (SIGINT) and SIGTERM (a scheduler's kill) only set
+    `.requested` on the yielded flag, so the training loop can finish its step, save a
+    checkpoint and stop cleanly; a second Ctrl-C interrupts at once. Forked DataLoader workers
+    inherit the handler and ignore the signal (Ctrl-C reaches the whole process group; the main
+    process alone says it is stopping and stops them). Signal handlers can be set
+    only in the main thread; elsewhere the flag just stays False."""
+    flag, owner = SimpleNamespace(requested=False), os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != owner:             # a forked DataLoader worker: the main process decides
+            return
+        if flag.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+              "(Ctrl-C again to stop at once)", file=sys.stderr)
+    old = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, handler)
+    except ValueError:                       # not the main thread
+        pass
+    try:
+        yield flag
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
