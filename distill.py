@@ -151,7 +151,8 @@ def distill_loss(student_logits, labels, response_mask, teacher_logits, kd_weigh
     response_mask (B, R) (True: answer + EOS), teacher_logits (B, R, Vt) or None (no KD token);
     kd_weight (B, R), the gate per token (source_weights of each row's source). CE is the mean
     over the real tokens, KD the weighted mean over the KD tokens; ce_tokens / kd_tokens: the
-    counts to divide by (default: this batch's). Inputs: check_loss_inputs (callers, on the host)."""
+    counts to divide by (default: this batch's). train.py builds its batches to fit (the vocabulary
+    and the gate table are checked at setup); other callers: check_loss_inputs, on the host."""
     real = response_mask.bool()                                              # (B, R)
     ce = cross_entropy(student_logits, labels, real, ce_tokens)
     weights = real.float() * kd_weight.to(real.device)                      # (B, R)

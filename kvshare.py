@@ -112,24 +112,27 @@ def teacher_ids(ids, mask, student_only_ids):
     return ids.masked_fill(is_image | ~mask.bool() | last_real, 0), is_image
 
 
+# Worked example of teacher_continue, one row, P = 4, R = 3 (T = P + R = 7 columns), mask
+# 0 1 1 1 1 1 0:
+#
+#     column     0    1      2      3      4        5       6
+#     student    pad  <img>  <img>  eats   apples   <eos>   pad
+#     position   0    0      1      2      3        4       4     (real tokens before it)
+#     past       K/V  K/V    K/V                                   the student's; pad masked out
+#     teacher                       eats   apples   0              runs columns 3..5
+#     predicts                      apples <eos>    (pad)          the R response tokens
+#
+# The past is columns 0..P-2; the teacher re-runs the last context token (column P-1) itself, so
+# that the first response token gets a KD target. Each new query attends to the past minus pads
+# and causally to the new tokens; <img> is never embedded (student-only), and the last real
+# token (here <eos>) runs as id 0: its output predicts a pad and is never scored.
+
 @torch.no_grad()
 def teacher_continue(teacher, student_kv, batch, student_only_ids):
     """Steps 2-3, scope "full" (the paper): the frozen teacher's logits (B, R, V_teacher) for the R
-    response tokens, detached, continuing from the student's context K/V.
-
-    Worked example, one row, P = 4, R = 3 (T = P + R = 7 columns), mask 0 1 1 1 1 1 0:
-
-        column     0    1      2      3      4        5       6
-        student    pad  <img>  <img>  eats   apples   <eos>   pad
-        position   0    0      1      2      3        4       4     (real tokens before it)
-        past       K/V  K/V    K/V                                   student's, pad masked out
-        teacher                       eats   apples   0              runs columns 3..5
-        predicts                      apples <eos>    (pad)          the R response tokens
-
-    The past is columns 0..P-2; the teacher re-runs the last context token (column P-1) itself,
-    so that the first response token gets a KD target. Each new query attends to the past minus
-    pads and causally to the new tokens; <img> is never embedded (student-only), and the last
-    real token (here <eos>) runs as id 0: its output predicts a pad and is never scored."""
+    response tokens, detached, continuing from the student's context K/V (worked example above)."""
+    if teacher.training:
+        raise ValueError("teacher_continue: the teacher must be frozen (call kvshare.freeze)")
     ids, mask, P = batch["input_ids"], batch["attention_mask"], batch["context_len"]  # (B, P+R)
     T = ids.shape[1]                                     # P + R; the last column is never input
     text_ids, _ = teacher_ids(ids, mask, student_only_ids)                          # (B, P+R)

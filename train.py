@@ -480,7 +480,8 @@ def stage_distill(setup, teacher, student):
     kvshare.check_compatible(teacher.cfg, student.decoder.cfg, cfg.rebase_rope)  # once, first
     teacher = kvshare.freeze(teacher.to(devices.device), torch.bfloat16 if devices.cuda else None)
     teacher_vocab = teacher.cfg.vocab_size
-    only_ids = torch.tensor(student.student_only_ids, device=devices.device)
+    only_ids = student.student_only_ids                                   # a tuple of ids
+    only_ids_device = torch.tensor(only_ids, device=devices.device)
     student.to(devices.device).requires_grad_(True)
     student.decoder.gradient_checkpointing = cfg.grad_checkpointing
     model = for_layout(setup, student)
@@ -494,15 +495,16 @@ def stage_distill(setup, teacher, student):
     else:
         prefill, continue_ = kvshare.student_prefill, kvshare.SCOPES[cfg.scope]
     args = StepArgs(
-        devices.world_size, teacher, only_ids,
+        devices.world_size, teacher, only_ids_device,
         # at a real vocabulary the float32 (tokens, V) softmax temporaries are the loss's peak
         loss=dict(alpha=cfg.alpha, divergence=cfg.kd, temperature=cfg.temperature,
                   beta=cfg.jsd_beta,
                   chunk_size=cfg.kd_chunk or (1024 if teacher_vocab >= 8192 else None)),
         kd_table=distill.table_from_kinds(  # the source gate, once per run (--kd_sources too)
             getattr(setup.data, "gate_kinds", setup.data.source_kinds)),
-        check_batch=None if cfg.pack else lambda b: kvshare.check_batch(  # noqa: E731
-            b, student.student_only_ids, teacher_vocab, cfg.scope),
+        check_batch=None if cfg.pack else partial(
+            kvshare.check_batch, student_only_ids=only_ids, teacher_vocab_size=teacher_vocab,
+            scope=cfg.scope),
         student_prefill=prefill, teacher_continue=None if cfg.policy == "none" else continue_)
     reference = not cfg.pack and cfg.scope == "full" and cfg.policy != "none"
     train_stage(setup, "distill", devices.wrap(model),

@@ -4,7 +4,8 @@ end in rows of at most --max_len tokens instead of one padded row each (on a Cau
 mix, 98 % real tokens instead of 24-35 %). data.collate's padded layout stays the readable
 reference; per example the two give the same logits, teacher logits, losses and gradients
 (tests/test_pack.py). train.py chooses this layout once at setup: batch_of for the batches,
-PackedRows around the student and the teacher, response_step / distill_step for the steps.
+PackedRows around the student and the teacher, student_prefill / teacher_continue in the steps
+(train.variant_step).
 
 Each example's positions restart at 0; attention is block-diagonal (segment_mask) in the
 student prefill and in the teacher continuation, where the teacher runs, per example, the tokens
@@ -23,7 +24,6 @@ import torch
 import torch.nn as nn
 
 import data
-import distill
 import kvshare
 from model import VLM, check_teacher_vocab, student_only_mask
 from scale.cuda import segment_block_mask
@@ -233,25 +233,6 @@ def teacher_continue(teacher, student_kv, batch, student_only_ids, scope="full")
     return logits.detach()                                                   # (1, N, V_teacher)
 
 
-def response_step(model, batch, counts, args):
-    """train.response_step on packed rows."""
-    logits, _ = student_prefill(model, batch)                                # (1, N, V)
-    ce = distill.cross_entropy(logits, batch["labels"], batch["response_mask"], counts["ce"])
-    (ce * args.world_size).backward()
-    return {"loss": ce, "ce": ce.detach()}
-
-
-def distill_step(student, batch, counts, args):
-    """train.distill_step (every scope and policy) on packed rows: the gate kd_weight is (1, N)."""
-    student_logits, kv = student_prefill(student, batch)
-    teacher_logits = (teacher_continue(args.teacher, kv, batch, args.student_only_ids, args.scope)
-                      if args.policy != "none" else None)
-    out = distill.distill_loss(student_logits, batch["labels"], batch["response_mask"],
-                               teacher_logits, batch["kd_weight"], **args.loss_options(counts))
-    (out["loss"] * args.world_size).backward()
-    return out
-
-
 def handoff(student, teacher, batch, student_only_ids, scope="full"):
     """Steps 1-3 on a batch of either layout, for tests and tools: (student logits, teacher
     logits): kvshare's padded reference, or on packed rows ("segment_ids" in the batch) this
@@ -259,6 +240,15 @@ def handoff(student, teacher, batch, student_only_ids, scope="full"):
     if "segment_ids" not in batch:
         student_logits, kv = kvshare.student_prefill(student, batch)
         return student_logits, kvshare.SCOPES[scope](teacher, kv, batch, student_only_ids)
-    wrap = lambda m: m if isinstance(m, PackedRows) else PackedRows(m)  # noqa: E731
-    student_logits, kv = student_prefill(wrap(student), batch)
-    return student_logits, teacher_continue(wrap(teacher), kv, batch, student_only_ids, scope)
+    student_logits, kv = student_prefill(packed_rows(student), batch)
+    return student_logits, teacher_continue(packed_rows(teacher), kv, batch, student_only_ids,
+                                            scope)
+
+
+def packed_rows(model):
+    """`model` if a PackedRows is in its wrapper chain (e.g. RebasedRoPE(PackedRows(vlm))), else
+    PackedRows(model)."""
+    m = model
+    while not isinstance(m, PackedRows) and hasattr(m, "module"):
+        m = m.module
+    return model if isinstance(m, PackedRows) else PackedRows(model)

@@ -22,7 +22,7 @@ from scale import weights
 from types import SimpleNamespace
 
 import eval as evaluation
-from kvshare import check_compatible, distill_forward, freeze, student_prefill, teacher_continue
+from kvshare import check_compatible, freeze, student_prefill, teacher_on_text
 from model import LMConfig, VisionConfig, Decoder, VLM, VisionEncoder
 from plumbing.files import atomic_write
 from conftest import save_hf_siglip
@@ -243,16 +243,17 @@ def handoff(student_lm, teacher_lm):
     (LMConfig(**{**LM.__dict__, "dim": 64}), "head_dim: teacher 16 vs student 8"),
     (LMConfig(**{**LM.__dict__, "n_layers": 3}), "n_layers: teacher 3 vs student 2"),
 ])
-def test_teacher_continue_checks_the_kv_shapes_itself(teacher_lm, expected):
+def test_kv_shape_mismatches_are_refused_by_check_compatible(teacher_lm, expected):
+    # the KV shapes (of scopes "full" and "image", which read the student's KV) are checked once,
+    # at setup, by check_compatible; teacher_continue no longer checks its inputs
     student, teacher, batch = handoff(LM, teacher_lm)
+    with pytest.raises(ValueError) as e:
+        check_compatible(teacher.cfg, student.decoder.cfg)
+    assert str(e.value).startswith("teacher and student decoders are incompatible for KV "
+                                   "sharing")
+    assert expected in str(e.value)
     _, kv = student_prefill(student, batch)
-    for scope in ("full", "image"):
-        with pytest.raises(ValueError) as e:
-            teacher_continue(teacher, kv, batch, IMG, scope)
-        assert str(e.value).startswith("teacher and student decoders are incompatible for KV "
-                                       "sharing")
-        assert expected in str(e.value)
-    teacher_continue(teacher, kv, batch, IMG, "none")            # the text-only teacher reads no KV
+    teacher_on_text(teacher, kv, batch, IMG)                     # the text-only teacher reads no KV
 
 
 def test_different_rope_theta_is_not_silent():
@@ -458,7 +459,8 @@ def test_compiled_training_trains_what_eager_training_trains(tmp_path, monkeypat
         moved = {n for n, p in models["adapted"].decoder.named_parameters()
                  if p.shape == teacher[n].shape and not torch.equal(p, teacher[n])}
         runs[mode] = (out, moved)
-    assert compiled[-1] is models["teacher"]                  # compiled last: by the distill stage
+    # the distill stage compiles the frozen teacher (at its setup), then the student it trains
+    assert compiled[-2] is models["teacher"] and compiled[-1] is models["distilled-selective-full"]
     assert runs["eager"][1] == runs["compiled"][1] and len(runs["eager"][1]) > 10
     for stage in ("pretrain", "align", "adapt", "distill-selective-full"):
         a, b = _losses(runs["eager"][0], stage), _losses(runs["compiled"][0], stage)

@@ -11,7 +11,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
 import kvshare
-from scale import pack
+from plumbing.devices import Devices
+from scale import cuda, pack
 import train
 from test_gpu_paths import step
 from test_pack import PAD, examples, models
@@ -20,12 +21,22 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 FUSED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
 
 
+def lay_out(pairs, views, layout):
+    return (pack.lay_out(pairs, views, PAD, 80) if layout == "packed"
+            else data.lay_out(pairs, views, PAD))
+
+
+def on_gpu(model):
+    """The model on the GPU with the CUDA forms of attention, as train.py sets them up."""
+    return cuda.use_cuda_attention(model.cuda())
+
+
 def on_cuda(layout):
     teacher, student = models()
     pairs, views, w = examples(student.n_image_tokens)
-    batch = data.lay_out(pairs, views, PAD, pack_len=80 if layout == "packed" else None)
+    batch = lay_out(pairs, views, layout)
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
-    return teacher.cuda(), student.cuda(), batch, w.cuda()
+    return on_gpu(teacher), on_gpu(student), batch, w.cuda()
 
 
 def test_smoke_pipeline_on_cuda_with_bf16_autocast(tmp_path):
@@ -42,7 +53,7 @@ def test_smoke_pipeline_on_cuda_with_bf16_autocast(tmp_path):
 
 
 def test_runtime_uses_pinned_memory_and_bf16():
-    rt = train.Runtime("cuda")
+    rt = Devices("cuda")
     assert rt.cuda and rt.device.type == "cuda"
     batch = rt.to_device({"x": torch.ones(3), "s": ["a"]})
     assert batch["x"].device.type == "cuda" and batch["s"] == ["a"]
@@ -56,12 +67,12 @@ def test_runtime_uses_pinned_memory_and_bf16():
 def test_distill_step_on_cuda_fp32_equals_the_cpu(scope, layout):
     """The same step on both devices: logits, loss and gradients, with packed rows on
     FlexAttention and masked attention on K/V repeated to the query heads on CUDA."""
-    torch.backends.cuda.matmul.allow_tf32 = False        # Runtime turns TF32 on for training speed
+    torch.backends.cuda.matmul.allow_tf32 = False        # Devices turns TF32 on for training speed
     teacher, student = models()
     pairs, views, w = examples(student.n_image_tokens)
-    batch = data.lay_out(pairs, views, PAD, pack_len=80 if layout == "packed" else None)
+    batch = lay_out(pairs, views, layout)
     gpu_batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
-    gpu = step(copy.deepcopy(student).cuda(), copy.deepcopy(teacher).cuda(), gpu_batch, w.cuda(),
+    gpu = step(on_gpu(copy.deepcopy(student)), on_gpu(copy.deepcopy(teacher)), gpu_batch, w.cuda(),
                scope)
     cpu = step(student, teacher, batch, w, scope)
     assert len(cpu) == len(gpu) > 3
@@ -94,6 +105,6 @@ def test_no_host_sync_between_the_student_prefill_and_the_teacher_continuation()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        kvshare.teacher_continue(teacher, kv, batch, ids, "full")
+        kvshare.teacher_continue(teacher, kv, batch, ids)
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill import (DIVERGENCES, distill_loss, kd_divergence, kd_token_sum, source_weights,
-                     table_from_kinds)
+from distill import (DIVERGENCES, check_loss_inputs, distill_loss, kd_divergence, kd_token_sum,
+                     source_weights, table_from_kinds)
 
 TABLE = table_from_kinds({"text": "language", "tell": "language", "ocr": "vision",
                           "count": "vision"})
@@ -20,9 +20,19 @@ def make_batch(B=4, R=5, V=11, Vt=None, dtype=torch.float64, lengths=None, seed=
     return s.requires_grad_(True), t, labels, mask
 
 
+def checked_loss(s, labels, mask, t, kd_weight, **kw):
+    """check_loss_inputs, then distill_loss; the token counts it divided by (n_ce_tokens,
+    n_kd_tokens: the real tokens and the weighted KD tokens) are added to its output."""
+    check_loss_inputs(s, labels, mask, t, kd_weight, kw.get("alpha", 1.0))
+    out = distill_loss(s, labels, mask, t, kd_weight, **kw)
+    return {**out, "n_ce_tokens": mask.sum(), "n_kd_tokens": (mask.float() * kd_weight).sum()}
+
+
 def gated(s, labels, mask, t, *, sources, policy, table=None, **kw):
-    """distill_loss with the source gate of `sources` under `policy` (source_weights)."""
-    return distill_loss(s, labels, mask, t, source_weights(policy, sources, table), **kw)
+    """distill_loss with the source gate of `sources` under `policy` (source_weights), one
+    weight per response token (each row's example's)."""
+    w = source_weights(policy, sources, table)                                # (B,)
+    return checked_loss(s, labels, mask, t, w[:, None].expand(-1, labels.shape[1]), **kw)
 
 
 def explicit_kl(p, q):
@@ -103,7 +113,7 @@ def test_all_masked_batch_gives_zero_kd_with_finite_grads():
     none = torch.zeros_like(mask)
     for chunk in (None, 2):
         out = gated(s, labels, none, t, sources=["text", "ocr"], policy="uniform",
-                    table=TABLE, chunk_size=chunk, kd_normalizer=0)
+                    table=TABLE, chunk_size=chunk, kd_tokens=0)
         assert out["kd"].item() == 0.0 and out["ce"].item() == 0.0 and out["n_kd_tokens"] == 0
         out["loss"].backward()
         assert torch.isfinite(s.grad).all() and s.grad.abs().sum() == 0
@@ -193,7 +203,7 @@ def test_kd_normaliser_is_weighted_token_count():
     torch.testing.assert_close(out["kd"], ((w * per_token).sum() / w.sum()).detach())
     # explicit global normalisers (grad accumulation / DDP) replace the local counts, once
     glob = gated(s, labels, mask, t, sources=sources, policy="selective", table=table,
-                 kd_normalizer=10.0, ce_normalizer=20.0)
+                 kd_tokens=10.0, ce_tokens=20.0)
     torch.testing.assert_close(glob["kd"], ((w * per_token).sum() / 10.0).detach())
     ce_sum = F.cross_entropy(s[mask], labels[mask], reduction="sum")
     torch.testing.assert_close(glob["ce"], (ce_sum / 20.0).detach())
@@ -254,8 +264,9 @@ def test_bad_inputs_raise_clear_errors():
               policy="uniform")
     with pytest.raises(ValueError, match=r"teacher_logits.*\(2, 3, 11\)"):
         gated(s, labels, mask, t[:, :3], sources=src, policy="uniform")
-    with pytest.raises(ValueError,
-                       match=r"kd_weight must be \(B,\) = \(2,\).*found \[1.0, 1.0, 1.0\]"):
+    with pytest.raises(ValueError, match=r"kd_weight must be \(B, R\) = \(2, 4\) per token.*found "
+                                         r"\[\[1.0, 1.0, 1.0, 1.0\], \[1.0, 1.0, 1.0, 1.0\], "
+                                         r"\[1.0, 1.0, 1.0, 1.0\]\]"):
         gated(s, labels, mask, t, sources=src + ["text"], policy="uniform")
     with pytest.raises(ValueError, match=r"needs teacher_logits"):
         gated(s, labels, mask, None, sources=src, policy="selective", table=TABLE)
@@ -272,8 +283,13 @@ def test_bad_inputs_raise_clear_errors():
         kd_divergence(s[0], t[0], "fkl", temperature=0.0)
     with pytest.raises(ValueError, match=r"chunk_size"):
         kd_token_sum(s, t, mask.double(), chunk_size=0)
-    with pytest.raises(ValueError, match=r"kd_normalizer.*> 0"):
-        gated(s, labels, mask, t, sources=src, policy="uniform", kd_normalizer=0)
+    # a KD count of 0 is no error any more (distill.mean_over): it leaves the sum, the loss stays
+    # finite, and with no KD token the KD term is exactly 0
+    zero = gated(s, labels, mask, t, sources=src, policy="uniform", kd_tokens=0)
+    assert torch.isfinite(zero["loss"])
+    torch.testing.assert_close(zero["kd"], kd_token_sum(s, t, mask.double()).detach())
+    no_kd = gated(s, labels, mask, t, sources=src, policy="none", kd_tokens=0)
+    assert torch.isfinite(no_kd["loss"]) and no_kd["kd"].item() == 0.0
     with pytest.raises(ValueError, match=r"source kinds.*'audio'"):
         table_from_kinds({"speech": "audio"})
 
@@ -339,9 +355,9 @@ def test_distill_loss_refuses_labels_outside_the_vocabulary(bad):
 def test_kd_weight_per_token_equals_per_example_and_checks_its_shape():
     s, t, labels, mask = make_batch(B=3, R=4)
     w = torch.tensor([1.0, 0.0, 0.5])
-    a = distill_loss(s, labels, mask, t, kd_weight=w)
-    b = distill_loss(s, labels, mask, t, kd_weight=w[:, None].expand(3, 4))   # packed batches
+    token_example = torch.arange(3)[:, None].expand(3, 4)     # data.pad_pairs: each token's row
+    a = checked_loss(s, labels, mask, t, kd_weight=w[token_example])   # per example, gathered
+    b = checked_loss(s, labels, mask, t, kd_weight=w[:, None].expand(3, 4))   # packed batches
     assert a["n_kd_tokens"] == b["n_kd_tokens"] and torch.equal(a["loss"], b["loss"])
-    with pytest.raises(ValueError, match=r"kd_weight must be \(B,\) = \(3,\) per example or "
-                                         r"\(B, R\) = \(3, 4\) per token"):
-        distill_loss(s, labels, mask, t, kd_weight=torch.ones(3, 5))
+    with pytest.raises(ValueError, match=r"kd_weight must be \(B, R\) = \(3, 4\) per token"):
+        checked_loss(s, labels, mask, t, kd_weight=torch.ones(3, 5))

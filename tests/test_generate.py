@@ -31,10 +31,10 @@ def folders(tmp_path_factory):
     torch.manual_seed(0)
     tok_path = str(root / "tokenizer.json")
     data.train_tokenizer(CORPUS, 300).save(tok_path)
-    tok = data.load_tokenizer(tok_path, image_splitting=True)
+    tok = data.load_tokenizer(tok_path, extra_tokens=tiles.VIEW_TOKENS)
     teacher = Decoder(LMConfig(vocab_size=300, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                                ffn_dim=64))
-    view_ids = [tok.token_to_id(t) for t in data.VIEW_TOKENS]
+    view_ids = [tok.token_to_id(t) for t in tiles.VIEW_TOKENS]
     student = vlm_from_teacher(teacher, VIS, tok.token_to_id(data.IMAGE_TOKEN), 2, view_ids,
                                tiles.ImageSplitting(max_side=32, resize_to_max_side=True))
     save_vlm(student, root / "student")

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from model import LMConfig, VisionConfig, Decoder, VLM
-from kvshare import (check_compatible, check_shared_vocab, freeze, student_prefill,
-                     teacher_continue, distill_forward)
+from kvshare import (SCOPES, check_batch, check_compatible, check_shared_vocab, freeze,
+                     student_prefill, teacher_after_image, teacher_continue, teacher_on_text)
+from scale.pack import handoff
 
 V, IMG, PAD = 61, 60, 0
 LM = LMConfig(vocab_size=V, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96)
@@ -58,7 +59,7 @@ def test_teacher_continuing_from_its_own_context_kv_equals_its_full_forward(padd
     batch = make_batch([rand_tokens(c) for c, _ in lens], [rand_tokens(r) for _, r in lens])
     P, R = batch["context_len"], batch["labels"].shape[1]
     full, kv = teacher(batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=True)
-    cont = teacher_continue(teacher, kv, batch, IMG, "full")
+    cont = teacher_continue(teacher, kv, batch, IMG)
     assert cont.shape == (2, R, V)
     assert_close_on_response(cont, full[:, P - 1:P + R - 1], batch)
 
@@ -67,7 +68,7 @@ def test_teacher_continuing_from_its_own_context_kv_equals_its_full_forward(padd
 def test_student_copy_of_teacher_text_only_shared_kv_continuation_equals_student_logits(scope):
     teacher, student = teacher_and_student()
     batch = text_batch()
-    s_logits, t_logits = distill_forward(student, teacher, batch, IMG, scope)
+    s_logits, t_logits = handoff(student, teacher, batch, IMG, scope)
     assert_close_on_response(t_logits, s_logits, batch)
 
 
@@ -75,7 +76,7 @@ def test_student_copy_of_teacher_text_only_shared_kv_continuation_equals_student
 def test_with_images_teacher_reading_student_kv_equals_student_when_decoders_match(scope):
     teacher, student = teacher_and_student()
     batch = image_batch(student)
-    s_logits, t_logits = distill_forward(student, teacher, batch, IMG, scope)
+    s_logits, t_logits = handoff(student, teacher, batch, IMG, scope)
     assert_close_on_response(t_logits, s_logits, batch)
 
 
@@ -84,7 +85,7 @@ def test_teacher_reads_the_image_through_shared_kv_and_scope_none_does_not():
     batch = image_batch(student)
     other = dict(batch, images=torch.randn(2, 3, 32, 32))
     m = batch["response_mask"]
-    out = {s: [distill_forward(student, teacher, b, IMG, s)[1] for b in (batch, other)]
+    out = {s: [handoff(student, teacher, b, IMG, s)[1] for b in (batch, other)]
            for s in ("full", "image", "none")}
     assert not torch.allclose(out["full"][0][m], out["full"][1][m])
     assert not torch.allclose(out["image"][0][m], out["image"][1][m])
@@ -96,8 +97,8 @@ def test_scope_image_with_text_only_prompt_equals_scope_none():
     student.decoder.layers[0].mlp.up_proj.weight.data.normal_()     # student != teacher
     batch = text_batch()
     _, kv = student_prefill(student, batch)
-    torch.testing.assert_close(teacher_continue(teacher, kv, batch, IMG, "image"),
-                               teacher_continue(teacher, kv, batch, IMG, "none"))
+    torch.testing.assert_close(teacher_after_image(teacher, kv, batch, IMG),
+                               teacher_on_text(teacher, kv, batch, IMG))
 
 
 @pytest.mark.parametrize("scope", ["full", "image", "none"])
@@ -109,8 +110,8 @@ def test_teacher_continuation_is_padding_invariant(scope):
     alone = make_batch([ctx], [resp], images=torch.randn(1, 3, 32, 32))
     both = make_batch([ctx, [IMG] * n + rand_tokens(8)], [resp, rand_tokens(6)],
                       images=torch.cat([alone["images"], torch.randn(1, 3, 32, 32)]))
-    a = distill_forward(student, teacher, alone, IMG, scope)
-    b = distill_forward(student, teacher, both, IMG, scope)
+    a = handoff(student, teacher, alone, IMG, scope)
+    b = handoff(student, teacher, both, IMG, scope)
     for x, y in zip(a, b):
         torch.testing.assert_close(y[0, :3], x[0, :3], atol=1e-5, rtol=1e-5)
 
@@ -120,7 +121,7 @@ def test_teacher_gets_no_grad_and_is_bit_identical_after_a_step():
     before = copy.deepcopy(teacher.state_dict())
     opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
     batch = image_batch(student)
-    s_logits, t_logits = distill_forward(student, teacher, batch, IMG, "full")
+    s_logits, t_logits = handoff(student, teacher, batch, IMG, "full")
     assert not t_logits.requires_grad
     kd = F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), log_target=True,
                   reduction="batchmean")
@@ -146,22 +147,27 @@ def test_incompatible_teacher_is_one_clear_error():
 
 
 def test_unfrozen_teacher_and_bad_scope_are_errors():
+    # The scope is chosen once, at setup: kvshare.SCOPES has no other, and train's config check
+    # refuses an unknown one with the choices named.
+    import train
+    with pytest.raises(KeyError):
+        SCOPES["all"]
+    with pytest.raises(ValueError, match=r"--scope='all'; expected one of \['full', 'image', "
+                                         r"'none'\]"):
+        train.get_config(["--scope=all"])
     teacher, student = teacher_and_student()
     batch = text_batch()
     _, kv = student_prefill(student, batch)
-    with pytest.raises(ValueError, match="share scope 'all'"):
-        teacher_continue(teacher, kv, batch, IMG, "all")
     with pytest.raises(ValueError, match="must be frozen"):
-        teacher_continue(Decoder(LM), kv, batch, IMG, "full")
+        teacher_continue(Decoder(LM), kv, batch, IMG)
 
 
 def test_image_after_text_is_rejected_for_scope_image():
     teacher, student = teacher_and_student()
     batch = make_batch([rand_tokens(2) + [IMG] * student.n_image_tokens + rand_tokens(1)],
                        [rand_tokens(2)], images=torch.randn(1, 3, 32, 32))
-    _, kv = student_prefill(student, batch)
     with pytest.raises(ValueError, match="image tokens before the prompt text"):
-        teacher_continue(teacher, kv, batch, IMG, "image")
+        check_batch(batch, IMG, V, "image")
 
 
 def test_vocab_prefix_check():
@@ -193,11 +199,11 @@ def test_bf16_teacher_reads_fp32_or_bf16_student_kv_close_to_the_fp32_teacher():
         _, kv16 = student_prefill(student, batch)
     assert kv32[0][0].dtype == torch.float32 and all(k.dtype == v.dtype == torch.bfloat16 for k,
                                                      v in kv16)
-    ref = teacher_continue(teacher, kv32, batch, IMG, "full")
+    ref = teacher_continue(teacher, kv32, batch, IMG)
     assert ref.dtype == torch.float32
     m = batch["response_mask"]
     for kv in (kv32, kv16):
-        out = teacher_continue(t16, kv, batch, IMG, "full")
+        out = teacher_continue(t16, kv, batch, IMG)
         assert out.dtype == torch.bfloat16 and out.shape == ref.shape
         diff = (out.float() - ref)[m].abs().max()
         assert diff <= 0.02 * ref[m].abs().max(), float(diff)

@@ -1,4 +1,4 @@
-"""Packed batches (pack.py, --pack=true): several examples per row, positions restarting at 0,
+"""Packed batches (scale/pack.py, --pack=true): several examples per row, positions restarting at 0,
 block-diagonal attention in the student prefill and in the teacher continuation. Per example,
 packed == padded: student logits, teacher logits, loss and gradients, for every scope, with
 text-only, one-image and image-splitting (tiles) examples in one batch."""
@@ -13,7 +13,7 @@ import data
 import distill
 from scale import pack
 from scale import stream
-from kvshare import distill_forward, freeze
+from kvshare import freeze
 from model import VLM, Decoder, LMConfig, VisionConfig
 
 V, IMG, GLOBAL, T11, T12, PAD = 61, 60, 59, 58, 57, 0
@@ -53,17 +53,20 @@ def examples(n_img):
 
 def per_example(x, batch):
     """Response rows of (B, R, ...) padded or (1, N, ...) packed outputs, example by example."""
-    if "token_example" not in batch:
+    if "segment_ids" not in batch:                             # padded (B, R, ...)
         return x[batch["response_mask"]]
     return x[0][torch.argsort(batch["token_example"][0], stable=True)]
 
 
 def forward_and_grads(student, teacher, batch, w, scope):
     student.zero_grad()
-    s, t = distill_forward(student, teacher, batch, student.student_only_ids, scope)
-    kd_weight = w[batch["token_example"]] if "token_example" in batch else w
+    s, t = pack.handoff(student, teacher, batch, student.student_only_ids, scope)
+    kd_weight = w[batch["token_example"]]                           # per token, either layout
     out = distill.distill_loss(s, batch["labels"], batch["response_mask"], t, kd_weight=kd_weight)
     out["loss"].backward()
+    # the normalisers distill_loss divides by (this batch's CE and gate-weighted KD tokens)
+    out["n_ce_tokens"] = batch["response_mask"].sum()
+    out["n_kd_tokens"] = (batch["response_mask"].float() * kd_weight).sum()
     grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
     return per_example(s, batch), per_example(t, batch), out, grads
 
@@ -92,7 +95,7 @@ def test_packed_equals_padded_per_example(scope):
     teacher, student = models()
     pairs, views, w = examples(student.n_image_tokens)
     padded = data.lay_out(pairs, views, PAD)
-    packed = data.lay_out(pairs, views, PAD, pack_len=80)
+    packed = pack.lay_out(pairs, views, PAD, 80)
     rows, L = packed["input_ids"].shape
     assert rows >= 2 and (packed["segment_ids"] >= 0).sum(1).min() > 0
     assert len(set(packed["segment_ids"][0].tolist()) - {-1}) >= 2         # several per row
@@ -113,7 +116,7 @@ def test_train_stages_packed_train_like_padded(tmp_path):
     log the same losses and gradient norms as the padded layout: same examples, same source
     gate (kd_weight per token), same normalisers."""
     import train
-    from plumbing.devices import Runtime
+    from plumbing.devices import Devices
     cfg = train.get_config(["--preset=smoke", "--eval=false", "--align_steps=0",
                             "--adapt_steps=1", "--distill_steps=2", "--max_len=64"])
     examples, tok = train.build_data_and_tokenizer(cfg)
@@ -123,7 +126,7 @@ def test_train_stages_packed_train_like_padded(tmp_path):
         out = tmp_path / f"pack{packed}"
         out.mkdir()
         setup = train.TrainingSetup(train.TrainConfig(**{**cfg.__dict__, "pack": packed,
-                                                 "out_dir": str(out)}), Runtime("cpu"),
+                                                 "out_dir": str(out)}), Devices("cpu"),
                             examples, tok)
         torch.manual_seed(0)
         adapted = train.stage_adapt(setup, copy.deepcopy(teacher))
@@ -139,7 +142,7 @@ def test_train_stages_packed_train_like_padded(tmp_path):
 
 
 def test_streamed_examples_pack_like_they_pad(tmp_path):
-    """StreamDataset.collate(pack=True): the same examples, tokens and image views as the padded
+    """StreamDataset.collate(packed=True): the same examples, tokens and image views as the padded
     batch, rows of at most max_len tokens; pack without a max_len is refused."""
     from PIL import Image
     Image.new("RGB", (12, 12), (200, 30, 30)).save(tmp_path / "a.png")
@@ -151,7 +154,7 @@ def test_streamed_examples_pack_like_they_pad(tmp_path):
     tok = data.train_tokenizer([x["prompt"] + " " + x["response"] for x in lines] * 3, 300)
     ds = stream.StreamDataset(str(tmp_path / "d.jsonl"), tok, 4, 16, max_len=40)
     items = [ds[i] for i in range(len(ds))]
-    padded, packed = ds.collate(items), ds.collate(items, pack=True)
+    padded, packed = ds.collate(items), ds.collate(items, packed=True)
     assert packed["input_ids"].shape[1] <= 40 and packed["input_ids"].shape[0] < len(items)
     assert int(packed["attention_mask"].sum()) == int(padded["attention_mask"].sum())
     for i, it in enumerate(items):
@@ -165,7 +168,7 @@ def test_streamed_examples_pack_like_they_pad(tmp_path):
     torch.testing.assert_close(packed["images"], torch.cat([items[i]["image"] for i in with_image]))
     ds.max_len = None
     with pytest.raises(ValueError, match="pack=True needs max_len"):
-        ds.collate(items, pack=True)
+        ds.collate(items, packed=True)
 
 
 # --------------------------------------------------------------------------- bad inputs (issue 21)

@@ -1,4 +1,4 @@
-"""The handoff across RoPE bases (kvshare.rebase_rope_k): K stored after the student's RoPE,
+"""The handoff across RoPE bases (scale/rope.py: rebase_rope_k): K stored after the student's RoPE,
 re-rotated to the teacher's base, is the K the teacher's RoPE gives; a teacher reading a
 re-based copy of itself continues exactly as its own full forward; different bases without
 --rebase_rope are refused with a message that names the option."""
@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from scale import pack
-from kvshare import (check_compatible, distill_forward, freeze, rebase_rope_k, rebase_rope_kv,
-                     teacher_continue)
+from scale import rope
+from scale.rope import rebase_rope_k, rebase_rope_kv
+from kvshare import check_compatible, freeze, teacher_continue
 from model import LMConfig, Decoder, apply_rope, positions_from_mask, rope_cos_sin
 from test_kvshare import make_batch, rand_tokens
 
@@ -77,25 +78,32 @@ def test_teacher_over_its_own_kv_stored_at_another_base_equals_its_full_forward(
     padded = batch.get("padded", batch)
     full, _ = teacher(padded["input_ids"], attention_mask=padded["attention_mask"])
     if packed:
-        _, own = teacher(batch["input_ids"], packed_mask=pack.prefill_mask(batch["segment_ids"]),
-                         position_ids=batch["position_ids"], use_cache=True)
+        _, own = pack.PackedRows(teacher)(batch["input_ids"],
+                                          pack.prefill_mask(batch["segment_ids"]),
+                                          batch["position_ids"], batch["logit_index"],
+                                          use_cache=True)
+        positions = batch["position_ids"]
+        continue_ = lambda t, kv, b, ids: pack.teacher_continue(  # noqa: E731  the same contract
+            pack.PackedRows(t), kv, b, ids, "full")
     else:
         _, own = teacher(batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=True)
-    stored = rebase_rope_kv(own, batch, LM.rope_theta, STUDENT_THETA)         # the student's base
-    continue_ = pack.teacher_continue if packed else teacher_continue        # the same contract
-    got = continue_(teacher, rebase_rope_kv(stored, batch, STUDENT_THETA, LM.rope_theta),
-                    batch, (), "full")
+        positions = positions_from_mask(batch["attention_mask"])
+        continue_ = teacher_continue
+    stored = rebase_rope_kv(own, positions, LM.rope_theta, STUDENT_THETA)     # the student's base
+    got = continue_(teacher, rebase_rope_kv(stored, positions, STUDENT_THETA, LM.rope_theta),
+                    batch, ())
     torch.testing.assert_close(response_logits(got, batch), expected(full), atol=1e-4, rtol=0)
-    wrong = continue_(teacher, stored, batch, (), "full")
+    wrong = continue_(teacher, stored, batch, ())
     assert (response_logits(wrong, batch) - expected(full)).abs().max() > 0.01
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_distill_forward_rebases_a_student_with_another_base(packed):
-    """Through distill_forward(rebase_from=the student's base), with a one-layer student that is the teacher with
-    another RoPE base (its one layer's K/V come straight from the shared embeddings, so they are
-    the teacher's once re-based): the teacher's logits equal its full forward. Different bases
-    without rebase_rope are refused by check_compatible, with the option named."""
+def test_rebased_rope_student_with_another_base(packed):
+    """Through rope.RebasedRoPE(student, the student's base, the teacher's), with a one-layer
+    student that is the teacher with another RoPE base (its one layer's K/V come straight from the
+    shared embeddings, so they are the teacher's once re-based): the teacher's logits equal its
+    full forward. Different bases without rebase_rope are refused by check_compatible, with the
+    option named."""
     teacher = random_teacher(1)
     student = copy_with_base(teacher, STUDENT_THETA)
     with pytest.raises(ValueError, match=r"rope_theta: teacher 10000.0 vs student 273768.0 "
@@ -105,10 +113,11 @@ def test_distill_forward_rebases_a_student_with_another_base(packed):
     batch, expected = teacher_batch(packed)
     padded = batch.get("padded", batch)
     full, _ = teacher(padded["input_ids"], attention_mask=padded["attention_mask"])
-    with torch.no_grad():
-        _, got = distill_forward(student, teacher, batch, (), "full",
-                                 rebase_from=student.cfg.rope_theta)
-        _, wrong = distill_forward(student, teacher, batch, (), "full")
+    rows = pack.PackedRows(student) if packed else student
+    rebased = rope.RebasedRoPE(rows, student.cfg.rope_theta, teacher.cfg.rope_theta)
+    with torch.no_grad():        # packed: RebasedRoPE(PackedRows(student)), as train.py wraps it
+        _, got = pack.handoff(rebased, teacher, batch, (), "full")
+        _, wrong = pack.handoff(student, teacher, batch, (), "full")
     torch.testing.assert_close(response_logits(got, batch), expected(full), atol=1e-4, rtol=0)
     assert (response_logits(wrong, batch) - expected(full)).abs().max() > 0.01
 
@@ -117,4 +126,5 @@ def test_same_base_is_a_no_op():
     teacher = freeze(Decoder(LM))
     batch = make_batch([rand_tokens(5)], [rand_tokens(3)])
     _, kv = teacher(batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=True)
-    assert rebase_rope_kv(kv, batch, 10000.0, 10000.0) is kv
+    positions = positions_from_mask(batch["attention_mask"])
+    assert rebase_rope_kv(kv, positions, 10000.0, 10000.0) is kv

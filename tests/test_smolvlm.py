@@ -98,11 +98,11 @@ def folder(tmp_path_factory):
 
 def ours_and_theirs(vlm, tok, model, processor, images, prompt, response):
     """(our input ids, our views, our logits), (their ids, pixel values, logits) for one
-    example: ours through data.collate with the student's splitting, theirs through the
+    example: ours through tiles.collate with the student's splitting, theirs through the
     transformers processor on the same text."""
     ex = {"image": images, "prompt": prompt, "response": response, "source": "s"}
-    batch = data.collate([ex], tok, vlm.n_image_tokens, vlm.vision.cfg.image_size,
-                         image_splitting=vlm.image_splitting)
+    batch = tiles.collate([ex], tok, vlm.n_image_tokens, vlm.vision.cfg.image_size,
+                          splitting=vlm.image_splitting)
     with torch.no_grad():
         ours = vlm(batch["input_ids"], images=batch["images"],
                    attention_mask=batch["attention_mask"])[0]

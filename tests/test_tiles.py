@@ -1,5 +1,5 @@
-"""nanoVLM's image splitting (tiles.split_size / tile_grid / image_views, data.view_tokens,
-collate with image_splitting), several images per example, student-only view tokens in the KV
+"""nanoVLM's image splitting (tiles.split_size / tile_grid / image_views, tiles.view_tokens,
+tiles.collate with a splitting), several images per example, student-only view tokens in the KV
 handoff, and nanoVLM checkpoints that carry their splitting tokens. Hand-worked expectations follow
 nanoVLM's data/custom_transforms.py (DynamicResize, GlobalAndSplitImages) and data/processors.py
 (get_image_string)."""
@@ -13,9 +13,10 @@ from PIL import Image
 import data
 from scale import tiles
 from conftest import load_jsonl
-from data import view_tokens
+from scale.pack import handoff
+from scale.tiles import view_tokens
 from scale.tiles import ImageSplitting, image_views, split_size, tile_grid
-from kvshare import freeze, distill_forward, teacher_continue
+from kvshare import check_batch, freeze
 from model import LMConfig, VisionConfig, Decoder, VLM, vlm_from_teacher
 from export_nanovlm import save_nanovlm
 from scale.weights import load_nanovlm, save_vlm, load_vlm, NANOVLM_EXTRA_TOKENS
@@ -52,7 +53,7 @@ def test_view_tokens_all_grids_match_nanovlm_and_limits():
             s = "".join("<|image|>" if t == data.IMAGE_TOKEN else t
                         for t in view_tokens(n_h, n_w, 3))
             assert s == nanovlm_string(n_h, n_w, 3)
-    assert data.VIEW_TOKENS == tuple(list(NANOVLM_EXTRA_TOKENS.values())[1:])     # nanoVLM's order
+    assert tiles.VIEW_TOKENS == tuple(list(NANOVLM_EXTRA_TOKENS.values())[1:])     # nanoVLM's order
     with pytest.raises(ValueError, match="9x1 split has no grid tokens"):
         view_tokens(9, 1, 2)
 
@@ -132,29 +133,29 @@ CORPUS = ["the red circle eats apples .", "what differs between the two ?", "a b
 def tok(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tok") / "tokenizer.json")
     data.train_tokenizer(CORPUS, 300).save(path)
-    return data.load_tokenizer(path, image_splitting=True)
+    return data.load_tokenizer(path, extra_tokens=tiles.VIEW_TOKENS)
 
 
 def test_load_tokenizer_appends_view_tokens_in_nanovlm_order(tok):
-    ids = [tok.token_to_id(t) for t in data.VIEW_TOKENS]
+    ids = [tok.token_to_id(t) for t in tiles.VIEW_TOKENS]
     assert ids == list(range(300, 365)) and tok.token_to_id(data.IMAGE_TOKEN) == 2
 
 
 def test_several_images_expand_in_order_with_nanovlm_image_labels(tok):
     ex = {"image": [Image.new("RGB", (10, 10)), Image.new("RGB", (30, 60))], "source": "s",
           "prompt": "<image> and <image> what differs", "response": " a ."}
-    ctx, _ = data.encode_example(ex, tok, 4, grids=[(1, 1), (1, 2)])
+    ctx, _ = tiles.encode_example(ex, tok, 4, grids=[(1, 1), (1, 2)])
     ids = lambda t: tok.encode(t).ids
-    name = {t: data.special_id(tok, t) for t in (data.IMAGE_TOKEN, *data.VIEW_TOKENS)}
+    name = {t: data.special_id(tok, t) for t in (data.IMAGE_TOKEN, *tiles.VIEW_TOKENS)}
     block = lambda g: [name[t] for t in view_tokens(*g, 4)]
     assert ctx == (ids("<image: 0>") + block((1, 1)) + ids(" and <image: 1>") + block((1, 2))
                    + ids(" what differs"))
     one = {**ex, "image": ex["image"][0], "prompt": "what differs"}  # no tag: image first, no label
-    assert data.encode_example(one, tok, 4,
-                               grids=[(2, 1)])[0] == block((2, 1)) + ids("what differs")
+    assert tiles.encode_example(one, tok, 4,
+                                grids=[(2, 1)])[0] == block((2, 1)) + ids("what differs")
     assert data.encode_example(one, tok, 4)[0] == [name[data.IMAGE_TOKEN]] * 4 + ids("what differs")
     with pytest.raises(ValueError, match="has 1 <image> tags for 2 image"):
-        data.encode_example({**ex, "prompt": "<image> x"}, tok, 4, grids=[(1, 1), (1, 1)])
+        tiles.encode_example({**ex, "prompt": "<image> x"}, tok, 4, grids=[(1, 1), (1, 1)])
 
 
 def tiled_examples(several=True):
@@ -168,7 +169,7 @@ def tiled_examples(several=True):
 
 def test_collate_views_follow_token_order(tok):
     exs = [dict(e, source="s") for e in tiled_examples()]
-    b = data.collate(exs, tok, 4, TILE, image_splitting=SPLIT)
+    b = tiles.collate(exs, tok, 4, TILE, splitting=SPLIT)
     assert b["grids"] == [[(1, 2), (2, 2)], [], [(1, 2)]]         # 60x30 -> 64x32; 48x16 -> 64x32
     assert b["images"].shape == (3 + 5 + 3, 3, TILE,
                                  TILE) and [len(g) > 0 for g in b["grids"]] == [True, False, True]
@@ -188,7 +189,7 @@ def student_copy(tok):
     torch.manual_seed(0)
     teacher = freeze(Decoder(LMConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                                       ffn_dim=96)))
-    view_ids = [data.special_id(tok, t) for t in data.VIEW_TOKENS]
+    view_ids = [data.special_id(tok, t) for t in tiles.VIEW_TOKENS]
     student = vlm_from_teacher(teacher, VIS, data.special_id(tok, data.IMAGE_TOKEN), SHUFFLE,
                                view_ids, SPLIT).eval()
     return teacher, student
@@ -200,10 +201,10 @@ def test_identity_handoff_with_tiled_images(tok, scope):
     # several images per example put nanoVLM's "<image: i>" text before each: scope "image" needs
     # every student-only column before the text, so it gets one (tiled) image per example
     exs = tiled_examples(several=scope != "image")
-    b = data.collate([dict(e, source="s") for e in exs], tok, 4, TILE, image_splitting=SPLIT)
+    b = tiles.collate([dict(e, source="s") for e in exs], tok, 4, TILE, splitting=SPLIT)
     assert student.decoder.cfg.vocab_size == 365 and max(student.student_only_ids) == 364
     with torch.no_grad():
-        s_logits, t_logits = distill_forward(student, teacher, b, student.student_only_ids, scope)
+        s_logits, t_logits = handoff(student, teacher, b, student.student_only_ids, scope)
     m = b["response_mask"].clone()
     if scope == "none":
         m[[0, 2]] = False        # without image KV the teacher differs where the student saw images
@@ -212,16 +213,14 @@ def test_identity_handoff_with_tiled_images(tok, scope):
 
 def test_view_tokens_must_be_declared_student_only(tok):
     teacher, student = student_copy(tok)
-    b = data.collate([dict(tiled_examples()[2], source="s")], tok, 4, TILE, image_splitting=SPLIT)
-    with torch.no_grad():
-        _, kv = student(b["input_ids"], b["images"], b["attention_mask"], use_cache=True)
+    b = tiles.collate([dict(tiled_examples()[2], source="s")], tok, 4, TILE, splitting=SPLIT)
     with pytest.raises(ValueError, match="outside the teacher's vocabulary.*student_only_ids"):
-        teacher_continue(teacher, kv, b, student.image_token_id, "full")
+        check_batch(b, student.image_token_id, teacher.cfg.vocab_size, "full")
 
 
 def test_view_count_mismatch_is_a_clear_error(tok):
     _, student = student_copy(tok)
-    b = data.collate([dict(tiled_examples()[2], source="s")], tok, 4, TILE, image_splitting=SPLIT)
+    b = tiles.collate([dict(tiled_examples()[2], source="s")], tok, 4, TILE, splitting=SPLIT)
     with pytest.raises(ValueError,
                        match="12 image placeholder tokens in input_ids but 8 image features"):
         student(b["input_ids"], b["images"][:2])
@@ -250,7 +249,7 @@ def test_nanovlm_checkpoint_with_image_splitting_loads_and_runs(tmp_path):
     assert r.image_splitting == ImageSplitting(max_side=96, resize_to_max_side=False,
                                                pixels="[0,1]")
     # a tokenizer-free batch: nanoVLM ids, one 2x3 image then text
-    names = {data.IMAGE_TOKEN: 100, **{t: 101 + i for i, t in enumerate(data.VIEW_TOKENS)}}
+    names = {data.IMAGE_TOKEN: 100, **{t: 101 + i for i, t in enumerate(tiles.VIEW_TOKENS)}}
     views, grid = image_views(quadrant_image(32, 2, 3), 32, r.image_splitting)
     ids = torch.tensor([[names[t] for t in view_tokens(*grid, r.n_image_tokens)] + [5, 6, 7]])
     assert views.min() >= 0 and grid == (2, 3)
@@ -275,7 +274,7 @@ def test_a_train_py_splitting_student_exports_to_nanovlm_pixels_with_the_same_ou
     nv = load_nanovlm(tmp_path / "nv").eval()
     assert nv.image_splitting == ImageSplitting(max_side=64, resize_to_max_side=False,
                                                 pixels="[0,1]")
-    names = {data.IMAGE_TOKEN: 100, **{t: 101 + i for i, t in enumerate(data.VIEW_TOKENS)}}
+    names = {data.IMAGE_TOKEN: 100, **{t: 101 + i for i, t in enumerate(tiles.VIEW_TOKENS)}}
     image = quadrant_image(32, 1, 2)
     ours, grid = image_views(image, 32, student.image_splitting)
     theirs, _ = image_views(image, 32, nv.image_splitting)

@@ -1,4 +1,5 @@
-"""The transfer measure (eval.transfer) and the oracle-tower control (oracle.py, --tower=oracle)."""
+"""The transfer measure (eval.transfer) and the oracle-tower control (tools/oracle.py,
+--tower=oracle)."""
 import math
 import types
 
@@ -8,8 +9,8 @@ import torch
 import data
 import eval as evaluation
 import kvshare
-import oracle
 import train
+from tools import oracle           # the module train.py and eval.py use (its OracleVLM class)
 from model import Decoder, VisionConfig, vlm_from_teacher
 from scale.weights import load_model_folder, save_vlm
 

@@ -575,6 +575,8 @@ def main():
     g.add_argument("--grad_ckpt", action="store_true",
                    help="activation checkpointing of the student's blocks")
     g.add_argument("--kd_chunk", type=int, default=None)
+    g.add_argument("--kd_tokens", type=int, default=None,
+                   help="--only=kd_memory: KD tokens (default 8192 on CUDA, 1024 on CPU)")
     g.add_argument("--max_len", type=int, default=None,
                    help="--only=pack: tokens of one packed row (default 1024 tiny, 4096 paper)")
     g.add_argument("--compile", action="store_true",
@@ -596,7 +598,7 @@ def main():
                               **(dict(B=8, P=448, R=64) if cuda else dict(B=2, P=448, R=64)))
         rows += bench_handoff(device, tiny, B=32, P=24, R=8)
     if run("kd_memory"):
-        rows += bench_kd_memory(device, N=8192 if cuda else 1024)
+        rows += bench_kd_memory(device, N=args.kd_tokens or (8192 if cuda else 1024))
     if run("step") or run("hf_step"):
         rows += bench_step(device, smol,
                            **(dict(B=8, P=448, R=64) if cuda else dict(B=1, P=192, R=32)),

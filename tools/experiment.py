@@ -29,7 +29,9 @@ teacher, theta = (1 - lam) * theta_adapted + lam * theta_teacher (merge_toward_t
 
 A finished seed is not trained or evaluated again: its seed<N>.json is read back when it was
 made with the same train flags and merges, so a re-run in the same --out_dir (more seeds, or
-after an interruption) only does what is missing. --teachers_from=DIR takes each seed's teacher
+after an interruption) only does what is missing. --results_dir=DIR keeps the finished seeds in
+a second, tracked folder (docs/seeds/...): read first, written as each seed finishes, so an
+experiment spread over sessions loses at most the seed in progress. --teachers_from=DIR takes each seed's teacher
 from DIR/seed<N>/teacher (the same seed's stage 1 in another experiment folder) instead of
 pretraining it again: stage 1 reads nothing of the tower or of stages 2-3, so the teacher is the
 one this seed would train, and two experiments (e.g. the default world and --tower=oracle) then
@@ -174,20 +176,31 @@ def run_seed(seed, train_argv, out_dir, merge_lams=MERGE_LAMS, teachers_from="",
     return add_val(rows, val)
 
 
+def finished_seed(paths, made_by):
+    """The rows of the first seed<N>.json among `paths` made by the same experiment, else None."""
+    for path in paths:
+        if os.path.isfile(path):
+            with open(path) as f:
+                done = json.load(f)
+            if {k: done.get(k) for k in made_by} == made_by:
+                return done["rows"]
+    return None
+
+
 def _run_seed_to_file(args):
-    seed, train_argv, out_dir, jobs, merge_lams, threads, teachers_from, variants = args
-    path = os.path.join(out_dir, f"seed{seed}.json")
+    seed, train_argv, out_dir, jobs, merge_lams, threads, teachers_from, variants, results = args
+    name = f"seed{seed}.json"
     made_by = {"train_argv": list(train_argv), "merge_lams": list(merge_lams),
                "variants": list(variants)}
-    if os.path.isfile(path):                     # a finished seed of the same experiment
-        with open(path) as f:
-            done = json.load(f)
-        if {k: done.get(k) for k in made_by} == made_by:
-            return done["rows"]
+    done = finished_seed([os.path.join(d, name) for d in (results, out_dir) if d], made_by)
+    if done is not None:                         # a finished seed of the same experiment
+        return done
     # share the cores between seeds (CPU float results, hence the models, depend on it)
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // jobs))
     rows = run_seed(seed, train_argv, out_dir, merge_lams, teachers_from, variants)
-    write_json(path, {**made_by, "rows": rows})
+    for d in (out_dir, results) if results else (out_dir,):
+        os.makedirs(d, exist_ok=True)
+        write_json(os.path.join(d, name), {**made_by, "rows": rows})
     return rows
 
 
@@ -589,11 +602,11 @@ def report(seeds, train_argv, per_seed, seconds):
 
 
 def experiment(seeds, train_argv, out_dir, jobs=1, merge_lams=MERGE_LAMS, threads=0,
-               teachers_from="", variants=tuple(VARIANTS)):
+               teachers_from="", variants=tuple(VARIANTS), results_dir=""):
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
-    args = [(s, train_argv, out_dir, jobs, merge_lams, threads, teachers_from, tuple(variants))
-            for s in seeds]
+    args = [(s, train_argv, out_dir, jobs, merge_lams, threads, teachers_from, tuple(variants),
+             results_dir) for s in seeds]
     if jobs > 1:
         with mp.get_context("spawn").Pool(jobs) as pool:
             per_seed = pool.map(_run_seed_to_file, args)
@@ -613,6 +626,9 @@ FLAGS = {"seeds": ("0,1,2", "comma list of seeds: one pretrain + adapt + every v
          "merge_lams": (",".join(f"{lam:g}" for lam in MERGE_LAMS),
                         "merge toward the teacher at these λ (empty: no merges)"),
          "teachers_from": ("", "reuse each seed's teacher from DIR/seed<N>/teacher (no stage 1)"),
+         "results_dir": ("", "also write each finished seed<N>.json here, and read finished seeds "
+                         "back from here first (a tracked folder, e.g. docs/seeds/i31-default: "
+                         "commit each file as it lands)"),
          "variants": (",".join(slug(n) for n in VARIANTS),
                       "comma list of the distill variants to train (slugs), e.g. "
                       "ce-only,lingudistill,text-replay-kd-own-text,text-replay-kd-student-kv")}
@@ -645,7 +661,7 @@ def main(argv):
         raise ValueError(f"--merge_lams={opts['merge_lams']}: expected numbers in [0, 1]")
     train.get_config(train_argv)                  # bad train flags fail before any work
     print(experiment(seeds, train_argv, opts["out_dir"], jobs, lams, threads,
-                     opts["teachers_from"], variants))
+                     opts["teachers_from"], variants, opts["results_dir"]))
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import eval as evaluation  # noqa: E402
 import kvshare  # noqa: E402
-import oracle  # noqa: E402
+from tools import oracle  # noqa: E402
 import toolflags  # noqa: E402
 import train  # noqa: E402
 from plumbing.loop import Checkpoints  # noqa: E402
