@@ -80,6 +80,13 @@ def pad_pairs(pairs, pad):
             "token_example": torch.arange(len(pairs))[:, None].expand(-1, R)}  # each row's index
 
 
+def flat_index(mask):
+    """The flat (row-major) indices of mask's True entries: what indexing by the mask gathers, as
+    an index computed on the host where the batch is built, so that the step on the device has
+    no shape that depends on values (and no host sync)."""
+    return mask.reshape(-1).nonzero()[:, 0]
+
+
 def encode_example(example, tokenizer, n_image_tokens, image_part=None):
     """-> (context_ids, response_ids). Context: the prompt, where the i-th "<image>" tag becomes
     image i's tokens (all tags at the start if the prompt names none; the tag count must match the
@@ -107,7 +114,11 @@ def encode_example(example, tokenizer, n_image_tokens, image_part=None):
     if not context:
         raise ValueError(f"example from source {example['source']!r} has an empty context; "
                          "the first response token needs a context position to be predicted from")
-    return context, tokenizer.encode(example["response"]).ids + [special_id(tokenizer, EOS_TOKEN)]
+    response = tokenizer.encode(example["response"]).ids + [special_id(tokenizer, EOS_TOKEN)]
+    if IMAGE_TOKEN in example["response"]:       # a placeholder no image feature would fill
+        raise ValueError(f"example from source {example['source']!r}: its response contains "
+                         f"{IMAGE_TOKEN!r}; images belong in the prompt")
+    return context, response
 
 
 def example_images(example):

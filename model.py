@@ -410,17 +410,23 @@ class VLM(nn.Module):
         return (self.image_token_id, *self.view_token_ids)
 
     def embed(self, input_ids, images=None):
-        """Token embeddings with image features scattered into the placeholder positions."""
+        """Token embeddings with image features scattered into the placeholder positions, one
+        n_image_tokens run per view, in order (the batch's layout guarantees the count: data.py;
+        check_image_slots checks it for other callers, on the host)."""
         x = self.decoder.embed(input_ids)                                                # (B, T, D)
-        slots, n_views = input_ids == self.image_token_id, 0 if images is None else len(images)
-        n_feats = n_views * self.n_image_tokens
-        check(slots.sum() == n_feats, "image placeholder tokens and image features differ",
-              lambda: f"{int(slots.sum())} image placeholder tokens in input_ids but {n_feats} "
-              f"image features ({n_views} image views x {self.n_image_tokens} tokens)")
-        if n_views == 0:
+        if images is None or len(images) == 0:
             return x
+        slots = input_ids == self.image_token_id                                        # (B, T)
         feats = self.image_features(images).to(x.dtype)                          # (N, n_img_tok, D)
         return x.masked_scatter(slots[..., None], feats.reshape(-1, x.shape[-1]))
+
+    def check_image_slots(self, input_ids, images=None):
+        """ValueError unless input_ids hold n_image_tokens placeholders per image view (host)."""
+        n_views = 0 if images is None else len(images)
+        n_slots, n_feats = int((input_ids == self.image_token_id).sum()), n_views * self.n_image_tokens
+        if n_slots != n_feats:
+            raise ValueError(f"{n_slots} image placeholder tokens in input_ids but {n_feats} image "
+                             f"features ({n_views} image views x {self.n_image_tokens} tokens)")
 
     def image_features(self, images):
         """images (N, 3, H, W) -> (N, n_image_tokens, D): tower, projector (oracle.py: control)."""
@@ -435,6 +441,7 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, images=None, attention_mask=None, **kw):
+        self.check_image_slots(input_ids, images)
         return self.decoder.generate(inputs_embeds=self.embed(input_ids, images),
                                      attention_mask=attention_mask, **kw)
 

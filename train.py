@@ -42,6 +42,7 @@ from plumbing.checks import (check_config, check_image_size, check_out_dir, chec
                              check_student_tokens, stages_to_train, variant_name)
 from plumbing.devices import Devices, seed_everything
 from plumbing.files import FolderLock, read_json, replace_folder, write_json
+from plumbing import flops
 from plumbing.flags import build_config, config_help, parse_flags, wants_help
 from plumbing.loop import Interrupted, StageBooks, TrainingError, stop_requests, unwrap
 from scale import cuda, pack, rope, stream, tiles
@@ -247,18 +248,22 @@ def stage_data(setup, stage, student, start):
 
 
 def stage_batches(setup, stage, student, start, args):
-    """Each step's micro-batches from step `start` on; stage 3's carry the gate, kd_weight, one
-    weight per response token (source_weights of its example's source), and are checked on the
-    host (args.check_batch) before any device work."""
+    """Each step's micro-batches from step `start` on. Stages 2-3: the real response tokens' flat
+    indices (ce_index); stage 3's also carry the gate, kd_weight, one weight per response token
+    (source_weights of its example's source), the KD tokens' indices (kd_index), and are checked
+    (args.check_batch): all on the host, before any device work."""
     streamed, encoded, mixture = stage_data(setup, stage, student, start)
     for step in itertools.count(start):
         batches = [next(streamed) if streamed                                      # --data_path
                    else text_batch(setup, step, m) if stage == "pretrain"
                    else get_batch(setup, stage, step, m, encoded, mixture)
                    for m in range(setup.cfg.grad_accum)]
+        for b in batches if stage != "pretrain" else []:
+            b["ce_index"] = data.flat_index(b["response_mask"])
         for b in batches if stage == "distill" else []:
             w = distill.source_weights(setup.cfg.policy, b["source"], args.kd_table)  # (B,)
             b["kd_weight"] = w[b["token_example"]]                     # (B, R) (packed: (1, N))
+            b["kd_index"] = data.flat_index(b["response_mask"] & (b["kd_weight"] > 0))
             if args.check_batch:
                 args.check_batch(b)
         yield batches
@@ -292,7 +297,7 @@ class StepArgs:
     student_only_ids: torch.Tensor = None  # stage 3: ids the teacher never embeds (VLM's)
     loss: dict = None                      # stage 3: distill_loss's options (alpha, kd, T, ...)
     kd_table: dict = None                  # stage 3: source -> KD weight (the source gate)
-    check_batch: object = None             # stage 3: the host check of a batch, or None
+    check_batch: object = None             # stage 3: the host check (and packed: plan) of a batch
     # the functions of variant_step and response_step, chosen at setup (padded: kvshare's)
     student_prefill: object = kvshare.student_prefill
     teacher_continue: object = kvshare.teacher_continue    # None: no teacher (--policy=none)
@@ -308,7 +313,8 @@ def distill_step(student, batch, counts, args):
     # 4. CE on every response token + alpha * KD on the tokens the gate gives KD weight
     out = distill.distill_loss(student_logits, batch["labels"], batch["response_mask"],
                                teacher_logits, batch["kd_weight"], **args.loss,
-                               ce_tokens=counts["ce"], kd_tokens=counts["kd"])
+                               ce_tokens=counts["ce"], kd_tokens=counts["kd"],
+                               ce_index=batch["ce_index"], kd_index=batch["kd_index"])
     (out["loss"] * args.world_size).backward()
     return out
 
@@ -321,7 +327,8 @@ def variant_step(student, batch, counts, args):
         args.teacher_continue(args.teacher, kv, batch, args.student_only_ids)
     out = distill.distill_loss(logits, batch["labels"], batch["response_mask"], teacher_logits,
                                batch["kd_weight"], **args.loss, ce_tokens=counts["ce"],
-                               kd_tokens=counts["kd"])
+                               kd_tokens=counts["kd"], ce_index=batch["ce_index"],
+                               kd_index=batch["kd_index"])
     (out["loss"] * args.world_size).backward()
     return out
 
@@ -329,7 +336,8 @@ def variant_step(student, batch, counts, args):
 def response_step(model, batch, counts, args):
     """Stage 2 (align, adapt): cross-entropy on the response tokens; no teacher."""
     logits, _ = args.student_prefill(model, batch)                         # (B, R, V)
-    ce = distill.cross_entropy(logits, batch["labels"], batch["response_mask"], counts["ce"])
+    ce = distill.cross_entropy(logits, batch["labels"], batch["response_mask"], counts["ce"],
+                               batch["ce_index"])
     (ce * args.world_size).backward()
     return {"loss": ce, "ce": ce.detach()}
 
@@ -368,8 +376,10 @@ def train_stage(setup, stage, model, param_groups, steps, step_fn, args, name=No
                             fused=devices.cuda)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(steps, cfg.warmup_frac))
     params = [p for g in param_groups for p in g["params"]]
+    teacher = None if args.teacher is None else unwrap(args.teacher)
+    flops_fn = partial(flops.batch_flops, unwrap(model), teacher) if devices.cuda else None
     books = StageBooks(cfg, devices, stage, name or stage, model, opt, sched, steps,
-                       RESUME_MAY_CHANGE)                # resumes from a checkpoint if asked
+                       RESUME_MAY_CHANGE, flops_fn)      # resumes from a checkpoint if asked
     batches = stage_batches(setup, stage, unwrap(model), books.start, args)
     model_as_called = torch.compile(model) if cfg.compile else model
     with stop_requests() as stop:
@@ -473,15 +483,16 @@ def stage_adapt(setup, teacher):
     return vlm
 
 
-def stage_distill(setup, teacher, student):
-    """Stage 3: CE + source-selective KD from the frozen teacher through the KV handoff. On
-    CUDA the teacher is held in bf16 (cast once; no per-step weight casts under autocast)."""
+def distill_setup(setup, teacher, student):
+    """Stage 3's step, chosen once: (the student as the step calls it, the step function, its
+    StepArgs). The reference distill_step (padded rows, scope full, a teacher), or variant_step
+    with the functions of another layout, scope or policy. On CUDA the teacher is held in bf16
+    (cast once; no per-step weight casts under autocast)."""
     cfg, devices = setup.cfg, setup.devices
     kvshare.check_compatible(teacher.cfg, student.decoder.cfg, cfg.rebase_rope)  # once, first
     teacher = kvshare.freeze(teacher.to(devices.device), torch.bfloat16 if devices.cuda else None)
     teacher_vocab = teacher.cfg.vocab_size
     only_ids = student.student_only_ids                                   # a tuple of ids
-    only_ids_device = torch.tensor(only_ids, device=devices.device)
     student.to(devices.device).requires_grad_(True)
     student.decoder.gradient_checkpointing = cfg.grad_checkpointing
     model = for_layout(setup, student)
@@ -489,28 +500,33 @@ def stage_distill(setup, teacher, student):
         model = rope.RebasedRoPE(model, student.decoder.cfg.rope_theta, teacher.cfg.rope_theta)
     teacher = for_layout(setup, teacher)
     teacher = torch.compile(teacher) if cfg.compile else teacher
-    # the step: the reference (padded, scope full), or variant_step with the functions chosen here
     if cfg.pack:
         prefill, continue_ = pack.student_prefill, partial(pack.teacher_continue, scope=cfg.scope)
     else:
         prefill, continue_ = kvshare.student_prefill, kvshare.SCOPES[cfg.scope]
     args = StepArgs(
-        devices.world_size, teacher, only_ids_device,
+        devices.world_size, teacher, torch.tensor(only_ids, device=devices.device),
         # at a real vocabulary the float32 (tokens, V) softmax temporaries are the loss's peak
         loss=dict(alpha=cfg.alpha, divergence=cfg.kd, temperature=cfg.temperature,
                   beta=cfg.jsd_beta,
                   chunk_size=cfg.kd_chunk or (1024 if teacher_vocab >= 8192 else None)),
         kd_table=distill.table_from_kinds(  # the source gate, once per run (--kd_sources too)
             getattr(setup.data, "gate_kinds", setup.data.source_kinds)),
-        check_batch=None if cfg.pack else partial(
-            kvshare.check_batch, student_only_ids=only_ids, teacher_vocab_size=teacher_vocab,
-            scope=cfg.scope),
+        check_batch=partial(pack.plan_teacher if cfg.pack else kvshare.check_batch,
+                            student_only_ids=only_ids, teacher_vocab_size=teacher_vocab,
+                            scope=cfg.scope),
         student_prefill=prefill, teacher_continue=None if cfg.policy == "none" else continue_)
     reference = not cfg.pack and cfg.scope == "full" and cfg.policy != "none"
+    return model, distill_step if reference else variant_step, args
+
+
+def stage_distill(setup, teacher, student):
+    """Stage 3: CE + source-selective KD from the frozen teacher through the KV handoff."""
+    cfg, devices = setup.cfg, setup.devices
+    model, step_fn, args = distill_setup(setup, teacher, student)
     train_stage(setup, "distill", devices.wrap(model),
                 [{"params": list(student.parameters()), "lr": cfg.distill_lr}], cfg.distill_steps,
-                distill_step if reference else variant_step, args,
-                name=f"distill-{variant_name(cfg)}")
+                step_fn, args, name=f"distill-{variant_name(cfg)}")
     if devices.is_main:
         save_model_folder(setup, os.path.join(cfg.out_dir, f"distilled-{variant_name(cfg)}"),
                           lambda d: save_vlm(student, d))

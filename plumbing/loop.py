@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from plumbing.devices import rng_state, set_rng_state
 from plumbing.files import atomic_write, write_text
+from plumbing.flops import peak_tflops
 
 
 # ----------------------------------------------------------------------------------------
@@ -127,9 +128,14 @@ class StageBooks:
     with no good step at all, the stage stops with a TrainingError.
     run_keys: config keys that may differ between a checkpoint and the run resuming it."""
 
-    def __init__(self, cfg, devices, stage, name, model, opt, sched, steps, run_keys):
+    def __init__(self, cfg, devices, stage, name, model, opt, sched, steps, run_keys,
+                 flops_fn=None):
         self.cfg, self.devices, self.name, self.model, self.steps = cfg, devices, name, model, steps
         self.stage, self.opt, self.sched = stage, opt, sched
+        # throughput: real tokens/s every step; on CUDA also MFU (flops_fn(batch): model FLOPs)
+        self.flops_fn, self.step_flops = flops_fn, 0.0
+        self.peak = peak_tflops(torch.cuda.get_device_name(devices.device)) if devices.cuda \
+            else None
         self.ckpts = Checkpoints(os.path.join(cfg.out_dir, "ckpt", name), cfg.keep_last, run_keys)
         self.log_path = os.path.join(cfg.out_dir, "log.jsonl")
         self.start, self.bad_steps, self.skipped_examples = 0, 0, 0
@@ -141,7 +147,7 @@ class StageBooks:
             drop_log_records(self.log_path, name, after_step=0)
         if cfg.compile:     # a fresh compile per stage: no graph traced while others were frozen
             torch.compiler.reset()
-        self.t_start = time.time()
+        self.t_start = self.t_last = time.time()
 
     def resume(self):
         state = self.ckpts.load(self.ckpts.paths()[-1], self.cfg)
@@ -167,6 +173,8 @@ class StageBooks:
         """The step's summed logs and grad norm as floats (one device sync), summed over ranks;
         the examples a streamed batch replaced (bad or too long) are counted."""
         self.skipped_examples += sum(b.pop("skipped", 0) + b.pop("dropped", 0) for b in batches)
+        if self.flops_fn:                                                  # host, from shapes
+            self.step_flops = sum(self.flops_fn(b) for b in batches) * self.devices.world_size
         *values, grad_norm = torch.stack([*logs.values(), grad_norm.double()]).tolist()
         return {**self.devices.sum_over_ranks(dict(zip(logs, values))),  # each rank's share
                 "grad_norm": grad_norm, "tokens": counts["tokens"]}      # (over ranks already)
@@ -189,11 +197,15 @@ class StageBooks:
         """After an optimizer step: log.jsonl, the progress bar, checkpoints, and a stop request
         (Ctrl-C / SIGTERM on any rank) ends the stage with Interrupted."""
         cfg, devices = self.cfg, self.devices
-        grad_norm = logs.pop("grad_norm")
+        grad_norm, now = logs.pop("grad_norm"), time.time()
+        seconds, self.t_last = max(now - self.t_last, 1e-9), now
         record = {"stage": self.name, "step": step + 1,                # time: s since stage start
-                  "time": round(time.time() - self.t_start, 4), "lr": self.sched.get_last_lr()[0],
+                  "time": round(now - self.t_start, 4), "lr": self.sched.get_last_lr()[0],
                   "grad_norm": grad_norm, "bad_steps": self.bad_steps,
-                  "skipped_examples": self.skipped_examples, **logs}
+                  "skipped_examples": self.skipped_examples, **logs,
+                  "tokens_per_s": round(logs["tokens"] / seconds, 1)}   # real tokens, all ranks
+        if self.peak and self.step_flops:
+            record["mfu"] = round(self.step_flops / seconds / (self.peak * 1e12), 4)
         if devices.cuda:
             record["max_mem_gib"] = torch.cuda.max_memory_allocated(devices.device) / 2**30
         stop = devices.sum_over_ranks({"stop": float(stop_requested)})["stop"] > 0   # any rank
@@ -201,7 +213,10 @@ class StageBooks:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if (step + 1) % cfg.log_every == 0:
-                self.bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k != "tokens"})
+                self.bar.set_postfix({**{k: f"{v:.3f}" for k, v in logs.items() if k != "tokens"},
+                                      "tok/s": f"{record['tokens_per_s']:,.0f}",
+                                      **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record
+                                         else {})})
             if (step + 1) % cfg.ckpt_every == 0 or step + 1 == self.steps or stop:
                 self.save(step + 1)
         if stop and step + 1 < self.steps:

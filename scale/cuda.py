@@ -44,9 +44,9 @@ def use_cuda_attention(model, attend=cuda_attention):
 
 
 def segment_block_mask(q_seg, q_col, k_seg, k_col):
-    """scale.pack.segment_mask's rule as a FlexAttention BlockMask (built blockwise; no (Tq, Tk)
-    tensor)."""
+    """scale.pack.segment_mask's rule as a FlexAttention BlockMask, built blockwise by the compiled
+    builder on CUDA (uncompiled, create_block_mask materialises the dense (Tq, Tk) mask first)."""
     def visible(b, h, q, k):
         return (q_seg[b, q] == k_seg[b, k]) & (k_col[b, k] <= q_col[b, q])
     return create_block_mask(visible, q_seg.shape[0], None, q_seg.shape[1], k_seg.shape[1],
-                             device=q_seg.device)
+                             device=q_seg.device, _compile=q_seg.is_cuda)

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 import data
 import kvshare
-from model import VLM, check_teacher_vocab, student_only_mask
+from model import VLM, student_only_mask
 from scale.cuda import segment_block_mask
 
 
@@ -129,13 +129,17 @@ def prefill_mask(seg):
     return segment_mask(own, col, own, col)
 
 
-def teacher_inputs(batch, is_image, scope):
-    """What teacher_continue runs on packed rows: (new_ids (rows, Lt), the teacher's keyword
-    inputs). The columns it runs, gathered left-aligned per row; its past (scopes full / image) is
-    the row's student K/V, a query seeing only its example's shared columns; logits (1, N, V) at
-    the response-predicting columns. is_image: (rows, L) student-only columns."""
+def plan_teacher(batch, student_only_ids, scope, teacher_vocab_size=None):
+    """What teacher_continue runs on packed rows, computed on the host where the batch is built
+    (train.py; the data errors are raised here, before any device work), as batch keys:
+    teacher_ids (rows, Lt), the columns it runs gathered left-aligned per row; teacher_positions;
+    teacher_logit_index (N,), where its logits predict the response tokens; teacher_q_seg /
+    teacher_q_col (rows, Lt) and teacher_k_seg / teacher_k_col, the segments and columns of its
+    queries and keys (past = the row's student K/V, scopes full / image; a query sees only its
+    example's shared columns), for segment_mask. Returns the batch."""
     ids, seg, pos, ctx = (batch[k] for k in ("input_ids", "segment_ids", "position_ids",
                                              "context_mask"))              # (rows, L) each
+    is_image = student_only_mask(ids, student_only_ids)
     rows, L = ids.shape
     real = seg >= 0
     is_image = is_image & real                                              # (rows, L)
@@ -167,21 +171,27 @@ def teacher_inputs(batch, is_image, scope):
     slot = torch.arange(Lt, device=ids.device).expand(rows, Lt)
     valid = slot < n_run[:, None]                                           # (rows, Lt)
     new_ids = ids.gather(1, cols).masked_fill(~valid, 0)                    # (rows, Lt)
+    if teacher_vocab_size is not None and int(new_ids.max()) >= teacher_vocab_size:
+        raise ValueError(f"token id {int(new_ids.max())} is outside the teacher's vocabulary "
+                         f"({teacher_vocab_size}); text tokens must lie in the shared prefix (ids "
+                         "the teacher must not embed, like image-splitting tokens, belong in "
+                         "student_only_ids)")
     new_seg = torch.where(valid, seg.gather(1, cols), -1 - slot)           # pads: their own
     # which new slot each response-predicting column is, as a flat index into rows * Lt
     slot_of = run.long().cumsum(-1) - 1                                     # (rows, L)
     at = batch["logit_index"]
     out_index = (at // L) * Lt + slot_of.reshape(-1)[at]                    # (N,)
-    inputs = dict(position_ids=pos.gather(1, cols).masked_fill(~valid, 0), logit_index=out_index)
+    batch.update(teacher_ids=new_ids, teacher_positions=pos.gather(1, cols).masked_fill(~valid, 0),
+                 teacher_logit_index=out_index, teacher_q_seg=new_seg, teacher_q_col=cols,
+                 teacher_scope=scope)
     if scope == "none":
-        inputs["packed_mask"] = segment_mask(new_seg, cols, new_seg, cols)  # (rows,1,Lt,Lt)
+        batch.update(teacher_k_seg=new_seg, teacher_k_col=cols)
     else:
         never = torch.full_like(seg, torch.iinfo(seg.dtype).min)   # a segment no query has
         col = torch.arange(L, device=ids.device).expand(rows, L)
-        k_seg = torch.cat([torch.where(shared, seg, never), new_seg], 1)    # (rows, L + Lt)
-        k_col = torch.cat([col, cols], 1)
-        inputs["packed_mask"] = segment_mask(new_seg, cols, k_seg, k_col)  # (rows,1,Lt,L+Lt)
-    return new_ids, inputs
+        batch.update(teacher_k_seg=torch.cat([torch.where(shared, seg, never), new_seg], 1),
+                     teacher_k_col=torch.cat([col, cols], 1))             # (rows, L + Lt)
+    return batch
 
 
 class PackedRows(nn.Module):
@@ -222,14 +232,16 @@ def student_prefill(student, batch):
 @torch.no_grad()
 def teacher_continue(teacher, student_kv, batch, student_only_ids, scope="full"):
     """kvshare.teacher_continue (and its ablation scopes) on packed rows (teacher: PackedRows):
-    teacher logits (1, N, V_teacher), detached. The scope, the frozen teacher and its
-    compatibility are checked at setup (train.py)."""
-    new_ids, inputs = teacher_inputs(batch, student_only_mask(batch["input_ids"],
-                                                              student_only_ids), scope)
-    check_teacher_vocab(teacher, new_ids)
-    if scope != "none":        # past: per layer (K, V), each (rows, n_kv_heads, L, head_dim)
-        inputs["past_kv"] = [(k.detach(), v.detach()) for k, v in student_kv]
-    logits, _ = teacher(new_ids, inputs.pop("packed_mask"), **inputs, use_cache=False)
+    teacher logits (1, N, V_teacher), detached. What it runs: plan_teacher, on the host (train.py),
+    else here. The scope, the frozen teacher and its compatibility are checked at setup."""
+    if batch.get("teacher_scope") != scope:                 # tests and tools: plan it here
+        batch = plan_teacher(dict(batch), student_only_ids, scope, teacher.cfg.vocab_size)
+    mask = segment_mask(batch["teacher_q_seg"], batch["teacher_q_col"], batch["teacher_k_seg"],
+                        batch["teacher_k_col"])              # (rows, 1, Lt, [L +] Lt)
+    # past (scopes full / image): per layer (K, V), each (rows, n_kv_heads, L, head_dim)
+    past = None if scope == "none" else [(k.detach(), v.detach()) for k, v in student_kv]
+    logits, _ = teacher(batch["teacher_ids"], mask, batch["teacher_positions"],
+                        batch["teacher_logit_index"], past_kv=past, use_cache=False)
     return logits.detach()                                                   # (1, N, V_teacher)
 
 

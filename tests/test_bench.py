@@ -43,9 +43,13 @@ def test_flop_count_covers_every_parameter_once_at_the_paper_shape():
         - sum(p.numel() for p in student.vision.parameters()) \
         - sum(p.numel() for p in student.projector.parameters())
     assert f_t == 2 * n_t
+    # + attention's QK^T and AV (x3 with the backward): 1 query x 1 key per decoder layer, every
+    # patch x every patch per vision layer; the teacher's query has no key before it (P - 1 + R = 0)
+    attention = 12 * lm.n_layers * lm.n_heads * lm.head_dim + 12 * vis.n_layers * vis.dim \
+        * vis.n_patches ** 2
     assert f_s == 6 * (body + 2 * student.decoder.lm_head.weight.numel()
                        + sum(p.numel() for p in student.vision.parameters()) * vis.n_patches
-                       + sum(p.numel() for p in student.projector.parameters()) * 64)
+                       + sum(p.numel() for p in student.projector.parameters()) * 64) + attention
 
 
 def test_pack_bench_runs_at_a_tiny_size_and_packs_denser_than_padding():

@@ -21,7 +21,8 @@ def test_cpu_mode_runs_every_part_and_prints_one_table(tmp_path):
 
 def test_gpu_mode_fits_eight_minutes_and_logs_outside_the_repository(tmp_path):
     text = open(SCRIPT).read()
-    gpu = text[text.index("else\n    run cuda_tests"):text.index("\nfi\n")]
+    start = text.index("else\n    run cuda_tests")
+    gpu = text[start:text.index("\nfi\n", start)]
     limits = [int(t) for t in re.findall(r"^\s*run \w+ (\d+) ", gpu, re.M)]
     assert len(limits) == 8 and sum(limits) <= 480, limits
     r = subprocess.run(["bash", SCRIPT, "--cpu", os.path.join(ROOT, "gpu_check_out")],

@@ -185,7 +185,7 @@ def test_vlm_placeholder_feature_count_mismatch_is_a_clear_error():
               VisionConfig(), 3)
     ids = torch.full((1, 5), 3)
     with pytest.raises(ValueError, match="5 image placeholder tokens .* 16 image features"):
-        vlm.embed(ids, torch.randn(1, 3, 32, 32))
+        vlm.check_image_slots(ids, torch.randn(1, 3, 32, 32))   # on the host, before any work
     with pytest.raises(ValueError, match=r"images must be \(N, 3, 32, 32\)"):
         VisionEncoder(VisionConfig())(torch.randn(1, 3, 16, 16))
 

@@ -223,7 +223,7 @@ def test_view_count_mismatch_is_a_clear_error(tok):
     b = tiles.collate([dict(tiled_examples()[2], source="s")], tok, 4, TILE, splitting=SPLIT)
     with pytest.raises(ValueError,
                        match="12 image placeholder tokens in input_ids but 8 image features"):
-        student(b["input_ids"], b["images"][:2])
+        student.check_image_slots(b["input_ids"], b["images"][:2])     # on the host
 
 
 # ---------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data
+from plumbing import flops
 from scale import pack, stream
 import distill
 import kvshare
@@ -225,25 +226,23 @@ def bench_step(device, lm, B=4, P=192, R=64, with_hf=True):
 
 
 def bench_train(device, steps=20, peak_tflops=None):
-    """Tokens/s of each `python train.py` stage (tiny preset, `steps` steps each); MFU on CUDA
-    from the 6N rule (6 x trainable-path params per token, + 2N for the teacher's forward)."""
+    """Tokens/s of each `python train.py` stage (tiny preset, `steps` steps each); MFU on CUDA as
+    its log.jsonl gives it (plumbing/flops.py, attention included; the GPU's peak from its name:
+    peak_tflops is unused here, kept for the call's shape)."""
     with tempfile.TemporaryDirectory() as d:
         argv = [f"--out_dir={d}", f"--device={device.type}", "--eval=false",
                 "--ckpt_every=1000000"] + \
                [f"--{s}_steps={steps}" for s in ("pretrain", "align", "adapt", "distill")]
         models, _, _ = train.run(train.get_config(argv))
         log = [json.loads(line) for line in open(f"{d}/log.jsonl")]
-    n = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
-    n_teacher, n_student = n["teacher"], n["distilled-selective-full"]
-    flops_per_token = {"pretrain": 6 * n_teacher, "align": 6 * n_student, "adapt": 6 * n_student,
-                       "distill-selective-full": 6 * n_student + 2 * n_teacher}
     rows = []
-    for stage, fpt in flops_per_token.items():
+    for stage in ("pretrain", "align", "adapt", "distill-selective-full"):
         recs = [r for r in log if r["stage"] == stage][3:]              # skip warm-up steps
         tok_s = sum(r["tokens"] for r in recs[1:]) / (recs[-1]["time"] - recs[0]["time"])
-        mfu = f"MFU {100 * fpt * tok_s / (peak_tflops * 1e12):.3f}%" if peak_tflops else ""
+        mfus = [r["mfu"] for r in recs if "mfu" in r]           # the log's, plumbing/flops.py
+        mfu = f"MFU {100 * statistics.median(mfus):.3f}% (median)" if mfus else ""
         rows.append(("train", f"stage {stage} (tiny preset, {len(recs)} timed steps)",
-                     f"{tok_s:,.0f} tokens/s", f"{fpt / 1e6:.1f} MFLOP/token", mfu))
+                     f"{tok_s:,.0f} tokens/s", "log.jsonl tokens_per_s / mfu", mfu))
     return rows
 
 
@@ -257,31 +256,9 @@ PAPER_SIZES = {   # (decoder config, vision config, pixel-shuffle factor)
 
 
 def flops_per_step(student, teacher, B, P, R):
-    """Model FLOPs of one distill step, the 6N / 2N rule per token, counting only matmul
-    weights each token really meets (embedding lookups are free; attention scores excluded):
-
-      student (fwd + bwd, 6 per weight per token):
-        6 * [N_body * B*(P+R)                 decoder blocks + final norm, every column
-             + N_head * B*(R+1)               lm_head, only columns P-1.. (student_prefill)
-             + N_vision * B*n_patches         vision tower, one image per example
-             + N_proj * B*n_image_tokens]     projector
-      teacher continuation (forward only, 2 per weight per token):
-        2 * (N_body_t + N_head_t) * B*R
-    N_head = vocab * dim whether or not the head is tied to the embedding."""
-    def body_head(dec):
-        head = dec.lm_head.weight.numel()
-        body = sum(p.numel() for n,
-                   p in dec.named_parameters() if not n.startswith(("embed.", "lm_head.")))
-        return body, head
-    nb_s, nh_s = body_head(student.decoder)
-    nb_t, nh_t = body_head(teacher)
-    n_vis = sum(p.numel() for p in student.vision.parameters())
-    n_proj = sum(p.numel() for p in student.projector.parameters())
-    n_patches = student.vision.cfg.n_patches
-    f_student = 6 * (nb_s * B * (P + R) + nh_s * B * (R + 1) + n_vis * B * n_patches
-                     + n_proj * B * student.n_image_tokens)
-    f_teacher = 2 * (nb_t + nh_t) * B * R
-    return f_student, f_teacher
+    """Model FLOPs (student, teacher) of one padded distill step: plumbing.flops, the formula of
+    train.py's MFU (weights 6N / 2N per token, attention's two matmuls included)."""
+    return flops.distill_step_flops(student, teacher, B, P, R)
 
 
 def _peak_bytes(fn, device):
@@ -345,25 +322,29 @@ def bench_paper(device, size="paper", B=8, P=448, R=64, steps=5, warmup=2, amp=N
     student_fwd = torch.compile(student) if compile else student
     teacher_fwd = torch.compile(teacher) if compile else teacher
 
+    # as train.py: everything the step reads is on the device before it (no host copy, no sync)
+    only_ids = torch.tensor([image_token_id], device=device)
+    w = distill.source_weights("uniform", batch["source"])[:, None].expand_as(
+        batch["labels"]).to(device)
+    index = data.flat_index(batch["response_mask"].cpu()).to(device)   # every token gets KD
+
     def step():
         with autocast():
             s_logits, kv = kvshare.student_prefill(student_fwd, batch)
-            t_logits = kvshare.teacher_continue(teacher_fwd, kv, batch, image_token_id)
-            w = distill.source_weights("uniform", batch["source"])[:, None].expand_as(
-                batch["labels"]).to(s_logits.device)
+            t_logits = kvshare.teacher_continue(teacher_fwd, kv, batch, only_ids)
             out = distill.distill_loss(s_logits, batch["labels"], batch["response_mask"], t_logits,
-                                       w, chunk_size=kd_chunk)
+                                       w, chunk_size=kd_chunk, ce_index=index, kd_index=index)
         out["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(out["loss"].detach()))
+        losses.append(out["loss"].detach())                  # fetched once, after the timing
 
     t_step = timeit(step, device, repeat=steps, warmup=warmup)
     peak = _peak_bytes(step, device)
     with torch.no_grad(), autocast():
         _, kv = kvshare.student_prefill(student_fwd, batch)
         text_ids = batch["input_ids"].masked_fill(batch["input_ids"] == image_token_id, 0)
-        t_cont = timeit(lambda: kvshare.teacher_continue(teacher_fwd, kv, batch, image_token_id), device,
+        t_cont = timeit(lambda: kvshare.teacher_continue(teacher_fwd, kv, batch, only_ids), device,
                         repeat=steps, warmup=warmup)
         t_full = timeit(lambda: teacher_fwd(text_ids, attention_mask=batch["attention_mask"],
                                             logits_start=P), device, repeat=steps, warmup=warmup)
@@ -376,7 +357,7 @@ def bench_paper(device, size="paper", B=8, P=448, R=64, steps=5, warmup=2, amp=N
             "teacher_cont_ms": t_cont * 1e3, "teacher_full_ms": t_full * 1e3,
             "cont_ratio": t_cont / t_full,
             "ideal_ratio": R / (P + R), "kv_mib": sum(k.nbytes + v.nbytes for k, v in kv) / 2**20,
-            "loss": losses[-1], "n_student": sum(p.numel() for p in student.parameters()),
+            "loss": float(losses[-1]), "n_student": sum(p.numel() for p in student.parameters()),
             "n_teacher": sum(p.numel() for p in teacher.parameters()),
             "kv_dtype": str(kv[0][0].dtype).replace("torch.", ""), "amp": amp,
             "teacher_dtype": str(teacher_dtype).replace("torch.", ""), "compiled": compile}

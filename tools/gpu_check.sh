@@ -71,4 +71,4 @@ echo "|---|---|---|---|"
 cat "$out/summary.txt"
 echo
 echo "logs: $out"
-! grep -qv '^| [a-z0-9_]* | 0 |' "$out/summary.txt"
+! grep -qv '^| [A-Za-z0-9_]* | 0 |' "$out/summary.txt"
