@@ -67,8 +67,7 @@ def lay_out(pairs, views, pad):
 
 def pad_pairs(pairs, pad):
     """[(context_ids, response_ids), ...] -> input_ids, attention_mask (contexts LEFT-padded to P,
-    responses RIGHT-padded to R), context_len = P, labels, response_mask and token_example (the
-    example of each response token: its row) over the R columns."""
+    responses RIGHT-padded to R), context_len P; labels, response_mask, token_example: (B, R)."""
     P, R = max(len(c) for c, _ in pairs), max(len(r) for _, r in pairs)
     ids = torch.full((len(pairs), P + R), pad, dtype=torch.long)  # (B, P+R)
     mask = torch.zeros((len(pairs), P + R), dtype=torch.long)  # (B, P+R)

@@ -65,8 +65,7 @@ def kd_divergence(student_logits, teacher_logits, divergence="fkl", temperature=
 def kd_token_sum(student_logits, teacher_logits, weights, divergence="fkl", temperature=1.0,
                  beta=0.5, chunk_size=None, index=None):
     """sum of weight * divergence over the tokens of (B, R, Vs) / (B, R, Vt) logits with weight
-    (B, R) > 0, gathered first (pads, vision sources cost nothing); chunk_size: chunked_kd_sum.
-    index (N,): those tokens' flat indices, from the host (default: found here)."""
+    (B, R) > 0, gathered first (index: their flat indices, from the host; default found here)."""
     keep = (weights.reshape(-1) > 0).nonzero()[:, 0] if index is None else index     # (N,)
     s = student_logits.reshape(-1, student_logits.shape[-1])[keep]           # (N, Vs)
     t = teacher_logits.reshape(-1, teacher_logits.shape[-1])[keep]           # (N, Vt)
@@ -136,10 +135,8 @@ def mean_over(total, count):
 
 
 def cross_entropy(logits, labels, response_mask, n_tokens=None, index=None):
-    """Mean float32 cross-entropy over the real response tokens (B, R, V) vs (B, R), gathered
-    first (pads never enter): the CE term of distill_loss, and the whole loss of stage 2.
-    n_tokens: what to divide by (default: this batch's real tokens); index (N,): the real tokens'
-    flat indices, from the host (default: found here from response_mask)."""
+    """Mean float32 cross-entropy over the real response tokens (B, R, V) vs (B, R), gathered first
+    (index: their flat indices, from the host; default found here); divided by n_tokens or N."""
     real = response_mask.reshape(-1).bool()                                  # (B*R,)
     real = real.nonzero()[:, 0] if index is None else index                  # (N,)
     dtype = torch.promote_types(logits.dtype, torch.float32)
@@ -155,9 +152,8 @@ def distill_loss(student_logits, labels, response_mask, teacher_logits, kd_weigh
     response_mask (B, R) (True: answer + EOS), teacher_logits (B, R, Vt) or None (no KD token);
     kd_weight (B, R), the gate per token (source_weights of each row's source). CE is the mean
     over the real tokens, KD the weighted mean over the KD tokens; ce_tokens / kd_tokens: the
-    counts to divide by (default: this batch's); ce_index / kd_index: the flat indices of the real
-    and of the KD-weighted tokens (data.flat_index, on the host; default: found here). train.py
-    builds its batches to fit (vocabulary, gate: checked at setup); others: check_loss_inputs."""
+    counts to divide by, ce_index / kd_index the real and KD tokens' flat indices (data.flat_index,
+    host; defaults: this batch's). Inputs: train.py's fit (setup checks); else check_loss_inputs."""
     real = response_mask.bool()                                              # (B, R)
     ce = cross_entropy(student_logits, labels, real, ce_tokens, ce_index)
     weights = real.float() * kd_weight.to(real.device)                      # (B, R)

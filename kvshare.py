@@ -42,7 +42,7 @@ at setup: packed rows (scale/pack.py), a student with another RoPE base (scale/r
 """
 import torch
 
-from model import positions_from_mask, student_only_mask
+from model import positions_from_mask
 
 
 def check_compatible(teacher_cfg, student_cfg, rebase_rope=False):
@@ -101,6 +101,12 @@ def student_prefill(student, batch):
     logits, kv = student(batch["input_ids"], attention_mask=batch["attention_mask"],
                          use_cache=True, logits_start=P - 1, **images)     # columns P-1 ..
     return logits[:, :R], kv                                                  # (B, R, V)
+
+
+def student_only_mask(ids, student_only_ids):
+    """True where ids is one of student_only_ids (VLM.student_only_ids, one int, or a tensor)."""
+    only = [student_only_ids] if isinstance(student_only_ids, int) else student_only_ids
+    return torch.isin(ids, torch.as_tensor(only, dtype=ids.dtype, device=ids.device))
 
 
 def teacher_ids(ids, mask, student_only_ids):
@@ -181,16 +187,14 @@ SCOPES = {"full": teacher_continue, "image": teacher_after_image, "none": teache
 # What the handoff needs of the data: checked on the host, where the batch is built
 
 def check_batch(batch, student_only_ids, teacher_vocab_size, scope="full"):
-    """A padded batch (data.batch_of, CPU tensors) the teacher can continue: every id it embeds
-    lies in its vocabulary; scope "full": every context ends with a text token (the teacher runs
-    it); scope "image": the image tokens come before the prompt text. ValueError otherwise."""
+    """ValueError unless the teacher can continue this padded batch (host): the ids it embeds are in
+    its vocabulary; "full": contexts end with text (it runs it); "image": images before text."""
     ids, mask, P = batch["input_ids"], batch["attention_mask"], batch["context_len"]
     text_ids, is_image = teacher_ids(ids, mask, student_only_ids)
     if int(text_ids.max()) >= teacher_vocab_size:
         raise ValueError(f"token id {int(text_ids.max())} is outside the teacher's vocabulary "
-                         f"({teacher_vocab_size}); text tokens must lie in the shared prefix (ids "
-                         "the teacher must not embed, like image-splitting tokens, belong in "
-                         "student_only_ids)")
+                         f"({teacher_vocab_size}); text tokens must lie in the shared prefix ("
+                         "ids it must not embed, e.g. image splitting's, belong in student_only_ids)")
     if scope == "full" and is_image[:, P - 1].any():
         raise ValueError("scope 'full': a context ends with an image (student-only) token; the "
                          "prompt after the image must have at least one text token")

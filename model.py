@@ -447,12 +447,6 @@ class VLM(nn.Module):
 
 
 
-def student_only_mask(ids, student_only_ids):
-    """True where ids is one of student_only_ids (VLM.student_only_ids, one int, or a tensor)."""
-    only = [student_only_ids] if isinstance(student_only_ids, int) else student_only_ids
-    return torch.isin(ids, torch.as_tensor(only, dtype=ids.dtype, device=ids.device))
-
-
 def check_teacher_vocab(teacher, text_ids):
     """Every id the teacher embeds must lie in its vocabulary; one error says which did not."""
     why = (f"outside the teacher's vocabulary ({teacher.cfg.vocab_size}); text tokens must lie in "

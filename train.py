@@ -248,10 +248,8 @@ def stage_data(setup, stage, student, start):
 
 
 def stage_batches(setup, stage, student, start, args):
-    """Each step's micro-batches from step `start` on. Stages 2-3: the real response tokens' flat
-    indices (ce_index); stage 3's also carry the gate, kd_weight, one weight per response token
-    (source_weights of its example's source), the KD tokens' indices (kd_index), and are checked
-    (args.check_batch): all on the host, before any device work."""
+    """Each step's micro-batches from step `start` on, completed on the host: the real and (stage 3)
+    KD tokens' indices, the gate kd_weight per response token, args.check_batch."""
     streamed, encoded, mixture = stage_data(setup, stage, student, start)
     for step in itertools.count(start):
         batches = [next(streamed) if streamed                                      # --data_path

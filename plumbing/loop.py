@@ -212,11 +212,9 @@ class StageBooks:
         if devices.is_main:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            if (step + 1) % cfg.log_every == 0:
-                self.bar.set_postfix({**{k: f"{v:.3f}" for k, v in logs.items() if k != "tokens"},
-                                      "tok/s": f"{record['tokens_per_s']:,.0f}",
-                                      **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record
-                                         else {})})
+            if (step + 1) % cfg.log_every == 0:              # losses, tokens/s, (CUDA) MFU
+                self.bar.set_postfix({k: f"{record[k]:.4g}" for k in (*logs, "tokens_per_s", "mfu")
+                                      if k in record and k != "tokens"})
             if (step + 1) % cfg.ckpt_every == 0 or step + 1 == self.steps or stop:
                 self.save(step + 1)
         if stop and step + 1 < self.steps:

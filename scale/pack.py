@@ -25,7 +25,8 @@ import torch.nn as nn
 
 import data
 import kvshare
-from model import VLM, student_only_mask
+from kvshare import student_only_mask
+from model import VLM
 from scale.cuda import segment_block_mask
 
 
