@@ -128,8 +128,8 @@ class TrainConfig:
     weight_decay: float = 0.0     # AdamW weight decay
     grad_clip: float = 1.0        # gradient-norm clip
     max_bad_steps: int = 20       # non-finite losses/grads skipped before the run stops
-    max_loss_ratio: float = 3.0   # divergence: a loss this x (+1 nat) its 20-step median (0: off)
-    max_grad_ratio: float = 10.0  # divergence: a gradient norm this x its 20-step median (0: off)
+    max_loss_ratio: float = 3.0   # diverging: 5 steps' loss this x (+1 nat) the 20 before (0: off)
+    max_grad_ratio: float = 20.0  # diverging: 5 steps' gradient norm this x the 20 before (0: off)
     # logging / checkpoints
     log_every: int = 10           # steps between progress-bar updates (log.jsonl gets every step)
     ckpt_every: int = 200         # steps between checkpoints (and at each stage's end / Ctrl-C)

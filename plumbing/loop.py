@@ -125,30 +125,31 @@ def drop_log_records(log_path, name, after_step):
 
 
 # ----------------------------------------------------------------------------------------
-# Divergence: a loss or gradient-norm spike, or a loss drifting up, stops the stage before its
-# next checkpoint, so the newest checkpoint is always one written at a sane step
+# Divergence: the loss or the gradient norm of a few steps far above the steps before, or a loss
+# drifting up, stops the stage before its next checkpoint: the newest checkpoint is a sane one
 
-WINDOW = 20         # the steps a step is compared with (the rule starts once there are that many)
+RECENT, WINDOW = 5, 20      # a few steps (one noisy batch moves their median) and those before
 
 
 def far_above(value, reference, ratio):
-    """over ratio x the reference and 1 nat above it (the nat: near-zero losses double often)."""
+    """over ratio x the reference and 1 nat above it (near-zero losses double often)."""
     return value > ratio * reference and value > reference + 1.0
 
 
 class DivergenceWatch:
-    """The divergence rule (README, Training). The window: the last WINDOW good steps of a stage
-    (non-finite ones are skipped before: StageBooks.finite_or_skip). Once it is full, a step
-    diverges on
-      a loss spike: its loss is far above (far_above, --max_loss_ratio) the window's median;
-      a gradient spike: its gradient norm is over --max_grad_ratio x the window's median norm
-        and over --grad_clip (the update is being clipped);
-      a drift: with the step in, the window's median loss is far above the lowest median of
-        the stage so far (a loss creeping up, no single spike).
-    0 turns a ratio off. The default run stays far inside (its worst: a loss 1.6 x / 0.8 nat
-    over its window's median, a norm 5.7 x, a drift of 0.12 nat); the smoke preset's stages are
-    shorter than the window. The state is kept in each checkpoint: a resumed run stops where the
-    uninterrupted one would."""
+    """The divergence rule (README, Training), over a stage's good steps (non-finite ones are
+    skipped before it: StageBooks.finite_or_skip). A step diverges on
+      a loss spike: the median loss of the last RECENT steps (of the later half, in a stage's
+        first steps: a blow-up is caught before a checkpoint keeps it) is far above (far_above,
+        --max_loss_ratio) the median of the up to WINDOW steps before them;
+      a gradient spike: the median gradient norm of the last RECENT steps is over
+        --max_grad_ratio x the median of the WINDOW before them, and over --grad_clip;
+      a drift: the median loss of the last WINDOW steps is far above the lowest such median of
+        the stage so far (a loss creeping up, with no spike).
+    0 turns a ratio off. The tiny world's runs stay far inside: the default run's worst is a loss
+    1.35 x its reference, a norm 2.1 x, a drift of 0.12 nat (the experiment runs' and the smoke
+    preset's worst: a loss 1.5 x, a norm 8.5 x). The state is kept in each checkpoint: a resumed
+    run stops where the uninterrupted one would."""
 
     def __init__(self, loss_ratio, grad_ratio, grad_clip, state=None):
         self.loss_ratio, self.grad_ratio, self.grad_clip = loss_ratio, grad_ratio, grad_clip
@@ -160,24 +161,29 @@ class DivergenceWatch:
         return {"losses": list(self.losses), "norms": list(self.norms), "best": self.best}
 
     def median(self):
-        return statistics.median(self.losses) if self.losses else None
+        """The median loss of the last WINDOW steps (kept in each checkpoint), or None."""
+        return statistics.median(self.losses[-WINDOW:]) if self.losses else None
 
     def check(self, loss, grad_norm):
-        """The step's loss and gradient norm join the window -> why they diverge, or None."""
-        full, why = len(self.losses) == WINDOW, None
-        if full:
-            ref, norm_ref = statistics.median(self.losses), statistics.median(self.norms)
-            if self.loss_ratio and far_above(loss, ref, self.loss_ratio):
-                why = (f"loss {loss:.4g} is over {self.loss_ratio:g} x and 1 nat above the median "
-                       f"{ref:.4g} of the {WINDOW} steps before (a loss spike, --max_loss_ratio)")
-            elif self.grad_ratio and grad_norm > max(self.grad_ratio * norm_ref, self.grad_clip):
-                why = (f"gradient norm {grad_norm:.4g} is over {self.grad_ratio:g} x the median "
-                       f"{norm_ref:.4g} of the {WINDOW} steps before (a gradient spike, "
-                       "--max_grad_ratio)")
-        self.losses, self.norms = self.losses[-WINDOW + 1:] + [loss], \
-            self.norms[-WINDOW + 1:] + [grad_norm]
-        if len(self.losses) == WINDOW:
-            now = statistics.median(self.losses)
+        """The step's loss and gradient norm join the watch -> why the run diverges, or None."""
+        self.losses = (self.losses + [loss])[-(RECENT + WINDOW):]
+        self.norms = (self.norms + [grad_norm])[-(RECENT + WINDOW):]
+        losses, norms, why = self.losses, self.norms, None
+        recent = min(RECENT, len(losses) // 2)
+        if self.loss_ratio and recent:
+            now, ref = statistics.median(losses[-recent:]), statistics.median(losses[:-recent])
+            if far_above(now, ref, self.loss_ratio):
+                why = (f"the median loss of the last {recent} step(s), {now:.4g}, is over "
+                       f"{self.loss_ratio:g} x and 1 nat above the median {ref:.4g} of the "
+                       f"{len(losses) - recent} step(s) before (a loss spike, --max_loss_ratio)")
+        if why is None and self.grad_ratio and len(norms) == RECENT + WINDOW:
+            now, ref = statistics.median(norms[-RECENT:]), statistics.median(norms[:-RECENT])
+            if now > max(self.grad_ratio * ref, self.grad_clip):
+                why = (f"the median gradient norm of the last {RECENT} steps, {now:.4g}, is over "
+                       f"{self.grad_ratio:g} x the median {ref:.4g} of the {WINDOW} steps before "
+                       "and over --grad_clip (a gradient spike, --max_grad_ratio)")
+        if len(losses) >= WINDOW:
+            now = self.median()
             if why is None and self.best is not None and self.loss_ratio \
                     and far_above(now, self.best, self.loss_ratio):
                 why = (f"the median loss of the last {WINDOW} steps, {now:.4g}, is over "
