@@ -217,8 +217,9 @@ def check_teacher_tokenizer(teacher_folder, tok, flag="--teacher"):
     try:
         kvshare.check_shared_vocab(data.load_tokenizer(path), tok)
     except ValueError as e:
-        raise ValueError(f"{flag}={teacher_folder}: its tokenizer is not the model's: {e}; "
-                         "expected the teacher the model was trained with") from None
+        where = f"{flag}={teacher_folder}" if flag.startswith("--") else f"{flag} {teacher_folder}"
+        raise ValueError(f"{where}: its tokenizer is not the model's: {e}; expected the teacher "
+                         "the model was trained with") from None
 
 
 def student_image_layout(cfg):

@@ -131,6 +131,10 @@ def drop_log_records(log_path, name, after_step):
 RECENT, WINDOW = 5, 20      # a few steps (one noisy batch moves their median) and those before
 
 
+def steps(n):
+    return f"{n} step{'s' if n > 1 else ''}"
+
+
 def far_above(value, reference, ratio):
     """over ratio x the reference and 1 nat above it (near-zero losses double often)."""
     return value > ratio * reference and value > reference + 1.0
@@ -173,9 +177,9 @@ class DivergenceWatch:
         if self.loss_ratio and recent:
             now, ref = statistics.median(losses[-recent:]), statistics.median(losses[:-recent])
             if far_above(now, ref, self.loss_ratio):
-                why = (f"the median loss of the last {recent} step(s), {now:.4g}, is over "
+                why = (f"the median loss of the last {steps(recent)}, {now:.4g}, is over "
                        f"{self.loss_ratio:g} x and 1 nat above the median {ref:.4g} of the "
-                       f"{len(losses) - recent} step(s) before (a loss spike, --max_loss_ratio)")
+                       f"{steps(len(losses) - recent)} before (a loss spike, --max_loss_ratio)")
         if why is None and self.grad_ratio and len(norms) == RECENT + WINDOW:
             now, ref = statistics.median(norms[-RECENT:]), statistics.median(norms[:-RECENT])
             if now > max(self.grad_ratio * ref, self.grad_clip):
