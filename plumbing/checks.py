@@ -8,6 +8,7 @@ import math
 import os
 
 import torch
+from tokenizers import Tokenizer
 
 import data
 import distill
@@ -214,8 +215,12 @@ def check_teacher_tokenizer(teacher_folder, tok, flag="--teacher"):
     path = os.path.join(teacher_folder, "tokenizer.json")
     if not os.path.isfile(path):
         return
+    try:                                     # as it is (data.load_tokenizer would add our roles)
+        teacher_tok = Tokenizer.from_file(path)
+    except Exception as e:                   # the tokenizers library raises its own Exception type
+        raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
     try:
-        kvshare.check_shared_vocab(data.load_tokenizer(path), tok)
+        kvshare.check_shared_vocab(teacher_tok, tok)
     except ValueError as e:
         where = f"{flag}={teacher_folder}" if flag.startswith("--") else f"{flag} {teacher_folder}"
         raise ValueError(f"{where}: its tokenizer is not the model's: {e}; expected the teacher "
