@@ -22,7 +22,6 @@ import copy
 import itertools
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -42,13 +41,12 @@ from model import SIGLIP2_B16_512, Decoder, LMConfig, VisionConfig, grow_vocab, 
 from plumbing.checks import (check_config, check_image_size, check_out_dir, check_pack_fits,
                              check_resume_changes, check_student_tokens, check_teacher_tokenizer,
                              stages_to_train, variant_name)
-from plumbing.devices import (Devices, lost_peer, out_of_memory, ranks, resume_command,
-                              seed_everything)
-from plumbing.files import (FolderLock, WriteError, read_json, remove_stale_temps, replace_folder,
-                            write_json, writing)
+from plumbing.devices import Devices, seed_everything
+from plumbing.files import (FolderLock, read_json, remove_stale_temps, replace_folder, write_json,
+                            writing)
 from plumbing.flags import build_config, config_help, parse_flags, wants_help
-from plumbing.loop import (Interrupted, StageBooks, TrainingError, running_stage, stop_requests,
-                           unwrap)
+from plumbing.loop import StageBooks, failure_line, stop_requests, unwrap
+from plumbing.loop import TrainingError  # noqa: F401  (train.TrainingError: what a stage raises)
 from scale import cuda, pack, rope, stream, tiles
 from scale.weights import (is_smolvlm_folder, load_hf_lm, load_hf_siglip, load_model_folder,
                            save_hf_lm, save_tokenizer, save_vlm, with_student_only_tail)
@@ -692,44 +690,6 @@ def main(argv):
         for name in [n for n in rows if n.startswith("distilled") and "adapted" in rows]:
             print(f"recovery of {name}: {100 * evaluation.recovery(rows, name):.0f} % of the "
                   "language the adaptation lost (one draw: README's Results give the range)")
-
-
-def failure_line(e, cfg):
-    """main's one line for an exception that ends a run, or None (re-raised as it is)."""
-    rank, world = ranks()
-    who = f"train.py: rank {rank} of {world}: " if world > 1 else "train.py: "
-    resume = resume_command(cfg.out_dir) if cfg else ""
-    if isinstance(e, Interrupted):
-        return f"{who}interrupted: {e}. Resume with: {resume}"
-    if isinstance(e, KeyboardInterrupt):                  # a second Ctrl-C: at once
-        return f"{who}stopped at once (a second Ctrl-C); every file written is whole (writes " \
-               "are atomic)" + (f". Resume with: {resume}" if cfg else "")
-    if isinstance(e, TrainingError) and e.resume_flags is not None:
-        return f"{who}{e}. Resume with: {resume_command(cfg.out_dir, extra=e.resume_flags)}"
-    if isinstance(e, WriteError):
-        return f"{who}{e} Nothing half-written is kept; free some space, then resume with: " \
-               f"{resume}"
-    if isinstance(e, (ValueError, FileNotFoundError, TrainingError)):
-        mid_run = world > 1 and running_stage() is not None
-        return f"{who}{e}" + (f" (the other processes stop too; once this is fixed, resume "
-                              f"with: {resume})" if mid_run else "")
-    if lost_peer(e):                        # gloo: "[.../pair.cc:553] Connection closed by peer"
-        why = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).splitlines() or [""])[0]).split(". ")[0]
-        return (f"{who}stopped: another process of this run ended ({why[:120]}); one that failed "
-                f"says why on its own line. Once that is fixed, resume with: {resume}")
-    if out_of_memory(e) and cfg is not None:
-        stage = running_stage()
-        at = (f"in stage {stage[0]} at step {stage[1]} of {stage[2]}" if stage
-              else "outside the training steps")
-        return (f"{who}out of memory {at} ({type(e).__name__}: "
-                f"{(str(e).splitlines() or [''])[0][:120]}) with --batch_size={cfg.batch_size} "
-                f"examples per micro-batch per process, --grad_accum={cfg.grad_accum}: lower "
-                "--batch_size and raise --grad_accum as much (the same examples per step), or set "
-                "--grad_checkpointing=true (activations recomputed in backward); nothing of this "
-                "step was saved. A resume may add --grad_checkpointing=true: "
-                f"{resume_command(cfg.out_dir, extra='--grad_checkpointing=true')}; a smaller "
-                "--batch_size is a new run (another --out_dir)")
-    return None
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ checkpoints, log.jsonl, resume, bad-step skipping, the progress bar and Ctrl-C /
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import sys
@@ -16,8 +17,9 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
-from plumbing.devices import out_of_memory, rng_state, set_rng_state
-from plumbing.files import append_line, atomic_write, write_failed, write_text
+from plumbing.devices import (lost_peer, out_of_memory, ranks, resume_command, rng_state,
+                              set_rng_state)
+from plumbing.files import WriteError, append_line, atomic_write, write_failed, write_text
 
 
 # ----------------------------------------------------------------------------------------
@@ -413,3 +415,46 @@ def stop_requests():
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
+
+
+# ----------------------------------------------------------------------------------------
+# How a run ends: one line for each failure a user can act on (train.main)
+
+def failure_line(e, cfg):
+    """train.main's one line for the exception `e` that ended a run of config `cfg` (None when
+    get_config failed), or None: not ours to say, it keeps its traceback. Under torchrun each
+    process says which it is; where a resume helps, the line ends with its command."""
+    rank, world = ranks()
+    who = f"train.py: rank {rank} of {world}: " if world > 1 else "train.py: "
+    resume = resume_command(cfg.out_dir) if cfg else ""
+    if isinstance(e, Interrupted):
+        return f"{who}interrupted: {e}. Resume with: {resume}"
+    if isinstance(e, KeyboardInterrupt):                  # a second Ctrl-C: at once
+        return f"{who}stopped at once (a second Ctrl-C); every file written is whole (writes " \
+               "are atomic)" + (f". Resume with: {resume}" if cfg else "")
+    if isinstance(e, TrainingError) and e.resume_flags is not None:
+        return f"{who}{e}. Resume with: {resume_command(cfg.out_dir, extra=e.resume_flags)}"
+    if isinstance(e, WriteError):
+        return f"{who}{e} Nothing half-written is kept; free some space, then resume with: " \
+               f"{resume}"
+    if isinstance(e, (ValueError, FileNotFoundError, TrainingError)):
+        mid_run = world > 1 and running_stage() is not None
+        return f"{who}{e}" + (f" (the other processes stop too; once this is fixed, resume "
+                              f"with: {resume})" if mid_run else "")
+    if lost_peer(e):                        # gloo: "[.../pair.cc:553] Connection closed by peer"
+        why = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).splitlines() or [""])[0]).split(". ")[0]
+        return (f"{who}stopped: another process of this run ended ({why[:120]}); one that failed "
+                f"says why on its own line. Once that is fixed, resume with: {resume}")
+    if out_of_memory(e) and cfg is not None:
+        stage = running_stage()
+        at = (f"in stage {stage[0]} at step {stage[1]} of {stage[2]}" if stage
+              else "outside the training steps")
+        return (f"{who}out of memory {at} ({type(e).__name__}: "
+                f"{(str(e).splitlines() or [''])[0][:120]}) with --batch_size={cfg.batch_size} "
+                f"examples per micro-batch per process, --grad_accum={cfg.grad_accum}: lower "
+                "--batch_size and raise --grad_accum as much (the same examples per step), or set "
+                "--grad_checkpointing=true (activations recomputed in backward); nothing of this "
+                "step was saved. A resume may add --grad_checkpointing=true: "
+                f"{resume_command(cfg.out_dir, extra='--grad_checkpointing=true')}; a smaller "
+                "--batch_size is a new run (another --out_dir)")
+    return None
