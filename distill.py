@@ -49,6 +49,9 @@ def kd_divergence(student_logits, teacher_logits, divergence="fkl", temperature=
     times T^2. fkl: KL(teacher || student), the default; rkl: KL(student || teacher); jsd: beta
     KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s; the shared vocabulary."""
     _check_kd_args(divergence, temperature, beta)
+    if len(student_logits) != len(teacher_logits):
+        raise ValueError(f"kd_divergence: {len(student_logits)} student rows vs "
+                         f"{len(teacher_logits)} teacher rows; expected one teacher row per token")
     V = min(student_logits.shape[-1], teacher_logits.shape[-1])
     log_s = _log_probs(student_logits[:, :V], temperature)                  # (N, V) log p_student
     log_t = _log_probs(teacher_logits[:, :V], temperature).to(log_s.dtype)  # (N, V) log p_teacher

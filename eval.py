@@ -31,6 +31,7 @@ import kvshare
 from scale import tiles
 from tools import oracle
 from model import VLM, Decoder
+from plumbing.checks import check_teacher_tokenizer
 from plumbing.files import read_json
 from plumbing.loop import unwrap
 from scale.weights import load_model_folder
@@ -355,8 +356,11 @@ def evaluate_folder(folder, teacher_folder=None):
     tiny = world.build_world(cfg["seed"], n_entities=cfg["n_entities"],
                             image_size=cfg["image_size"])
     tok = data.load_tokenizer(os.path.join(folder, "tokenizer.json"))
+    flag = "--teacher" if teacher_folder else "the teacher folder beside --ckpt"
     teacher_folder = teacher_folder or os.path.join(os.path.dirname(os.path.abspath(folder)),
                                                     "teacher")
+    if os.path.isdir(teacher_folder):
+        check_teacher_tokenizer(teacher_folder, tok, flag)      # the one check train.py runs too
     teacher = load_model_folder(teacher_folder) if os.path.isdir(teacher_folder) else None
     name, model = os.path.basename(os.path.normpath(folder)), load_model_folder(folder)
     if cfg.get("tower") == "oracle":                 # a control's folder: re-attach the oracle

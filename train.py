@@ -39,12 +39,15 @@ import kvshare
 import world
 from model import SIGLIP2_B16_512, Decoder, LMConfig, VisionConfig, grow_vocab, vlm_from_teacher
 from plumbing.checks import (check_config, check_image_size, check_out_dir, check_pack_fits,
-                             check_student_tokens, stages_to_train, variant_name)
+                             check_resume_changes, check_student_tokens, check_teacher_tokenizer,
+                             stages_to_train, variant_name)
 from plumbing.devices import Devices, seed_everything
-from plumbing.files import FolderLock, read_json, replace_folder, write_json
 from plumbing import flops
+from plumbing.files import (FolderLock, read_json, remove_stale_temps, replace_folder, write_json,
+                            writing)
 from plumbing.flags import build_config, config_help, parse_flags, wants_help
-from plumbing.loop import Interrupted, StageBooks, TrainingError, stop_requests, unwrap
+from plumbing.loop import StageBooks, failure_line, stop_requests, unwrap
+from plumbing.loop import TrainingError  # noqa: F401  (train.TrainingError: what a stage raises)
 from scale import cuda, pack, rope, stream, tiles
 from scale.weights import (is_smolvlm_folder, load_hf_lm, load_hf_siglip, load_model_folder,
                            save_hf_lm, save_tokenizer, save_vlm, with_student_only_tail)
@@ -124,6 +127,8 @@ class TrainConfig:
     weight_decay: float = 0.0     # AdamW weight decay
     grad_clip: float = 1.0        # gradient-norm clip
     max_bad_steps: int = 20       # non-finite losses/grads skipped before the run stops
+    max_loss_ratio: float = 3.0   # diverging: 5 steps' loss this x (+1 nat) the 20 before (0: off)
+    max_grad_ratio: float = 20.0  # diverging: 5 steps' gradient norm this x the 20 before (0: off)
     # logging / checkpoints
     log_every: int = 10           # steps between progress-bar updates (log.jsonl gets every step)
     ckpt_every: int = 200         # steps between checkpoints (and at each stage's end / Ctrl-C)
@@ -145,11 +150,14 @@ PRESETS = {
                   adapt_vision_lr=1e-4, distill_steps=1000, distill_lr=5e-5, ckpt_every=500,
                   image_splitting=True),
 }
-# Keys that may differ between a run and its resumption: how long, where and how it runs,
-# not what it trains.
-RESUME_MAY_CHANGE = {"stage", "resume", "eval", "device", "compile", "log_every", "ckpt_every",
-                     "keep_last", "max_bad_steps", "pretrain_steps", "align_steps", "adapt_steps",
-                     "distill_steps", "out_dir", "num_workers"}
+# Keys that may differ between a run and its resumption (README, Training). RUN_KEYS: how long,
+# where and how it runs, not what it trains; a resume may also change the learning rates and the
+# clip (lower them after a divergence: the schedule goes on) and recompute activations.
+RUN_KEYS = {"stage", "resume", "eval", "device", "compile", "log_every", "ckpt_every",
+            "keep_last", "max_bad_steps", "max_loss_ratio", "max_grad_ratio", "pretrain_steps",
+            "align_steps", "adapt_steps", "distill_steps", "out_dir", "num_workers"}
+RESUME_MAY_CHANGE = RUN_KEYS | {"pretrain_lr", "align_lr", "adapt_lr", "adapt_vision_lr",
+                                "distill_lr", "grad_clip", "grad_checkpointing"}
 
 
 @dataclass
@@ -573,8 +581,7 @@ def build_data_and_tokenizer(cfg):
         # a SmolVLM student reads its own tokenizer (image-layout tokens past the teacher's ids);
         # the teacher's must agree on the shared prefix, which KD compares
         tok = data.load_tokenizer(os.path.join(cfg.student_path, "tokenizer.json"))
-        kvshare.check_shared_vocab(
-            Tokenizer.from_file(os.path.join(cfg.teacher_path, "tokenizer.json")), tok)
+        check_teacher_tokenizer(cfg.teacher_path, tok, "--teacher_path")
     elif cfg.teacher_path:
         tok = data.load_tokenizer(os.path.join(cfg.teacher_path, "tokenizer.json"),
                                   extra_tokens=tiles.VIEW_TOKENS if cfg.image_splitting else ())
@@ -584,21 +591,27 @@ def build_data_and_tokenizer(cfg):
 
 
 def get_config(argv):
-    """The run's config from the command line. `--out_dir=X --resume=true` with nothing but run
-    keys (RESUME_MAY_CHANGE: step counts, device, ...) continues run X with its own config
-    (X/run_config.json) in place of the preset defaults; any other flag or a config file means
-    the config is built from them as usual, and each stage's checkpoint then refuses a config
-    that changes what it trains (Checkpoints.load)."""
+    """The run's config from the command line. `--out_dir=X --resume=true [--key=value ...]`
+    without --preset or a config file continues run X from its own config (X/run_config.json)
+    in place of the preset defaults, changing only the flags given, which must be keys a resume
+    may change (RESUME_MAY_CHANGE; any other is refused by name). With --preset or a config file
+    the config is built from them as usual (the experiment tools: several variants in one
+    folder), and each stage's checkpoint refuses a config that changes what it trains
+    (Checkpoints.load, checked before any work)."""
     overrides, files = parse_flags(argv, TrainConfig)
     saved = None
     path = os.path.join(overrides.get("out_dir", TrainConfig.out_dir), "run_config.json")
-    if overrides.get("resume") and not files and set(overrides) <= RESUME_MAY_CHANGE \
+    if overrides.get("resume") and not files and "preset" not in overrides \
             and os.path.isfile(path):
         saved = read_json(path)
+        if not isinstance(saved, dict):
+            raise ValueError(f"{path}: expected a JSON object of config keys (train.py writes it)")
         saved = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig)
                                if f.name in saved})
     cfg = build_config(TrainConfig, PRESETS, overrides, files, base=saved)
     check_config(cfg)
+    if saved is not None:
+        check_resume_changes(saved, cfg, overrides, RESUME_MAY_CHANGE, path)
     return cfg
 
 
@@ -607,7 +620,7 @@ def run(cfg):
     "adapted" and "distilled-<variant>" to what the stages trained or loaded. One run per
     out_dir: rank 0 holds its lock (devices.FolderLock) from the checks to the end."""
     with FolderLock(cfg.out_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
-        check_out_dir(cfg)
+        check_out_dir(cfg, RESUME_MAY_CHANGE)
         return train_stages(cfg)
 
 
@@ -624,7 +637,12 @@ def train_stages(cfg):
                              f"({len(setup.text_stream)} tokens)")
     os.makedirs(cfg.out_dir, exist_ok=True)          # only once the data and the inputs are good
     if devices.is_main:
-        write_json(os.path.join(cfg.out_dir, "run_config.json"), asdict(cfg))
+        run_config = os.path.join(cfg.out_dir, "run_config.json")
+        with writing("the run's config", run_config):
+            write_json(run_config, asdict(cfg))
+        for name in remove_stale_temps(cfg.out_dir):       # of a save that a kill interrupted
+            print(f"train.py: removed {name} from {cfg.out_dir}: what a killed save left",
+                  file=sys.stderr)
     t0 = time.time()
     models = {}
     teacher_dir = os.path.join(cfg.out_dir, "teacher")
@@ -634,6 +652,7 @@ def train_stages(cfg):
     elif cfg.stage in ("pretrain", "all"):
         models["teacher"] = stage_pretrain(setup)
     else:
+        check_teacher_tokenizer(teacher_dir, tok, "the teacher folder")
         models["teacher"] = load_hf_lm(teacher_dir).to(devices.device)
     if cfg.stage in ("adapt", "all"):
         models["adapted"] = stage_adapt(setup, models["teacher"])
@@ -663,20 +682,22 @@ USAGE = ("usage: python train.py [CONFIG.json ...] [--key=value ...]\n"
 
 
 def main(argv):
-    """Bad input (config, files, checkpoints) and a stage that cannot go on end with one line
-    on stderr and exit status 1, not a traceback; anything unexpected keeps its traceback.
-    Ctrl-C / SIGTERM save a checkpoint and print the command that resumes."""
+    """Bad input (config, files, checkpoints), a stage that cannot go on, a full disk, memory
+    running out, another DDP process failing and Ctrl-C end with one line on stderr and exit
+    status 1 (under torchrun each process says which it is), not a traceback; anything unexpected
+    keeps its traceback. Ctrl-C / SIGTERM save a checkpoint and print the command that resumes."""
     if wants_help(argv):
         print(config_help(TrainConfig, PRESETS, USAGE))
         return
+    cfg = None
     try:
         cfg = get_config(argv)
         models, examples, tok = run(cfg)
-    except Interrupted as e:
-        sys.exit(f"train.py: interrupted: {e}. Resume with: python train.py "
-                 f"--out_dir={cfg.out_dir} --resume=true")
-    except (ValueError, FileNotFoundError, TrainingError) as e:
-        sys.exit(f"train.py: {e}")
+    except BaseException as e:
+        line = failure_line(e, cfg)
+        if line is None:                              # not ours to say: its traceback
+            raise
+        sys.exit(line)
     if cfg.eval and int(os.environ.get("RANK", "0")) == 0 and examples.language_bench:
         rows = evaluation.evaluate_models(models, examples, tok, cfg.image_size)
         print(evaluation.format_table(rows))

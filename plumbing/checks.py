@@ -7,15 +7,24 @@ resumed log), the tiny world's contexts against a packed row, and a given studen
 import math
 import os
 
+import torch
+from tokenizers import Tokenizer
+
 import data
 import distill
 import kvshare
 from scale import tiles
 import world
 from scale import stream
+from plumbing.devices import ranks, resume_command
+from plumbing.files import read_json
 from plumbing.loop import Checkpoints, read_log
+from scale.weights import image_layout, vision_config_from_hf
 
 STAGES = ("pretrain", "adapt", "distill", "all")
+FLOAT32_MAX = torch.finfo(torch.float32).max
+ADAM_BETA1 = 0.9                     # train.train_stage's AdamW: its first step is lr / (1 - 0.9)
+LEARNING_RATES = ("pretrain_lr", "align_lr", "adapt_lr", "adapt_vision_lr", "distill_lr")
 
 
 def variant_name(cfg):
@@ -40,13 +49,26 @@ def check_config(cfg):
     for key, low in at_least.items():
         if getattr(cfg, key) < low:
             raise ValueError(f"--{key} must be >= {low}, got {getattr(cfg, key)}")
-    for key in ("pretrain_lr", "align_lr", "adapt_lr", "adapt_vision_lr", "distill_lr",
-                "temperature", "grad_clip", "alpha", "weight_decay"):
-        low = 0 if key in ("alpha", "weight_decay") else None
+    for key in LEARNING_RATES + ("temperature", "grad_clip", "alpha", "weight_decay",
+                                 "max_loss_ratio", "max_grad_ratio"):
+        low = 0 if key in ("alpha", "weight_decay", "max_loss_ratio", "max_grad_ratio") else None
         v = getattr(cfg, key)
         if not (math.isfinite(v) and (v >= 0 if low == 0 else v > 0)):
             raise ValueError(f"--{key} must be a finite number {'>=' if low == 0 else '>'} 0, "
                              f"got {v}")
+        if v > FLOAT32_MAX:                  # a float32 tensor op with it fails at step 1
+            raise ValueError(f"--{key}={v:g} overflows float32 (at most {FLOAT32_MAX:.4g}); "
+                             "expected a smaller number")
+    for key in LEARNING_RATES:
+        lr = getattr(cfg, key)
+        if max(lr / (1 - ADAM_BETA1), lr * cfg.weight_decay) > FLOAT32_MAX:
+            raise ValueError(f"--{key}={lr:g} overflows float32 in AdamW's update (its first step "
+                             f"is lr / (1 - beta1) = {lr / (1 - ADAM_BETA1):g}, the decay lr x "
+                             f"--weight_decay = {lr * cfg.weight_decay:g}; float32 holds at most "
+                             f"{FLOAT32_MAX:.4g}); expected a smaller learning rate")
+    if 0 < cfg.max_loss_ratio <= 1 or 0 < cfg.max_grad_ratio <= 1:
+        raise ValueError(f"--max_loss_ratio={cfg.max_loss_ratio:g} / --max_grad_ratio="
+                         f"{cfg.max_grad_ratio:g}: expected 0 (off) or a ratio > 1")
     if cfg.pack and cfg.max_len < 1:
         raise ValueError("--pack=true needs --max_len >= 1: the tokens of one packed row")
     if not 0 <= cfg.warmup_frac < 1:
@@ -123,11 +145,11 @@ def stages_to_train(cfg):
     return names
 
 
-def check_out_dir(cfg):
+def check_out_dir(cfg, run_keys=()):
     """Before any work (train.run holds the out_dir's lock): a fresh run must not start in a
-    folder holding another run's checkpoints of the same stage (it would mix two runs), a later
-    stage needs the models of the earlier ones, and a resumed run's log.jsonl must read (its
-    torn last line, if any, is dropped)."""
+    folder holding another run's checkpoints of the same stage (it would mix two runs), a
+    resumed one must continue them (check_resume), a later stage needs the models of the earlier
+    ones, and a resumed run's log.jsonl must read (its torn last line, if any, is dropped)."""
     for name in stages_to_train(cfg):
         found = Checkpoints(os.path.join(cfg.out_dir, "ckpt", name), cfg.keep_last).paths()
         if found and not cfg.resume:
@@ -136,6 +158,8 @@ def check_out_dir(cfg):
                 f"({os.path.basename(found[-1])}, ...). Choose: --resume=true to continue that "
                 "run; --stage=distill --variant=NAME (with the policy/scope you want) for another "
                 "distilled variant beside it; or another --out_dir for a fresh run")
+    if cfg.resume:
+        check_resume(cfg, run_keys)
     log = os.path.join(cfg.out_dir, "log.jsonl")
     if cfg.resume and os.path.isfile(log):
         read_log(log)                      # a bad line is an error; a torn last line is dropped
@@ -149,20 +173,101 @@ def check_out_dir(cfg):
                              f"with --out_dir={cfg.out_dir} first")
 
 
+def check_resume(cfg, run_keys):
+    """--resume=true, before anything in out_dir is written (run_config.json included): the
+    newest checkpoint of each stage this run trains must come from its config (but run_keys:
+    Checkpoints.load) and from as many processes (a step's batch is --batch_size per process)."""
+    world = ranks()[1]
+    for name in stages_to_train(cfg):
+        ckpts = Checkpoints(os.path.join(cfg.out_dir, "ckpt", name), cfg.keep_last, run_keys)
+        if not ckpts.paths():
+            continue
+        path = ckpts.paths()[-1]
+        was = ckpts.load(path, cfg, mmap=True).get("world_size")   # None: an older checkpoint
+        if was is not None and was != world:
+            raise ValueError(f"--out_dir={cfg.out_dir}: checkpoint {path} was written by {was} "
+                             f"process(es), this run has {world}: the batch of a step is "
+                             "--batch_size per process, so another count would train another run. "
+                             f"Resume with: {resume_command(cfg.out_dir, processes=was)}")
+
+
+def check_resume_changes(saved, cfg, given, may_change, path):
+    """A resume that starts from the run's saved config (`saved`, read from `path`;
+    train.get_config) may change only the keys may_change: the given flags that change any other
+    key are refused, named, before any work."""
+    changed = [k for k in given if k not in may_change and getattr(cfg, k) != getattr(saved, k)]
+    if changed:
+        raise ValueError(
+            f"{', '.join(f'--{k}={getattr(cfg, k)}' for k in changed)}: --resume=true continues "
+            f"the run in {cfg.out_dir} with its own config ({path}: "
+            f"{', '.join(f'{k}={getattr(saved, k)!r}' for k in changed)}), and a resume may "
+            f"change only {', '.join(sorted(may_change))}; for another config start a fresh run "
+            "in another --out_dir (or, for stage 3, --stage=distill --variant=NAME beside it, "
+            "without --resume)")
+
+
+def check_teacher_tokenizer(teacher_folder, tok, flag="--teacher"):
+    """A teacher paired with a student (train.py, eval.py, tools/generate.py) must read the
+    student's ids as the same tokens wherever their vocabularies overlap: the handoff feeds the
+    student's context ids to the teacher and KD compares those logits. The teacher folder's
+    tokenizer.json against the student's `tok` (kvshare.check_shared_vocab); a folder without
+    one is not checked."""
+    path = os.path.join(teacher_folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        return
+    try:                                     # as it is (data.load_tokenizer would add our roles)
+        teacher_tok = Tokenizer.from_file(path)
+    except Exception as e:                   # the tokenizers library raises its own Exception type
+        raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
+    try:
+        kvshare.check_shared_vocab(teacher_tok, tok)
+    except ValueError as e:
+        where = f"{flag}={teacher_folder}" if flag.startswith("--") else f"{flag} {teacher_folder}"
+        raise ValueError(f"{where}: its tokenizer is not the model's: {e}; expected the teacher "
+                         "the model was trained with") from None
+
+
+def student_image_layout(cfg):
+    """(image tokens per view, image splitting or None) of the student stage 2 will build, read
+    from the configs alone: --student_path (our VLM or nanoVLM folder), --vision_path's tower,
+    else the flags; None where the configs do not tell (a SmolVLM student: its processor's
+    layout)."""
+    split = tiles.ImageSplitting(max_side=cfg.image_max_side) if cfg.image_splitting else None
+    if cfg.student_path:
+        return image_layout(cfg.student_path)
+    if cfg.vision_path:
+        vision = vision_config_from_hf(read_json(os.path.join(cfg.vision_path, "config.json")))
+        return vision.n_patches // cfg.shuffle_factor ** 2, split
+    return (cfg.image_size // cfg.patch_size // cfg.shuffle_factor) ** 2, split
+
+
+def context_ids(example, tok, n_image_tokens, split, tile):
+    """An example's context ids as stage 2 lays them out (split images: their grid tokens)."""
+    if split is None:
+        return data.encode_example(example, tok, n_image_tokens)[0]
+    grids = [tiles.tile_grid(*tiles.split_size(im.height, im.width, tile, split.max_side,
+                                               split.resize_to_max_side), tile)
+             for im in data.example_images(example)]
+    return tiles.encode_example(example, tok, n_image_tokens, grids)[0]
+
+
 def check_pack_fits(cfg, examples, tok):
     """--pack=true on the tiny world: every context of stages 2-3 must leave a --max_len row room
     for one response token (data.collate's rule), checked before stage 1 trains. The image
-    tokens are those of a fresh student (--student_path / --vision_path: found when stage 2
-    starts). Streamed --data_path examples are cut or dropped to fit (stream.fit_to_max_len)."""
-    if not cfg.pack or isinstance(examples, stream.RealData) or cfg.student_path \
-            or cfg.vision_path or cfg.image_splitting:
+    tokens are those of the student stage 2 builds (student_image_layout: --student_path,
+    --vision_path, --image_splitting; not checked for a SmolVLM student). Streamed --data_path
+    examples are cut or dropped to fit (stream.fit_to_max_len)."""
+    layout = None if not cfg.pack or isinstance(examples, stream.RealData) \
+        else student_image_layout(cfg)
+    if layout is None:
         return
-    n_image_tokens = (cfg.image_size // cfg.patch_size // cfg.shuffle_factor) ** 2
-    longest = max(len(data.encode_example(ex, tok, n_image_tokens)[0])
+    n_image_tokens, split = layout
+    longest = max(len(context_ids(ex, tok, n_image_tokens, split, cfg.image_size))
                   for source in examples.sources.values() for ex in source)
     if longest >= cfg.max_len:
         raise ValueError(f"--pack=true --max_len={cfg.max_len}: the longest context is {longest} "
-                         f"tokens (with {n_image_tokens} image tokens); expected --max_len >= "
+                         f"tokens (with {n_image_tokens} image tokens"
+                         f"{' per view, images split' if split else ''}); expected --max_len >= "
                          f"{longest + 1} (room for one response token)")
 
 

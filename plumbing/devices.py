@@ -5,6 +5,7 @@ repository.
 import ast
 import os
 import random
+import shlex
 from contextlib import nullcontext
 
 import numpy as np
@@ -69,6 +70,51 @@ class Devices:
     def barrier(self):
         if self.ddp:
             dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------
+# Under torchrun: the command that starts the run again, and the failures one line names
+
+def ranks():
+    """(rank, world size) of this process as torchrun set them ((0, 1) without torchrun)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launch_command(processes=None, script="train.py"):
+    """The command that starts this run's processes again: `python train.py`, or under torchrun
+    `torchrun --nproc_per_node=N train.py` with the same process counts (processes: that many on
+    one machine instead). The batch of a step is --batch_size per process: another count is
+    another run."""
+    world = processes or ranks()[1]
+    if world == 1:
+        return f"python {script}"
+    local = world if processes else int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = "" if local == world else f"--nnodes={world // local} (and your rendezvous flags) "
+    return f"torchrun {nodes}--nproc_per_node={local} {script}"
+
+
+def resume_command(out_dir, processes=None, extra=""):
+    """The command that resumes the run in out_dir (launch_command's), its path shell-quoted."""
+    return (f"{launch_command(processes)} --out_dir={shlex.quote(out_dir)} --resume=true"
+            + (f" {extra}" if extra else ""))
+
+
+def lost_peer(err):
+    """True for the error a collective (all_reduce, DDP's gradient sync, barrier) raises on the
+    surviving ranks when another rank died or stopped on an error of its own."""
+    if ranks()[1] == 1 or not isinstance(err, RuntimeError):
+        return False
+    text = str(err)
+    return isinstance(err, dist.DistError) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                            "gloo", "NCCL", "ProcessGroup"))
+
+
+def out_of_memory(err):
+    """True for CUDA's torch.OutOfMemoryError and the CPU allocator's RuntimeError."""
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and ("can't allocate memory" in str(err)
+                                           or "out of memory" in str(err)))
 
 
 # ----------------------------------------------------------------------------------------

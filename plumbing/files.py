@@ -8,7 +8,7 @@ import os
 import shutil
 import sys
 import tempfile
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 
 
 # ----------------------------------------------------------------------------------------
@@ -57,6 +57,49 @@ def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2))
 
 
+def append_line(path, line):
+    """One line appended to a text file (log.jsonl); a failed write is a WriteError (writing())."""
+    with writing("the log", path):
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+# ----------------------------------------------------------------------------------------
+# A write that fails (a full disk, a quota): one line naming the file, not a traceback
+
+class WriteError(RuntimeError):
+    """A file or folder could not be written; the message names it and the free space."""
+
+
+def write_failed(what, path, err):
+    """The message of a failed write: what, where, the error's first line and the free space."""
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
+    first = (str(err).splitlines() or [""])[0][:120]
+    return (f"cannot write {what} {path}: the write failed ({type(err).__name__}: {first}); "
+            f"{free / 2**20:.0f} MiB free there -- is the disk full?")
+
+
+def is_write_failure(err):
+    """An OSError, or what torch.save / safetensors raise when the disk fills mid-write."""
+    return isinstance(err, OSError) or any(s in str(err) for s in (
+        "No space left", "StorageFull", "file write failed", "unexpected pos", "Disk quota"))
+
+
+@contextmanager
+def writing(what, path):
+    """Inside: a failed write (is_write_failure) becomes a WriteError naming `what` and `path`;
+    any other error keeps its traceback."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as e:
+        if not is_write_failure(e):
+            raise
+        raise WriteError(write_failed(what, path, e)) from None
+
+
 def read_json(path):
     try:
         with open(path) as f:
@@ -70,22 +113,39 @@ def read_json(path):
 def replace_folder(folder, fill):
     """Write a whole folder atomically: fill(tmp) writes into a temp folder beside `folder`,
     which is then renamed into place, so `folder` is always complete (an older one at that path
-    is replaced only once the new one is whole)."""
+    is replaced only once the new one is whole). A failed write (a full disk) is a WriteError;
+    the temp folder is removed (one a kill leaves: remove_stale_temps at the next run)."""
     parent = os.path.dirname(os.path.abspath(folder))
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(folder)}-", dir=parent)
-    try:
-        os.chmod(tmp, 0o777 & ~current_umask())
-        fill(tmp)
-        old = None
-        if os.path.exists(folder):
-            old = tempfile.mkdtemp(prefix=f".old-{os.path.basename(folder)}-", dir=parent)
-            os.replace(folder, os.path.join(old, "model"))
-        os.replace(tmp, folder)
-        if old:
-            shutil.rmtree(old)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
+    with writing("the model folder", folder):
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(folder)}-", dir=parent)
+        try:
+            os.chmod(tmp, 0o777 & ~current_umask())
+            fill(tmp)
+            old = None
+            if os.path.exists(folder):
+                old = tempfile.mkdtemp(prefix=f".old-{os.path.basename(folder)}-", dir=parent)
+                os.replace(folder, os.path.join(old, "model"))
+            os.replace(tmp, folder)
+            if old:
+                shutil.rmtree(old)
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+
+
+def remove_stale_temps(folder):
+    """The temp files and folders (.tmp-*) of atomic writes and whole-folder saves that a kill
+    interrupted, directly in `folder`, and the set-aside .old-<name>-* of a replaced folder whose
+    new <name> is in place. Call only while holding the folder (FolderLock): no write is running.
+    Returns the names removed."""
+    removed = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        path = os.path.join(folder, name)
+        old_of = name[len(".old-"):].rsplit("-", 1)[0] if name.startswith(".old-") else None
+        if name.startswith(".tmp-") or (old_of and os.path.isdir(os.path.join(folder, old_of))):
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            removed.append(name)
+    return removed
 
 
 def check_new_folder(folder, what="the output folder"):

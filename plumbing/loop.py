@@ -5,8 +5,9 @@ checkpoints, log.jsonl, resume, bad-step skipping, the progress bar and Ctrl-C /
 import json
 import math
 import os
-import shutil
+import re
 import signal
+import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -16,19 +17,27 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
-from plumbing.devices import rng_state, set_rng_state
-from plumbing.files import atomic_write, write_text
+from plumbing.devices import (lost_peer, out_of_memory, ranks, resume_command, rng_state,
+                              set_rng_state)
+from plumbing.files import WriteError, append_line, atomic_write, write_failed, write_text
 from plumbing.flops import peak_tflops
 
 
 # ----------------------------------------------------------------------------------------
 # Checkpoints: {model, optimizer, scheduler, step, config, rng, bad_steps}, written atomically
+# (and, since they were added: world_size, the divergence watch, its median loss)
 
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "step", "config", "rng", "bad_steps"}
 
 
 class TrainingError(RuntimeError):
-    """A stage cannot go on (non-finite losses past --max_bad_steps, no good step at all)."""
+    """A stage cannot go on (non-finite losses past --max_bad_steps, no good step at all, a
+    divergence). resume_flags: what to add to the resume command (a lower learning rate), or None
+    where a resume would not help."""
+
+    def __init__(self, message, resume_flags=None):
+        super().__init__(message)
+        self.resume_flags = resume_flags
 
 
 class Checkpoints:
@@ -57,18 +66,20 @@ class Checkpoints:
             os.makedirs(self.folder, exist_ok=True)
             atomic_write(path, lambda tmp: torch.save(state, tmp))
         except (OSError, RuntimeError) as e:    # torch.save: "[enforce fail ...] unexpected pos"
-            free = shutil.disk_usage(self.folder).free if os.path.isdir(self.folder) else 0
-            raise TrainingError(f"cannot write checkpoint {path}: the write failed "
-                                f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                                f"{free / 2**20:.0f} MiB free there -- is the disk full? The "
-                                "checkpoints written before are kept") from None
+            if out_of_memory(e):
+                raise
+            raise TrainingError(write_failed("checkpoint", path, e)
+                                + " The checkpoints written before are kept") from None
         older = [p for p in self.paths() if p < path]          # never the one just written
         for old in older[:max(0, len(older) - (self.keep_last - 1))]:
             os.remove(old)
 
-    def load(self, path, cfg):
+    def load(self, path, cfg, mmap=False):
+        """The checkpoint at `path`, refused if it is not one or comes from another config (keys
+        but run_keys). mmap=True: its tensors are mapped, not read (the checks before any work
+        read the config and world size of a checkpoint that way)."""
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as e:
             raise ValueError(f"checkpoint {path} is truncated or corrupt "
                              f"({type(e).__name__}: {e})") from None
@@ -117,7 +128,88 @@ def drop_log_records(log_path, name, after_step):
 
 
 # ----------------------------------------------------------------------------------------
+# Divergence: the loss or the gradient norm of a few steps far above the steps before, or a loss
+# drifting up, stops the stage before its next checkpoint: the newest checkpoint is a sane one
+
+RECENT, WINDOW = 5, 20      # a few steps (one noisy batch moves their median) and those before
+
+
+def steps(n):
+    return f"{n} step{'s' if n > 1 else ''}"
+
+
+def far_above(value, reference, ratio):
+    """over ratio x the reference and 1 nat above it (near-zero losses double often)."""
+    return value > ratio * reference and value > reference + 1.0
+
+
+class DivergenceWatch:
+    """The divergence rule (README, Training), over a stage's good steps (non-finite ones are
+    skipped before it: StageBooks.finite_or_skip). A step diverges on
+      a loss spike: the median loss of the last RECENT steps (of the later half, in a stage's
+        first steps: a blow-up is caught before a checkpoint keeps it) is far above (far_above,
+        --max_loss_ratio) the median of the up to WINDOW steps before them;
+      a gradient spike: the median gradient norm of the last RECENT steps is over
+        --max_grad_ratio x the median of the WINDOW before them, and over --grad_clip;
+      a drift: the median loss of the last WINDOW steps is far above the lowest such median of
+        the stage so far (a loss creeping up, with no spike).
+    0 turns a ratio off. The tiny world's runs stay far inside: the default run's worst is a loss
+    1.35 x its reference, a norm 2.1 x, a drift of 0.12 nat (the experiment runs' and the smoke
+    preset's worst: a loss 1.5 x, a norm 8.5 x). The state is kept in each checkpoint: a resumed
+    run stops where the uninterrupted one would."""
+
+    def __init__(self, loss_ratio, grad_ratio, grad_clip, state=None):
+        self.loss_ratio, self.grad_ratio, self.grad_clip = loss_ratio, grad_ratio, grad_clip
+        state = state or {"losses": [], "norms": [], "best": None}
+        self.losses, self.norms, self.best = list(state["losses"]), list(state["norms"]), \
+            state["best"]
+
+    def state(self):
+        return {"losses": list(self.losses), "norms": list(self.norms), "best": self.best}
+
+    def median(self):
+        """The median loss of the last WINDOW steps (kept in each checkpoint), or None."""
+        return statistics.median(self.losses[-WINDOW:]) if self.losses else None
+
+    def check(self, loss, grad_norm):
+        """The step's loss and gradient norm join the watch -> why the run diverges, or None."""
+        self.losses = (self.losses + [loss])[-(RECENT + WINDOW):]
+        self.norms = (self.norms + [grad_norm])[-(RECENT + WINDOW):]
+        losses, norms, why = self.losses, self.norms, None
+        recent = min(RECENT, len(losses) // 2)
+        if self.loss_ratio and recent:
+            now, ref = statistics.median(losses[-recent:]), statistics.median(losses[:-recent])
+            if far_above(now, ref, self.loss_ratio):
+                why = (f"the median loss of the last {steps(recent)}, {now:.4g}, is over "
+                       f"{self.loss_ratio:g} x and 1 nat above the median {ref:.4g} of the "
+                       f"{steps(len(losses) - recent)} before (a loss spike, --max_loss_ratio)")
+        if why is None and self.grad_ratio and len(norms) == RECENT + WINDOW:
+            now, ref = statistics.median(norms[-RECENT:]), statistics.median(norms[:-RECENT])
+            if now > max(self.grad_ratio * ref, self.grad_clip):
+                why = (f"the median gradient norm of the last {RECENT} steps, {now:.4g}, is over "
+                       f"{self.grad_ratio:g} x the median {ref:.4g} of the {WINDOW} steps before "
+                       "and over --grad_clip (a gradient spike, --max_grad_ratio)")
+        if len(losses) >= WINDOW:
+            now = self.median()
+            if why is None and self.best is not None and self.loss_ratio \
+                    and far_above(now, self.best, self.loss_ratio):
+                why = (f"the median loss of the last {WINDOW} steps, {now:.4g}, is over "
+                       f"{self.loss_ratio:g} x and 1 nat above the stage's lowest, {self.best:.4g}"
+                       " (a drift, --max_loss_ratio)")
+            self.best = now if self.best is None else min(self.best, now)
+        return why
+
+
+# ----------------------------------------------------------------------------------------
 # The bookkeeping of one stage's loop (train.train_stage holds the update itself)
+
+_running = None      # the StageBooks of the stage training now (running_stage)
+
+
+def running_stage():
+    """(stage name, the step in progress (1-based), its steps) of the stage training now, or
+    None: where a failure mid-step (out of memory) happened."""
+    return None if _running is None else (_running.name, _running.step + 1, _running.steps)
 
 class StageBooks:
     """What runs around one stage's optimizer steps: resume from the stage's newest checkpoint
@@ -139,6 +231,7 @@ class StageBooks:
         self.ckpts = Checkpoints(os.path.join(cfg.out_dir, "ckpt", name), cfg.keep_last, run_keys)
         self.log_path = os.path.join(cfg.out_dir, "log.jsonl")
         self.start, self.bad_steps, self.skipped_examples = 0, 0, 0
+        self.watch = DivergenceWatch(cfg.max_loss_ratio, cfg.max_grad_ratio, cfg.grad_clip)
         if devices.is_main:
             self.ckpts.remove_orphans()
         if cfg.resume and self.ckpts.paths():
@@ -148,14 +241,29 @@ class StageBooks:
         if cfg.compile:     # a fresh compile per stage: no graph traced while others were frozen
             torch.compiler.reset()
         self.t_start = self.t_last = time.time()
+        global _running
+        self.step, _running = self.start, self
 
     def resume(self):
         state = self.ckpts.load(self.ckpts.paths()[-1], self.cfg)
+        peaks = [g["initial_lr"] for g in self.opt.param_groups]       # this run's learning rates
         unwrap(self.model).load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.start, self.bad_steps = state["step"], state["bad_steps"]
         set_rng_state(state["rng"])
+        self.watch = DivergenceWatch(self.watch.loss_ratio, self.watch.grad_ratio,
+                                     self.watch.grad_clip, state.get("watch"))
+        was = [g["initial_lr"] for g in self.opt.param_groups]
+        if was != peaks:           # a resume that changes a learning rate: the same schedule
+            for g, peak, factor in zip(self.opt.param_groups, peaks, self.sched.lr_lambdas):
+                g["initial_lr"], g["lr"] = peak, peak * factor(self.sched.last_epoch)
+            self.sched.base_lrs = list(peaks)
+            self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
+            if self.devices.is_main:
+                print(f"{self.name}: resuming at step {self.start} with the peak learning rate(s) "
+                      f"{', '.join(f'{p:g}' for p in peaks)} (the checkpoint's: "
+                      f"{', '.join(f'{p:g}' for p in was)}), on the same schedule")
         if self.devices.is_main:
             drop_log_records(self.log_path, self.name, after_step=self.start)  # the crash's steps
             was = state["config"][f"{self.stage}_steps"]
@@ -165,9 +273,31 @@ class StageBooks:
                       f"that of {self.steps} steps) and then replacing this stage's model folder")
 
     def progress_bar(self):
-        self.bar = tqdm(range(self.start, self.steps), desc=self.name, initial=self.start,
+        self.bar = tqdm(self.counted(), desc=self.name, initial=self.start,
                         total=self.steps, disable=not self.devices.is_main, leave=False)
         return self.bar
+
+    def counted(self):
+        for step in range(self.start, self.steps):
+            self.step = step                     # the step in progress, for running_stage()
+            yield step
+
+    def lower_lr_flags(self):
+        """The flags that halve this stage's learning rates (a resume may change them)."""
+        return " ".join(f"--{k}={v / 2:g}" for k, v in asdict(self.cfg).items()
+                        if k.startswith(self.stage + "_") and k.endswith("_lr"))
+
+    def last_checkpoint(self):
+        """The newest checkpoint of the stage and its median loss, said in words."""
+        paths = self.ckpts.paths()
+        if not paths:
+            return "none was written (a resume starts the stage again)"
+        try:
+            loss = self.ckpts.load(paths[-1], self.cfg, mmap=True).get("loss")
+        except ValueError:
+            loss = None
+        return paths[-1] + (f" (median loss {loss:.4g} over its last {WINDOW} steps)"
+                            if loss is not None else "")
 
     def gather(self, logs, grad_norm, counts, batches):
         """The step's summed logs and grad norm as floats (one device sync), summed over ranks;
@@ -190,8 +320,18 @@ class StageBooks:
             raise TrainingError(f"{self.name}: {self.bad_steps} steps with non-finite loss or "
                                 f"gradients (limit --max_bad_steps={self.cfg.max_bad_steps}); "
                                 f"last good checkpoint: {last}; no model folder saved for this "
-                                "stage")
+                                "stage", resume_flags=self.lower_lr_flags())
         return False
+
+    def check_divergence(self, step, loss, grad_norm):
+        """Every rank (the values are summed over ranks): a diverging step (DivergenceWatch) ends
+        the stage with a TrainingError before any checkpoint of it is written."""
+        why = self.watch.check(loss, grad_norm)
+        if why is not None:
+            self.bar.close()
+            raise TrainingError(f"{self.name}: diverging at step {step}: {why}. Last checkpoint, "
+                                f"written before it: {self.last_checkpoint()}; no model folder "
+                                "saved for this stage", resume_flags=self.lower_lr_flags())
 
     def end_step(self, step, logs, stop_requested):
         """After an optimizer step: log.jsonl, the progress bar, checkpoints, and a stop request
@@ -210,8 +350,9 @@ class StageBooks:
             record["max_mem_gib"] = torch.cuda.max_memory_allocated(devices.device) / 2**30
         stop = devices.sum_over_ranks({"stop": float(stop_requested)})["stop"] > 0   # any rank
         if devices.is_main:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(self.log_path, json.dumps(record))      # a full disk: a WriteError
+        self.check_divergence(step + 1, record["loss"], grad_norm)  # before any checkpoint
+        if devices.is_main:
             if (step + 1) % cfg.log_every == 0:              # losses, tokens/s, (CUDA) MFU
                 self.bar.set_postfix({k: f"{record[k]:.4g}" for k in (*logs, "tokens_per_s", "mfu")
                                       if k in record and k != "tokens"})
@@ -227,9 +368,12 @@ class StageBooks:
                                "optimizer": self.opt.state_dict(),
                                "scheduler": self.sched.state_dict(), "step": step,
                                "bad_steps": self.bad_steps, "config": asdict(self.cfg),
-                               "rng": rng_state()})
+                               "rng": rng_state(), "world_size": self.devices.world_size,
+                               "watch": self.watch.state(), "loss": self.watch.median()})
 
     def finish(self):
+        global _running
+        _running = None
         if self.bad_steps >= self.steps:
             raise TrainingError(f"{self.name}: all {self.steps} steps had a non-finite loss or "
                                 "gradients; no model folder saved for this stage")
@@ -284,3 +428,46 @@ def stop_requests():
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
+
+
+# ----------------------------------------------------------------------------------------
+# How a run ends: one line for each failure a user can act on (train.main)
+
+def failure_line(e, cfg):
+    """train.main's one line for the exception `e` that ended a run of config `cfg` (None when
+    get_config failed), or None: not ours to say, it keeps its traceback. Under torchrun each
+    process says which it is; where a resume helps, the line ends with its command."""
+    rank, world = ranks()
+    who = f"train.py: rank {rank} of {world}: " if world > 1 else "train.py: "
+    resume = resume_command(cfg.out_dir) if cfg else ""
+    if isinstance(e, Interrupted):
+        return f"{who}interrupted: {e}. Resume with: {resume}"
+    if isinstance(e, KeyboardInterrupt):                  # a second Ctrl-C: at once
+        return f"{who}stopped at once (a second Ctrl-C); every file written is whole (writes " \
+               "are atomic)" + (f". Resume with: {resume}" if cfg else "")
+    if isinstance(e, TrainingError) and e.resume_flags is not None:
+        return f"{who}{e}. Resume with: {resume_command(cfg.out_dir, extra=e.resume_flags)}"
+    if isinstance(e, WriteError):
+        return f"{who}{e} Nothing half-written is kept; free some space, then resume with: " \
+               f"{resume}"
+    if isinstance(e, (ValueError, FileNotFoundError, TrainingError)):
+        mid_run = world > 1 and running_stage() is not None
+        return f"{who}{e}" + (f" (the other processes stop too; once this is fixed, resume "
+                              f"with: {resume})" if mid_run else "")
+    if lost_peer(e):                        # gloo: "[.../pair.cc:553] Connection closed by peer"
+        why = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).splitlines() or [""])[0]).split(". ")[0]
+        return (f"{who}stopped: another process of this run ended ({why[:120]}); one that failed "
+                f"says why on its own line. Once that is fixed, resume with: {resume}")
+    if out_of_memory(e) and cfg is not None:
+        stage = running_stage()
+        at = (f"in stage {stage[0]} at step {stage[1]} of {stage[2]}" if stage
+              else "outside the training steps")
+        return (f"{who}out of memory {at} ({type(e).__name__}: "
+                f"{(str(e).splitlines() or [''])[0][:120]}) with --batch_size={cfg.batch_size} "
+                f"examples per micro-batch per process, --grad_accum={cfg.grad_accum}: lower "
+                "--batch_size and raise --grad_accum as much (the same examples per step), or set "
+                "--grad_checkpointing=true (activations recomputed in backward); nothing of this "
+                "step was saved. A resume may add --grad_checkpointing=true: "
+                f"{resume_command(cfg.out_dir, extra='--grad_checkpointing=true')}; a smaller "
+                "--batch_size is a new run (another --out_dir)")
+    return None

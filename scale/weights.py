@@ -816,6 +816,24 @@ def save_tokenizer(tokenizer, folder):
 # ----------------------------------------------------------------------------------------
 # Any model folder
 
+def image_layout(folder):
+    """(image tokens per view, ImageSplitting or None) of the VLM in `folder` from its config.json
+    alone (our VLM or a nanoVLM folder; no weights read); None for a SmolVLM / Idefics3 folder
+    (its processor's layout) or anything else."""
+    cfg_path = os.path.join(folder, "config.json")
+    c = read_json(cfg_path)
+    if isinstance(c, dict) and c.get("model_type") == "lingudistill_vlm":
+        f = ConfigFields(c, cfg_path)
+        vision = config_from_fields(VisionConfig, f.sub("vision"))
+        split = _splitting_from_json(f.get("image_splitting", "object", None), cfg_path)
+        return None if isinstance(split, Idefics3Splitting) else \
+            (vision.n_patches // f.get("shuffle_factor", "size") ** 2, split)
+    if isinstance(c, dict) and "vit_hidden_dim" in c:
+        _, vision, factor, _ = nanovlm_configs(c, cfg_path)
+        return vision.n_patches // factor ** 2, nanovlm_image_splitting(c, cfg_path)[1]
+    return None
+
+
 def load_model_folder(folder, image_token_id=None):
     """The model in `folder`, by its config.json: our VLM (model_type "lingudistill_vlm"), a
     SmolVLM / Idefics3 folder (model_type "smolvlm" / "idefics3"), a nanoVLM checkpoint (vit_* /

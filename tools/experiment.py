@@ -144,9 +144,10 @@ def run_seed(seed, train_argv, out_dir, merge_lams=MERGE_LAMS, teachers_from="",
     and on the validation items (val_* keys). With teachers_from, the teacher is copied from
     teachers_from/seed<N>/teacher and stage 1 is not run."""
     # --resume: a re-run in the same --out_dir continues where an interrupted one stopped
-    resume = [] if any(a.startswith("--resume") for a in train_argv) else ["--resume=true"]
+    given = any(a.startswith("--resume") for a in train_argv)
     seed_dir = os.path.join(out_dir, f"seed{seed}")
-    base = train_argv + resume + [f"--seed={seed}", f"--out_dir={seed_dir}", "--eval=false"]
+    base = (train_argv if given else toolflags.resuming(train_argv)) + [
+        f"--seed={seed}", f"--out_dir={seed_dir}", "--eval=false"]
     teacher_dir = os.path.join(seed_dir, "teacher")
     if teachers_from and not os.path.isdir(teacher_dir):
         given = os.path.join(teachers_from, f"seed{seed}", "teacher")

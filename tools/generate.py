@@ -36,6 +36,7 @@ from PIL import Image  # noqa: E402
 import data  # noqa: E402
 import chat  # noqa: E402
 import kvshare  # noqa: E402
+from plumbing.checks import check_teacher_tokenizer  # noqa: E402
 from plumbing.files import read_json  # noqa: E402
 from scale import tiles, weights  # noqa: E402
 from model import VLM, check_teacher_vocab  # noqa: E402
@@ -199,7 +200,7 @@ def run(args):
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               eos_id=eos, pad_id=pad, generator=gen)
     # bad teacher: before any work
-    teacher = load_teacher(args.teacher, model, ids) if args.teacher else None
+    teacher = load_teacher(args.teacher, model, ids, tok) if args.teacher else None
     views = ("" if not images
              else f", {batch['images'].shape[0]} image view(s), grids {batch['grids'][0]}")
     print(f"[{kind} {args.model}: {P} context tokens{views}]", file=sys.stderr)
@@ -213,11 +214,13 @@ def run(args):
     return 0
 
 
-def load_teacher(folder, student, ids):
-    """The frozen teacher, checked before the student answers: same attention shapes and RoPE,
-    and a context that ends with a text token (the teacher re-runs that token itself)."""
+def load_teacher(folder, student, ids, tok):
+    """The frozen teacher, checked before the student answers: its tokenizer the student's on the
+    ids they share (checks.check_teacher_tokenizer, as train.py and eval.py), same attention
+    shapes and RoPE, and a context that ends with a text token (the teacher re-runs it itself)."""
     if not os.path.isdir(folder):
         raise BadInput(f"teacher folder not found: {folder}")
+    check_teacher_tokenizer(folder, tok)
     teacher = kvshare.freeze(weights.load_hf_lm(folder))
     decoder = student.decoder if isinstance(student, VLM) else student
     kvshare.check_compatible(teacher.cfg, decoder.cfg)

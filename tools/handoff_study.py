@@ -142,8 +142,8 @@ def pipeline_argv(name, seed, out_dir, train_argv):
     extra = {"align x3": [f"--align_steps={3 * cfg.align_steps}"],
              "adapt lr /3": [f"--adapt_lr={cfg.adapt_lr / 3}"],
              "scope image": ["--scope=image"]}.get(name, [])
-    return train_argv + [f"--seed={seed}", f"--out_dir={folder}", "--eval=false",
-                         "--resume=true"] + extra
+    return toolflags.resuming(train_argv) + [f"--seed={seed}", f"--out_dir={folder}",
+                                             "--eval=false"] + extra
 
 
 def train_pipeline(name, seed, out_dir, train_argv):

@@ -233,9 +233,10 @@ def run_seed(seed, opts, train_argv, paths, heldout, bench, vision, teacher_row)
     row is kept in seed<N>/rows.json as soon as it is measured, so a re-run measures only the
     models still missing (train.py's --resume likewise skips finished stages)."""
     seed_dir = os.path.join(opts["out_dir"], f"seed{seed}")
-    base = [f"--teacher_path={opts['teacher']}", f"--data_path={','.join(paths)}",
-            f"--kd_sources={TEXT_SOURCE}", f"--seed={seed}", f"--out_dir={seed_dir}",
-            "--eval=false", "--resume=true"] + train_flags(train_argv)
+    base = toolflags.resuming([f"--teacher_path={opts['teacher']}",
+                               f"--data_path={','.join(paths)}", f"--kd_sources={TEXT_SOURCE}",
+                               f"--seed={seed}", f"--out_dir={seed_dir}", "--eval=false"]
+                              + train_flags(train_argv))
     rows_path = os.path.join(seed_dir, "rows.json")
     rows = {"teacher": teacher_row}
     if os.path.isfile(rows_path):
@@ -347,7 +348,7 @@ def parse_args(argv):
 
 # train.py keys that do not change what a seed's models are: train.py's run keys (how and where a
 # run goes) less the step counts, which do change them; the teacher is named by its folder instead.
-NOT_SETTINGS = train.RESUME_MAY_CHANGE - {f"{stage}_steps" for stage in train.BATCH_STREAMS} | {"teacher_path"}
+NOT_SETTINGS = train.RUN_KEYS - {f"{stage}_steps" for stage in train.BATCH_STREAMS} | {"teacher_path"}
 
 
 def settings(cfg, opts):

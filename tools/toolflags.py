@@ -47,6 +47,15 @@ def parse(argv, own, reserved=()):
     return opts, train_argv
 
 
+def resuming(train_argv):
+    """train_argv + --resume=true, naming its preset when it names neither a preset nor a config
+    file: train.py then builds each run's config from these flags (one folder holds several
+    variants), not from the folder's saved run_config.json (train.get_config)."""
+    named = any(a.startswith("--preset=") or not a.startswith("--") for a in train_argv)
+    return ([] if named else [f"--preset={train.TrainConfig.preset}"]) + train_argv \
+        + ["--resume=true"]
+
+
 def asks_help(argv, usage, own):
     """Print the help and return True if argv has -h / --help."""
     if wants_help(argv):
