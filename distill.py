@@ -46,8 +46,8 @@ def _check_kd_args(divergence, temperature, beta):
 
 def kd_divergence(student_logits, teacher_logits, divergence="fkl", temperature=1.0, beta=0.5):
     """Per-token divergence (N,) of student (N, Vs) / teacher (N, Vt) logits at temperature T, fp32,
-    times T^2. fkl: KL(teacher || student), the default; rkl: KL(student || teacher); jsd: beta
-    KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s; the shared vocabulary."""
+    x T^2, on the shared vocabulary. fkl: KL(teacher || student); rkl: KL(student || teacher); jsd:
+    beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s."""
     _check_kd_args(divergence, temperature, beta)
     if len(student_logits) != len(teacher_logits):
         raise ValueError(f"kd_divergence: {len(student_logits)} student rows vs "
@@ -114,8 +114,7 @@ def table_from_kinds(source_kinds, kind_weights=KIND_WEIGHTS):
 
 
 def source_weights(policy, sources, table=None):
-    """(B,) float KD weight per example, the source gate: none -> 0 (CE only), uniform -> 1 (KD
-    everywhere), selective -> table[source] (LinguDistill; `table` from table_from_kinds)."""
+    """(B,) KD weight per example, the source gate: none 0, uniform 1, selective table[source]."""
     if policy not in POLICIES:
         raise ValueError(f"policy={policy!r}; expected one of {POLICIES}")
     if policy != "selective":
@@ -140,8 +139,7 @@ def mean_over(total, count):
 def cross_entropy(logits, labels, response_mask, n_tokens=None, index=None):
     """Mean float32 cross-entropy over the real response tokens (B, R, V) vs (B, R), gathered first
     (index: their flat indices, from the host; default found here); divided by n_tokens or N."""
-    real = response_mask.reshape(-1).bool()                                  # (B*R,)
-    real = real.nonzero()[:, 0] if index is None else index                  # (N,)
+    real = response_mask.reshape(-1).nonzero()[:, 0] if index is None else index   # (N,)
     dtype = torch.promote_types(logits.dtype, torch.float32)
     total = F.cross_entropy(logits.reshape(-1, logits.shape[-1])[real].to(dtype),
                             labels.reshape(-1)[real], reduction="sum")
@@ -151,12 +149,9 @@ def cross_entropy(logits, labels, response_mask, n_tokens=None, index=None):
 def distill_loss(student_logits, labels, response_mask, teacher_logits, kd_weight, *, alpha=1.0,
                  divergence="fkl", temperature=1.0, beta=0.5, chunk_size=None, ce_tokens=None,
                  kd_tokens=None, ce_index=None, kd_index=None):
-    """CE + alpha * KD -> {"loss", "ce", "kd"}. student_logits (B, R, Vs), labels (B, R),
-    response_mask (B, R) (True: answer + EOS), teacher_logits (B, R, Vt) or None (no KD token);
-    kd_weight (B, R), the gate per token (source_weights of each row's source). CE is the mean
-    over the real tokens, KD the weighted mean over the KD tokens; ce_tokens / kd_tokens: the
-    counts to divide by, ce_index / kd_index the real and KD tokens' flat indices (data.flat_index,
-    host; defaults: this batch's). Inputs: train.py's fit (setup checks); else check_loss_inputs."""
+    """CE + alpha * KD -> {"loss", "ce", "kd"}: logits (B, R, V), labels and response_mask (B, R),
+    teacher logits or None, kd_weight (B, R) the gate; CE / KD divided by ce_tokens / kd_tokens,
+    over the flat indices ce_index / kd_index (default: this batch's). Inputs: check_loss_inputs."""
     real = response_mask.bool()                                              # (B, R)
     ce = cross_entropy(student_logits, labels, real, ce_tokens, ce_index)
     weights = real.float() * kd_weight.to(real.device)                      # (B, R)

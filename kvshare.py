@@ -193,12 +193,11 @@ def check_batch(batch, student_only_ids, teacher_vocab_size, scope="full"):
     text_ids, is_image = teacher_ids(ids, mask, student_only_ids)
     if int(text_ids.max()) >= teacher_vocab_size:
         raise ValueError(f"token id {int(text_ids.max())} is outside the teacher's vocabulary "
-                         f"({teacher_vocab_size}); text tokens must lie in the shared prefix ("
-                         "ids it must not embed, e.g. image splitting's, belong in student_only_ids)")
+                         f"({teacher_vocab_size}); text tokens must lie in the shared prefix (ids "
+                         "it must not embed, e.g. image splitting's, belong in student_only_ids)")
     if scope == "full" and is_image[:, P - 1].any():
         raise ValueError("scope 'full': a context ends with an image (student-only) token; the "
                          "prompt after the image must have at least one text token")
     text = mask[:, :P].bool() & ~is_image[:, :P]
     if scope == "image" and ((text.long().cumsum(-1) > 0) & is_image[:, :P]).any():
-        raise ValueError("scope 'image' needs the image tokens before the prompt text in every "
-                         "context")
+        raise ValueError("scope 'image' needs the image tokens before the prompt text")

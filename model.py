@@ -211,10 +211,9 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
                 past_kv=None, use_cache=False, logits_start=0):
-        """(logits, kv) of the new tokens input_ids (B, T) (or inputs_embeds (B, T, D)) after
-        past_kv (per layer (K, V), (B, n_kv_heads, Tp, head_dim), K after RoPE). attention_mask
-        (B, Tp+T): 1 real / 0 pad (None: all real), positions count its real tokens. logits: new
-        columns from logits_start on; kv (use_cache): every layer's (K, V) over past + new."""
+        """(logits from column logits_start on, kv) of input_ids (B, T) (or inputs_embeds) after
+        past_kv (per layer (K, V) (B, n_kv_heads, Tp, head_dim), K after RoPE); attention_mask
+        (B, Tp+T): 1 real / 0 pad (None: all real); kv (use_cache): past + new, every layer."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds           # (B, T, D)
         B, T, _ = x.shape
         past_len = 0 if past_kv is None else past_kv[0][0].shape[2]
@@ -410,9 +409,7 @@ class VLM(nn.Module):
         return (self.image_token_id, *self.view_token_ids)
 
     def embed(self, input_ids, images=None):
-        """Token embeddings with image features scattered into the placeholder positions, one
-        n_image_tokens run per view, in order (the batch's layout guarantees the count: data.py;
-        check_image_slots checks it for other callers, on the host)."""
+        """Token embeddings, image features in the placeholders (counts: check_image_slots)."""
         x = self.decoder.embed(input_ids)                                                # (B, T, D)
         if images is None or len(images) == 0:
             return x
@@ -423,7 +420,8 @@ class VLM(nn.Module):
     def check_image_slots(self, input_ids, images=None):
         """ValueError unless input_ids hold n_image_tokens placeholders per image view (host)."""
         n_views = 0 if images is None else len(images)
-        n_slots, n_feats = int((input_ids == self.image_token_id).sum()), n_views * self.n_image_tokens
+        n_slots = int((input_ids == self.image_token_id).sum())
+        n_feats = n_views * self.n_image_tokens
         if n_slots != n_feats:
             raise ValueError(f"{n_slots} image placeholder tokens in input_ids but {n_feats} image "
                              f"features ({n_views} image views x {self.n_image_tokens} tokens)")

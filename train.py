@@ -217,9 +217,8 @@ def text_batch(setup, step, micro):
 
 
 def get_batch(setup, stage, step, micro, encoded, mixture):
-    """Stages 2-3: tiny-world examples (`encoded`, stage_data) from sources drawn from `mixture`,
-    in data.batch_of's layout (contexts left-padded to P, responses right-padded to R), or packed
-    rows (--pack=true: scale.pack.batch_of)."""
+    """Stages 2-3: tiny-world examples (`encoded`) from sources drawn from `mixture`, in
+    data.batch_of's layout (or packed rows, --pack=true: scale.pack.batch_of)."""
     cfg, devices = setup.cfg, setup.devices
     rng = np.random.default_rng([cfg.seed, BATCH_STREAMS[stage], step, micro])
     names = sorted(mixture)
@@ -256,8 +255,7 @@ def stage_data(setup, stage, student, start):
 
 
 def stage_batches(setup, stage, student, start, args):
-    """Each step's micro-batches from step `start` on, completed on the host: the real and (stage 3)
-    KD tokens' indices, the gate kd_weight per response token, args.check_batch."""
+    """Each step's micro-batches from `start` on, with (host) token indices, the gate, checks."""
     streamed, encoded, mixture = stage_data(setup, stage, student, start)
     for step in itertools.count(start):
         batches = [next(streamed) if streamed                                      # --data_path
@@ -277,7 +275,7 @@ def stage_batches(setup, stage, student, start, args):
 
 def token_counts(batches):
     """The step's CE and (gate-weighted) KD token counts and all its real "tokens", on the host."""
-    counts = {"ce": 0.0, "kd": 0.0, "tokens": 0.0}                        # tokens: all real ones
+    counts = {"ce": 0.0, "kd": 0.0, "tokens": 0.0}
     for b in batches:
         if "tokens" in b:                                       # stage 1: every next token
             counts["ce"] += b["tokens"][:, 1:].numel()
@@ -363,7 +361,7 @@ def lm_step(model, batch, counts, args):
 # Ctrl-C, skipped steps) is plumbing.loop.StageBooks.
 
 def lr_schedule(steps, warmup_frac):
-    """The learning-rate factor of each step: linear warmup, then cosine decay to 10 % of the peak."""
+    """The learning-rate factor of each step: linear warmup, cosine decay to 10 % of the peak."""
     warmup = max(1, int(steps * warmup_frac))
 
     def factor(step):

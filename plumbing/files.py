@@ -58,10 +58,12 @@ def write_json(path, obj):
 
 
 def append_line(path, line):
-    """One line appended to a text file (log.jsonl); a failed write is a WriteError (writing())."""
-    with writing("the log", path):
+    """One line appended to a text file (log.jsonl); a failed write is a WriteError naming it."""
+    try:
         with open(path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
+    except OSError as e:
+        raise WriteError(write_failed("the log", path, e)) from None
 
 
 # ----------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def batch_flops(model, teacher, batch):
     return f
 
 
-# Dense bf16 peak TFLOP/s by device name (the vendors' data sheets, no sparsity); MFU only where known.
+# Dense bf16 peak TFLOP/s by device name (data sheets, no sparsity); MFU only where known.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
                "A10": 125.0, "RTX 4090": 165.2, "RTX 3090": 71.0}
 

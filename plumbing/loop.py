@@ -138,17 +138,12 @@ def steps(n):
     return f"{n} step{'s' if n > 1 else ''}"
 
 
-def far_above(value, reference, ratio):
-    """over ratio x the reference and 1 nat above it (near-zero losses double often)."""
-    return value > ratio * reference and value > reference + 1.0
-
-
 class DivergenceWatch:
     """The divergence rule (README, Training), over a stage's good steps (non-finite ones are
     skipped before it: StageBooks.finite_or_skip). A step diverges on
       a loss spike: the median loss of the last RECENT steps (of the later half, in a stage's
-        first steps: a blow-up is caught before a checkpoint keeps it) is far above (far_above,
-        --max_loss_ratio) the median of the up to WINDOW steps before them;
+        first steps: a blow-up is caught before a checkpoint keeps it) is far above (over the
+        ratio and 1 nat above, --max_loss_ratio) the median of the up to WINDOW steps before;
       a gradient spike: the median gradient norm of the last RECENT steps is over
         --max_grad_ratio x the median of the WINDOW before them, and over --grad_clip;
       a drift: the median loss of the last WINDOW steps is far above the lowest such median of
@@ -172,32 +167,41 @@ class DivergenceWatch:
         return statistics.median(self.losses[-WINDOW:]) if self.losses else None
 
     def check(self, loss, grad_norm):
-        """The step's loss and gradient norm join the watch -> why the run diverges, or None."""
-        self.losses = (self.losses + [loss])[-(RECENT + WINDOW):]
-        self.norms = (self.norms + [grad_norm])[-(RECENT + WINDOW):]
-        losses, norms, why = self.losses, self.norms, None
-        recent = min(RECENT, len(losses) // 2)
-        if self.loss_ratio and recent:
-            now, ref = statistics.median(losses[-recent:]), statistics.median(losses[:-recent])
-            if far_above(now, ref, self.loss_ratio):
-                why = (f"the median loss of the last {steps(recent)}, {now:.4g}, is over "
-                       f"{self.loss_ratio:g} x and 1 nat above the median {ref:.4g} of the "
-                       f"{steps(len(losses) - recent)} before (a loss spike, --max_loss_ratio)")
-        if why is None and self.grad_ratio and len(norms) == RECENT + WINDOW:
-            now, ref = statistics.median(norms[-RECENT:]), statistics.median(norms[:-RECENT])
-            if now > max(self.grad_ratio * ref, self.grad_clip):
+        """One step's loss and gradient norm join the watch -> why the run diverges, or None."""
+        return self.check_steps([(0, loss, grad_norm)])[1]
+
+    def check_steps(self, pending):
+        """Steps [(step, loss, grad_norm), ...] join the watch in order, up to the first that
+        diverges -> (that step, why) or (None, None). One call per checkpoint (StageBooks), a loop
+        over its steps: the same as a check after every step."""
+        med, far = statistics.median, lambda x, ref: x > self.loss_ratio * ref and x > ref + 1.0
+        for step, loss, grad_norm in pending:
+            self.losses = (self.losses + [loss])[-(RECENT + WINDOW):]
+            self.norms = (self.norms + [grad_norm])[-(RECENT + WINDOW):]
+            losses, norms, why = self.losses, self.norms, None
+            recent = min(RECENT, len(losses) // 2)
+            if self.loss_ratio and recent and far(med(losses[-recent:]), med(losses[:-recent])):
+                why = (f"the median loss of the last {steps(recent)}, {med(losses[-recent:]):.4g}, "
+                       f"is over {self.loss_ratio:g} x and 1 nat above the median "
+                       f"{med(losses[:-recent]):.4g} of the {steps(len(losses) - recent)} before "
+                       "(a loss spike, --max_loss_ratio)")
+            now, ref = (med(norms[-RECENT:]), med(norms[:-RECENT])) \
+                if len(norms) == RECENT + WINDOW else (0.0, 0.0)
+            if why is None and self.grad_ratio and now > max(self.grad_ratio * ref, self.grad_clip):
                 why = (f"the median gradient norm of the last {RECENT} steps, {now:.4g}, is over "
                        f"{self.grad_ratio:g} x the median {ref:.4g} of the {WINDOW} steps before "
                        "and over --grad_clip (a gradient spike, --max_grad_ratio)")
-        if len(losses) >= WINDOW:
-            now = self.median()
-            if why is None and self.best is not None and self.loss_ratio \
-                    and far_above(now, self.best, self.loss_ratio):
-                why = (f"the median loss of the last {WINDOW} steps, {now:.4g}, is over "
-                       f"{self.loss_ratio:g} x and 1 nat above the stage's lowest, {self.best:.4g}"
-                       " (a drift, --max_loss_ratio)")
-            self.best = now if self.best is None else min(self.best, now)
-        return why
+            if len(losses) >= WINDOW:
+                now = self.median()
+                if why is None and self.best is not None and self.loss_ratio \
+                        and far(now, self.best):
+                    why = (f"the median loss of the last {WINDOW} steps, {now:.4g}, is over "
+                           f"{self.loss_ratio:g} x and 1 nat above the stage's lowest, "
+                           f"{self.best:.4g} (a drift, --max_loss_ratio)")
+                self.best = now if self.best is None else min(self.best, now)
+            if why is not None:
+                return step, why
+        return None, None
 
 
 # ----------------------------------------------------------------------------------------
@@ -232,6 +236,7 @@ class StageBooks:
         self.log_path = os.path.join(cfg.out_dir, "log.jsonl")
         self.start, self.bad_steps, self.skipped_examples = 0, 0, 0
         self.watch = DivergenceWatch(cfg.max_loss_ratio, cfg.max_grad_ratio, cfg.grad_clip)
+        self.pending = []                  # the steps since the last checkpoint, for the watch
         if devices.is_main:
             self.ckpts.remove_orphans()
         if cfg.resume and self.ckpts.paths():
@@ -273,14 +278,9 @@ class StageBooks:
                       f"that of {self.steps} steps) and then replacing this stage's model folder")
 
     def progress_bar(self):
-        self.bar = tqdm(self.counted(), desc=self.name, initial=self.start,
+        self.bar = tqdm(range(self.start, self.steps), desc=self.name, initial=self.start,
                         total=self.steps, disable=not self.devices.is_main, leave=False)
         return self.bar
-
-    def counted(self):
-        for step in range(self.start, self.steps):
-            self.step = step                     # the step in progress, for running_stage()
-            yield step
 
     def lower_lr_flags(self):
         """The flags that halve this stage's learning rates (a resume may change them)."""
@@ -300,8 +300,8 @@ class StageBooks:
                             if loss is not None else "")
 
     def gather(self, logs, grad_norm, counts, batches):
-        """The step's summed logs and grad norm as floats (one device sync), summed over ranks;
-        the examples a streamed batch replaced (bad or too long) are counted."""
+        """The step's logs and grad norm as floats (one device sync), summed over ranks."""
+        self.step += 1                     # the step in progress next, for running_stage()
         self.skipped_examples += sum(b.pop("skipped", 0) + b.pop("dropped", 0) for b in batches)
         if self.flops_fn:                                                  # host, from shapes
             self.step_flops = sum(self.flops_fn(b) for b in batches) * self.devices.world_size
@@ -310,8 +310,7 @@ class StageBooks:
                 "grad_norm": grad_norm, "tokens": counts["tokens"]}      # (over ranks already)
 
     def finite_or_skip(self, logs):
-        """True if the step's loss and gradient norm are finite; else the step is counted as
-        skipped (a TrainingError past --max_bad_steps) and False."""
+        """True if the loss and gradient norm are finite, else False (at most --max_bad_steps)."""
         if math.isfinite(logs["loss"]) and math.isfinite(logs["grad_norm"]):
             return True
         self.bad_steps += 1
@@ -323,10 +322,12 @@ class StageBooks:
                                 "stage", resume_flags=self.lower_lr_flags())
         return False
 
-    def check_divergence(self, step, loss, grad_norm):
-        """Every rank (the values are summed over ranks): a diverging step (DivergenceWatch) ends
-        the stage with a TrainingError before any checkpoint of it is written."""
-        why = self.watch.check(loss, grad_norm)
+    def check_divergence(self):
+        """Every rank, before a checkpoint (the values are summed over ranks): the steps since the
+        last one join the watch (DivergenceWatch); a diverging one ends the stage with a
+        TrainingError, and the checkpoint is not written."""
+        step, why = self.watch.check_steps(self.pending)
+        self.pending = []
         if why is not None:
             self.bar.close()
             raise TrainingError(f"{self.name}: diverging at step {step}: {why}. Last checkpoint, "
@@ -334,8 +335,7 @@ class StageBooks:
                                 "saved for this stage", resume_flags=self.lower_lr_flags())
 
     def end_step(self, step, logs, stop_requested):
-        """After an optimizer step: log.jsonl, the progress bar, checkpoints, and a stop request
-        (Ctrl-C / SIGTERM on any rank) ends the stage with Interrupted."""
+        """After an update: log.jsonl, the bar, checkpoints; Ctrl-C / SIGTERM raise Interrupted."""
         cfg, devices = self.cfg, self.devices
         grad_norm, now = logs.pop("grad_norm"), time.time()
         seconds, self.t_last = max(now - self.t_last, 1e-9), now
@@ -349,14 +349,17 @@ class StageBooks:
         if devices.cuda:
             record["max_mem_gib"] = torch.cuda.max_memory_allocated(devices.device) / 2**30
         stop = devices.sum_over_ranks({"stop": float(stop_requested)})["stop"] > 0   # any rank
+        self.pending.append((step + 1, record["loss"], grad_norm))   # the divergence watch's
+        save = (step + 1) % cfg.ckpt_every == 0 or step + 1 == self.steps or stop
         if devices.is_main:
             append_line(self.log_path, json.dumps(record))      # a full disk: a WriteError
-        self.check_divergence(step + 1, record["loss"], grad_norm)  # before any checkpoint
+        if save:
+            self.check_divergence()                             # before the checkpoint
         if devices.is_main:
             if (step + 1) % cfg.log_every == 0:              # losses, tokens/s, (CUDA) MFU
                 self.bar.set_postfix({k: f"{record[k]:.4g}" for k in (*logs, "tokens_per_s", "mfu")
                                       if k in record and k != "tokens"})
-            if (step + 1) % cfg.ckpt_every == 0 or step + 1 == self.steps or stop:
+            if save:
                 self.save(step + 1)
         if stop and step + 1 < self.steps:
             self.bar.close()
