@@ -61,19 +61,6 @@ def check_compatible(teacher_cfg, student_cfg, rebase_rope=False):
                          + "\n  ".join(diffs))
 
 
-def check_shared_vocab(teacher_tokenizer, student_tokenizer):
-    """KD compares the first min(V_teacher, V_student) logits; both tokenizers must map those
-    ids to the same tokens (tokenizers.Tokenizer objects)."""
-    n = min(teacher_tokenizer.get_vocab_size(), student_tokenizer.get_vocab_size())
-    bad = [i for i in range(n)
-           if teacher_tokenizer.id_to_token(i) != student_tokenizer.id_to_token(i)]
-    if bad:
-        examples = ", ".join(f"id {i}: teacher {teacher_tokenizer.id_to_token(i)!r} vs student "
-                             f"{student_tokenizer.id_to_token(i)!r}" for i in bad[:5])
-        raise ValueError(f"tokenizers disagree on {len(bad)} of the {n} shared ids ({examples})")
-    return n
-
-
 def freeze(teacher, dtype=None):
     """Eval mode and no gradients: the teacher is never updated (only the student learns).
 
@@ -181,23 +168,3 @@ def teacher_after_image(teacher, student_kv, batch, student_only_ids):
 
 
 SCOPES = {"full": teacher_continue, "image": teacher_after_image, "none": teacher_on_text}
-
-
-# ----------------------------------------------------------------------------------------
-# What the handoff needs of the data: checked on the host, where the batch is built
-
-def check_batch(batch, student_only_ids, teacher_vocab_size, scope="full"):
-    """ValueError unless the teacher can continue this padded batch (host): the ids it embeds are in
-    its vocabulary; "full": contexts end with text (it runs it); "image": images before text."""
-    ids, mask, P = batch["input_ids"], batch["attention_mask"], batch["context_len"]
-    text_ids, is_image = teacher_ids(ids, mask, student_only_ids)
-    if int(text_ids.max()) >= teacher_vocab_size:
-        raise ValueError(f"token id {int(text_ids.max())} is outside the teacher's vocabulary "
-                         f"({teacher_vocab_size}); text tokens must lie in the shared prefix (ids "
-                         "it must not embed, e.g. image splitting's, belong in student_only_ids)")
-    if scope == "full" and is_image[:, P - 1].any():
-        raise ValueError("scope 'full': a context ends with an image (student-only) token; the "
-                         "prompt after the image must have at least one text token")
-    text = mask[:, :P].bool() & ~is_image[:, :P]
-    if scope == "image" and ((text.long().cumsum(-1) > 0) & is_image[:, :P]).any():
-        raise ValueError("scope 'image' needs the image tokens before the prompt text")

@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from functools import partial
 
 import numpy as np
@@ -38,19 +38,18 @@ import eval as evaluation           # `eval` is a Python builtin: keep the modul
 import kvshare
 import world
 from model import SIGLIP2_B16_512, Decoder, LMConfig, VisionConfig, grow_vocab, vlm_from_teacher
-from plumbing.checks import (check_config, check_image_size, check_out_dir, check_pack_fits,
-                             check_resume_changes, check_student_tokens, check_teacher_tokenizer,
-                             stages_to_train, variant_name)
+from plumbing.checks import (check_config, check_handoff_batch, check_image_size, check_out_dir,
+                             check_pack_fits, check_resume_changes, check_student_tokens,
+                             check_teacher_tokenizer, stages_to_train, variant_name)
 from plumbing.devices import Devices, seed_everything
 from plumbing import flops
-from plumbing.files import (FolderLock, read_json, remove_stale_temps, replace_folder, write_json,
-                            writing)
-from plumbing.flags import build_config, config_help, parse_flags, wants_help
+from plumbing.files import FolderLock, remove_stale_temps, write_json, writing
+from plumbing.flags import build_config, config_help, parse_flags, saved_config, wants_help
 from plumbing.loop import StageBooks, failure_line, stop_requests, unwrap
 from plumbing.loop import TrainingError  # noqa: F401  (train.TrainingError: what a stage raises)
 from scale import cuda, pack, rope, stream, tiles
 from scale.weights import (is_smolvlm_folder, load_hf_lm, load_hf_siglip, load_model_folder,
-                           save_hf_lm, save_tokenizer, save_vlm, with_student_only_tail)
+                           save_hf_lm, save_model_folder, save_vlm, with_student_only_tail)
 from tools import oracle
 
 
@@ -428,16 +427,6 @@ def vision_config(cfg):
                         mlp_dim=4 * cfg.vision_dim)
 
 
-def save_model_folder(setup, folder, save_weights):
-    """A model folder, written whole or not at all: weights + config (HF layout or ours) +
-    tokenizer + train_config.json."""
-    def fill(tmp):
-        save_weights(tmp)
-        save_tokenizer(setup.tok, tmp)
-        write_json(os.path.join(tmp, "train_config.json"), asdict(setup.cfg))
-    replace_folder(folder, fill)
-
-
 def for_layout(setup, model):
     """The model as the steps call it, chosen once per stage: with the CUDA forms of attention on
     a GPU (scale/cuda.py) and, on packed rows (--pack=true), wrapped in scale.pack.PackedRows."""
@@ -456,8 +445,8 @@ def stage_pretrain(setup):
                 [{"params": list(model.parameters()), "lr": cfg.pretrain_lr}], cfg.pretrain_steps,
                 lm_step, StepArgs(devices.world_size))
     if devices.is_main:
-        save_model_folder(setup, os.path.join(cfg.out_dir, "teacher"),
-                          lambda d: save_hf_lm(model, d))
+        save_model_folder(os.path.join(cfg.out_dir, "teacher"), lambda d: save_hf_lm(model, d),
+                          setup.tok, asdict(cfg))
     return model
 
 
@@ -483,7 +472,8 @@ def stage_adapt(setup, teacher):
                  {"params": vision_params, "lr": cfg.adapt_vision_lr}], cfg.adapt_steps,
                 response_step, args)
     if devices.is_main:
-        save_model_folder(setup, os.path.join(cfg.out_dir, "adapted"), lambda d: save_vlm(vlm, d))
+        save_model_folder(os.path.join(cfg.out_dir, "adapted"), lambda d: save_vlm(vlm, d),
+                          setup.tok, asdict(cfg))
     return vlm
 
 
@@ -516,7 +506,7 @@ def distill_setup(setup, teacher, student):
                   chunk_size=cfg.kd_chunk or (1024 if teacher_vocab >= 8192 else None)),
         kd_table=distill.table_from_kinds(  # the source gate, once per run (--kd_sources too)
             getattr(setup.data, "gate_kinds", setup.data.source_kinds)),
-        check_batch=partial(pack.plan_teacher if cfg.pack else kvshare.check_batch,
+        check_batch=partial(pack.plan_teacher if cfg.pack else check_handoff_batch,
                             student_only_ids=only_ids, teacher_vocab_size=teacher_vocab,
                             scope=cfg.scope),
         student_prefill=prefill, teacher_continue=None if cfg.policy == "none" else continue_)
@@ -532,8 +522,8 @@ def stage_distill(setup, teacher, student):
                 [{"params": list(student.parameters()), "lr": cfg.distill_lr}], cfg.distill_steps,
                 step_fn, args, name=f"distill-{variant_name(cfg)}")
     if devices.is_main:
-        save_model_folder(setup, os.path.join(cfg.out_dir, f"distilled-{variant_name(cfg)}"),
-                          lambda d: save_vlm(student, d))
+        save_model_folder(os.path.join(cfg.out_dir, f"distilled-{variant_name(cfg)}"),
+                          lambda d: save_vlm(student, d), setup.tok, asdict(cfg))
     return student
 
 
@@ -601,11 +591,7 @@ def get_config(argv):
     path = os.path.join(overrides.get("out_dir", TrainConfig.out_dir), "run_config.json")
     if overrides.get("resume") and not files and "preset" not in overrides \
             and os.path.isfile(path):
-        saved = read_json(path)
-        if not isinstance(saved, dict):
-            raise ValueError(f"{path}: expected a JSON object of config keys (train.py writes it)")
-        saved = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig)
-                               if f.name in saved})
+        saved = saved_config(TrainConfig, path)
     cfg = build_config(TrainConfig, PRESETS, overrides, files, base=saved)
     check_config(cfg)
     if saved is not None:

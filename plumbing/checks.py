@@ -210,7 +210,7 @@ def check_teacher_tokenizer(teacher_folder, tok, flag="--teacher"):
     """A teacher paired with a student (train.py, eval.py, tools/generate.py) must read the
     student's ids as the same tokens wherever their vocabularies overlap: the handoff feeds the
     student's context ids to the teacher and KD compares those logits. The teacher folder's
-    tokenizer.json against the student's `tok` (kvshare.check_shared_vocab); a folder without
+    tokenizer.json against the student's `tok` (check_shared_vocab, below); a folder without
     one is not checked."""
     path = os.path.join(teacher_folder, "tokenizer.json")
     if not os.path.isfile(path):
@@ -220,7 +220,7 @@ def check_teacher_tokenizer(teacher_folder, tok, flag="--teacher"):
     except Exception as e:                   # the tokenizers library raises its own Exception type
         raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
     try:
-        kvshare.check_shared_vocab(teacher_tok, tok)
+        check_shared_vocab(teacher_tok, tok)
     except ValueError as e:
         where = f"{flag}={teacher_folder}" if flag.startswith("--") else f"{flag} {teacher_folder}"
         raise ValueError(f"{where}: its tokenizer is not the model's: {e}; expected the teacher "
@@ -274,7 +274,7 @@ def check_pack_fits(cfg, examples, tok):
 def check_student_tokens(vlm, tok, folder):
     """A given student must read the run's tokenizer: a VLM, its <image> (and grid) ids those of
     the tokenizer, a vocabulary that covers it, and, if the folder has its own tokenizer, the
-    same token for every shared id (kvshare.check_shared_vocab). A SmolVLM / Idefics3 student's
+    same token for every shared id (check_shared_vocab, below). A SmolVLM / Idefics3 student's
     layout tokens come from its own tokenizer (weights.load_smolvlm), the run's."""
     image_id = tok.token_to_id(data.IMAGE_TOKEN)
     if getattr(vlm, "image_token_id", None) != image_id:
@@ -290,7 +290,7 @@ def check_student_tokens(vlm, tok, folder):
                          "tokenizer's (load it with --image_splitting=true)")
     own = os.path.join(folder, "tokenizer.json")
     if os.path.isfile(own):
-        kvshare.check_shared_vocab(tok, data.load_tokenizer(own))
+        check_shared_vocab(tok, data.load_tokenizer(own))
 
 
 def check_image_size(vlm, cfg):
@@ -300,3 +300,36 @@ def check_image_size(vlm, cfg):
         raise ValueError(f"--student_path={cfg.student_path}: its vision tower takes "
                          f"{vlm.vision.cfg.image_size} px views; pass "
                          f"--image_size={vlm.vision.cfg.image_size} (got {cfg.image_size})")
+
+
+# ----------------------------------------------------------------------------------------
+# The handoff's data and vocabularies (kvshare.py): checked on the host, never in the step
+
+def check_shared_vocab(teacher_tokenizer, student_tokenizer):
+    """KD compares the first min(V_teacher, V_student) logits; both tokenizers must map those
+    ids to the same tokens (tokenizers.Tokenizer objects)."""
+    n = min(teacher_tokenizer.get_vocab_size(), student_tokenizer.get_vocab_size())
+    bad = [i for i in range(n)
+           if teacher_tokenizer.id_to_token(i) != student_tokenizer.id_to_token(i)]
+    if bad:
+        examples = ", ".join(f"id {i}: teacher {teacher_tokenizer.id_to_token(i)!r} vs student "
+                             f"{student_tokenizer.id_to_token(i)!r}" for i in bad[:5])
+        raise ValueError(f"tokenizers disagree on {len(bad)} of the {n} shared ids ({examples})")
+    return n
+
+
+def check_handoff_batch(batch, student_only_ids, teacher_vocab_size, scope="full"):
+    """ValueError unless the teacher can continue this padded batch (host): the ids it embeds are in
+    its vocabulary; "full": contexts end with text (it runs it); "image": images before text."""
+    ids, mask, P = batch["input_ids"], batch["attention_mask"], batch["context_len"]
+    text_ids, is_image = kvshare.teacher_ids(ids, mask, student_only_ids)
+    if int(text_ids.max()) >= teacher_vocab_size:
+        raise ValueError(f"token id {int(text_ids.max())} is outside the teacher's vocabulary "
+                         f"({teacher_vocab_size}); text tokens must lie in the shared prefix (ids "
+                         "it must not embed, e.g. image splitting's, belong in student_only_ids)")
+    if scope == "full" and is_image[:, P - 1].any():
+        raise ValueError("scope 'full': a context ends with an image (student-only) token; the "
+                         "prompt after the image must have at least one text token")
+    text = mask[:, :P].bool() & ~is_image[:, :P]
+    if scope == "image" and ((text.long().cumsum(-1) > 0) & is_image[:, :P]).any():
+        raise ValueError("scope 'image' needs the image tokens before the prompt text")

@@ -1,12 +1,14 @@
 """
 A dataclass config from the command line: defaults < preset < JSON files < --key=value, and
---help written from the dataclass's comments. Imports no module of this repository.
+--help written from the dataclass's comments. Imports only plumbing.files.
 """
 import difflib
 import inspect
 import json
 import re
 from dataclasses import fields, replace
+
+from plumbing.files import read_json
 
 
 # ----------------------------------------------------------------------------------------
@@ -130,6 +132,15 @@ def build_config(cls, presets, overrides, files, base=None):
     if preset not in presets:
         raise ValueError(f"--preset={preset!r}; expected one of {sorted(presets)}")
     return replace(cls(), **{**presets[preset], **from_files, **overrides, "preset": preset})
+
+
+def saved_config(cls, path):
+    """The config a run saved (its run_config.json at `path`) as a `cls`, keys it lacks at their
+    defaults; a file that is not a JSON object of config keys is a ValueError naming it."""
+    saved = read_json(path)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: expected a JSON object of config keys (train.py writes it)")
+    return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
 
 
 def wants_help(argv):

@@ -19,7 +19,7 @@ import data
 from scale import tiles
 from scale.tiles import MAX_GRID, ImageSplitting, Idefics3Splitting
 from model import LMConfig, VisionConfig, Decoder, VisionEncoder, VLM
-from plumbing.files import atomic_write, read_json, write_json
+from plumbing.files import atomic_write, read_json, replace_folder, write_json
 
 
 
@@ -790,6 +790,16 @@ def with_student_only_tail(vlm: VLM, teacher_vocab_size):
 
 # ----------------------------------------------------------------------------------------
 # Tokenizers beside the weights
+
+def save_model_folder(folder, save_weights, tokenizer, train_config):
+    """A model folder, written whole or not at all (replace_folder): save_weights(tmp) (weights +
+    config, HF layout or ours), the tokenizer and train_config.json (train.py's config)."""
+    def fill(tmp):
+        save_weights(tmp)
+        save_tokenizer(tokenizer, tmp)
+        write_json(os.path.join(tmp, "train_config.json"), train_config)
+    replace_folder(folder, fill)
+
 
 def save_tokenizer(tokenizer, folder):
     """tokenizer.json + (if data.load_tokenizer mapped roles to the tokenizer's own tokens) a

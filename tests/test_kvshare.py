@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from model import LMConfig, VisionConfig, Decoder, VLM
-from kvshare import (SCOPES, check_batch, check_compatible, check_shared_vocab, freeze,
+from plumbing.checks import check_handoff_batch as check_batch, check_shared_vocab
+from kvshare import (SCOPES, check_compatible, freeze,
                      student_prefill, teacher_after_image, teacher_continue, teacher_on_text)
 from scale.pack import handoff
 

@@ -16,7 +16,8 @@ from conftest import load_jsonl
 from scale.pack import handoff
 from scale.tiles import view_tokens
 from scale.tiles import ImageSplitting, image_views, split_size, tile_grid
-from kvshare import check_batch, freeze
+from kvshare import freeze
+from plumbing.checks import check_handoff_batch as check_batch
 from model import LMConfig, VisionConfig, Decoder, VLM, vlm_from_teacher
 from export_nanovlm import save_nanovlm
 from scale.weights import load_nanovlm, save_vlm, load_vlm, NANOVLM_EXTRA_TOKENS
