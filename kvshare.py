@@ -36,9 +36,10 @@ SmolLM2). Their columns behave like image columns everywhere: the teacher reads 
 Callers pass VLM.student_only_ids (an int, a single image token id, is accepted too).
 
 What is checked where: check_compatible and freeze at setup; the data (ids the teacher can
-embed, a text token ending every context) on the host where the batch is built (data.py). The
-functions below hold the math. Other layouts and options are composed from outside, chosen once
-at setup: packed rows (scale/pack.py), a student with another RoPE base (scale/rope.py).
+embed, a text token ending every context) on the host where the batch is built
+(plumbing.checks.check_handoff_batch). The functions below hold the math. Other layouts and
+options are composed from outside, chosen once at setup: packed rows (scale/pack.py), a student
+with another RoPE base (scale/rope.py).
 """
 import torch
 
@@ -48,9 +49,8 @@ from model import positions_from_mask
 def check_compatible(teacher_cfg, student_cfg, rebase_rope=False):
     """The teacher can only read the student's KV if its attention has the same shape and
     the same RoPE. One error lists every difference. Run once, at setup (train.py, eval.py,
-    the tools); teacher_continue itself re-checks only what the KV tensors can tell.
-    rebase_rope=True accepts different RoPE bases: the shared K is then re-rotated to the
-    teacher's base (rebase_rope_k, distill_forward(rebase_from=...))."""
+    the tools). rebase_rope=True accepts different RoPE bases: the shared K is then re-rotated
+    to the teacher's base (scale/rope.py, chosen at setup)."""
     names = ("n_layers", "n_kv_heads", "head_dim") + (() if rebase_rope else ("rope_theta",))
     diffs = [f"{name}: teacher {getattr(teacher_cfg, name)} vs student {getattr(student_cfg, name)}"
              + (" (--rebase_rope=true re-rotates the shared K to the teacher's base)"

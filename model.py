@@ -427,7 +427,7 @@ class VLM(nn.Module):
                              f"features ({n_views} image views x {self.n_image_tokens} tokens)")
 
     def image_features(self, images):
-        """images (N, 3, H, W) -> (N, n_image_tokens, D): tower, projector (oracle.py: control)."""
+        """images (N, 3, H, W) -> (N, n_image_tokens, D): tower, projector (tools/oracle.py)."""
         return self.projector(self.vision(images))
 
     def forward(self, input_ids, images=None, attention_mask=None, position_ids=None,

@@ -82,7 +82,7 @@ class TrainConfig:
     vision_heads: int = 4         # vision tower heads
     patch_size: int = 4           # ViT patch side in pixels
     shuffle_factor: int = 2       # pixel shuffle: factor^2 patches -> one image token
-    tower: str = "learned"        # learned | oracle (a control, see oracle.py; not the method)
+    tower: str = "learned"        # learned | oracle (a control, tools/oracle.py; not the method)
     # stage 1: pretrain
     pretrain_steps: int = 1500    # optimizer steps of the teacher LM
     pretrain_lr: float = 3e-3     # peak learning rate

@@ -586,7 +586,7 @@ def main():
                            with_hf=args.only != "step")
     if run("paper") and (cuda or args.only == "paper"):
         if cuda:
-            torch.backends.cuda.matmul.allow_tf32 = True                    # as train.Runtime
+            torch.backends.cuda.matmul.allow_tf32 = True                    # as plumbing.devices.Devices
         td = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.teacher_dtype)
         r = bench_paper(device, args.size, args.B, args.P, args.R, args.steps, args.warmup,
                         args.amp, td, args.grad_ckpt, args.kd_chunk, peak, compile=args.compile)
