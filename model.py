@@ -253,35 +253,23 @@ class Decoder(nn.Module):
     def generate(self, input_ids=None, attention_mask=None, max_new_tokens=20, temperature=0.0,
                  eos_id=None, pad_id=0, inputs_embeds=None, generator=None, top_k=None,
                  on_token=None, past_kv=None):
-        """Greedy (temperature 0) or sampled generation with a KV cache.
-
-        Prompts are LEFT-padded (attention_mask 0 on the left); positions come from the
-        mask, so each row generates as if alone. Returns new tokens (B, max_new_tokens);
-        rows that emitted eos_id are filled with pad_id afterwards.
-        top_k: sample among the k most likely tokens only. on_token(tok (B,)): called after each
-        step (streaming). past_kv: a prefix already in the cache (e.g. a student's context KV for
-        the teacher, tools/generate.py's teacher_generate); attention_mask then covers past +
-        prompt."""
+        """Greedy (temperature 0) or sampled (pick_token) generation with a KV cache: new tokens
+        (B, max_new_tokens), pad_id after a row's eos_id. Prompts are LEFT-padded; positions come
+        from the mask, so each row generates as if alone. on_token(tok (B,)): called each step.
+        past_kv: a prefix already in the cache (a student's context KV for the teacher, in
+        tools/generate.py); attention_mask then covers past + prompt. The reference: on CUDA,
+        scale/decode.py generates the same tokens on a preallocated cache."""
         x = inputs_embeds if inputs_embeds is not None else input_ids
         B, device = x.shape[0], x.device
         past_len = 0 if past_kv is None else past_kv[0][0].shape[2]
         if attention_mask is None:
             attention_mask = torch.ones(B, past_len + x.shape[1], dtype=torch.long, device=device)
-        logits, kv = self(input_ids=input_ids, inputs_embeds=inputs_embeds,
-                          attention_mask=attention_mask,
-                          past_kv=past_kv, use_cache=True, logits_start=-1)
+        logits, kv = self(input_ids=input_ids, inputs_embeds=inputs_embeds, past_kv=past_kv,
+                          attention_mask=attention_mask, use_cache=True, logits_start=-1)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         out = []
         for _ in range(max_new_tokens):
-            last = logits[:, -1].float()
-            if temperature > 0 and top_k:
-                last = last.masked_fill(last < last.topk(min(top_k, last.shape[-1]),
-                                                         -1).values[:, -1:], float("-inf"))
-            if temperature > 0:
-                probs = F.softmax(last / temperature, dim=-1)
-                tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
-            else:
-                tok = last.argmax(-1)
+            tok = pick_token(logits[:, -1], temperature, top_k, generator)
             tok = torch.where(done, torch.full_like(tok, pad_id), tok)
             out.append(tok)
             if on_token is not None:
@@ -295,6 +283,18 @@ class Decoder(nn.Module):
                               use_cache=True)
         out = torch.stack(out, 1)
         return F.pad(out, (0, max_new_tokens - out.shape[1]), value=pad_id)
+
+
+def pick_token(logits, temperature=0.0, top_k=None, generator=None):
+    """The next token (B,) from logits (B, V): argmax (temperature 0) or sampled (top_k: among the
+    k most likely)."""
+    last = logits.float()
+    if temperature > 0 and top_k:
+        kth = last.topk(min(top_k, last.shape[-1]), -1).values[:, -1:]
+        last = last.masked_fill(last < kth, float("-inf"))
+    if temperature <= 0:
+        return last.argmax(-1)
+    return torch.multinomial(F.softmax(last / temperature, dim=-1), 1, generator=generator)[:, 0]
 
 
 def init_weights(m):

@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import data
 import kvshare
 from plumbing.devices import Devices
-from scale import cuda, pack
+from scale import cuda, decode, pack
 import train
 from test_gpu_paths import step
 from test_pack import PAD, examples, models
@@ -96,6 +96,22 @@ def test_cached_generation_runs_on_a_fused_kernel():
         new = teacher.generate(batch["input_ids"][:, :6], batch["attention_mask"][:, :6],
                                max_new_tokens=4)
     assert new.shape == (batch["input_ids"].shape[0], 4)
+
+
+def test_static_cache_generation_on_a_fused_kernel_in_bf16_and_equal_in_fp32():
+    """scale.decode on CUDA: bf16 with SDPA's math kernel disabled (the cache in bf16); fp32 the
+    CPU reference's tokens (tests/test_decode.py proves the CPU forms equal)."""
+    teacher, _ = models()
+    ids, mask = torch.randint(1, 50, (2, 7)), torch.ones(2, 7, dtype=torch.long)
+    mask[0, :3] = 0
+    reference = teacher.generate(ids, mask, max_new_tokens=6)            # CPU, fp32, reference
+    gpu = decode.use_static_cache(on_gpu(teacher))
+    assert torch.equal(gpu.generate(ids.cuda(), mask.cuda(), max_new_tokens=6).cpu(), reference)
+    with sdpa_kernel(FUSED), torch.autocast("cuda", dtype=torch.bfloat16):
+        _, kv = gpu(input_ids=ids.cuda(), attention_mask=mask.cuda(), use_cache=True)
+        cache = decode.StaticCache(kv, mask.cuda(), max_new_tokens=3)
+        logits = [cache.step(gpu, ids[:, i].cuda()) for i in range(3)]
+    assert cache.k[0].dtype == torch.bfloat16 and all(torch.isfinite(x).all() for x in logits)
 
 
 def test_no_host_sync_between_the_student_prefill_and_the_teacher_continuation():

@@ -15,6 +15,9 @@
 --prompt: wrapped in the chat template of the folder's tokenizer_config.json (or a nanoVLM
   config's lm_chat_template) when there is one; --raw=true feeds it as is.
 --max_new_tokens (64), --temperature (0 = greedy), --top_k (sampling among the k best), --seed.
+--device: auto (CUDA when there is one), cpu or cuda. On CUDA the model runs in bf16 autocast with
+  the fused attention kernels (scale.cuda) and generates on a preallocated cache (scale.decode); on
+  the CPU it runs the reference (model.Decoder.generate).
 --teacher: a frozen text-only teacher (HF LM folder). After the student's answer, the teacher's own
   answer through the KV handoff: the student prefills the context, the teacher takes the student's
   K/V of every context column but the last as its cache, re-runs the last context token and then
@@ -38,7 +41,8 @@ import chat  # noqa: E402
 import kvshare  # noqa: E402
 from plumbing.checks import check_teacher_tokenizer  # noqa: E402
 from plumbing.files import read_json  # noqa: E402
-from scale import tiles, weights  # noqa: E402
+from plumbing.devices import Devices  # noqa: E402
+from scale import cuda, decode, tiles, weights  # noqa: E402
 from model import VLM, check_teacher_vocab  # noqa: E402
 
 
@@ -151,6 +155,8 @@ def main(argv=None):
     ap.add_argument("--top_k", type=int, default=None, help="sample among the k most likely "
                     "tokens (default: all)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="auto (default): CUDA when available")
     ap.add_argument("--raw", default="false", choices=["true", "false"],
                     help="true: feed the prompt as is, without the chat template")
     args = ap.parse_args(argv)
@@ -173,8 +179,9 @@ def run(args):
                        "--prompt=TEXT")
     torch.manual_seed(args.seed)
     images = read_images(args.image)                  # before the model loads
+    devices = Devices(args.device)
     model, kind, template = load_model(args.model)
-    model.eval()
+    model = on_device(model.eval(), devices)
     tok = load_tok(args.tokenizer or os.path.join(args.model, "tokenizer.json"), model)
     is_vlm = isinstance(model, VLM)
     if images and not is_vlm:
@@ -196,22 +203,35 @@ def run(args):
     P = batch["context_len"]
     ids, mask = batch["input_ids"][:, :P], batch["attention_mask"][:, :P]     # the context alone
     eos, pad = data.special_id(tok, data.EOS_TOKEN), data.special_id(tok, data.PAD_TOKEN)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator(devices.device).manual_seed(args.seed)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               eos_id=eos, pad_id=pad, generator=gen)
     # bad teacher: before any work
     teacher = load_teacher(args.teacher, model, ids, tok) if args.teacher else None
+    teacher = None if teacher is None else on_device(teacher, devices)
+    batch = devices.to_device(batch)
+    ids, mask = batch["input_ids"][:, :P], batch["attention_mask"][:, :P]
     views = ("" if not images
              else f", {batch['images'].shape[0]} image view(s), grids {batch['grids'][0]}")
     print(f"[{kind} {args.model}: {P} context tokens{views}]", file=sys.stderr)
-    if is_vlm:
-        model.generate(ids, batch["images"], attention_mask=mask, on_token=Stream(tok, eos), **kw)
-    else:
-        model.generate(input_ids=ids, attention_mask=mask, on_token=Stream(tok, eos), **kw)
-    print()
-    if teacher is not None:
-        teacher_via_handoff(args, teacher, model, tok, batch, ids, mask)
+    with devices.autocast():
+        if is_vlm:
+            model.generate(ids, batch["images"], attention_mask=mask, on_token=Stream(tok, eos),
+                           **kw)
+        else:
+            model.generate(input_ids=ids, attention_mask=mask, on_token=Stream(tok, eos), **kw)
+        print()
+        if teacher is not None:
+            teacher_via_handoff(args, teacher, model, tok, batch, ids, mask)
     return 0
+
+
+def on_device(model, devices):
+    """The model on the run's device; on CUDA with its GPU forms, chosen here once: the fused
+    attention kernels (scale.cuda) and generation on a preallocated cache (scale.decode)."""
+    if devices.cuda:
+        decode.use_static_cache(cuda.use_cuda_attention(model.to(devices.device)))
+    return model
 
 
 def load_teacher(folder, student, ids, tok):
