@@ -84,7 +84,7 @@ def test_build_data_keeps_held_out_tasks_out_of_training(bench_folder, tmp_path)
     assert all(os.path.isfile(tmp_path / "data" / v["image"]) for v in vision)
 
 
-def test_experiment_end_to_end_with_a_tiny_teacher(bench_folder, tmp_path):
+def test_experiment_end_to_end_with_a_tiny_teacher(bench_folder, tmp_path, monkeypatch):
     source, _, _ = bench_folder
     teacher_dir, _, _ = make_teacher_and_jsonl(tmp_path)
     # like SmolLM2's folder: its own token is EOS and pad (no ids appended past the teacher's)
@@ -130,6 +130,23 @@ def test_experiment_end_to_end_with_a_tiny_teacher(bench_folder, tmp_path):
     before = (out / "seed0.json").stat().st_mtime_ns
     rx.main(argv)
     assert (out / "seed0.json").stat().st_mtime_ns == before
+    # --results_dir: the finished results copied to a tracked folder, then read back from there
+    # alone by a run in a fresh --out_dir, which trains and evaluates nothing
+    kept = tmp_path / "docs_seeds_real"
+    rx.main(argv + [f"--results_dir={kept}"])
+    assert sorted(p.name for p in kept.iterdir()) == ["seed0.json", "seed1.json",
+                                                      "settings.json", "teacher.json"]
+    nothing = lambda *a, **k: pytest.fail("a finished seed was run again")     # noqa: E731
+    monkeypatch.setattr(rx, "run_seed", nothing)
+    monkeypatch.setattr(rx, "evaluate", nothing)
+    fresh = [a if not a.startswith("--out_dir") else f"--out_dir={tmp_path / 'fresh'}"
+             for a in argv]
+    rx.main(fresh + [f"--results_dir={kept}"])
+    again = json.loads((tmp_path / "fresh" / "real.json").read_text())
+    assert again["per_seed"] == result["per_seed"] and again["paired"] == result["paired"]
+    with pytest.raises(ValueError, match="settings.json: .*--items differ"):
+        rx.main(fresh + [f"--results_dir={kept}", "--items=2"])
+    monkeypatch.undo()
     # an interrupted seed keeps the rows it measured: only the missing model is measured again
     kept = json.loads((out / "seed1" / "rows.json").read_text())
     assert set(kept) == names - {"teacher", "text-replay KD (own text)",      # the aliases

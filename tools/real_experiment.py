@@ -43,7 +43,9 @@ KD objective (the held-out KL is KD's own divergence on held-out text).
 Paired differences (LinguDistill minus each baseline and each merge) on all three, and vision.
 Writes real.md, real.json and (with matplotlib) real.png to --out_dir; a re-run in the same
 --out_dir resumes (finished seeds are read back from seed<N>.json, measured models from
-seed<N>/rows.json). The folder's settings.json records what the results depend on (the train
+seed<N>/rows.json). --results_dir=DIR keeps the finished seeds, the teacher's row and the settings
+in a second, tracked folder (docs/seeds/...), read first and written as each seed finishes, so runs
+spread over sessions lose at most the seed in progress. The folder's settings.json records what the results depend on (the train
 config, --items, the teacher folder's name); a later call with other settings is refused.
 """
 import json
@@ -314,7 +316,10 @@ FLAGS = {"teacher": ("", "the teacher: a Hugging Face SmolLM2 folder (tools/conv
          "bigbench": (bigbench.DEFAULT_SOURCE, "the BIG-bench archive or folder"),
          "items": ("60", "items per BIG-bench dev task (the first ones, file order)"),
          "merge_lams": ("0.25,0.5", "merge toward the teacher at these λ (empty: no merges)"),
-         "variants": (",".join(experiment.VARIANTS), "comma list of the distill variants")}
+         "variants": (",".join(experiment.VARIANTS), "comma list of the distill variants"),
+         "results_dir": ("", "also write each finished seed<N>.json, teacher.json and "
+                         "settings.json here, and read them back from here first (a tracked "
+                         "folder, e.g. docs/seeds/real: commit each file as it lands)")}
 
 
 def parse_args(argv):
@@ -375,33 +380,37 @@ def check_settings(out, current):
                          f"({', '.join(changed)} differ); use a new --out_dir")
 
 
+def finished(out, kept, name, compute):
+    """The result in kept/name (the tracked folder) or out/name, else compute(); written to both
+    and read back (every seed's result as JSON gives it)."""
+    paths = [os.path.join(folder, name) for folder in (kept, out) if folder]
+    have = [p for p in paths if os.path.isfile(p)]
+    result = read_json(have[0]) if have else compute()
+    for path in paths:
+        if not os.path.isfile(path):
+            write_json(path, result)
+    return read_json(paths[0])
+
+
 def main(argv):
     parsed = parse_args(argv)
     if parsed is None:
         return
     opts, train_argv = parsed
-    out = opts["out_dir"]
-    os.makedirs(out, exist_ok=True)
-    check_settings(out, opts["settings"])
+    out, kept = opts["out_dir"], opts["results_dir"]
+    for folder in filter(None, (out, kept)):
+        os.makedirs(folder, exist_ok=True)
+        check_settings(folder, opts["settings"])
     t_start = time.time()
     paths, heldout = build_data(os.path.join(out, "data"), opts["bigbench"])
     bench, _ = bigbench.read_tasks(bigbench.DEV_TASKS, opts["bigbench"], limit=opts["items"])
     vision = vision_bench()
-    teacher_path = os.path.join(out, "teacher.json")
     tok = data.load_tokenizer(os.path.join(opts["teacher"], "tokenizer.json"))
-    if not os.path.isfile(teacher_path):
-        teacher_lm = load_hf_lm(opts["teacher"])
-        write_json(teacher_path, evaluate(teacher_lm, tok, bench, *vision, heldout))
-    with open(teacher_path, encoding="utf-8") as f:
-        teacher_row = json.load(f)
-    per_seed = []
-    for seed in opts["seeds"]:
-        path = os.path.join(out, f"seed{seed}.json")
-        if not os.path.isfile(path):
-            write_json(path, run_seed(seed, opts, train_argv, paths, heldout, bench, vision,
-                                      teacher_row))
-        with open(path, encoding="utf-8") as f:
-            per_seed.append(json.load(f))
+    teacher_row = finished(out, kept, "teacher.json", lambda: evaluate(
+        load_hf_lm(opts["teacher"]), tok, bench, *vision, heldout))
+    per_seed = [finished(out, kept, f"seed{seed}.json", lambda seed=seed: run_seed(
+        seed, opts, train_argv, paths, heldout, bench, vision, teacher_row))
+        for seed in opts["seeds"]]
     mean, std = experiment.aggregate(per_seed)
     # every merge, its vision difference beside: "equal vision" needs a tower that learns vision
     diffs = experiment.paired_differences(per_seed, mean, metrics=DIFF_METRICS, every_merge=True)
