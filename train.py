@@ -46,8 +46,7 @@ from plumbing import flops
 from plumbing.files import FolderLock, remove_stale_temps, write_json, writing
 from plumbing.flags import build_config, config_help, parse_flags, saved_config, wants_help
 from plumbing.loop import StageBooks, failure_line, stop_requests, unwrap
-from plumbing.loop import TrainingError  # noqa: F401  (train.TrainingError: what a stage raises)
-from scale import cuda, pack, rope, stream, tiles
+from scale import cuda, fused_loss, pack, rope, stream, tiles
 from scale.weights import (is_smolvlm_folder, load_hf_lm, load_hf_siglip, load_model_folder,
                            save_hf_lm, save_model_folder, save_vlm, with_student_only_tail)
 from tools import oracle
@@ -103,6 +102,7 @@ class TrainConfig:
     temperature: float = 1.0      # KD temperature (T^2 scaling)
     jsd_beta: float = 0.5         # --kd=jsd: mixture weight, in (0, 1)
     kd_chunk: int = 0             # tokens per KD chunk (0: 1024 at a vocabulary >= 8192, else none)
+    fused_loss: bool = False      # CE and KD from one student normaliser (scale/fused_loss.py)
     variant: str = ""             # name of the distilled model folder (default: policy-scope)
     # real checkpoints and data (README "Real weights"); empty = the tiny world from scratch
     teacher_path: str = ""        # HF Llama/SmolLM2 folder: the frozen teacher (stage 1 skipped)
@@ -185,8 +185,7 @@ def stage_mixture(examples, stage):
     """Source weights of a stage. align: every image source (decoder frozen, so image tokens
     land where the teacher reads names and descriptions); adapt: vision-heavy only (language
     erodes); distill: every source (vision CE keeps vision, language sources carry the KD).
-    Streamed real data does not know which sources hold images before decoding them: there
-    align uses the vision-heavy sources, like adapt."""
+    Streamed data (which sources hold images is unknown before decoding): align as adapt."""
     if stage == "distill":
         return {s: 1.0 for s in examples.sources}
     vision = [s for s in examples.sources if examples.source_kinds[s] == "vision"]
@@ -304,6 +303,7 @@ class StepArgs:
     # the functions of variant_step and response_step, chosen at setup (padded: kvshare's)
     student_prefill: object = kvshare.student_prefill
     teacher_continue: object = kvshare.teacher_continue    # None: no teacher (--policy=none)
+    distill_loss: object = distill.distill_loss
 
 
 def distill_step(student, batch, counts, args):
@@ -323,15 +323,15 @@ def distill_step(student, batch, counts, args):
 
 
 def variant_step(student, batch, counts, args):
-    """distill_step with the functions chosen at setup (StepArgs): packed rows (scale/pack.py),
-    an ablation scope (--scope=image | none: kvshare.SCOPES) or no teacher (--policy=none)."""
+    """distill_step with StepArgs' functions, chosen at setup: packed rows (scale/pack.py), an
+    ablation scope (kvshare.SCOPES), no teacher (--policy=none) or the fused loss (scale/)."""
     logits, kv = args.student_prefill(student, batch)
     teacher_logits = None if args.teacher_continue is None else \
         args.teacher_continue(args.teacher, kv, batch, args.student_only_ids)
-    out = distill.distill_loss(logits, batch["labels"], batch["response_mask"], teacher_logits,
-                               batch["kd_weight"], **args.loss, ce_tokens=counts["ce"],
-                               kd_tokens=counts["kd"], ce_index=batch["ce_index"],
-                               kd_index=batch["kd_index"])
+    out = args.distill_loss(logits, batch["labels"], batch["response_mask"], teacher_logits,
+                            batch["kd_weight"], **args.loss, ce_tokens=counts["ce"],
+                            kd_tokens=counts["kd"], ce_index=batch["ce_index"],
+                            kd_index=batch["kd_index"])
     (out["loss"] * args.world_size).backward()
     return out
 
@@ -509,8 +509,9 @@ def distill_setup(setup, teacher, student):
         check_batch=partial(pack.plan_teacher if cfg.pack else check_handoff_batch,
                             student_only_ids=only_ids, teacher_vocab_size=teacher_vocab,
                             scope=cfg.scope),
-        student_prefill=prefill, teacher_continue=None if cfg.policy == "none" else continue_)
-    reference = not cfg.pack and cfg.scope == "full" and cfg.policy != "none"
+        student_prefill=prefill, teacher_continue=None if cfg.policy == "none" else continue_,
+        distill_loss=fused_loss.fused_distill_loss if cfg.fused_loss else distill.distill_loss)
+    reference = not (cfg.pack or cfg.fused_loss) and cfg.scope == "full" and cfg.policy != "none"
     return model, distill_step if reference else variant_step, args
 
 
@@ -627,8 +628,7 @@ def train_stages(cfg):
         for name in remove_stale_temps(cfg.out_dir):       # of a save that a kill interrupted
             print(f"train.py: removed {name} from {cfg.out_dir}: what a killed save left",
                   file=sys.stderr)
-    t0 = time.time()
-    models = {}
+    t0, models = time.time(), {}
     teacher_dir = os.path.join(cfg.out_dir, "teacher")
     adapted_dir = os.path.join(cfg.out_dir, "adapted")
     if cfg.teacher_path:

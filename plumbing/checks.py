@@ -73,6 +73,9 @@ def check_config(cfg):
         raise ValueError("--pack=true needs --max_len >= 1: the tokens of one packed row")
     if not 0 <= cfg.warmup_frac < 1:
         raise ValueError(f"--warmup_frac must be in [0, 1), got {cfg.warmup_frac}")
+    if cfg.fused_loss and (cfg.kd != "fkl" or cfg.temperature != 1 or cfg.policy == "none"):
+        raise ValueError("--fused_loss=true computes forward KL at temperature 1 with a teacher: "
+                         "it needs --kd=fkl --temperature=1 and a --policy other than none")
     if cfg.kd == "jsd" and not 0 < cfg.jsd_beta < 1:
         raise ValueError(f"--jsd_beta must be in (0, 1) for --kd=jsd, got {cfg.jsd_beta}")
     if cfg.tower == "oracle" and (cfg.data_path or cfg.teacher_path or cfg.student_path):

@@ -386,10 +386,10 @@ def test_train_no_model_is_saved_from_a_stage_without_a_good_step(tmp_path, monk
         r = real(*args, **kw)
         return {**r, "loss": r["loss"] * float("nan")}
     monkeypatch.setattr(train.distill, "distill_loss", nan_loss)
-    with pytest.raises(train.TrainingError, match="all 3 steps had a non-finite loss"):
+    with pytest.raises(loop.TrainingError, match="all 3 steps had a non-finite loss"):
         train.run(train.get_config(SMOKE + ["--stage=distill", f"--out_dir={out}"]))
     assert not (out / "distilled-selective-full").exists()
-    with pytest.raises(train.TrainingError,
+    with pytest.raises(loop.TrainingError,
                        match=r"3 steps with non-finite loss .*--max_bad_steps=2\); "
                                                   r"last good checkpoint: none was written"):
         train.run(train.get_config(SMOKE + ["--stage=distill", "--max_bad_steps=2", "--variant=v2",

@@ -14,7 +14,8 @@ Benchmarks (not tests): ratios measured side by side in one run, printed as a ta
 
 - handoff:  teacher continuation over the shared context KV vs the teacher recomputing the
             whole sequence (both masked: the same attention kernel), against the ideal R/(P+R).
-- kd_memory: chunked vs naive KD at vocab 49,152: peak memory and equal loss.
+- kd_memory: chunked vs naive KD at vocab 49,152: peak memory and equal loss; and the whole
+  loss (CE + KD), the reference distill.distill_loss vs scale/fused_loss.py: time, peak memory.
 - step:     one full distill step (student prefill + teacher continuation + loss + backward).
 - hf_step:  the same step built from Hugging Face transformers modules (if installed).
 - train:    tokens/s of the three `python train.py` stages (smoke-sized steps of the tiny preset).
@@ -49,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data
 from plumbing import flops
 from scale import pack, stream
+from scale.fused_loss import fused_distill_loss
 import distill
 import kvshare
 import train
@@ -151,7 +153,35 @@ def bench_kd_memory(device, V=49152, N=2048, chunk=256):
     return [("kd_memory", f"KD fwd+bwd, {N} tokens x vocab {V} (bf16 logits)",
              f"chunked({chunk}) {m_c / 2**20:.0f} MiB",
              f"naive {m_n / 2**20:.0f} MiB",
-             f"memory ratio {m_c / m_n:.2f}; loss {l_c:.5f} vs {l_n:.5f}")]
+             f"memory ratio {m_c / m_n:.2f}; loss {l_c:.5f} vs {l_n:.5f}")] + \
+        bench_fused_loss(device, V, N, chunk)
+
+
+def bench_fused_loss(device, V, N, chunk, n_student_only=3):
+    """CE + KD (every token, bf16 logits, 3 student-only ids): the reference distill_loss vs the
+    fused one (one student normaliser), both chunked: median time of forward + backward, peak
+    memory, the loss of each."""
+    g = torch.Generator(device).manual_seed(0)
+    s = torch.randn(1, N, V + n_student_only, device=device, generator=g).bfloat16()
+    t = torch.randn(1, N, V, device=device, generator=g).bfloat16()
+    s.requires_grad_(True)
+    labels = torch.randint(0, V, (1, N), device=device, generator=g)
+    real, w = torch.ones(1, N, dtype=torch.bool, device=device), torch.ones(1, N, device=device)
+    results = {}
+    for name, loss_fn in (("reference", distill.distill_loss), ("fused", fused_distill_loss)):
+        def step():
+            out = loss_fn(s, labels, real, t, w, chunk_size=chunk)
+            out["loss"].backward()
+            s.grad = None
+            return out["loss"].detach()
+        results[name] = (timeit(step, device, repeat=3, warmup=1), peak_memory(step, device),
+                         float(step()))
+    (t_r, m_r, l_r), (t_f, m_f, l_f) = results["reference"], results["fused"]
+    return [("kd_memory", f"CE + KD fwd+bwd, {N} tokens x vocab {V}+{n_student_only} (bf16)",
+             f"fused {t_f * 1e3:.1f} ms, {m_f / 2**20:.0f} MiB",
+             f"reference {t_r * 1e3:.1f} ms, {m_r / 2**20:.0f} MiB",
+             f"time ratio {t_f / t_r:.2f}, memory ratio {m_f / m_r:.2f}; loss {l_f:.5f} vs "
+             f"{l_r:.5f}")]
 
 
 def distill_step_ours(student, teacher, batch):

@@ -55,7 +55,7 @@ import kvshare  # noqa: E402
 from tools import oracle  # noqa: E402
 import toolflags  # noqa: E402
 import train  # noqa: E402
-from plumbing.loop import Checkpoints  # noqa: E402
+from plumbing.loop import Checkpoints, TrainingError  # noqa: E402
 from plumbing.files import write_json, write_text  # noqa: E402
 
 PIPELINES = ("base", "align x3", "adapt lr /3", "scope image")
@@ -248,5 +248,5 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, train.TrainingError) as e:
+    except (ValueError, FileNotFoundError, TrainingError) as e:
         sys.exit(f"handoff_study.py: {e}")

@@ -69,6 +69,7 @@ import toolflags  # noqa: E402
 import train  # noqa: E402
 from model import VLM  # noqa: E402
 from plumbing.files import atomic_write, read_json, write_json, write_text  # noqa: E402
+from plumbing.loop import TrainingError  # noqa: E402
 from scale.weights import load_hf_lm  # noqa: E402
 
 # The student: the teacher's decoder + this tower (train.py flags); the run's defaults. The adapt
@@ -438,5 +439,5 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, train.TrainingError) as e:
+    except (ValueError, FileNotFoundError, TrainingError) as e:
         sys.exit(f"real_experiment.py: {e}")
