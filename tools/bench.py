@@ -4,7 +4,7 @@ Benchmarks (not tests): ratios measured side by side in one run, printed as a ta
   python tools/bench.py                      # all benchmarks at tiny / SmolLM2-135M-like sizes
                                              # on this machine
   python tools/bench.py --only=handoff       # one of: handoff, kd_memory, step, hf_step, train,
-                                             # paper, loader
+                                             # paper, loader, pack, decode
   python tools/bench.py --device=cuda        # on a GPU: adds MFU for the training-stage tokens/s
   python tools/bench.py --only=paper --device=cuda --B=8 --P=448 --R=64 --steps=10  # paper's size
   python tools/bench.py --only=paper --size=tiny --device=cpu --steps=3             # CPU-sized
@@ -16,6 +16,8 @@ Benchmarks (not tests): ratios measured side by side in one run, printed as a ta
             whole sequence (both masked: the same attention kernel), against the ideal R/(P+R).
 - kd_memory: chunked vs naive KD at vocab 49,152: peak memory and equal loss; and the whole
   loss (CE + KD), the reference distill.distill_loss vs scale/fused_loss.py: time, peak memory.
+- decode:   greedy generation, Decoder.generate vs scale/decode.py's preallocated cache: tokens/s
+            and agreement (SmolLM2-360M, B = 8, 256-token prompts, 64 new tokens on CUDA).
 - step:     one full distill step (student prefill + teacher continuation + loss + backward).
 - hf_step:  the same step built from Hugging Face transformers modules (if installed).
 - train:    tokens/s of the three `python train.py` stages (smoke-sized steps of the tiny preset).
@@ -49,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data
 from plumbing import flops
-from scale import pack, stream
+from scale import cuda as cuda_forms, decode, pack, stream
 from scale.fused_loss import fused_distill_loss
 import distill
 import kvshare
@@ -182,6 +184,35 @@ def bench_fused_loss(device, V, N, chunk, n_student_only=3):
              f"reference {t_r * 1e3:.1f} ms, {m_r / 2**20:.0f} MiB",
              f"time ratio {t_f / t_r:.2f}, memory ratio {m_f / m_r:.2f}; loss {l_f:.5f} vs "
              f"{l_r:.5f}")]
+
+
+def bench_decode(device, lm, B, P, new_tokens):
+    """Greedy generation of new_tokens after left-padded prompts of up to P tokens: the reference
+    Decoder.generate vs scale/decode.py's preallocated cache (bf16 autocast and the CUDA attention
+    forms on a GPU; fp32 on CPU): tokens/s of each, and how many of the tokens agree."""
+    torch.manual_seed(0)
+    model = Decoder(lm).to(device).eval()
+    ids = torch.randint(1, lm.vocab_size, (B, P), device=device)
+    mask = torch.ones_like(ids)
+    mask[::2, :P // 4] = 0                                    # every other prompt left-padded
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" \
+        else contextlib.nullcontext()
+    if device.type == "cuda":
+        cuda_forms.use_cuda_attention(model)
+    out = {}
+    for name in ("reference", "static"):
+        if name == "static":
+            decode.use_static_cache(model)
+        with autocast:
+            t = timeit(lambda: model.generate(ids, mask, max_new_tokens=new_tokens), device,
+                       repeat=3, warmup=1)
+            out[name] = (t, model.generate(ids, mask, max_new_tokens=new_tokens))
+    (t_r, tok_r), (t_s, tok_s) = out["reference"], out["static"]
+    agree = float((tok_r == tok_s).float().mean())
+    return [("decode", f"greedy, B={B} P<={P} +{new_tokens}, {lm.n_layers}x{lm.dim}",
+             f"static cache {B * new_tokens / t_s:.0f} tok/s",
+             f"Decoder.generate {B * new_tokens / t_r:.0f} tok/s",
+             f"speed-up {t_r / t_s:.2f}x; {100 * agree:.0f} % of tokens agree")]
 
 
 def distill_step_ours(student, teacher, batch):
@@ -566,7 +597,7 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only",
                     choices=["handoff", "kd_memory", "step", "hf_step", "train", "paper", "loader",
-                             "pack"])
+                             "pack", "decode"])
     ap.add_argument("--loader_workers", default="0,2,4,8", help="worker counts for --only=loader")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--peak_tflops", type=float, default=None,
@@ -610,6 +641,8 @@ def main():
         rows += bench_handoff(device, tiny, B=32, P=24, R=8)
     if run("kd_memory"):
         rows += bench_kd_memory(device, N=args.kd_tokens or (8192 if cuda else 1024))
+    if run("decode"):
+        rows += bench_decode(device, *((SMOLLM2_360M, 8, 256, 64) if cuda else (tiny, 4, 32, 16)))
     if run("step") or run("hf_step"):
         rows += bench_step(device, smol,
                            **(dict(B=8, P=448, R=64) if cuda else dict(B=1, P=192, R=32)),
