@@ -113,14 +113,6 @@ def positions_from_mask(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def check(ok, message, detail=None):
-    """`ok` (a bool tensor) or ValueError(detail() or message); on CUDA an async assert: no sync."""
-    if ok.is_cuda:
-        torch._assert_async(ok, message)
-    elif not bool(ok):
-        raise ValueError(detail() if detail else message)
-
-
 def build_attention_mask(attention_mask, q_len, past_len):
     """(B, 1, Tq, Tk), True = may attend: a query sees the past_len cached keys and the new ones
     up to itself (causal), minus pads, and always itself (a pad query: no all-masked row, NaN)."""
@@ -250,39 +242,48 @@ class Decoder(nn.Module):
                              f"{self.cfg.max_positions}")
 
     @torch.no_grad()
-    def generate(self, input_ids=None, attention_mask=None, max_new_tokens=20, temperature=0.0,
-                 eos_id=None, pad_id=0, inputs_embeds=None, generator=None, top_k=None,
-                 on_token=None, past_kv=None):
-        """Greedy (temperature 0) or sampled (pick_token) generation with a KV cache: new tokens
-        (B, max_new_tokens), pad_id after a row's eos_id. Prompts are LEFT-padded; positions come
-        from the mask, so each row generates as if alone. on_token(tok (B,)): called each step.
-        past_kv: a prefix already in the cache (a student's context KV for the teacher, in
-        tools/generate.py); attention_mask then covers past + prompt. The reference: on CUDA,
-        scale/decode.py generates the same tokens on a preallocated cache."""
+    def generate(self, input_ids=None, attention_mask=None, max_new_tokens=20, inputs_embeds=None,
+                 past_kv=None, **pick):
+        """New tokens (B, max_new_tokens) after LEFT-padded prompts (positions from the mask: each
+        row as if alone) with a KV cache; pick: generate_tokens' options. past_kv: a prefix in the
+        cache (a student's context KV for the teacher, tools/generate.py); attention_mask then
+        covers past + prompt. The reference: scale/decode.py runs it on a preallocated cache."""
         x = inputs_embeds if inputs_embeds is not None else input_ids
-        B, device = x.shape[0], x.device
         past_len = 0 if past_kv is None else past_kv[0][0].shape[2]
         if attention_mask is None:
-            attention_mask = torch.ones(B, past_len + x.shape[1], dtype=torch.long, device=device)
+            attention_mask = torch.ones(x.shape[0], past_len + x.shape[1], dtype=torch.long,
+                                        device=x.device)
         logits, kv = self(input_ids=input_ids, inputs_embeds=inputs_embeds, past_kv=past_kv,
                           attention_mask=attention_mask, use_cache=True, logits_start=-1)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        out = []
-        for _ in range(max_new_tokens):
-            tok = pick_token(logits[:, -1], temperature, top_k, generator)
-            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-            out.append(tok)
-            if on_token is not None:
-                on_token(tok)
-            if eos_id is not None:
-                done |= tok == eos_id
-                if done.all():
-                    break
+
+        def next_logits(tok):                           # tok (B,) into the cache: logits (B, V)
+            nonlocal attention_mask, kv
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
             logits, kv = self(input_ids=tok[:, None], attention_mask=attention_mask, past_kv=kv,
                               use_cache=True)
-        out = torch.stack(out, 1)
-        return F.pad(out, (0, max_new_tokens - out.shape[1]), value=pad_id)
+            return logits[:, -1]
+        return generate_tokens(logits[:, -1], next_logits, max_new_tokens, **pick)
+
+
+def generate_tokens(logits, next_logits, max_new_tokens, temperature=0.0, top_k=None,
+                    generator=None, eos_id=None, pad_id=0, on_token=None):
+    """The decoding loop: a token from logits (B, V) (pick_token), on_token(tok) (streaming), then
+    logits = next_logits(tok); pad_id after a row's eos_id, until every row has one."""
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    out = []
+    for i in range(max_new_tokens):
+        tok = torch.where(done, pad_id, pick_token(logits, temperature, top_k, generator))
+        out.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        if eos_id is not None:
+            done |= tok == eos_id
+            if done.all():
+                break
+        if i + 1 < max_new_tokens:
+            logits = next_logits(tok)
+    out = torch.stack(out, 1)
+    return F.pad(out, (0, max_new_tokens - out.shape[1]), value=pad_id)
 
 
 def pick_token(logits, temperature=0.0, top_k=None, generator=None):
@@ -442,16 +443,6 @@ class VLM(nn.Module):
         self.check_image_slots(input_ids, images)
         return self.decoder.generate(inputs_embeds=self.embed(input_ids, images),
                                      attention_mask=attention_mask, **kw)
-
-
-
-def check_teacher_vocab(teacher, text_ids):
-    """Every id the teacher embeds must lie in its vocabulary; one error says which did not."""
-    why = (f"outside the teacher's vocabulary ({teacher.cfg.vocab_size}); text tokens must lie in "
-           "the shared prefix (ids the teacher must not embed, like image-splitting tokens, "
-           "belong in student_only_ids)")
-    check(text_ids.max() < teacher.cfg.vocab_size, f"a token id is {why}",
-          lambda: f"token id {int(text_ids.max())} is {why}")
 
 
 def grow_vocab(decoder, vocab_size):

@@ -27,6 +27,15 @@ ADAM_BETA1 = 0.9                     # train.train_stage's AdamW: its first step
 LEARNING_RATES = ("pretrain_lr", "align_lr", "adapt_lr", "adapt_vision_lr", "distill_lr")
 
 
+def check_teacher_vocab(teacher, text_ids):
+    """Every id the teacher embeds must lie in its vocabulary (on the host: no device assert)."""
+    top, V = int(text_ids.max()), teacher.cfg.vocab_size
+    if top >= V:
+        raise ValueError(f"token id {top} is outside the teacher's vocabulary ({V}); text tokens "
+                         "must lie in the shared prefix (ids the teacher must not embed, like "
+                         "image-splitting tokens, belong in student_only_ids)")
+
+
 def variant_name(cfg):
     return cfg.variant or f"{cfg.policy}-{cfg.scope}"
 

@@ -14,14 +14,15 @@ What the reference does per new token, and what this does instead:
   graph): here every step attends over the whole buffer, the unwritten columns masked out, so a
   generation has one shape.
 A generation that could run past max_positions is refused before it starts (the reference stops
-at the step that would).
+at the step that would). The decoding loop (sampling, eos, streaming) is model.generate_tokens.
 """
 import types
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from model import Decoder, apply_rope, pick_token, rope_cos_sin
+from model import Decoder, apply_rope, generate_tokens, rope_cos_sin
 
 
 class StaticCache:
@@ -67,14 +68,13 @@ class StaticCache:
 
 @torch.no_grad()
 def static_generate(decoder, input_ids=None, attention_mask=None, max_new_tokens=20,
-                    temperature=0.0, eos_id=None, pad_id=0, inputs_embeds=None, generator=None,
-                    top_k=None, on_token=None, past_kv=None):
+                    inputs_embeds=None, past_kv=None, **pick):
     """Decoder.generate (the same arguments, the same tokens) on a StaticCache."""
     x = inputs_embeds if inputs_embeds is not None else input_ids
-    B, device = x.shape[0], x.device
     past_len = 0 if past_kv is None else past_kv[0][0].shape[2]
     if attention_mask is None:
-        attention_mask = torch.ones(B, past_len + x.shape[1], dtype=torch.long, device=device)
+        attention_mask = torch.ones(x.shape[0], past_len + x.shape[1], dtype=torch.long,
+                                    device=x.device)
     longest = int(attention_mask.sum(1).max()) + max_new_tokens - 1    # positions 0 .. longest-1
     if longest > decoder.cfg.max_positions:
         raise ValueError(f"generating {max_new_tokens} tokens after a context of up to "
@@ -83,23 +83,7 @@ def static_generate(decoder, input_ids=None, attention_mask=None, max_new_tokens
     logits, kv = decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, past_kv=past_kv,
                          attention_mask=attention_mask, use_cache=True, logits_start=-1)  # prefill
     cache = StaticCache(kv, attention_mask, max_new_tokens)
-    last = logits[:, -1]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    out = []
-    for i in range(max_new_tokens):
-        tok = pick_token(last, temperature, top_k, generator)
-        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-        out.append(tok)
-        if on_token is not None:
-            on_token(tok)
-        if eos_id is not None:
-            done |= tok == eos_id
-            if done.all():
-                break
-        if i + 1 < max_new_tokens:                    # the reference also runs the last token
-            last = cache.step(decoder, tok)
-    out = torch.stack(out, 1)
-    return F.pad(out, (0, max_new_tokens - out.shape[1]), value=pad_id)
+    return generate_tokens(logits[:, -1], partial(cache.step, decoder), max_new_tokens, **pick)
 
 
 def use_static_cache(model):

@@ -39,11 +39,11 @@ from PIL import Image  # noqa: E402
 import data  # noqa: E402
 import chat  # noqa: E402
 import kvshare  # noqa: E402
-from plumbing.checks import check_teacher_tokenizer  # noqa: E402
+from plumbing.checks import check_teacher_tokenizer, check_teacher_vocab  # noqa: E402
 from plumbing.files import read_json  # noqa: E402
 from plumbing.devices import Devices  # noqa: E402
 from scale import cuda, decode, tiles, weights  # noqa: E402
-from model import VLM, check_teacher_vocab  # noqa: E402
+from model import VLM  # noqa: E402
 
 
 class BadInput(Exception):
