@@ -137,6 +137,11 @@ def bench_handoff(device, lm, B=8, P=448, R=64):
              f"ratio {t_cont / t_full:.3f} (ideal R/(P+R) = {R / (P + R):.3f})")]
 
 
+def ratio(a, b):
+    """a / b to 2 decimals; "n/a" when b is 0 (on a CPU, a peak inside memory already resident)."""
+    return f"{a / b:.2f}" if b else "n/a"
+
+
 def bench_kd_memory(device, V=49152, N=2048, chunk=256):
     """Chunked vs naive KD at a real vocabulary: same loss, bounded float32 temporaries."""
     s = torch.randn(1, N, V, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -155,7 +160,7 @@ def bench_kd_memory(device, V=49152, N=2048, chunk=256):
     return [("kd_memory", f"KD fwd+bwd, {N} tokens x vocab {V} (bf16 logits)",
              f"chunked({chunk}) {m_c / 2**20:.0f} MiB",
              f"naive {m_n / 2**20:.0f} MiB",
-             f"memory ratio {m_c / m_n:.2f}; loss {l_c:.5f} vs {l_n:.5f}")] + \
+             f"memory ratio {ratio(m_c, m_n)}; loss {l_c:.5f} vs {l_n:.5f}")] + \
         bench_fused_loss(device, V, N, chunk)
 
 
@@ -182,7 +187,7 @@ def bench_fused_loss(device, V, N, chunk, n_student_only=3):
     return [("kd_memory", f"CE + KD fwd+bwd, {N} tokens x vocab {V}+{n_student_only} (bf16)",
              f"fused {t_f * 1e3:.1f} ms, {m_f / 2**20:.0f} MiB",
              f"reference {t_r * 1e3:.1f} ms, {m_r / 2**20:.0f} MiB",
-             f"time ratio {t_f / t_r:.2f}, memory ratio {m_f / m_r:.2f}; loss {l_f:.5f} vs "
+             f"time ratio {t_f / t_r:.2f}, memory ratio {ratio(m_f, m_r)}; loss {l_f:.5f} vs "
              f"{l_r:.5f}")]
 
 
