@@ -266,8 +266,8 @@ def stage_batches(setup, stage, student, start, args):
             w = distill.source_weights(setup.cfg.policy, b["source"], args.kd_table)  # (B,)
             b["kd_weight"] = w[b["token_example"]]                     # (B, R) (packed: (1, N))
             b["kd_index"] = data.flat_index(b["response_mask"] & (b["kd_weight"] > 0))
-            if args.check_batch:
-                args.check_batch(b)
+            if args.prepare_batch:
+                args.prepare_batch(b)
         yield batches
 
 
@@ -299,7 +299,7 @@ class StepArgs:
     student_only_ids: torch.Tensor = None  # stage 3: ids the teacher never embeds (VLM's)
     loss: dict = None                      # stage 3: distill_loss's options (alpha, kd, T, ...)
     kd_table: dict = None                  # stage 3: source -> KD weight (the source gate)
-    check_batch: object = None             # stage 3: the host check (and packed: plan) of a batch
+    prepare_batch: object = None           # stage 3: on the host: check (packed: + plan) a batch
     # the functions of variant_step and response_step, chosen at setup (padded: kvshare's)
     student_prefill: object = kvshare.student_prefill
     teacher_continue: object = kvshare.teacher_continue    # None: no teacher (--policy=none)
@@ -506,9 +506,9 @@ def distill_setup(setup, teacher, student):
                   chunk_size=cfg.kd_chunk or (1024 if teacher_vocab >= 8192 else None)),
         kd_table=distill.table_from_kinds(  # the source gate, once per run (--kd_sources too)
             getattr(setup.data, "gate_kinds", setup.data.source_kinds)),
-        check_batch=partial(pack.plan_teacher if cfg.pack else check_handoff_batch,
-                            student_only_ids=only_ids, teacher_vocab_size=teacher_vocab,
-                            scope=cfg.scope),
+        prepare_batch=partial(pack.plan_teacher if cfg.pack else check_handoff_batch,
+                              student_only_ids=only_ids, teacher_vocab_size=teacher_vocab,
+                              scope=cfg.scope),
         student_prefill=prefill, teacher_continue=None if cfg.policy == "none" else continue_,
         distill_loss=fused_loss.fused_distill_loss if cfg.fused_loss else distill.distill_loss)
     reference = not (cfg.pack or cfg.fused_loss) and cfg.scope == "full" and cfg.policy != "none"
