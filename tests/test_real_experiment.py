@@ -218,3 +218,16 @@ def test_strong_tasks_and_their_recovery():
     assert rows["LinguDistill"]["recovery_strong"] == pytest.approx(0.75)
     assert rows["adapted"]["recovery_strong"] == 0.0
     assert "acc_strong" not in rx.add_strong({"teacher": {}}, [])["teacher"]
+
+
+def test_settings_written_before_a_new_train_flag_still_match(tmp_path):
+    """A train flag added after a results folder was written counts there as its default value."""
+    current = rx.settings(rx.train.get_config([]), {"items": 60, "teacher": "smollm2-135m"})
+    older = json.loads(json.dumps(current))
+    del older["train"]["fused_loss"]                        # a folder from before --fused_loss
+    (tmp_path / "settings.json").write_text(json.dumps(older))
+    rx.check_settings(str(tmp_path), current)               # accepted
+    changed = rx.settings(rx.train.get_config(["--fused_loss=true"]),
+                          {"items": 60, "teacher": "smollm2-135m"})
+    with pytest.raises(ValueError, match="--fused_loss differ"):
+        rx.check_settings(str(tmp_path), changed)

@@ -373,8 +373,10 @@ def check_settings(out, current):
         write_json(path, current)
         return
     saved = read_json(path)
+    # a flag added to train.py after the folder was written counts as its default there
+    default = json.loads(json.dumps(vars(train.TrainConfig())))
     changed = sorted(f"--{k}" for k in current["train"]
-                     if saved["train"].get(k) != current["train"][k])
+                     if saved["train"].get(k, default.get(k)) != current["train"][k])
     changed += [f"--{k}" for k in ("items", "teacher") if saved.get(k) != current[k]]
     if changed:
         raise ValueError(f"{path}: this --out_dir holds results measured with other settings "
