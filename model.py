@@ -248,13 +248,7 @@ class Decoder(nn.Module):
         row as if alone) with a KV cache; pick: generate_tokens' options. past_kv: a prefix in the
         cache (a student's context KV for the teacher, tools/generate.py); attention_mask then
         covers past + prompt. The reference: scale/decode.py runs it on a preallocated cache."""
-        x = inputs_embeds if inputs_embeds is not None else input_ids
-        past_len = 0 if past_kv is None else past_kv[0][0].shape[2]
-        if attention_mask is None:
-            attention_mask = torch.ones(x.shape[0], past_len + x.shape[1], dtype=torch.long,
-                                        device=x.device)
-        logits, kv = self(input_ids=input_ids, inputs_embeds=inputs_embeds, past_kv=past_kv,
-                          attention_mask=attention_mask, use_cache=True, logits_start=-1)
+        logits, kv, attention_mask = self.prefill(input_ids, inputs_embeds, attention_mask, past_kv)
 
         def next_logits(tok):                           # tok (B,) into the cache: logits (B, V)
             nonlocal attention_mask, kv
@@ -262,7 +256,19 @@ class Decoder(nn.Module):
             logits, kv = self(input_ids=tok[:, None], attention_mask=attention_mask, past_kv=kv,
                               use_cache=True)
             return logits[:, -1]
-        return generate_tokens(logits[:, -1], next_logits, max_new_tokens, **pick)
+        return generate_tokens(logits, next_logits, max_new_tokens, **pick)
+
+    def prefill(self, input_ids=None, inputs_embeds=None, attention_mask=None, past_kv=None):
+        """generate's first forward: (the last logits (B, V), every layer's (K, V), attention_mask
+        over past + prompt: all ones when None)."""
+        x = inputs_embeds if inputs_embeds is not None else input_ids
+        past_len = 0 if past_kv is None else past_kv[0][0].shape[2]
+        if attention_mask is None:
+            attention_mask = torch.ones(x.shape[0], past_len + x.shape[1], dtype=torch.long,
+                                        device=x.device)
+        logits, kv = self(input_ids=input_ids, inputs_embeds=inputs_embeds, past_kv=past_kv,
+                          attention_mask=attention_mask, use_cache=True, logits_start=-1)
+        return logits[:, -1], kv, attention_mask
 
 
 def generate_tokens(logits, next_logits, max_new_tokens, temperature=0.0, top_k=None,

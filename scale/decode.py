@@ -13,8 +13,8 @@ What the reference does per new token, and what this does instead:
 - its attention grows one column per step (a new shape each token: a new cuDNN graph or compiled
   graph): here every step attends over the whole buffer, the unwritten columns masked out, so a
   generation has one shape.
-A generation that could run past max_positions is refused before it starts (the reference stops
-at the step that would). The decoding loop (sampling, eos, streaming) is model.generate_tokens.
+A generation that could run past max_positions is refused before its first new token (the
+reference stops at the step that would). The decoding loop (sampling, eos, streaming) is model.generate_tokens.
 """
 import types
 from functools import partial
@@ -33,8 +33,8 @@ class StaticCache:
         size = (B, n_kv, T0 + max_new_tokens, hd)
         self.k = [k.new_zeros(size) for k, _ in kv]
         self.v = [v.new_zeros(size) for _, v in kv]
-        for buf, (k, v) in zip(zip(self.k, self.v), kv):
-            buf[0][:, :, :T0], buf[1][:, :, :T0] = k, v
+        for k_buf, v_buf, (k, v) in zip(self.k, self.v, kv):
+            k_buf[:, :, :T0], v_buf[:, :, :T0] = k, v
         self.visible = torch.zeros(B, size[2], dtype=torch.bool, device=attention_mask.device)
         self.visible[:, :T0] = attention_mask.bool()                  # pads stay invisible
         self.column = T0                                              # the next column to write
@@ -70,20 +70,14 @@ class StaticCache:
 def static_generate(decoder, input_ids=None, attention_mask=None, max_new_tokens=20,
                     inputs_embeds=None, past_kv=None, **pick):
     """Decoder.generate (the same arguments, the same tokens) on a StaticCache."""
-    x = inputs_embeds if inputs_embeds is not None else input_ids
-    past_len = 0 if past_kv is None else past_kv[0][0].shape[2]
-    if attention_mask is None:
-        attention_mask = torch.ones(x.shape[0], past_len + x.shape[1], dtype=torch.long,
-                                    device=x.device)
+    logits, kv, attention_mask = decoder.prefill(input_ids, inputs_embeds, attention_mask, past_kv)
     longest = int(attention_mask.sum(1).max()) + max_new_tokens - 1    # positions 0 .. longest-1
     if longest > decoder.cfg.max_positions:
         raise ValueError(f"generating {max_new_tokens} tokens after a context of up to "
                          f"{longest - max_new_tokens + 1} positions needs {longest} positions; "
                          f"the model has max_positions {decoder.cfg.max_positions}")
-    logits, kv = decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, past_kv=past_kv,
-                         attention_mask=attention_mask, use_cache=True, logits_start=-1)  # prefill
     cache = StaticCache(kv, attention_mask, max_new_tokens)
-    return generate_tokens(logits[:, -1], partial(cache.step, decoder), max_new_tokens, **pick)
+    return generate_tokens(logits, partial(cache.step, decoder), max_new_tokens, **pick)
 
 
 def use_static_cache(model):

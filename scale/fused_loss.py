@@ -52,9 +52,9 @@ def fused_distill_loss(student_logits, labels, response_mask, teacher_logits, kd
     y, w = labels.reshape(-1)[rows], weights.reshape(-1)[rows]
     size = len(rows) if chunk_size is None else chunk_size
     ce_sum = kd_sum = s.reshape(-1)[:0].float().sum()         # no token: exactly 0, graph kept
+    recompute = torch.is_grad_enabled() and s.requires_grad and size < len(rows)
     for i in range(0, len(rows), max(size, 1)):
         args = (s[i:i + size], t[i:i + size], y[i:i + size], w[i:i + size])
-        recompute = torch.is_grad_enabled() and s.requires_grad and size < len(rows)
         ce, kd = checkpoint(ce_kd_sums, *args, use_reentrant=False) if recompute \
             else ce_kd_sums(*args)
         ce_sum, kd_sum = ce_sum + ce, kd_sum + kd

@@ -201,16 +201,15 @@ def run(args):
     else:
         batch = data.collate([example], tok, 0, 0)
     P = batch["context_len"]
+    batch = devices.to_device(batch)
     ids, mask = batch["input_ids"][:, :P], batch["attention_mask"][:, :P]     # the context alone
     eos, pad = data.special_id(tok, data.EOS_TOKEN), data.special_id(tok, data.PAD_TOKEN)
     gen = torch.Generator(devices.device).manual_seed(args.seed)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               eos_id=eos, pad_id=pad, generator=gen)
     # bad teacher: before any work
-    teacher = load_teacher(args.teacher, model, ids, tok) if args.teacher else None
-    teacher = None if teacher is None else on_device(teacher, devices)
-    batch = devices.to_device(batch)
-    ids, mask = batch["input_ids"][:, :P], batch["attention_mask"][:, :P]
+    teacher = on_device(load_teacher(args.teacher, model, ids, tok), devices) if args.teacher \
+        else None
     views = ("" if not images
              else f", {batch['images'].shape[0]} image view(s), grids {batch['grids'][0]}")
     print(f"[{kind} {args.model}: {P} context tokens{views}]", file=sys.stderr)

@@ -388,11 +388,13 @@ def finished(out, kept, name, compute):
     and read back (every seed's result as JSON gives it)."""
     paths = [os.path.join(folder, name) for folder in (kept, out) if folder]
     have = [p for p in paths if os.path.isfile(p)]
-    result = read_json(have[0]) if have else compute()
+    if not have:
+        write_json(paths[0], compute())
+    result = read_json(have[0] if have else paths[0])
     for path in paths:
         if not os.path.isfile(path):
             write_json(path, result)
-    return read_json(paths[0])
+    return result
 
 
 def main(argv):
