@@ -92,6 +92,13 @@ def test_bad_input_is_one_line_and_nonzero(folders, capsys, args, message):
     assert rc == 2 and message in err and err.strip().count("\n") <= 1 + ("teacher" in message)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_one_line_and_nonzero(folders, capsys):
+    rc, out, err = run(capsys, f"--model={folders / 'teacher'}", "--prompt=the red",
+                       "--device=cuda")
+    assert rc == 2 and "--device=cuda but no CUDA device is available" in err and out == ""
+
+
 @pytest.mark.parametrize("teacher,prompt,message", [
     ("teacher", "the red <image>", "the prompt must end with a text token"),
     ("bad_teacher", "<image> the red",
